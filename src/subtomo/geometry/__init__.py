@@ -1,0 +1,23 @@
+"""Geometry: RELION Euler angles, tilt-series projection, symmetry and orientation grids."""
+
+from subtomo.geometry.euler import euler_to_matrix, matrix_to_euler, rotation_angle_deg
+from subtomo.geometry.tilt import (
+    alignment_from_projection_matrices,
+    particle_positions_px,
+    project_particles,
+    projection_matrices,
+    tilt_rotations,
+    tomogram_centre_px,
+)
+
+__all__ = [
+    "alignment_from_projection_matrices",
+    "euler_to_matrix",
+    "matrix_to_euler",
+    "particle_positions_px",
+    "project_particles",
+    "projection_matrices",
+    "rotation_angle_deg",
+    "tilt_rotations",
+    "tomogram_centre_px",
+]

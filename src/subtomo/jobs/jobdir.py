@@ -1,0 +1,225 @@
+"""RELION-style job directories and the project pipeline.
+
+Every job runs in ``<JobType>/jobNNN/`` under the project directory (or in ``--o``), with
+``job.star`` holding all parameters, ``run.out``/``run.err``, a success or failure marker
+(RELION's ``RELION_JOB_EXIT_SUCCESS``/``RELION_JOB_EXIT_FAILURE``) and an entry in the project's
+``default_pipeline.star`` with its input and output nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import re
+import sys
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import starfile
+
+from subtomo.io.atomic import atomic_path
+
+__all__ = ["Job", "next_job_dir", "read_pipeline", "run_job"]
+
+SUCCESS = "RELION_JOB_EXIT_SUCCESS"
+FAILURE = "RELION_JOB_EXIT_FAILURE"
+PIPELINE = "default_pipeline.star"
+_JOB_RE = re.compile(r"job(\d{3,})$")
+
+log = logging.getLogger("subtomo")
+
+
+def next_job_dir(project_dir: Path, job_type: str) -> Path:
+    """``<project>/<job_type>/jobNNN`` with NNN one more than any job in the project."""
+    numbers = [0]
+    for p in project_dir.glob("*/job*"):
+        m = _JOB_RE.match(p.name)
+        if m and p.is_dir():
+            numbers.append(int(m.group(1)))
+    numbers.append(_pipeline_counter(project_dir) - 1)
+    return project_dir / job_type / f"job{max(numbers) + 1:03d}"
+
+
+@dataclasses.dataclass
+class Job:
+    """A job being run: its folder, type and parameters."""
+
+    directory: Path
+    job_type: str
+    project_dir: Path
+    is_continue: bool = False
+
+    def path(self, name: str) -> Path:
+        """A file inside the job directory."""
+        return self.directory / name
+
+    @property
+    def alias(self) -> str:
+        """The job's name as the pipeline lists it, e.g. ``Refine3D/job012/``."""
+        try:
+            return str(self.directory.relative_to(self.project_dir)) + "/"
+        except ValueError:
+            return str(self.directory) + "/"
+
+
+def _option_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "Yes" if value else "No"
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _write_job_star(job: Job, params: Any) -> None:
+    values = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)
+    options = pd.DataFrame(
+        {
+            "rlnJobOptionVariable": list(values),
+            "rlnJobOptionValue": [_option_value(v) for v in values.values()],
+        }
+    )
+    general = {
+        "rlnJobTypeLabel": f"subtomo.{job.job_type.lower()}",
+        "rlnJobIsContinue": int(job.is_continue),
+        "rlnJobIsTomo": 1,
+    }
+    with atomic_path(job.path("job.star")) as tmp:
+        starfile.write({"job": general, "joboptions_values": options}, tmp)
+
+
+def _pipeline_counter(project_dir: Path) -> int:
+    tables = read_pipeline(project_dir)
+    general = tables.get("pipeline_general")
+    if general is None:
+        return 1
+    return int(general["rlnPipeLineJobCounter"])
+
+
+def read_pipeline(project_dir: Path) -> dict[str, Any]:
+    """The project's ``default_pipeline.star`` tables (empty dict when there is none)."""
+    path = Path(project_dir) / PIPELINE
+    if not path.exists():
+        return {}
+    return starfile.read(path, always_dict=True)
+
+
+def _register(job: Job, status: str, inputs: Mapping[str, str], outputs: Mapping[str, str]) -> None:
+    """Add or update the job and its nodes/edges in ``default_pipeline.star``."""
+    tables = read_pipeline(job.project_dir)
+    columns = {
+        "pipeline_processes": [
+            "rlnPipeLineProcessName",
+            "rlnPipeLineProcessAlias",
+            "rlnPipeLineProcessTypeLabel",
+            "rlnPipeLineProcessStatusLabel",
+        ],
+        "pipeline_nodes": ["rlnPipeLineNodeName", "rlnPipeLineNodeTypeLabel"],
+        "pipeline_input_edges": ["rlnPipeLineEdgeFromNode", "rlnPipeLineEdgeProcess"],
+        "pipeline_output_edges": ["rlnPipeLineEdgeProcess", "rlnPipeLineEdgeToNode"],
+    }
+    frames = {
+        k: tables[k] if isinstance(tables.get(k), pd.DataFrame) else pd.DataFrame(columns=c)
+        for k, c in columns.items()
+    }
+    name = job.alias
+    procs = frames["pipeline_processes"]
+    procs = procs[procs["rlnPipeLineProcessName"] != name]
+    row = [name, "None", f"subtomo.{job.job_type.lower()}", status]
+    frames["pipeline_processes"] = pd.concat(
+        [procs, pd.DataFrame([row], columns=columns["pipeline_processes"])], ignore_index=True
+    )
+    new_nodes = [(str(p), t) for p, t in {**inputs, **outputs}.items()]
+    nodes = pd.concat(
+        [frames["pipeline_nodes"], pd.DataFrame(new_nodes, columns=columns["pipeline_nodes"])]
+    )
+    frames["pipeline_nodes"] = nodes.drop_duplicates("rlnPipeLineNodeName").reset_index(drop=True)
+    ins = frames["pipeline_input_edges"]
+    ins = ins[ins["rlnPipeLineEdgeProcess"] != name]
+    frames["pipeline_input_edges"] = pd.concat(
+        [
+            ins,
+            pd.DataFrame([(str(p), name) for p in inputs], columns=columns["pipeline_input_edges"]),
+        ],
+        ignore_index=True,
+    )
+    outs = frames["pipeline_output_edges"]
+    outs = outs[outs["rlnPipeLineEdgeProcess"] != name]
+    frames["pipeline_output_edges"] = pd.concat(
+        [
+            outs,
+            pd.DataFrame(
+                [(name, str(p)) for p in outputs], columns=columns["pipeline_output_edges"]
+            ),
+        ],
+        ignore_index=True,
+    )
+    counter = max(_pipeline_counter(job.project_dir), _job_number(job) + 1)
+    out = {"pipeline_general": {"rlnPipeLineJobCounter": counter}, **frames}
+    with atomic_path(Path(job.project_dir) / PIPELINE) as tmp:
+        starfile.write(out, tmp)
+
+
+def _job_number(job: Job) -> int:
+    m = _JOB_RE.match(job.directory.name)
+    return int(m.group(1)) if m else 0
+
+
+@contextlib.contextmanager
+def run_job(
+    job_type: str,
+    params: Any,
+    *,
+    output_dir: str | Path | None = None,
+    project_dir: str | Path = ".",
+    is_continue: bool = False,
+    inputs: Mapping[str, str] | None = None,
+) -> Iterator[tuple[Job, dict[str, str]]]:
+    """Run the body of a job inside its directory.
+
+    Yields ``(job, outputs)``; the body fills ``outputs`` with ``{path: RELION node type}``
+    (e.g. ``{"Refine3D/job012/run_data.star": "ParticleGroupMetadata.star.relion"}``).
+    Logging goes to ``run.out`` (and the console), a traceback to ``run.err``; on success the
+    job is marked ``RELION_JOB_EXIT_SUCCESS``, on an exception ``RELION_JOB_EXIT_FAILURE``.
+    """
+    project = Path(project_dir).resolve()
+    directory = Path(output_dir).resolve() if output_dir else next_job_dir(project, job_type)
+    directory.mkdir(parents=True, exist_ok=True)
+    job = Job(directory=directory, job_type=job_type, project_dir=project, is_continue=is_continue)
+    for marker in (SUCCESS, FAILURE):
+        job.path(marker).unlink(missing_ok=True)
+    _write_job_star(job, params)
+    handler = logging.FileHandler(job.path("run.out"), mode="a")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    started = datetime.datetime.now()
+    log.info(
+        "# subtomo %s started %s in %s", job_type, started.isoformat(timespec="seconds"), job.alias
+    )
+    log.info("# command: %s", " ".join(sys.argv))
+    outputs: dict[str, str] = {}
+    try:
+        _register(job, "Running", inputs or {}, {})
+        yield job, outputs
+    except BaseException as exc:
+        with open(job.path("run.err"), "a") as err:
+            err.write(f"{type(exc).__name__}: {exc}\n")
+            traceback.print_exc(file=err)
+        job.path(FAILURE).touch()
+        _register(job, "Failed", inputs or {}, outputs)
+        raise
+    else:
+        job.path(SUCCESS).touch()
+        _register(job, "Succeeded", inputs or {}, outputs)
+        elapsed = (datetime.datetime.now() - started).total_seconds()
+        log.info("# finished in %.1f s", elapsed)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
