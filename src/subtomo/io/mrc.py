@@ -1,0 +1,106 @@
+"""MRC/MRCS volumes and stacks via ``mrcfile``: float16/float32, voxel size, gzip input.
+
+Arrays are zyx (stacks: image, y, x). Voxel sizes are in Å. Writers are atomic.
+Unreadable, truncated or non-MRC files raise :class:`~subtomo.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import torch
+
+from subtomo.errors import InputError
+from subtomo.io.atomic import atomic_path
+
+__all__ = ["MrcHeader", "read_mrc", "read_mrc_header", "write_mrc"]
+
+
+@dataclass(frozen=True)
+class MrcHeader:
+    """What a job needs to know about an MRC file without reading its data."""
+
+    shape: tuple[int, ...]  # zyx (nz = number of images for a stack)
+    voxel_size: float  # Å, x axis
+    mode: int
+    is_stack: bool
+
+
+def _open(path: Path, header_only: bool):
+    if not path.exists():
+        raise InputError("file not found", file=path)
+    try:
+        return mrcfile.open(path, mode="r", header_only=header_only, permissive=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"not a readable MRC file ({exc})", file=path) from None
+
+
+def read_mrc_header(path: str | os.PathLike) -> MrcHeader:
+    """Shape, voxel size and mode of an MRC/MRCS file (checks that the data are complete)."""
+    path = Path(path)
+    with _open(path, header_only=True) as mrc:
+        h = mrc.header
+        shape = (int(h.nz), int(h.ny), int(h.nx))
+        mode = int(h.mode)
+        voxel = float(mrc.voxel_size.x)
+        is_stack = path.suffix == ".mrcs" or (int(h.ispg) == 0 and shape[0] > 1)
+        if path.suffix != ".gz":
+            itemsize = {0: 1, 1: 2, 2: 4, 4: 8, 6: 2, 12: 2}.get(mode)
+            expected = 1024 + int(h.nsymbt) + int(np.prod(shape)) * (itemsize or 0)
+            if itemsize is not None and path.stat().st_size < expected:
+                raise InputError(
+                    f"truncated MRC file: {path.stat().st_size} bytes, header needs {expected}",
+                    file=path,
+                )
+    return MrcHeader(shape=shape, voxel_size=voxel, mode=mode, is_stack=is_stack)
+
+
+def read_mrc(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, float]:
+    """Data (zyx, or nyx for a stack) as a tensor and the voxel size in Å.
+
+    A 2D image comes back as (y, x); a ``.mrcs`` stack with one image as (1, y, x).
+    """
+    path = Path(path)
+    if path.suffix != ".gz":
+        read_mrc_header(path)  # precise errors for missing/truncated files
+    with _open(path, header_only=False) as mrc:
+        data = np.asarray(mrc.data)
+        voxel = float(mrc.voxel_size.x)
+        if path.suffix == ".mrcs" and data.ndim == 2:
+            data = data[None]
+    tensor = torch.from_numpy(data.astype(np.float32, copy=True)).to(device=device, dtype=dtype)
+    return tensor, voxel
+
+
+def write_mrc(
+    path: str | os.PathLike,
+    data: torch.Tensor | np.ndarray,
+    voxel_size: float,
+    *,
+    float16: bool = False,
+    is_stack: bool | None = None,
+) -> None:
+    """Write float32 (mode 2) or float16 (mode 12) data atomically with its voxel size (Å).
+
+    ``is_stack`` marks a 3D array as an image stack (default: when the name ends in .mrcs).
+    """
+    path = Path(path)
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().numpy()
+    array = np.ascontiguousarray(data, dtype=np.float16 if float16 else np.float32)
+    with atomic_path(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(array)
+        if is_stack if is_stack is not None else path.suffix == ".mrcs":
+            mrc.set_image_stack()
+        mrc.voxel_size = float(voxel_size)
+        mrc.header.origin = (0.0, 0.0, 0.0)
+        mrc.update_header_stats()
