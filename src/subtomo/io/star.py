@@ -42,7 +42,9 @@ def read_star(path: str | os.PathLike) -> dict[str, pd.DataFrame | dict[str, Any
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile/pandas raise many types on malformed text
-        raise InputError(f"not a readable STAR file ({type(exc).__name__}: {exc})", file=path)
+        raise InputError(
+            f"not a readable STAR file ({type(exc).__name__}: {exc})", file=path
+        ) from None
     if not blocks:
         raise InputError("no data_ blocks found", file=path)
     return dict(blocks)
