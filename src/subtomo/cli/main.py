@@ -41,6 +41,9 @@ def _root(
 
 # Subcommands: one module per job type under subtomo.cli, each exposing ``command``.
 # (Registered below; keep one line per job type.)
+from subtomo.cli import jobs as _jobs  # noqa: E402
+
+app.command("jobs")(_jobs.command)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import starfile
 
 from subtomo.io.atomic import atomic_path
 
-__all__ = ["Job", "next_job_dir", "read_pipeline", "run_job"]
+__all__ = ["Job", "job_lineage", "next_job_dir", "read_pipeline", "run_job"]
 
 SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 FAILURE = "RELION_JOB_EXIT_FAILURE"
@@ -223,3 +223,20 @@ def run_job(
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def job_lineage(tables: Mapping[str, Any]) -> dict[str, list[str]]:
+    """For each job of a pipeline, the jobs whose outputs it read (from the edge tables)."""
+    outs = tables.get("pipeline_output_edges")
+    ins = tables.get("pipeline_input_edges")
+    if not isinstance(outs, pd.DataFrame) or not isinstance(ins, pd.DataFrame):
+        return {}
+    producer = dict(zip(outs["rlnPipeLineEdgeToNode"], outs["rlnPipeLineEdgeProcess"], strict=True))
+    lineage: dict[str, list[str]] = {}
+    for node, process in zip(
+        ins["rlnPipeLineEdgeFromNode"], ins["rlnPipeLineEdgeProcess"], strict=True
+    ):
+        source = producer.get(node)
+        if source is not None and source not in lineage.setdefault(process, []):
+            lineage[process].append(source)
+    return lineage

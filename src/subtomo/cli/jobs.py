@@ -1,0 +1,32 @@
+"""``subtomo jobs``: list the project's jobs, their status and lineage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from subtomo.jobs.jobdir import job_lineage, read_pipeline
+
+
+def command(
+    project: Path = typer.Option(Path("."), "--project", help="Project directory."),
+) -> None:
+    """List jobs of the project (default_pipeline.star) with status and input jobs."""
+    tables = read_pipeline(project)
+    if "pipeline_processes" not in tables:
+        typer.echo(f"no jobs yet in {project.resolve()}")
+        return
+    table = Table("job", "type", "status", "inputs from")
+    lineage = job_lineage(tables)
+    for _, row in tables["pipeline_processes"].iterrows():
+        name = row["rlnPipeLineProcessName"]
+        table.add_row(
+            name,
+            row["rlnPipeLineProcessTypeLabel"],
+            row["rlnPipeLineProcessStatusLabel"],
+            ", ".join(lineage.get(name, [])) or "-",
+        )
+    Console().print(table)
