@@ -1,1 +1,24 @@
-"""subtomo.data"""
+"""Typed views of RELION 5 tomogram, particle, optimisation-set and trajectory files."""
+
+from subtomo.data.optimisation_set import OptimisationSet
+from subtomo.data.particles import ParticleSet, pixel_size_of, stack_image_indices
+from subtomo.data.paths import relative_to_cwd, resolve_path, strip_image_name
+from subtomo.data.tomograms import TiltSeries, TomogramSet, read_tilt, tilt_images
+from subtomo.data.trajectories import Trajectories
+from subtomo.data.validate import validate_particles
+
+__all__ = [
+    "OptimisationSet",
+    "ParticleSet",
+    "TiltSeries",
+    "TomogramSet",
+    "Trajectories",
+    "pixel_size_of",
+    "read_tilt",
+    "relative_to_cwd",
+    "resolve_path",
+    "stack_image_indices",
+    "strip_image_name",
+    "tilt_images",
+    "validate_particles",
+]

@@ -1,8 +1,10 @@
 """Readers and writers for RELION 5 STAR and MRC files (and mdoc)."""
 
 from subtomo.io.atomic import atomic_path
+from subtomo.io.mdoc import MdocTiltSeries, read_mdoc, write_mdoc
 from subtomo.io.mrc import MrcHeader, read_mrc, read_mrc_header, write_mrc
 from subtomo.io.star import (
+    NAME_COLUMNS,
     format_vector,
     numeric_column,
     parse_vector,
@@ -13,16 +15,20 @@ from subtomo.io.star import (
 )
 
 __all__ = [
+    "NAME_COLUMNS",
+    "MdocTiltSeries",
     "MrcHeader",
     "atomic_path",
     "format_vector",
     "numeric_column",
     "parse_vector",
+    "read_mdoc",
     "read_mrc",
     "read_mrc_header",
     "read_star",
     "require_block",
     "require_columns",
+    "write_mdoc",
     "write_mrc",
     "write_star",
 ]

@@ -20,6 +20,7 @@ from subtomo.errors import InputError
 from subtomo.io.atomic import atomic_path
 
 __all__ = [
+    "NAME_COLUMNS",
     "format_vector",
     "numeric_column",
     "parse_vector",
@@ -33,14 +34,23 @@ __all__ = [
 # unchanged and computed values keep 1e-12 relative precision.
 _FLOAT_FORMAT = "%.12g"
 
+# Name columns kept as text even when they look like numbers ("001" must not become 1).
+NAME_COLUMNS = ("rlnTomoName", "rlnTomoParticleName", "rlnOpticsGroupName")
 
-def read_star(path: str | os.PathLike) -> dict[str, pd.DataFrame | dict[str, Any]]:
-    """All blocks of a STAR file; ``InputError`` if it is missing or cannot be parsed."""
+
+def read_star(
+    path: str | os.PathLike, *, parse_as_string: Iterable[str] = NAME_COLUMNS
+) -> dict[str, pd.DataFrame | dict[str, Any]]:
+    """All blocks of a STAR file; ``InputError`` if it is missing or cannot be parsed.
+
+    Columns named in ``parse_as_string`` stay text (default: the tomogram, particle and
+    optics-group name columns).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", file=path)
     try:
-        blocks = starfile.read(path, always_dict=True)
+        blocks = starfile.read(path, always_dict=True, parse_as_string=list(parse_as_string))
     except Exception as exc:  # starfile/pandas raise many types on malformed text
         raise InputError(
             f"not a readable STAR file ({type(exc).__name__}: {exc})", file=path
@@ -50,8 +60,26 @@ def read_star(path: str | os.PathLike) -> dict[str, pd.DataFrame | dict[str, Any
     return dict(blocks)
 
 
+def _format_float(value: float) -> str:
+    """``%.12g``, with ``.0`` kept on integral values so the column reads back as float."""
+    text = _FLOAT_FORMAT % value
+    return text if any(c in text for c in ".enia") else text + ".0"
+
+
+def _star_value(value: Any) -> Any:
+    if isinstance(value, bool | np.bool_):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return _format_float(float(value))
+    return value
+
+
 def write_star(path: str | os.PathLike, blocks: Mapping[str, pd.DataFrame | Mapping]) -> None:
-    """Write blocks atomically (loops for DataFrames, key-value lists for dicts)."""
+    """Write blocks atomically (loops for DataFrames, key-value lists for dicts).
+
+    Floats are written with 12 significant digits and keep a decimal point (``-1.0``), so a
+    written table reads back with the same values and dtypes; booleans are written as 0/1.
+    """
     out: dict[str, pd.DataFrame | dict] = {}
     for name, block in blocks.items():
         if isinstance(block, pd.DataFrame):
@@ -59,9 +87,11 @@ def write_star(path: str | os.PathLike, blocks: Mapping[str, pd.DataFrame | Mapp
             for col in df.columns:
                 if df[col].dtype == bool:
                     df[col] = df[col].astype(int)
+                elif pd.api.types.is_float_dtype(df[col].dtype):
+                    df[col] = [_format_float(v) for v in df[col].to_numpy(dtype=np.float64)]
             out[name] = df
         else:
-            out[name] = {k: int(v) if isinstance(v, bool) else v for k, v in block.items()}
+            out[name] = {k: _star_value(v) for k, v in block.items()}
     with atomic_path(path) as tmp:
         starfile.write(out, tmp, float_format=_FLOAT_FORMAT)
 

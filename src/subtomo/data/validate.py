@@ -1,0 +1,105 @@
+"""Cross-file checks of a particle set against its tomograms, before any job starts.
+
+Each problem raises one :class:`~subtomo.errors.InputError` naming the file, block, column
+and row and what was expected, instead of failing later deep inside numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from subtomo.data.particles import ParticleSet, stack_image_indices
+from subtomo.data.tomograms import TomogramSet
+from subtomo.errors import InputError
+from subtomo.io import read_mrc_header
+
+__all__ = ["validate_particles"]
+
+_PIXEL_SIZE_TOLERANCE = 1e-3  # Å, as RELION
+
+
+def validate_particles(
+    particles: ParticleSet, tomograms: TomogramSet, check_files: bool = True
+) -> None:
+    """Check that ``particles`` can be used with ``tomograms``.
+
+    Checks, in order: every rlnTomoName is in the tomograms and its per-tilt table can be
+    read; optics rlnTomoTiltSeriesPixelSize agrees with the tomogram's within 1e-3 Å;
+    rlnTomoVisibleFrames (required for 2D stacks) has one 0/1 entry per tilt. With
+    ``check_files``, every image file (rlnImageName, and rlnCtfImage for 3D) is a complete
+    MRC file, and each 2D stack holds sum(rlnTomoVisibleFrames) images (RELION's
+    extraction) or one image per tilt (WarpTools, blank where invisible).
+    """
+    names = particles.tomo_names
+    known = np.isin(names, np.asarray(tomograms.names, dtype=str))
+    if not known.all():
+        row = int(np.flatnonzero(~known)[0])
+        raise InputError(
+            f"tomogram {str(names[row])!r} is not in {tomograms.source}",
+            file=particles.source,
+            block="particles",
+            column="rlnTomoName",
+            row=row + 1,
+        )
+    used = list(dict.fromkeys(names))
+    n_tilts = {name: tomograms[name].n_tilts for name in used}
+    _check_pixel_sizes(particles, tomograms, used)
+    if particles.is_2d_stacks and "rlnTomoVisibleFrames" not in particles.particles.columns:
+        raise InputError(
+            "missing required column (2D-stack particles, rlnTomoSubTomosAre2DStacks = 1)",
+            file=particles.source,
+            block="particles",
+            column="rlnTomoVisibleFrames",
+        )
+    visible = particles.visible_frames(n_tilts)
+    if check_files and "rlnImageName" in particles.particles.columns:
+        _check_image_files(particles, visible)
+
+
+def _check_pixel_sizes(particles: ParticleSet, tomograms: TomogramSet, used: list[str]) -> None:
+    optics_px = particles.tilt_series_pixel_size()
+    rows = particles.optics_rows()
+    names = particles.tomo_names
+    for name in used:
+        tomo_px = tomograms[name].pixel_size
+        bad = (names == name) & (np.abs(optics_px - tomo_px) > _PIXEL_SIZE_TOLERANCE)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise InputError(
+                f"{optics_px[first]:g} Å differs by more than {_PIXEL_SIZE_TOLERANCE:g} Å from "
+                f"{tomo_px:g} Å of tomogram {str(name)!r} in {tomograms.source} "
+                f"(used by particle row {first + 1})",
+                file=particles.source,
+                block="optics",
+                column="rlnTomoTiltSeriesPixelSize",
+                row=int(rows[first]) + 1,
+            )
+
+
+def _check_image_files(particles: ParticleSet, visible: list[np.ndarray]) -> None:
+    columns = ["rlnImageName"]
+    if not particles.is_2d_stacks and "rlnCtfImage" in particles.particles.columns:
+        columns.append("rlnCtfImage")
+    for column in columns:
+        for row, path in enumerate(particles.image_paths(column)):
+            try:
+                header = read_mrc_header(path)
+            except InputError as exc:
+                raise InputError(
+                    f"{path}: {exc.reason}",
+                    file=particles.source,
+                    block="particles",
+                    column=column,
+                    row=row + 1,
+                ) from None
+            if column == "rlnImageName" and particles.is_2d_stacks:
+                n_images = header.shape[0]
+                if stack_image_indices(visible[row], n_images) is None:
+                    raise InputError(
+                        f"{path} holds {n_images} images; expected sum(rlnTomoVisibleFrames)"
+                        f" = {int(visible[row].sum())}, or one per tilt ({len(visible[row])})",
+                        file=particles.source,
+                        block="particles",
+                        column=column,
+                        row=row + 1,
+                    )
