@@ -6,10 +6,12 @@ This layer parses options (named like RELION's GUI fields) and prints; the work 
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 
 from subtomo import __version__
 from subtomo.errors import InputError
@@ -37,13 +39,38 @@ def _root(
     ),
 ) -> None:
     """Subtomogram averaging for cryo-ET on PyTorch, with RELION 5 files."""
+    log = logging.getLogger("subtomo")
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        log.addHandler(RichHandler(console=err_console, show_path=False, show_time=False))
+        log.setLevel(logging.INFO)
 
 
 # Subcommands: one module per job type under subtomo.cli, each exposing ``command``.
 # (Registered below; keep one line per job type.)
 from subtomo.cli import jobs as _jobs  # noqa: E402
+from subtomo.cli import select as _select  # noqa: E402
+from subtomo.cli import star as _star  # noqa: E402
 
 app.command("jobs")(_jobs.command)
+app.command("select")(_select.command)
+app.add_typer(_star.app, name="star")
+from subtomo.cli import extract as _extract  # noqa: E402
+from subtomo.cli import reconstruct as _reconstruct  # noqa: E402
+
+app.command("extract")(_extract.command)
+app.command("reconstruct")(_reconstruct.command)
+from subtomo.cli import simulate as _simulate  # noqa: E402
+
+app.command("simulate")(_simulate.command)
+from subtomo.cli import fsc as _fsc  # noqa: E402
+from subtomo.cli import localres as _localres  # noqa: E402
+from subtomo.cli import mask as _mask  # noqa: E402
+from subtomo.cli import postprocess as _postprocess  # noqa: E402
+
+app.command("mask")(_mask.command)
+app.command("postprocess")(_postprocess.command)
+app.command("localres")(_localres.command)
+app.command("fsc")(_fsc.command)
 
 
 def main() -> None:

@@ -1,1 +1,55 @@
-"""subtomo.postprocess"""
+"""Post-processing: solvent-corrected FSC, resolution, sharpening and local resolution."""
+
+from subtomo.postprocess.fsc_correction import (
+    FSC_THRESHOLD,
+    corrected_fsc,
+    crossing_shell,
+    crossing_shells,
+    particle_fraction_fsc,
+    randomize_phases_beyond,
+    randomize_shell,
+    resolution_shell,
+)
+from subtomo.postprocess.localres import (
+    LocalResOptions,
+    LocalResResult,
+    local_resolution,
+    sample_points,
+)
+from subtomo.postprocess.pipeline import (
+    PostprocessOptions,
+    PostprocessResult,
+    postprocess,
+    solvent_fraction,
+)
+from subtomo.postprocess.sharpen import (
+    GuinierFit,
+    fit_guinier,
+    fsc_weights,
+    guinier_curve,
+    mtf_weights,
+)
+
+__all__ = [
+    "FSC_THRESHOLD",
+    "GuinierFit",
+    "LocalResOptions",
+    "LocalResResult",
+    "PostprocessOptions",
+    "PostprocessResult",
+    "corrected_fsc",
+    "crossing_shell",
+    "crossing_shells",
+    "fit_guinier",
+    "fsc_weights",
+    "guinier_curve",
+    "local_resolution",
+    "mtf_weights",
+    "particle_fraction_fsc",
+    "postprocess",
+    "randomize_phases_beyond",
+    "randomize_shell",
+    "resolution_shell",
+    "sample_points",
+    "solvent_fraction",
+]

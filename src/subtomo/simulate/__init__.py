@@ -10,7 +10,6 @@ from subtomo.simulate.simulate import (
     PRESETS,
     Simulation,
     SimulationParams,
-    resolve_device,
     simulate,
 )
 
@@ -24,6 +23,5 @@ __all__ = [
     "demo_species",
     "project_rfft",
     "rescale_map",
-    "resolve_device",
     "simulate",
 ]

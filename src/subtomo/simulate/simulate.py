@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.geometry import project_particles, projection_matrices
 from subtomo.simulate.acquisition import alignment_errors, tilt_defocus, tilt_scheme
@@ -44,7 +45,7 @@ from subtomo.simulate.layout import (
 from subtomo.simulate.maps import Species, demo_species, particle_radius_px, rescale_map
 from subtomo.simulate.projection import VolumeProjector
 
-__all__ = ["PRESETS", "Simulation", "SimulationParams", "resolve_device", "simulate"]
+__all__ = ["PRESETS", "Simulation", "SimulationParams", "simulate"]
 
 log = logging.getLogger("subtomo")
 
@@ -131,13 +132,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "snr": 0.05,
     },
 }
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass

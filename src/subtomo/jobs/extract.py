@@ -1,0 +1,249 @@
+"""Extract subtomos: pseudo-subtomograms for every particle (``relion_tomo_subtomo``).
+
+For each tilt series (one in memory at a time) and each particle, the visible tilts are cut,
+binned, centred, premultiplied by ``-CTF · dose`` and written as a 2D stack
+(``Subtomograms/<particle>_stack2d.mrcs``) or splatted into a RELION-4 style 3D
+pseudo-subtomogram (``_data.mrc`` + ``_weights.mrc``). Writes ``particles.star`` (offsets
+applied unless asked not to) and ``optimisation_set.star`` into ``Extract/jobNNN/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from subtomo.ctf import dose_cutoff_mask
+from subtomo.data import OptimisationSet, ParticleSet, TiltSeries, relative_to_cwd, tilt_images
+from subtomo.device import resolve_device
+from subtomo.fourier import irfft_centered
+from subtomo.geometry import matrix_to_euler
+from subtomo.io import format_vector, write_mrc
+from subtomo.jobs.jobdir import run_job
+from subtomo.jobs.reconstruct import load_inputs, series_geometry
+from subtomo.reconstruct.extraction import circle_crop, cone_weights, splat_slices
+from subtomo.reconstruct.particles import (
+    ctf_of_tilt_series,
+    extract_slices,
+    premultiply_filter,
+    visible_frames,
+)
+
+__all__ = ["ExtractParams", "run"]
+
+log = logging.getLogger("subtomo")
+
+
+@dataclass
+class ExtractParams:
+    """Options of "Extract subtomos" (RELION GUI field / program flag names)."""
+
+    ios: str | None = None  # --ios
+    particles: str | None = None  # --p
+    tomograms: str | None = None  # --t
+    trajectories: str | None = None  # --mot
+    box: int = 64  # --b, binned pixels
+    crop: int = -1  # --crop (default: box)
+    binning: float = 1.0  # --bin
+    stack2d: bool = True  # --stack2d (2D stacks; else 3D pseudo-subtomograms)
+    float16: bool = True  # --float16
+    max_dose: float = -1.0  # --max_dose (<= 0: no limit)
+    min_frames: int = 1  # --min_frames
+    apply_offsets: bool = True  # not --dont_apply_offsets
+    apply_orientations: bool = False  # --apply_orientations
+    cone_weight: bool = False  # --cone_weight (3D only)
+    cone_angle: float = 10.0  # --cone_angle
+    cone_sig0: float = 2.0  # --cone_sig0
+    no_ctf: bool = False  # --no_ctf
+    no_ic: bool = False  # --no_ic (keep contrast)
+    no_circle_crop: bool = False  # --no_circle_crop
+    batch_size: int = 1024
+    device: str = "auto"
+    output_dir: str | None = None  # --o
+    project_dir: str = "."
+
+
+def _output_name(particle: str, tomo: str) -> str:
+    return particle if "/" in particle else f"{tomo}/{particle}"
+
+
+def _write_2d(
+    params: ExtractParams, data: torch.Tensor, box: int, crop: int, pixel: float, path: Path
+) -> None:
+    """Premultiplied spectra ``(k, box, box//2+1)`` -> circle-cropped ``crop`` stack file."""
+    images = irfft_centered(data / params.binning, (box, box))
+    if not params.no_circle_crop:
+        images = circle_crop(images, crop / 2)
+    lo = box // 2 - crop // 2
+    write_mrc(path, images[:, lo : lo + crop, lo : lo + crop], pixel, float16=params.float16)
+
+
+def _write_3d(
+    params: ExtractParams,
+    sums: torch.Tensor,
+    matrix: torch.Tensor,
+    box: int,
+    crop: int,
+    pixel: float,
+    root: Path,
+) -> None:
+    """``(3, c, c, c//2+1)`` sums -> ``_data.mrc`` (real) and ``_weights.mrc`` (§5.4)."""
+    if params.cone_weight:
+        sums = sums * cone_weights(crop, matrix[None].float(), params.cone_angle, params.cone_sig0)
+    data = irfft_centered(sums[0], (crop,) * 3) * (box / (crop * params.binning**0.5))
+    weights = torch.cat([sums[1].real, sums[2].real])  # (2c, c, c//2+1)
+    write_mrc(root.with_name(root.name + "_data.mrc"), data, pixel, float16=params.float16)
+    write_mrc(
+        root.with_name(root.name + "_weights.mrc"), weights, 1.0 / pixel, float16=params.float16
+    )
+
+
+def _extract_series(
+    params: ExtractParams,
+    parts: ParticleSet,
+    series: TiltSeries,
+    motion,
+    out_dir: Path,
+    device: torch.device,
+    advance,
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """Extract the particles of one series; returns (kept mask, visible vectors, names)."""
+    box = params.box
+    crop = params.crop if params.crop > 0 else box
+    images = tilt_images(series, device=device)
+    size = (images.shape[-1], images.shape[-2])
+    geo = series_geometry(parts, series, motion, size)
+    visible = visible_frames(geo.uv, size, params.binning * crop / 2)
+    if params.max_dose > 0:
+        dose = torch.as_tensor(series.pre_exposure)
+        visible &= (dose <= params.max_dose)[None]
+    keep = visible.sum(dim=1) >= params.min_frames
+    ctf = ctf_of_tilt_series(series)
+    mats = geo.matrices(include_particle=params.apply_orientations).float()
+    pixel = params.binning * series.pixel_size
+    names = parts.particles["rlnTomoParticleName"].astype(str).tolist()
+    files, vectors = [], []
+    per_batch = max(1, params.batch_size // max(series.n_tilts, 1))
+    kept = np.flatnonzero(keep.numpy())
+    for start in range(0, len(kept), per_batch):
+        chunk = torch.from_numpy(kept[start : start + per_batch])
+        pairs = visible[chunk].nonzero()  # (m, 2): local particle, frame
+        p, f = chunk[pairs[:, 0]].to(device), pairs[:, 1].to(device)
+        data, weight = extract_slices(
+            images, f, geo.uv.to(device)[p, f], geo.depth.to(device)[p, f], ctf,
+            box=box, binning=params.binning, precrop=False, no_ctf=params.no_ctf,
+            invert_contrast=not params.no_ic,
+        )  # fmt: skip
+        if not params.stack2d:
+            _, dose = premultiply_filter(ctf, f, geo.depth.to(device)[p, f], box, params.binning)
+            sums = splat_slices(
+                data, weight, mats.to(device)[p, f], pairs[:, 0].to(device), crop,
+                scale=crop / box, mask=dose_cutoff_mask(dose),
+            )  # fmt: skip
+        for j, i in enumerate(chunk.tolist()):
+            name = _output_name(names[i], series.name)
+            root = out_dir / "Subtomograms" / name
+            root.parent.mkdir(parents=True, exist_ok=True)
+            if params.stack2d:
+                path = root.with_name(root.name + "_stack2d.mrcs")
+                _write_2d(params, data[pairs[:, 0] == j], box, crop, pixel, path)
+                files.append(relative_to_cwd(path))
+            else:
+                _write_3d(params, sums[j], geo.a_sub[i] @ geo.a_part[i], box, crop, pixel, root)
+                files.append(relative_to_cwd(root.with_name(root.name + "_data.mrc")))
+            vectors.append(format_vector(visible[i].int().tolist()))
+        advance(len(chunk))
+    return keep.numpy(), files, vectors
+
+
+def _updated_particles(
+    params: ExtractParams, parts: ParticleSet, files: list[str], vectors: list[str]
+) -> ParticleSet:
+    """The extracted particles with image names, visibility, offsets and optics (§2, §5.5)."""
+    table = parts.particles.copy()
+    centred = parts.centered_coordinates_angst()
+    a_sub = parts.subtomogram_matrices()
+    if params.apply_offsets:
+        centred = centred - (a_sub @ parts.origins_angst()[..., None])[..., 0]
+        for a in "XYZ":
+            table[f"rlnOrigin{a}Angst"] = 0.0
+    for k, a in enumerate("XYZ"):
+        table[f"rlnCenteredCoordinate{a}Angst"] = centred[:, k].numpy()
+    table = table.drop(columns=[f"rlnCoordinate{a}" for a in "XYZ"], errors="ignore")
+    if params.apply_orientations:
+        angles = matrix_to_euler(a_sub @ parts.particle_matrices()).numpy()
+        for k, a in enumerate(("Rot", "Tilt", "Psi")):
+            table[f"rlnTomoSubtomogram{a}"] = angles[:, k]
+            table[f"rlnAngle{a}"] = 0.0
+    table["rlnImageName"] = files
+    if params.stack2d:
+        table["rlnTomoVisibleFrames"] = vectors
+        table = table.drop(columns=["rlnCtfImage"], errors="ignore")
+    else:
+        table["rlnCtfImage"] = [f.replace("_data.mrc", "_weights.mrc") for f in files]
+    optics = parts.optics.copy()
+    crop = params.crop if params.crop > 0 else params.box
+    optics["rlnImagePixelSize"] = optics["rlnTomoTiltSeriesPixelSize"] * params.binning
+    optics["rlnImageSize"] = crop
+    optics["rlnImageDimensionality"] = 2 if params.stack2d else 3
+    optics["rlnTomoSubtomogramBinning"] = params.binning
+    optics["rlnCtfDataAreCtfPremultiplied"] = 0 if (params.stack2d and params.no_ctf) else 1
+    general = {**parts.general, "rlnTomoSubTomosAre2DStacks": int(params.stack2d)}
+    return ParticleSet(table, optics, general)
+
+
+def run(params: ExtractParams) -> dict[str, str]:
+    """Run the job; returns ``{output path: RELION node type}``."""
+    device = resolve_device(params.device)
+    parts, tomos, motion, opt = load_inputs(
+        params.ios, params.particles, params.tomograms, params.trajectories
+    )
+    inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
+    with run_job(
+        "Extract", params, output_dir=params.output_dir, project_dir=params.project_dir,
+        inputs=inputs,
+    ) as (job, outputs):  # fmt: skip
+        log.info(
+            "Extracting %d particles as %s: box %d, crop %d, bin %g",
+            len(parts), "2D stacks" if params.stack2d else "3D subtomograms", params.box,
+            params.crop if params.crop > 0 else params.box, params.binning,
+        )  # fmt: skip
+        kept = np.zeros(len(parts), dtype=bool)
+        files = [""] * len(parts)
+        vectors = [""] * len(parts)
+        names = parts.tomo_names
+        with Progress(transient=True) as bar:
+            task = bar.add_task("extracting particles", total=len(parts))
+            for tomo in dict.fromkeys(names):
+                rows = np.flatnonzero(names == tomo)
+                keep, f, v = _extract_series(
+                    params, parts.subset(rows), tomos[tomo], motion, job.directory, device,
+                    lambda n: bar.advance(task, n),
+                )  # fmt: skip
+                kept[rows[keep]] = True
+                for r, name, vec in zip(rows[keep], f, v, strict=True):
+                    files[r], vectors[r] = name, vec
+        if not kept.all():
+            log.info(
+                "Dropped %d particles with < %d visible tilts", (~kept).sum(), params.min_frames
+            )
+        sel = np.flatnonzero(kept)
+        out = _updated_particles(
+            params, parts.subset(sel), [files[i] for i in sel], [vectors[i] for i in sel]
+        )
+        star = job.path("particles.star")
+        out.write(star)
+        outputs[str(star)] = "ParticleGroupMetadata.star.relion.tomo"
+        opt_out = OptimisationSet(
+            particles=Path(relative_to_cwd(star)),
+            tomograms=opt.tomograms,
+            trajectories=opt.trajectories,
+        )
+        opt_path = job.path("optimisation_set.star")
+        opt_out.write(opt_path)
+        outputs[str(opt_path)] = "OptimisationSet.star.relion.tomo"
+    return outputs

@@ -1,0 +1,100 @@
+"""FSC between any two maps (e.g. a half map and the truth): table, crossings and a plot.
+
+Not a pipeline job: prints the curve and its 0.5 / 0.143 crossings and writes
+``<o>.star`` (data_fsc with RELION's labels) and ``<o>.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from subtomo.device import resolve_device
+from subtomo.errors import InputError
+from subtomo.fourier import fsc_maps
+from subtomo.io import read_mrc, write_star
+from subtomo.postprocess import crossing_shell, resolution_shell
+from subtomo.report import plot_fsc
+
+__all__ = ["FscParams", "FscResult", "run"]
+
+log = logging.getLogger("subtomo")
+
+
+@dataclass
+class FscParams:
+    """Two maps, an optional mask, the pixel size (Å; <= 0: from the header), output prefix."""
+
+    map1: str
+    map2: str
+    mask: str | None = None
+    angpix: float = -1.0
+    o: str = "fsc"
+    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.143])
+    device: str = "auto"
+
+
+@dataclass
+class FscResult:
+    """The FSC per shell and, per threshold, the resolution (Å) at the last shell above it
+    and at the interpolated crossing."""
+
+    fsc: np.ndarray
+    angstrom: np.ndarray  # per shell (999 at shell 0)
+    crossings: dict[float, tuple[float, float]]
+
+
+def run(params: FscParams) -> FscResult:
+    """Compute, write and return the FSC."""
+    device = resolve_device(params.device)
+    m1, px1 = read_mrc(params.map1, device=device)
+    m2, _ = read_mrc(params.map2, device=device)
+    if m1.shape != m2.shape or len(set(m1.shape)) != 1:
+        raise InputError(
+            f"maps must be equal cubes: {tuple(m1.shape)} vs {tuple(m2.shape)}", file=params.map2
+        )
+    mask = None
+    if params.mask:
+        mask, _ = read_mrc(params.mask, device=device)
+        if mask.shape != m1.shape:
+            raise InputError(
+                f"mask shape {tuple(mask.shape)} differs from the maps'", file=params.mask
+            )
+    px = params.angpix if params.angpix > 0 else px1
+    if px <= 0:
+        raise InputError("no pixel size in the header; give --angpix", file=params.map1)
+    curve = fsc_maps(m1, m2, mask).double().cpu()
+    n = m1.shape[-1]
+    i = np.arange(curve.numel())
+    ang = np.where(i > 0, n * px / np.maximum(i, 1), 999.0)
+    crossings = {}
+    for t in params.thresholds:
+        shell = resolution_shell(curve, t)
+        cross = crossing_shell(curve, t)
+        crossings[t] = (
+            n * px / shell if shell > 0 else 999.0,
+            n * px / cross if cross > 0 else 999.0,
+        )
+    out = Path(params.o)
+    table = pd.DataFrame(
+        {
+            "rlnSpectralIndex": i,
+            "rlnResolution": 1.0 / ang,
+            "rlnAngstromResolution": ang,
+            "rlnFourierShellCorrelation": curve.numpy(),
+        }
+    )
+    write_star(out.with_name(out.name + ".star"), {"fsc": table})
+    res143 = crossings.get(0.143, (None, None))[1]
+    plot_fsc(
+        out.with_name(out.name + ".png"),
+        1.0 / ang,
+        {f"{Path(params.map1).name} vs {Path(params.map2).name}": curve.numpy()},
+        thresholds=params.thresholds,
+        resolution=res143,
+    )
+    return FscResult(fsc=curve.numpy(), angstrom=ang, crossings=crossings)

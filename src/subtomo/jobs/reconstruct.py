@@ -1,0 +1,322 @@
+"""Reconstruct particle: half1/half2/merged averages (``relion_tomo_reconstruct_particle``).
+
+Reads an optimisation set (or particles + tomograms [+ trajectories]), inserts every visible
+tilt of every particle into half-set Fourier accumulators — cut from the tilt series, or read
+from already extracted 2D stacks when the tilt images are not available — symmetrises and
+divides (Wiener or RELION's heuristic), and writes ``merged.mrc``, ``half1.mrc``, ``half2.mrc``
+with ``data_<tag>.mrc`` and ``weight_<tag>.mrc`` into ``Reconstruct/jobNNN/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from subtomo.data import (
+    OptimisationSet,
+    ParticleSet,
+    TiltSeries,
+    TomogramSet,
+    Trajectories,
+    pixel_size_of,
+    stack_image_indices,
+    tilt_images,
+)
+from subtomo.device import resolve_device
+from subtomo.errors import InputError
+from subtomo.geometry.symmetry import symmetry_matrices
+from subtomo.io import read_mrc, write_mrc
+from subtomo.jobs.jobdir import run_job
+from subtomo.reconstruct import FourierAccumulator, reconstruct
+from subtomo.reconstruct.particles import (
+    ParticleGeometry,
+    ctf_of_tilt_series,
+    insert_stacks,
+    insert_tilt_series,
+    particle_geometry,
+    visible_frames,
+)
+
+__all__ = ["ReconstructParams", "load_inputs", "run", "series_geometry"]
+
+log = logging.getLogger("subtomo")
+
+
+@dataclass
+class ReconstructParams:
+    """Options of "Reconstruct particle" (RELION GUI field / program flag names)."""
+
+    ios: str | None = None  # --ios optimisation set
+    particles: str | None = None  # --p
+    tomograms: str | None = None  # --t
+    trajectories: str | None = None  # --mot
+    box: int = 0  # --b, binned pixels (0: the stacks' rlnImageSize)
+    crop: int = -1  # --crop
+    binning: float = 0.0  # --bin (0: the stacks' rlnTomoSubtomogramBinning, else 1)
+    sym: str = "C1"  # --sym
+    snr: float = -1.0  # --SNR; <= 0 uses RELION's heuristic
+    taper: float = 10.0  # --taper
+    no_ctf: bool = False  # --no_ctf
+    no_circle_crop: bool = False  # --no_circle_crop (pre-crop of tilt-series patches)
+    cutoff_fract: float = 0.01  # --cutoff_fract
+    source: str = "auto"  # auto | tilt_series | stacks
+    padding: float = 2.0
+    batch_size: int = 1024
+    device: str = "auto"
+    output_dir: str | None = None  # --o
+    project_dir: str = "."
+
+
+def load_inputs(
+    ios: str | None, particles: str | None, tomograms: str | None, trajectories: str | None
+) -> tuple[ParticleSet, TomogramSet, Trajectories | None, OptimisationSet]:
+    """Particles, tomograms and trajectories of an optimisation set and/or direct entries.
+
+    Direct entries override those of the optimisation set (RELION's ``--p/--t/--mot``).
+    """
+    opt = OptimisationSet.read(ios) if ios else OptimisationSet()
+    for name, value in (
+        ("particles", particles),
+        ("tomograms", tomograms),
+        ("trajectories", trajectories),
+    ):
+        if value:
+            setattr(opt, name, Path(value))
+    if opt.particles is None or opt.tomograms is None:
+        raise InputError("give --ios or both --particles and --tomograms", file=ios)
+    tomos = TomogramSet.read(opt.tomograms)
+    parts = ParticleSet.read(opt.particles, tomograms=tomos)
+    motion = Trajectories.read(opt.trajectories) if opt.trajectories else None
+    return parts, tomos, motion, opt
+
+
+def series_geometry(
+    parts: ParticleSet,
+    series: TiltSeries,
+    motion: Trajectories | None,
+    image_size: tuple[int, int] | None = None,
+) -> ParticleGeometry:
+    """:class:`ParticleGeometry` of the particles of ``parts`` (all in ``series``)."""
+    names = parts.particles["rlnTomoParticleName"].astype(str).tolist()
+    traj = None if motion is None else motion.displacements_angst(names, series.n_tilts)
+    return particle_geometry(
+        parts.centered_coordinates_angst(),
+        parts.origins_angst(),
+        parts.subtomogram_matrices(),
+        parts.particle_matrices(),
+        series.projection_matrices(image_size),
+        series.pixel_size,
+        series.tomogram_size,
+        traj,
+    )
+
+
+def _by_tomogram(parts: ParticleSet) -> Iterator[tuple[str, np.ndarray]]:
+    names = parts.tomo_names
+    for name in dict.fromkeys(names):
+        yield name, np.flatnonzero(names == name)
+
+
+def _halves(parts: ParticleSet) -> torch.Tensor:
+    subsets = parts.random_subset()
+    if not (subsets > 0).all():
+        log.warning("rlnRandomSubset missing or 0: all particles go into half 1")
+        return torch.zeros(len(parts), dtype=torch.long)
+    if not np.isin(subsets, (1, 2)).all():
+        raise InputError(
+            "rlnRandomSubset must be 1 or 2", file=parts.source, block="particles",
+            column="rlnRandomSubset", row=int(np.flatnonzero(~np.isin(subsets, (1, 2)))[0]) + 1,
+        )  # fmt: skip
+    return torch.from_numpy(subsets - 1)
+
+
+def _has_tilt_images(series: TiltSeries) -> bool:
+    paths = series.micrograph_paths
+    if paths is not None:
+        return all(p.is_file() for p in paths)
+    return series.stack_path is not None and series.stack_path.is_file()
+
+
+def _use_stacks(params: ReconstructParams, parts: ParticleSet, tomos: TomogramSet) -> bool:
+    """Stacks when asked, or (auto) when the particles are 2D stacks and tilt images are
+    missing (e.g. a WarpTools export)."""
+    if params.source != "auto":
+        return params.source == "stacks"
+    names = dict.fromkeys(parts.tomo_names)
+    return parts.is_2d_stacks and not all(_has_tilt_images(tomos[n]) for n in names)
+
+
+def _insert_from_tilt_series(
+    params: ReconstructParams,
+    parts: ParticleSet,
+    tomos: TomogramSet,
+    motion: Trajectories | None,
+    accs: list,
+    box: int,
+    binning: float,
+    device: torch.device,
+    advance: Callable[[int], None],
+) -> int:
+    halves = _halves(parts)
+    count = 0
+    for name, rows in _by_tomogram(parts):
+        series = tomos[name]
+        images = tilt_images(series, device=device)  # (t, h, w): one series in memory
+        size = (images.shape[-1], images.shape[-2])
+        geo = series_geometry(parts.subset(rows), series, motion, size)
+        visible = visible_frames(geo.uv, size, box / 2)  # RELION: s/2 in bin-1 pixels
+        count += insert_tilt_series(
+            accs, images, geo.uv, geo.depth, visible, geo.matrices(), halves[rows],
+            ctf_of_tilt_series(series), box=box, binning=binning,
+            batch_size=params.batch_size, no_ctf=params.no_ctf,
+            circle_precrop=not params.no_circle_crop, cutoff_fract=params.cutoff_fract,
+            progress=advance,
+        )  # fmt: skip
+        del images
+    return count
+
+
+def _insert_from_stacks(
+    params: ReconstructParams,
+    parts: ParticleSet,
+    tomos: TomogramSet,
+    motion: Trajectories | None,
+    accs: list,
+    binning: float,
+    device: torch.device,
+    advance: Callable[[int], None],
+) -> int:
+    halves = _halves(parts)
+    n_tilts = {name: tomos[name].n_tilts for name in dict.fromkeys(parts.tomo_names)}
+    visible = parts.visible_frames(n_tilts)
+    paths = parts.image_paths()
+    premultiplied = parts.ctf_premultiplied()
+    count = 0
+    for name, rows in _by_tomogram(parts):
+        series = tomos[name]
+        ctf = ctf_of_tilt_series(series)
+        geo = series_geometry(parts.subset(rows), series, motion, image_size=(2, 2))
+        mats = geo.matrices().float()
+        per_batch = max(1, params.batch_size // max(series.n_tilts, 1))
+        for start in range(0, len(rows), per_batch):
+            chunk = range(start, min(start + per_batch, len(rows)))
+            images, frames, owners = [], [], []
+            for j in chunk:
+                i = int(rows[j])
+                stack, _ = read_mrc(paths[i])
+                index = stack_image_indices(visible[i], stack.shape[0])
+                if index is None:
+                    raise InputError(
+                        f"stack has {stack.shape[0]} images; rlnTomoVisibleFrames marks "
+                        f"{int(visible[i].sum())} of {len(visible[i])} tilts visible",
+                        file=paths[i],
+                    )
+                images.append(stack[torch.from_numpy(index)])
+                frames.append(torch.from_numpy(np.flatnonzero(visible[i])))
+                owners.append(torch.full((len(index),), j, dtype=torch.long))
+            stacks = torch.cat(images).to(device)
+            f = torch.cat(frames).to(device)
+            o = torch.cat(owners).to(device)
+            insert_stacks(
+                accs, stacks, f, geo.depth.to(device)[o, f], mats.to(device)[o, f],
+                halves[rows].to(device)[o], ctf, binning=binning,
+                premultiplied=bool(premultiplied[rows[0]]), cutoff_fract=params.cutoff_fract,
+            )  # fmt: skip
+            count += len(f)
+            advance(len(f))
+    return count
+
+
+def run(params: ReconstructParams) -> dict[str, str]:
+    """Run the job; returns ``{output path: RELION node type}``."""
+
+    device = resolve_device(params.device)
+    parts, tomos, motion, opt = load_inputs(
+        params.ios, params.particles, params.tomograms, params.trajectories
+    )
+    inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
+    with run_job(
+        "Reconstruct", params, output_dir=params.output_dir, project_dir=params.project_dir,
+        inputs=inputs,
+    ) as (job, outputs):  # fmt: skip
+        use_stacks = _use_stacks(params, parts, tomos)
+        if use_stacks:
+            binning = float(parts.subtomogram_binning()[0])
+            box = int(parts.image_size()[0])
+            if params.box and params.box != box:
+                log.warning("reconstructing stacks at their own box %d (not %d)", box, params.box)
+            pixel = pixel_size_of(parts)
+        else:
+            extracted = "rlnImageSize" in parts.optics.columns
+            binning = params.binning or (
+                float(parts.subtomogram_binning()[0]) if extracted else 1.0
+            )
+            box = params.box or (int(parts.image_size()[0]) if extracted else 0)
+            if box <= 0:
+                raise InputError("--box must be given to reconstruct from tilt series")
+            pixel = binning * tomos[parts.tomo_names[0]].pixel_size
+        log.info(
+            "Reconstructing %d particles from %s at box %d, bin %g (%.3f Å/px), sym %s",
+            len(parts), "2D stacks" if use_stacks else "tilt series", box, binning, pixel,
+            params.sym,
+        )  # fmt: skip
+        accs = [FourierAccumulator(box, padding=params.padding, device=device) for _ in (1, 2)]
+        with Progress(transient=True) as bar:
+            task = bar.add_task("inserting tilt images", total=None)
+
+            def advance(n: int) -> None:
+                bar.advance(task, n)
+
+            if use_stacks:
+                count = _insert_from_stacks(
+                    params, parts, tomos, motion, accs, binning, device, advance
+                )
+            else:
+                count = _insert_from_tilt_series(
+                    params, parts, tomos, motion, accs, box, binning, device, advance
+                )
+        log.info("Inserted %d tilt images", count)
+        halves = bool((parts.random_subset() > 0).all())
+        _finalise(params, job, outputs, accs, halves, pixel, device)
+    return outputs
+
+
+def _finalise(
+    params: ReconstructParams,
+    job,
+    outputs: dict[str, str],
+    accs: list,
+    halves: bool,
+    pixel: float,
+    device: torch.device,
+) -> None:
+    """Symmetrise, divide, taper and write ``<tag>.mrc``, ``data_<tag>.mrc``, ``weight_<tag>``.
+
+    Half maps only when the particles have rlnRandomSubset (RELION); merged sums both.
+    """
+    for acc in accs:
+        acc.all_reduce()
+    merged = accs[0].merged_with(accs[1])
+    tags = {"half1": accs[0], "half2": accs[1], "merged": merged} if halves else {}
+    tags["merged"] = merged
+    crop = params.crop if params.crop > 0 else None
+    sym = symmetry_matrices(params.sym, device=device)
+    for tag, acc in tags.items():
+        if len(sym) > 1:
+            acc.symmetrise(sym)
+        parts = reconstruct(
+            acc, snr=params.snr if params.snr > 0 else None, taper=params.taper, crop=crop,
+            return_parts=True,
+        )  # fmt: skip
+        volume = parts.map
+        path = job.path(f"{tag}.mrc")
+        write_mrc(path, volume, pixel)
+        outputs[str(path)] = "DensityMap.mrc" if tag == "merged" else "DensityMap.mrc.halfmap"
+        write_mrc(job.path(f"data_{tag}.mrc"), parts.data, pixel)
+        write_mrc(job.path(f"weight_{tag}.mrc"), parts.weight, pixel)

@@ -1,0 +1,365 @@
+"""Particle slices from tilt series or from extracted 2D stacks, into half-set accumulators.
+
+Conventions (relion5-conventions.md §1.3–1.5, §5, §6). Positions are in bin-1 tilt-series
+pixels, image arrays yx, Fourier slices in the unshifted rfft layout with the box centre N//2
+at the origin. Each observation is one (particle, tilt) pair; its rotation is
+``R_f · A_sub · A_part`` (reference -> tilt-image axes), its data are premultiplied by
+``-CTF · dose`` and its weight is ``(CTF · dose)^2``. Work is batched over pairs, so memory
+depends on the batch and box size only; the caller keeps one tilt series in memory at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from subtomo.ctf import ctf_2d, dose_cutoff_mask, dose_weights, particle_defocus
+from subtomo.fourier import rfft_centered
+from subtomo.geometry import project_particles, tomogram_centre_px
+from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, shift_phases
+
+__all__ = [
+    "ParticleGeometry",
+    "TiltSeriesCtf",
+    "ctf_of_tilt_series",
+    "extract_slices",
+    "insert_stacks",
+    "insert_tilt_series",
+    "particle_geometry",
+    "premultiply_filter",
+    "visible_frames",
+]
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class TiltSeriesCtf:
+    """CTF and dose of one tilt series, per frame ``(t,)`` (tomograms.star, §1.4–1.5).
+
+    Defocus in Å at the specimen centre (positive underfocus), angles in degrees, doses in
+    e/Å², B-factors in Å², voltage kV, Cs mm, ``pixel_size`` the bin-1 tilt-series pixel (Å).
+    """
+
+    defocus_u: torch.Tensor
+    defocus_v: torch.Tensor
+    defocus_angle: torch.Tensor
+    pre_exposure: torch.Tensor
+    voltage_kv: float
+    cs_mm: float
+    amplitude_contrast: float
+    pixel_size: float
+    hand: float = 1.0
+    defocus_slope: float = 1.0
+    phase_shift: torch.Tensor | float = 0.0
+    bfactor: torch.Tensor | float = 0.0
+    scale: torch.Tensor | float = 1.0
+    bfactor_per_electron_dose: float = 0.0
+
+
+def ctf_of_tilt_series(series) -> TiltSeriesCtf:
+    """The :class:`TiltSeriesCtf` of a :class:`subtomo.data.TiltSeries`."""
+
+    def as_tensor(values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32)
+
+    return TiltSeriesCtf(
+        defocus_u=as_tensor(series.defocus_u),
+        defocus_v=as_tensor(series.defocus_v),
+        defocus_angle=as_tensor(series.defocus_angle),
+        pre_exposure=as_tensor(series.pre_exposure),
+        voltage_kv=series.voltage_kv,
+        cs_mm=series.cs_mm,
+        amplitude_contrast=series.amplitude_contrast,
+        pixel_size=series.pixel_size,
+        hand=float(series.hand),
+        defocus_slope=series.defocus_slope,
+        phase_shift=as_tensor(series.phase_shift),
+        bfactor=as_tensor(series.ctf_bfactor),
+        scale=as_tensor(series.ctf_scale),
+        bfactor_per_electron_dose=series.bfactor_per_electron_dose or 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class ParticleGeometry:
+    """Where ``n`` particles of one tilt series appear in its ``t`` tilts (float64).
+
+    ``centres_px`` ``(n, 3)``: decentred bin-1 pixels including the origin offsets;
+    ``uv`` ``(n, t, 2)``: image positions with trajectories; ``depth`` ``(n, t)``: depth in
+    pixels (without trajectories, for the CTF); ``a_sub``/``a_part`` ``(n, 3, 3)``: the
+    subtomogram and particle rotations; ``tilt_rotations`` ``(t, 3, 3)``: R_f.
+    """
+
+    centres_px: torch.Tensor
+    uv: torch.Tensor
+    depth: torch.Tensor
+    a_sub: torch.Tensor
+    a_part: torch.Tensor
+    tilt_rotations: torch.Tensor
+
+    def matrices(self, include_particle: bool = True) -> torch.Tensor:
+        """``(n, t, 3, 3)`` = R_f · A_sub · A_part (or R_f · A_sub)."""
+        a = self.a_sub @ self.a_part if include_particle else self.a_sub
+        return self.tilt_rotations[None] @ a[:, None]
+
+
+def particle_geometry(
+    centered_angst: torch.Tensor,
+    origins_angst: torch.Tensor,
+    a_sub: torch.Tensor,
+    a_part: torch.Tensor,
+    projection: torch.Tensor,
+    pixel_size: float,
+    tomogram_size: Sequence[int],
+    trajectories_angst: torch.Tensor | None = None,
+) -> ParticleGeometry:
+    """Positions and rotations of ``n`` particles of one tilt series (§1.3, §2.2).
+
+    ``centered_angst`` ``(n, 3)`` = rlnCenteredCoordinate*Angst, ``origins_angst`` ``(n, 3)``
+    = rlnOrigin*Angst (subtomogram frame), ``a_sub``/``a_part`` ``(n, 3, 3)``, ``projection``
+    the ``(t, 4, 4)`` P_f, ``trajectories_angst`` optional ``(n, t, 3)``. The centre is
+    ``p = C/px + c_tomo - A_sub·o/px``.
+    """
+    a_sub = torch.as_tensor(a_sub, dtype=torch.float64)
+    centres = torch.as_tensor(centered_angst, dtype=torch.float64) / pixel_size
+    centres = centres + tomogram_centre_px(tomogram_size)
+    origins = torch.as_tensor(origins_angst, dtype=torch.float64) / pixel_size
+    centres = centres - (a_sub @ origins[..., None])[..., 0]
+    uv, depth = project_particles(
+        projection, centres, tomogram_size, trajectories_angst, pixel_size
+    )
+    return ParticleGeometry(
+        centres_px=centres,
+        uv=uv,
+        depth=depth,
+        a_sub=a_sub,
+        a_part=torch.as_tensor(a_part, dtype=torch.float64),
+        tilt_rotations=projection[:, :3, :3].double(),
+    )
+
+
+def _per_frame(value: torch.Tensor | float, frames: torch.Tensor) -> torch.Tensor | float:
+    if isinstance(value, torch.Tensor) and value.ndim > 0:
+        return value.to(frames.device)[frames]
+    return value
+
+
+def premultiply_filter(
+    ctf: TiltSeriesCtf,
+    frames: torch.Tensor,
+    depth_px: torch.Tensor,
+    size: int,
+    binning: float,
+    *,
+    use_bfactor: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``CTF · dose`` for ``b`` observations ``(b, size, size//2+1)`` and the dose weights.
+
+    ``frames`` ``(b,)`` indexes the tilt, ``depth_px`` ``(b,)`` is the depth of the particle
+    in that tilt (bin-1 pixels, §1.4). The pixel size is ``binning · ctf.pixel_size``.
+    ``use_bfactor=False`` drops the per-tilt rlnCtfBfactor (relion_refine's 2D-stack CTF).
+    """
+    dev = frames.device
+    u, v = particle_defocus(
+        ctf.defocus_u.to(dev)[frames],
+        ctf.defocus_v.to(dev)[frames],
+        depth_px.to(dev),
+        ctf.pixel_size,
+        ctf.hand,
+        ctf.defocus_slope,
+    )
+    px = binning * ctf.pixel_size
+    values = ctf_2d(
+        u,
+        v,
+        ctf.defocus_angle.to(dev)[frames],
+        ctf.voltage_kv,
+        ctf.cs_mm,
+        ctf.amplitude_contrast,
+        px,
+        size,
+        phase_shift_deg=_per_frame(ctf.phase_shift, frames),
+        bfactor=_per_frame(ctf.bfactor, frames) if use_bfactor else 0.0,
+        scale=_per_frame(ctf.scale, frames),
+        device=dev,
+    )
+    dose = dose_weights(
+        ctf.pre_exposure.to(dev)[frames],
+        px,
+        size,
+        bfactor_per_electron_dose=ctf.bfactor_per_electron_dose,
+        device=dev,
+    )
+    return values * dose, dose
+
+
+def visible_frames(uv: torch.Tensor, image_size: Sequence[int], margin_px: float) -> torch.Tensor:
+    """``(n, t)`` bool: the projected centre lies strictly inside the image minus ``margin``.
+
+    ``uv`` is ``(n, t, 2)`` in bin-1 pixels, ``image_size`` the tilt image (w, h) (§5.2).
+    """
+    w, h = image_size
+    u, v = uv[..., 0], uv[..., 1]
+    return (u > margin_px) & (u < w - margin_px) & (v > margin_px) & (v < h - margin_px)
+
+
+def extract_slices(
+    images: torch.Tensor,
+    frames: torch.Tensor,
+    uv: torch.Tensor,
+    depth_px: torch.Tensor,
+    ctf: TiltSeriesCtf,
+    *,
+    box: int,
+    binning: float,
+    precrop: bool,
+    no_ctf: bool = False,
+    invert_contrast: bool = True,
+    cutoff_fract: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Premultiplied Fourier slices of ``b`` (particle, tilt) observations (§5.2 steps 2–5).
+
+    Parameters
+    ----------
+    images
+        ``(t, h, w)`` the tilt series.
+    frames, uv, depth_px
+        ``(b,)`` tilt index, ``(b, 2)`` image position (bin-1 px, with trajectory) and
+        ``(b,)`` depth for the CTF.
+    box, binning
+        Output box ``s`` (binned pixels) and the binning factor; patches are
+        ``round(binning · box)`` bin-1 pixels.
+    precrop
+        Circle-crop the patch (radius s0/2, 5 px fall-off) before the FFT (§6).
+    cutoff_fract
+        If given, frequencies beyond the dose cut-off are zeroed (§1.5 ``--cutoff_fract``).
+
+    Returns
+    -------
+    data ``(b, box, box//2+1)`` complex ``-CTF·dose·F`` (``F`` without CTF if ``no_ctf``)
+    and weight ``(b, box, box//2+1)`` ``(CTF·dose)^2`` (the dose^2 only if ``no_ctf``).
+    """
+    s0 = round(binning * box)
+    patches = cut_patches(images, uv, s0, image_index=frames)
+    if precrop:
+        patches = circle_crop(patches, s0 / 2)
+    spectra = fourier_resize(rfft_centered(patches, 2), box)
+    offset = (uv.to(images.device) - torch.floor(uv.to(images.device) + 0.5)) / binning
+    spectra = shift_phases(spectra, -offset)
+    ctfw, dose = premultiply_filter(ctf, frames, depth_px, box, binning)
+    filt = dose if no_ctf else ctfw
+    sign = -1.0 if invert_contrast else 1.0
+    data = spectra * (sign * filt)
+    weight = filt.square()
+    if cutoff_fract is not None:
+        keep = dose_cutoff_mask(dose, cutoff_fract)
+        data = data * keep
+        weight = weight * keep
+    return data, weight
+
+
+def _insert_halves(
+    accumulators: Sequence, halves: torch.Tensor, data, weight, matrices, max_radius
+) -> None:
+    for h, acc in enumerate(accumulators):
+        sel = halves == h
+        if bool(sel.any()):
+            acc.insert(data[sel], weight[sel], matrices[sel], max_radius=max_radius)
+
+
+def insert_tilt_series(
+    accumulators: Sequence,
+    images: torch.Tensor,
+    uv: torch.Tensor,
+    depth_px: torch.Tensor,
+    visible: torch.Tensor,
+    matrices: torch.Tensor,
+    halves: torch.Tensor,
+    ctf: TiltSeriesCtf,
+    *,
+    box: int,
+    binning: float,
+    batch_size: int = 1024,
+    no_ctf: bool = False,
+    circle_precrop: bool = True,
+    cutoff_fract: float = 0.01,
+    max_radius: float | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Insert every visible tilt of ``n`` particles of one tilt series (relion_tomo_reconstruct).
+
+    Parameters
+    ----------
+    accumulators
+        One accumulator per half set (``insert(slices, weights, matrices, max_radius)``).
+    images
+        ``(t, h, w)`` tilt images.
+    uv, depth_px, visible
+        ``(n, t, 2)`` bin-1 positions with trajectories, ``(n, t)`` depths, ``(n, t)`` bool.
+    matrices
+        ``(n, t, 3, 3)`` rotations ``R_f · A_sub · A_part``.
+    halves
+        ``(n,)`` long: accumulator index of each particle (rlnRandomSubset - 1).
+
+    Returns the number of tilt images inserted.
+    """
+    pairs = visible.nonzero()  # (m, 2): particle, frame
+    dev = images.device
+    for start in range(0, pairs.shape[0], batch_size):
+        p, f = pairs[start : start + batch_size].to(dev).unbind(-1)
+        data, weight = extract_slices(
+            images,
+            f,
+            uv.to(dev)[p, f],
+            depth_px.to(dev)[p, f],
+            ctf,
+            box=box,
+            binning=binning,
+            precrop=circle_precrop,
+            no_ctf=no_ctf,
+            cutoff_fract=cutoff_fract,
+        )
+        mats = matrices.to(dev, torch.float32)[p, f]
+        _insert_halves(accumulators, halves.to(dev)[p], data, weight, mats, max_radius)
+        if progress is not None:
+            progress(len(p))
+    return int(pairs.shape[0])
+
+
+def insert_stacks(
+    accumulators: Sequence,
+    stacks: torch.Tensor,
+    frames: torch.Tensor,
+    depth_px: torch.Tensor,
+    matrices: torch.Tensor,
+    halves: torch.Tensor,
+    ctf: TiltSeriesCtf,
+    *,
+    binning: float,
+    premultiplied: bool = True,
+    cutoff_fract: float | None = 0.01,
+    max_radius: float | None = None,
+) -> None:
+    """Insert ``b`` images of extracted 2D stacks (relion_refine's reading, §5.6).
+
+    ``stacks`` ``(b, s, s)`` are the stack images (already ``-CTF·dose`` premultiplied and
+    divided by ``binning`` by extraction; the division is undone here so both paths share one
+    grey scale), ``frames`` ``(b,)`` their tilt indices, ``depth_px`` ``(b,)`` the depths of
+    the particle (with origins) for the CTF, ``matrices`` ``(b, 3, 3)`` = R_f·A_sub·A_part,
+    ``halves`` ``(b,)`` the accumulator index. The weight is ``(CTF·dose)^2`` with the
+    per-tilt rlnCtfBfactor left out, as relion_refine does.
+    """
+    size = stacks.shape[-1]
+    spectra = rfft_centered(stacks.to(torch.float32), 2) * binning
+    ctfw, dose = premultiply_filter(ctf, frames, depth_px, size, binning, use_bfactor=False)
+    weight = ctfw.square()
+    data = spectra if premultiplied else spectra * (-ctfw)
+    if cutoff_fract is not None:
+        keep = dose_cutoff_mask(dose, cutoff_fract)
+        data = data * keep
+        weight = weight * keep
+    _insert_halves(accumulators, halves, data, weight, matrices.to(torch.float32), max_radius)
