@@ -24,3 +24,10 @@ def shared_data() -> Path:
 def device(request: pytest.FixtureRequest) -> torch.device:
     """Each available device: cpu always, cuda when present."""
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with a fresh temporary folder as its RELION project directory, so
+    jobs (which register in ``./default_pipeline.star``) never write into the checkout."""
+    monkeypatch.chdir(tmp_path)
