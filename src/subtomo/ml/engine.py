@@ -1,0 +1,352 @@
+"""One iteration of RELION's regularised likelihood optimisation over batches of particles.
+
+:func:`expectation_pass` runs the E-step batch by batch (memory bounded by the batch size
+and ``max_slices``) and adds each batch to the M-step sums; :func:`maximise` turns the sums
+into the next model; :func:`iterate` does both (classification and the initial model).
+Gold-standard refinement runs :func:`expectation_pass` for each half, takes tau2 from the
+half-set FSC (:func:`gold_standard_tau2`) and calls :func:`maximise` per half.
+
+Everything is deterministic: the noise that fills the outside of the particle mask is drawn
+from a generator seeded by (``seed``, iteration, first particle of the batch), so
+``--continue`` from a saved :class:`~subtomo.ml.model.MLModel` reproduces the uninterrupted
+run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from subtomo.fourier import fsc_maps
+from subtomo.geometry.orientations import orientation_grid
+from subtomo.geometry.symmetry import symmetry_matrices
+from subtomo.masks import soft_sphere
+from subtomo.ml.batch import FourierPoints, ParticleBatch, fourier_points
+from subtomo.ml.estep import EStepResult, expectation, score_batch
+from subtomo.ml.images import mask_images
+from subtomo.ml.likelihood import centred_data
+from subtomo.ml.model import MLModel, reference_tau2
+from subtomo.ml.mstep import MStepSums, accumulate, ssnr_from_fsc, weight_spectrum
+from subtomo.ml.projector import Projector
+from subtomo.ml.sampling import PoseGrid, Sampling, oversample, pose_grid
+from subtomo.reconstruct import reconstruct
+
+__all__ = [
+    "EngineParams",
+    "ParticleResults",
+    "expectation_pass",
+    "gold_standard_tau2",
+    "iterate",
+    "maximise",
+    "resolution_shell",
+]
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    """Options of relion_refine that the engine implements.
+
+    ``particle_diameter_angst`` (``--particle_diameter``), ``zero_mask`` (``--zero_mask``),
+    ``tau2_fudge`` T (``--tau2_fudge``), ``padding`` (``--pad``), ``adaptive_fraction``
+    (``--adaptive_fraction``), ``strict_highres_exp_angst`` ("Limit resolution E-step"),
+    ``incr_size`` (``--incr_size``), ``reference_mask`` ``(n, n, n)`` (``--solvent_mask``;
+    otherwise a soft sphere of the particle diameter flattens the solvent when
+    ``flatten_solvent``), ``random_class_init``: in the first iteration with K > 1 each
+    particle goes to one random class in the M-step (RELION's random initial subsets),
+    ``seed`` (``--random_seed``), ``max_slices``: reference slices computed at once.
+    """
+
+    particle_diameter_angst: float
+    zero_mask: bool = False
+    tau2_fudge: float = 1.0
+    padding: float = 2.0
+    adaptive_fraction: float = 0.999
+    strict_highres_exp_angst: float | None = None
+    incr_size: int = 10
+    reference_mask: torch.Tensor | None = None
+    flatten_solvent: bool = True
+    random_class_init: bool = True
+    seed: int = 0
+    max_slices: int = 4096
+
+
+@dataclass
+class ParticleResults:
+    """Per-particle outcome of an E-step (rows in ``index`` order of the batches).
+
+    ``classes`` 0-based best class; ``rotations`` ``(N, 3, 3)`` best ``A_part``;
+    ``offsets`` ``(N, 3)`` best offsets (Å); ``pmax``, ``n_significant``, ``log_likelihood``
+    as in :class:`~subtomo.ml.estep.EStepResult`.
+    """
+
+    index: torch.Tensor
+    classes: torch.Tensor
+    rotations: torch.Tensor
+    offsets: torch.Tensor
+    pmax: torch.Tensor
+    n_significant: torch.Tensor
+    log_likelihood: torch.Tensor
+
+    @classmethod
+    def concat(cls, parts: list[ParticleResults]) -> ParticleResults:
+        return cls(
+            **{
+                f.name: torch.cat([getattr(p, f.name) for p in parts])
+                for f in dataclasses.fields(cls)
+            }
+        )
+
+
+def _batch_results(batch: ParticleBatch, poses: PoseGrid, res: EStepResult) -> ParticleResults:
+    ar = torch.arange(batch.size, device=res.best.device)
+    c, j, t = res.best.unbind(1)
+    rot = poses.rotations[ar if poses.rotations.shape[0] > 1 else 0 * ar, j]
+    return ParticleResults(
+        index=batch.index.cpu(),
+        classes=c.cpu(),
+        rotations=rot.double().cpu(),
+        offsets=poses.offsets[ar, t].cpu(),
+        pmax=res.pmax.cpu(),
+        n_significant=res.n_significant.cpu(),
+        log_likelihood=res.log_evidence.cpu(),
+    )
+
+
+def _random_classes(res: EStepResult, generator: torch.Generator) -> EStepResult:
+    """Move each particle's pose weights to one random class (first-iteration seeding)."""
+    b, k = res.weights.shape[:2]
+    cls = torch.randint(k, (b,), generator=generator).to(res.weights.device)
+    merged = res.weights.sum(1)  # (b, J, T)
+    w = torch.zeros_like(res.weights)
+    w[torch.arange(b, device=w.device), cls] = merged
+    best = res.best.clone()
+    best[:, 0] = cls
+    return dataclasses.replace(res, weights=w, best=best)
+
+
+def _generator(params: EngineParams, iteration: int, batch: ParticleBatch) -> torch.Generator:
+    seed = (params.seed * 1_000_003 + iteration * 7_919 + int(batch.index[0])) % (2**63)
+    return torch.Generator().manual_seed(seed)
+
+
+def _posterior(
+    projector: Projector,
+    data: torch.Tensor,
+    ctf2: torch.Tensor,
+    inv_sigma2: torch.Tensor,
+    tilt_rotations: torch.Tensor,
+    points: FourierPoints,
+    pixel_size: float,
+    log_class_priors: torch.Tensor,
+    poses: PoseGrid,
+    adaptive_fraction: float,
+) -> EStepResult:
+    """Scores and posterior of one batch (``data``/``ctf2`` ``(b, f, K)`` at ``points``)."""
+    centred = centred_data(data, tilt_rotations, poses.offsets, points, pixel_size)
+    scores = score_batch(projector, centred, ctf2, inv_sigma2, tilt_rotations, poses, points)
+    return expectation(scores, log_class_priors, poses, adaptive_fraction)
+
+
+def expectation_pass(
+    model: MLModel,
+    batches: Iterable[ParticleBatch],
+    sampling: Sampling,
+    params: EngineParams,
+    *,
+    device: torch.device | str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[MStepSums, ParticleResults]:
+    """E-step over all ``batches`` and the M-step sums (not yet all-reduced)."""
+    device = torch.device(device) if device is not None else model.references.device
+    n, px = model.box, model.pixel_size
+    projector = Projector(model.references.to(device), params.padding, params.max_slices)
+    m_shell = model.current_size // 2
+    e_shell = m_shell
+    if params.strict_highres_exp_angst:
+        e_shell = min(e_shell, round(n * px / params.strict_highres_exp_angst))
+    points_e = fourier_points(n, e_shell, device)
+    points_m = fourier_points(n, m_shell, device)
+    global_rot = None
+    if sampling.align and sampling.local_sigma_deg is None:
+        global_rot = orientation_grid(sampling.healpix_order, sampling.symmetry)[1]
+    mask = soft_sphere((n, n), params.particle_diameter_angst / (2 * px), 5.0, device=device)
+    sigma2 = model.sigma2.to(device)
+    log_prior = torch.log(model.class_priors.to(device).clamp(min=1e-300))
+    sums = MStepSums.empty(model.n_classes, sigma2.shape[0], n, params.padding, device)
+    parts = []
+    for batch in batches:
+        batch = batch.to(device)
+        gen = _generator(params, model.iteration, batch)
+        s2 = sigma2[batch.optics_group]  # (b, S)
+        poses = pose_grid(sampling, batch, model.sigma_offset_angst, global_rot)
+        masked = mask_images(
+            batch.data, batch.ctf2, s2, mask, zero_mask=params.zero_mask, generator=gen
+        )
+        data_e, ctf2_e = points_e.gather(masked), points_e.gather(batch.ctf2)
+        inv_s2 = (1.0 / s2[:, points_e.shell]).to(ctf2_e.dtype)
+
+        args = (projector, data_e, ctf2_e, inv_s2, batch.tilt_rotations, points_e, px, log_prior)
+        res = _posterior(*args, poses, params.adaptive_fraction)
+        if sampling.align and sampling.oversampling > 0:
+            poses = oversample(sampling, batch, poses, res.weights, model.sigma_offset_angst)
+            res = _posterior(*args, poses, params.adaptive_fraction)
+        if params.random_class_init and model.iteration == 0 and model.n_classes > 1:
+            res = _random_classes(res, gen)
+        centred_m = centred_data(
+            points_m.gather(batch.data), batch.tilt_rotations, poses.offsets, points_m, px
+        )
+        accumulate(
+            sums,
+            batch,
+            projector,
+            poses,
+            res,
+            centred_m,
+            points_m.gather(batch.ctf2),
+            sigma2,
+            points_m,
+        )
+        parts.append(_batch_results(batch, poses, res))
+        if progress is not None:
+            progress(batch.size)
+    return sums, ParticleResults.concat(parts)
+
+
+def resolution_shell(ssnr: torch.Tensor) -> int:
+    """RELION's current resolution shell: the first shell > 0 where SSNR < 1, minus one.
+
+    ``ssnr`` ``(..., S)``; the best (highest) over leading dims. If the SSNR rises above 1
+    again more than 3 shells later, that later shell counts (§7.2).
+    """
+    s = ssnr.reshape(-1, ssnr.shape[-1])
+    best = 1
+    for row in s:
+        below = (row[1:] < 1).nonzero()
+        shell = int(below[0]) if below.numel() else row.shape[0] - 1
+        above = (row[shell + 4 :] >= 1).nonzero()
+        if above.numel():
+            shell = int(above[-1]) + shell + 4
+        best = max(best, shell)
+    return best
+
+
+def maximise(
+    model: MLModel,
+    sums: MStepSums,
+    params: EngineParams,
+    sampling: Sampling,
+    *,
+    tau2: torch.Tensor | None = None,
+    ssnr: torch.Tensor | None = None,
+) -> MLModel:
+    """The next model from the (all-reduced) sums.
+
+    Class priors are the summed class weights; sigma2 is updated in the shells that received
+    data; the offset prior width is ``sqrt(sum w |delta|^2 / (3 sum w))`` (at least half the
+    offset step, so that it cannot collapse when all offsets stay put); the references are
+    solvent-flattened; the current image size follows the SSNR (§7.2).
+
+    Classification: the reconstruction uses ``model.tau2`` and the SSNR is
+    ``T tau2 * mean weight``; the next tau2 is the new reference's power plus the posterior
+    variance ``1 / (mean weight + 1/tau2)`` per shell (the EM update of the prior variance;
+    the reference power alone shrinks tau2 every iteration wherever SSNR < ~3, until those
+    shells vanish), kept where no data arrived. Gold-standard refinement passes ``tau2`` and
+    ``ssnr`` from :func:`gold_standard_tau2`.
+    """
+    n, device = model.box, model.references.device
+    sym = None
+    if sampling.symmetry.upper() != "C1":
+        sym = symmetry_matrices(sampling.symmetry)
+    tau2_used = (tau2 if tau2 is not None else model.tau2).to(torch.float64)
+    refs = model.references.clone()
+    ssnr_new = torch.zeros(model.n_classes, n // 2 + 1, dtype=torch.float64)
+    weight = torch.zeros(model.n_classes, n // 2 + 1, dtype=torch.float64)
+    for c, acc in enumerate(sums.accumulators):
+        if float(sums.class_weight[c]) <= 0:
+            continue
+        if sym is not None:
+            acc.symmetrise(sym.to(acc.weight.device))
+        refs[c] = reconstruct(acc, tau2=tau2_used[c], tau2_fudge=params.tau2_fudge, taper=0).to(
+            refs
+        )
+        weight[c] = weight_spectrum(acc).cpu()
+        ssnr_new[c] = params.tau2_fudge * tau2_used[c].cpu() * weight[c]
+    if params.flatten_solvent:
+        if params.reference_mask is not None:
+            refs = refs * params.reference_mask.to(refs)
+        else:
+            radius = params.particle_diameter_angst / (2 * model.pixel_size)
+            refs = refs * soft_sphere((n, n, n), radius, 5.0, device=refs.device).to(refs)
+    if ssnr is not None:
+        ssnr_new = ssnr.to(ssnr_new).expand_as(ssnr_new).clone()
+    total = sums.class_weight.sum()
+    priors = (sums.class_weight / total).cpu() if total > 0 else model.class_priors
+    sig = model.sigma2.clone()
+    den = sums.sigma2_den.to(sig.device)
+    upd = den > 0
+    sig[upd] = (sums.sigma2_num.to(sig.device)[upd] / den[upd]).clamp(min=1e-30)
+    sigma_off = model.sigma_offset_angst
+    if sampling.align and float(sums.offset_weight) > 0 and sampling.offset_range_angst > 0:
+        sigma_off = math.sqrt(float(sums.offset2) / (3 * float(sums.offset_weight)))
+        sigma_off = max(sigma_off, 0.5 * sampling.offset_step_angst)
+    shell = resolution_shell(ssnr_new)
+    size = min(n, 2 * (shell + params.incr_size))
+    return dataclasses.replace(
+        model,
+        references=refs.to(device),
+        class_priors=priors.double(),
+        sigma2=sig,
+        tau2=_em_tau2(refs, model.tau2, weight) if tau2 is None else tau2_used,
+        sigma_offset_angst=sigma_off,
+        current_size=size,
+        iteration=model.iteration + 1,
+        ssnr=ssnr_new,
+    )
+
+
+def _em_tau2(refs: torch.Tensor, tau2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``tau2' = power(V) + 1/(W + 1/tau2)`` per shell where data arrived (``W > 0``)."""
+    tau2 = tau2.cpu().double()
+    var = 1 / (weight + 1 / tau2.clamp(min=1e-300))
+    return torch.where(weight > 0, reference_tau2(refs).cpu() + var, tau2)
+
+
+def gold_standard_tau2(
+    sums1: MStepSums, sums2: MStepSums, tau2_fudge: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tau2, SSNR and FSC ``(K, n//2+1)`` from two half-set sums (auto-refine, §7.1).
+
+    FSC of the unregularised half reconstructions, ``SSNR = T FSC/(1-FSC)`` (clamped),
+    ``tau2 = SSNR / T * sigma2_rec`` with ``sigma2_rec = 1 / mean weight`` per shell (the
+    fudge T is applied once, in the reconstruction).
+    """
+    tau2, ssnr, fscs = [], [], []
+    for a1, a2 in zip(sums1.accumulators, sums2.accumulators, strict=True):
+        f = fsc_maps(reconstruct(a1, taper=0).double(), reconstruct(a2, taper=0).double())
+        s = ssnr_from_fsc(f, tau2_fudge).cpu()
+        w = 0.5 * (weight_spectrum(a1) + weight_spectrum(a2)).cpu()
+        tau2.append(torch.where(w > 0, s / tau2_fudge / w.clamp(min=1e-300), 0.0))
+        ssnr.append(s)
+        fscs.append(f.cpu())
+    return torch.stack(tau2), torch.stack(ssnr), torch.stack(fscs)
+
+
+def iterate(
+    model: MLModel,
+    batches: Callable[[], Iterable[ParticleBatch]],
+    sampling: Sampling,
+    params: EngineParams,
+    *,
+    device: torch.device | str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[MLModel, ParticleResults]:
+    """One E+M iteration (classification / initial model); ``batches()`` yields the batches."""
+    sums, results = expectation_pass(
+        model, batches(), sampling, params, device=device, progress=progress
+    )
+    sums.all_reduce()
+    return maximise(model, sums, params, sampling), results

@@ -1,0 +1,98 @@
+"""Reference projectors for the E-step: central slices sampled only where they are used.
+
+A :class:`Projector` holds the Fourier transform of each reference zero-padded to
+``N = padded_box(n, padding)`` (RELION pads by 2) and gridding pre-corrected (divided by the
+sinc^2 of trilinear interpolation, as RELION's projector does), stored *Friedel-complete and
+centred* (``fftshift`` of the full FFT with the ``-N/2`` planes repeated at ``+N/2``, real
+and imaginary parts as two channels, one voxel of zeros around it). A slice component
+``F_c(M^T k)`` at image frequency ``k`` (§4) is then one trilinear lookup at ``N/n M^T k``
+without Friedel or wrap-around logic, done by ``torch.nn.functional.grid_sample`` (one fused
+kernel on CPU and GPU). This is the E-step's hot path: measured ~25x faster than the general
+rfft-layout :func:`subtomo.fourier.slices.extract_slices` (same interpolation, same values up
+to float rounding), and it samples only the :class:`~subtomo.ml.batch.FourierPoints` in use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from subtomo.fourier.slices import padded_box
+from subtomo.ml.batch import FourierPoints
+
+__all__ = ["Projector", "pad_centred"]
+
+
+def pad_centred(volume: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad the last three axes of a centred ``n^3`` volume to ``size^3`` (centre N//2)."""
+    n = volume.shape[-1]
+    lo = size // 2 - n // 2
+    out = volume.new_zeros((*volume.shape[:-3], size, size, size))
+    out[..., lo : lo + n, lo : lo + n, lo : lo + n] = volume
+    return out
+
+
+def _sinc2(size: int, device: torch.device) -> torch.Tensor:
+    """Separable ``sinc^2`` of trilinear interpolation over a centred ``size^3`` box."""
+    x = (torch.arange(size, device=device, dtype=torch.float64) - size // 2) / size
+    s = torch.sinc(x) ** 2
+    return (s[:, None, None] * s[None, :, None] * s[None, None, :]).float()
+
+
+class Projector:
+    """Central slices of ``K`` references ``(K, n, n, n)`` (zyx, centre ``n//2``).
+
+    ``max_slices`` bounds how many slices are sampled at once (memory).
+    """
+
+    def __init__(self, references: torch.Tensor, padding: float = 2.0, max_slices: int = 4096):
+        self.box = references.shape[-1]
+        self.padding = float(padding)
+        self.size = padded_box(self.box, self.padding)
+        self.max_slices = max(1, int(max_slices))
+        padded = pad_centred(references.float(), self.size)
+        padded = padded / _sinc2(self.size, padded.device)
+        dims = (-3, -2, -1)
+        full = torch.fft.fftn(torch.fft.ifftshift(padded, dim=dims), dim=dims)
+        full = torch.fft.fftshift(full, dim=dims)
+        for dim in dims:  # the -N/2 plane is also +N/2 (periodic): append it at the end
+            full = torch.cat([full, full.narrow(dim, 0, 1)], dim=dim)
+        full = F.pad(full, (1, 1, 1, 1, 1, 1))  # zeros around: lookups beyond the box read 0
+        self.volumes = torch.stack([full.real, full.imag], dim=1).contiguous()  # (K, 2, D, H, W)
+
+    @property
+    def n_classes(self) -> int:
+        return self.volumes.shape[0]
+
+    def sample(self, cls: int, matrices: torch.Tensor, points: FourierPoints) -> torch.Tensor:
+        """Slices of class ``cls`` at RELION matrices ``(..., 3, 3)`` -> ``(2, ..., K)`` real.
+
+        Real and imaginary parts are the leading axis (the layout the sampler writes). Put
+        similar rotations next to each other in ``matrices`` (e.g. tilt-major, then a local
+        neighbourhood): consecutive slices then reuse the cache, about twice as fast.
+        """
+        lead = matrices.shape[:-2]
+        mats = matrices.reshape(-1, 3, 3).to(torch.float32)
+        k = points.freq.to(torch.float32) * self.box  # (K, 2) Fourier pixels of the n-box
+        vol = self.volumes[cls : cls + 1]
+        extent = vol.shape[-1] - 1
+        # grid_sample coordinates in [-1, 1]: (N/n M^T k + centre) * 2/extent - 1, with the
+        # zero frequency at index N//2 + 1 (after the 1-voxel margin)
+        unit = 2.0 / extent
+        rows = mats[:, :2, :] * (self.size / self.box * unit)  # (s, 2, 3): rows 1-2 of M
+        bias = torch.full((1, 1, 3), (self.size // 2 + 1) * unit - 1.0, device=k.device)
+        parts = []
+        for start in range(0, mats.shape[0], self.max_slices):
+            m = rows[start : start + self.max_slices]
+            grid = torch.baddbmm(bias, k.expand(m.shape[0], -1, -1), m)  # (s, K, 3) xyz
+            v = F.grid_sample(
+                vol, grid.reshape(1, 1, 1, -1, 3), mode="bilinear", align_corners=True
+            )
+            parts.append(v.reshape(2, m.shape[0], k.shape[0]))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return out.reshape(2, *lead, k.shape[0])
+
+    def slices(self, cls: int, matrices: torch.Tensor, points: FourierPoints) -> torch.Tensor:
+        """Slices of class ``cls`` at RELION matrices ``(..., 3, 3)`` -> ``(..., K)`` complex."""
+        s = self.sample(cls, matrices, points)
+        return torch.complex(s[0], s[1])
