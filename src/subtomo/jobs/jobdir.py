@@ -111,7 +111,13 @@ def read_pipeline(project_dir: Path) -> dict[str, Any]:
 
 
 def _register(job: Job, status: str, inputs: Mapping[str, str], outputs: Mapping[str, str]) -> None:
-    """Add or update the job and its nodes/edges in ``default_pipeline.star``."""
+    """Add or update the job and its nodes/edges in ``default_pipeline.star``.
+
+    Node names are paths relative to the project directory (as RELION writes them), whether
+    a job was given them relative to the working directory or absolute.
+    """
+    inputs = {_node_name(job.project_dir, p): t for p, t in inputs.items()}
+    outputs = {_node_name(job.project_dir, p): t for p, t in outputs.items()}
     tables = read_pipeline(job.project_dir)
     columns = {
         "pipeline_processes": [
@@ -164,6 +170,15 @@ def _register(job: Job, status: str, inputs: Mapping[str, str], outputs: Mapping
     out = {"pipeline_general": {"rlnPipeLineJobCounter": counter}, **frames}
     with atomic_path(Path(job.project_dir) / PIPELINE) as tmp:
         starfile.write(out, tmp)
+
+
+def _node_name(project_dir: Path, path: str | Path) -> str:
+    """``path`` relative to the project directory when it lies inside it, else absolute."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path(project_dir).resolve()))
+    except ValueError:
+        return str(resolved)
 
 
 def _job_number(job: Job) -> int:
