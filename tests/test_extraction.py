@@ -179,3 +179,28 @@ def test_cone_weights_zero_on_axis_one_far_away():
     assert w[3, 0, 0].item() == 0.0  # k = (0, 0, 3)
     t = 7 / (0 * math.sin(math.radians(5)) + 2.0)  # k = (7, 0, 0)
     assert w[0, 0, 7].item() == pytest.approx(1 - math.exp(-0.5 * t**2), rel=1e-5)
+
+
+def test_premultiply_filter_equals_per_particle_ctf_and_dose():
+    """The per-tilt CTF with each particle's depth applied as a defocus phase term must equal
+    RELION's per-particle CTF (defocus U + hand*slope*px*depth) times the dose weight; a sign
+    or unit slip in the depth term shows here at large depths."""
+    from subtomo.ctf import ctf_2d, dose_weights, particle_defocus
+    from subtomo.reconstruct.particles import TiltSeriesCtf, premultiply_filter
+
+    ctf = TiltSeriesCtf(
+        defocus_u=torch.tensor([30000.0, 42000.0]),
+        defocus_v=torch.tensor([28000.0, 41000.0]),
+        defocus_angle=torch.tensor([20.0, -70.0]),
+        pre_exposure=torch.tensor([3.0, 60.0]),
+        voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.07, pixel_size=1.5,
+        hand=-1.0, defocus_slope=1.2,
+    )  # fmt: skip
+    frames = torch.tensor([0, 1, 1, 0])
+    depth = torch.tensor([-800.0, 0.0, 650.0, 1200.0])
+    values, dose = premultiply_filter(ctf, frames, depth, 64, 2.0)
+    u, v = particle_defocus(ctf.defocus_u[frames], ctf.defocus_v[frames], depth, 1.5, -1.0, 1.2)
+    expected = ctf_2d(u, v, ctf.defocus_angle[frames], 300.0, 2.7, 0.07, 3.0, 64)
+    expected_dose = dose_weights(ctf.pre_exposure[frames], 3.0, 64)
+    torch.testing.assert_close(dose, expected_dose, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(values, expected * expected_dose, atol=2e-5, rtol=1e-4)

@@ -71,6 +71,15 @@ app.command("mask")(_mask.command)
 app.command("postprocess")(_postprocess.command)
 app.command("localres")(_localres.command)
 app.command("fsc")(_fsc.command)
+from subtomo.cli import refine3d as _refine3d  # noqa: E402
+
+app.command("refine3d")(_refine3d.command)
+from subtomo.cli import class3d as _class3d  # noqa: E402
+
+app.command("class3d")(_class3d.command)
+from subtomo.cli import demo as _demo  # noqa: E402
+
+app.command("demo")(_demo.command)
 
 
 def main() -> None:

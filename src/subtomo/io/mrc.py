@@ -102,5 +102,4 @@ def write_mrc(
         if is_stack if is_stack is not None else path.suffix == ".mrcs":
             mrc.set_image_stack()
         mrc.voxel_size = float(voxel_size)
-        mrc.header.origin = (0.0, 0.0, 0.0)
-        mrc.update_header_stats()
+        mrc.header.origin = (0.0, 0.0, 0.0)  # set_data already wrote the header statistics

@@ -32,6 +32,7 @@ from subtomo.reconstruct.particles import (
     premultiply_filter,
     visible_frames,
 )
+from subtomo.report.job_report import write_job_report
 
 __all__ = ["ExtractParams", "run"]
 
@@ -71,15 +72,15 @@ def _output_name(particle: str, tomo: str) -> str:
     return particle if "/" in particle else f"{tomo}/{particle}"
 
 
-def _write_2d(
-    params: ExtractParams, data: torch.Tensor, box: int, crop: int, pixel: float, path: Path
-) -> None:
-    """Premultiplied spectra ``(k, box, box//2+1)`` -> circle-cropped ``crop`` stack file."""
+def _stack_images(params: ExtractParams, data: torch.Tensor, box: int, crop: int) -> np.ndarray:
+    """Premultiplied spectra ``(b, box, box//2+1)`` -> circle-cropped ``(b, crop, crop)`` images
+    in the file's precision (one batched transform for all the stacks of a batch)."""
     images = irfft_centered(data / params.binning, (box, box))
     if not params.no_circle_crop:
         images = circle_crop(images, crop / 2)
     lo = box // 2 - crop // 2
-    write_mrc(path, images[:, lo : lo + crop, lo : lo + crop], pixel, float16=params.float16)
+    images = images[:, lo : lo + crop, lo : lo + crop].cpu().numpy()
+    return images.astype(np.float16 if params.float16 else np.float32)
 
 
 def _write_3d(
@@ -144,13 +145,17 @@ def _extract_series(
                 data, weight, mats.to(device)[p, f], pairs[:, 0].to(device), crop,
                 scale=crop / box, mask=dose_cutoff_mask(dose),
             )  # fmt: skip
+        else:
+            stacks = _stack_images(params, data, box, crop)  # rows grouped by particle
+            ends = np.cumsum(visible[chunk].sum(dim=1).numpy())
         for j, i in enumerate(chunk.tolist()):
             name = _output_name(names[i], series.name)
             root = out_dir / "Subtomograms" / name
             root.parent.mkdir(parents=True, exist_ok=True)
             if params.stack2d:
                 path = root.with_name(root.name + "_stack2d.mrcs")
-                _write_2d(params, data[pairs[:, 0] == j], box, crop, pixel, path)
+                start_row = ends[j - 1] if j else 0
+                write_mrc(path, stacks[start_row : ends[j]], pixel, float16=params.float16)
                 files.append(relative_to_cwd(path))
             else:
                 _write_3d(params, sums[j], geo.a_sub[i] @ geo.a_part[i], box, crop, pixel, root)
@@ -246,4 +251,5 @@ def run(params: ExtractParams) -> dict[str, str]:
         opt_path = job.path("optimisation_set.star")
         opt_out.write(opt_path)
         outputs[str(opt_path)] = "OptimisationSet.star.relion.tomo"
+        write_job_report(job, outputs)
     return outputs

@@ -20,6 +20,7 @@ from subtomo.jobs.jobdir import run_job
 from subtomo.jobs.postprocess import load_half_maps
 from subtomo.postprocess import LocalResOptions, LocalResResult, local_resolution
 from subtomo.report import plot_central_slices, plot_histogram
+from subtomo.report.job_report import write_job_report
 
 __all__ = ["LocalResParams", "run"]
 
@@ -108,4 +109,5 @@ def run(params: LocalResParams) -> LocalResResult:
                 float(values.max()),
                 float(values.median()),
             )
+        write_job_report(job, outputs)
     return res

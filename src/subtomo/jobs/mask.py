@@ -19,6 +19,7 @@ from subtomo.io import read_mrc, write_mrc
 from subtomo.jobs.jobdir import run_job
 from subtomo.masks import crown_mask, cylinder_mask, mask_from_map, suggest_threshold
 from subtomo.report import plot_central_slices
+from subtomo.report.job_report import write_job_report
 
 __all__ = ["MaskParams", "run"]
 
@@ -134,4 +135,5 @@ def run(params: MaskParams) -> torch.Tensor:
             job.path("mask.mrc"),
             float((mask > 0.5).sum()),
         )
+        write_job_report(job, outputs)
     return mask

@@ -31,6 +31,7 @@ from subtomo.io import (
 from subtomo.jobs.jobdir import run_job
 from subtomo.postprocess import PostprocessOptions, PostprocessResult, postprocess
 from subtomo.report import plot_central_slices, plot_fsc, plot_guinier, write_html_report
+from subtomo.report.job_report import write_job_report
 
 __all__ = ["HalfMaps", "PostprocessParams", "load_half_maps", "read_mtf", "run"]
 
@@ -342,4 +343,5 @@ def run(params: PostprocessParams) -> PostprocessResult:
             res.resolution_interpolated,
         )
         log.info(" + B-factor: %.2f Å^2", res.bfactor)
+        write_job_report(job, outputs)
     return res

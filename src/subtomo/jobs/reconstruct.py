@@ -42,6 +42,7 @@ from subtomo.reconstruct.particles import (
     particle_geometry,
     visible_frames,
 )
+from subtomo.report.job_report import write_job_report
 
 __all__ = ["ReconstructParams", "load_inputs", "run", "series_geometry"]
 
@@ -66,7 +67,7 @@ class ReconstructParams:
     no_circle_crop: bool = False  # --no_circle_crop (pre-crop of tilt-series patches)
     cutoff_fract: float = 0.01  # --cutoff_fract
     source: str = "auto"  # auto | tilt_series | stacks
-    padding: float = 2.0
+    padding: float = 1.0  # Fourier oversampling (RELION's reconstruct_particle: none)
     batch_size: int = 1024
     device: str = "auto"
     output_dir: str | None = None  # --o
@@ -284,6 +285,7 @@ def run(params: ReconstructParams) -> dict[str, str]:
         log.info("Inserted %d tilt images", count)
         halves = bool((parts.random_subset() > 0).all())
         _finalise(params, job, outputs, accs, halves, pixel, device)
+        write_job_report(job, outputs)
     return outputs
 
 

@@ -13,6 +13,7 @@ from subtomo.data import ParticleSet, TomogramSet
 from subtomo.errors import InputError
 from subtomo.io import numeric_column
 from subtomo.jobs.jobdir import run_job
+from subtomo.report.job_report import write_job_report
 from subtomo.subsets import duplicate_keep_mask, random_half_sets
 
 log = logging.getLogger("subtomo")
@@ -101,4 +102,5 @@ def run(params: SelectParams) -> Path:
         selected.write(out)
         outputs[str(out)] = "ParticleGroupMetadata.star"
         log.info("kept %d of %d particles -> %s", len(selected), len(particles), out)
+        write_job_report(job, outputs)
     return out

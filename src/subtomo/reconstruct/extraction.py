@@ -16,6 +16,7 @@ The chain for one tilt image and many particles is::
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -59,10 +60,9 @@ def cut_patches(
     steps = torch.arange(size, device=stack.device)
     ix = (corner[:, 0, None] + steps).clamp(0, w - 1)  # (b, size)
     iy = (corner[:, 1, None] + steps).clamp(0, h - 1)  # (b, size)
-    flat = stack.reshape(stack.shape[0], h * w)
-    linear = iy[:, :, None] * w + ix[:, None, :]  # (b, size, size)
-    rows = flat[image_index.to(stack.device)]  # (b, h*w)
-    return torch.gather(rows, 1, linear.reshape(linear.shape[0], -1)).reshape(-1, size, size)
+    rows = image_index.to(stack.device) * (h * w)  # (b,) start of each patch's image
+    linear = (rows[:, None] + iy * w)[:, :, None] + ix[:, None, :]  # (b, size, size)
+    return stack.reshape(-1)[linear]
 
 
 def fourier_resize(spectra: torch.Tensor, size: int) -> torch.Tensor:
@@ -85,10 +85,13 @@ def shift_phases(spectra: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
     ``spectra`` is ``(b, n, n//2+1)`` (rfft layout); content at x moves to x + d.
     """
     n = spectra.shape[-2]
-    k = fftfreq_grid((n, n), device=spectra.device, dtype=torch.float32)  # (n, n//2+1, 2)
-    d = shift_px.to(device=spectra.device, dtype=torch.float32)
-    phase = -2 * math.pi * torch.einsum("yxc,bc->byx", k, d)
-    return spectra * torch.polar(torch.ones_like(phase), phase)
+    dev = spectra.device
+    d = -2 * math.pi * shift_px.to(device=dev, dtype=torch.float32)  # (b, 2)
+    kx = torch.fft.rfftfreq(n, device=dev, dtype=torch.float32)
+    ky = torch.fft.fftfreq(n, device=dev, dtype=torch.float32)
+    phase_x = torch.polar(torch.ones_like(kx), kx * d[:, :1])  # (b, n//2+1)
+    phase_y = torch.polar(torch.ones_like(ky), ky * d[:, 1:])  # (b, n)
+    return spectra * (phase_y[:, :, None] * phase_x[:, None, :])  # separable: e^(a+b) = e^a e^b
 
 
 def raised_cosine_mask(
@@ -110,12 +113,20 @@ def circle_crop(images: torch.Tensor, radius: float, falloff: float = 5.0) -> to
     The mean of the pixels at distance >= ``radius`` is subtracted from each image, then the
     image is multiplied by :func:`raised_cosine_mask`.
     """
-    n = images.shape[-1]
-    mask = raised_cosine_mask((n, n), radius, falloff, device=images.device)
-    outside = (mask == 0).to(images.dtype)
-    count = outside.sum().clamp(min=1)
-    mean = (images * outside).sum(dim=(-2, -1), keepdim=True) / count
-    return (images - mean) * mask
+    mask, outside = _circle_masks(images.shape[-1], float(radius), float(falloff), images.device)
+    mean = (images.flatten(-2) @ outside.to(images.dtype)).reshape(*images.shape[:-2], 1, 1)
+    return (images - mean) * mask.to(images.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _circle_masks(
+    n: int, radius: float, falloff: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(n, n)`` raised-cosine mask and the ``(n*n,)`` averaging weights of the pixels
+    outside it (1/count where the mask is 0), cached: every batch of a job uses the same."""
+    mask = raised_cosine_mask((n, n), radius, falloff, device=device)
+    outside = (mask == 0).flatten().float()
+    return mask, outside / outside.sum().clamp(min=1)
 
 
 def cone_weights(

@@ -10,14 +10,21 @@ depends on the batch and box size only; the caller keeps one tilt series in memo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from subtomo.ctf import ctf_2d, dose_cutoff_mask, dose_weights, particle_defocus
-from subtomo.fourier import rfft_centered
+from subtomo.ctf import (
+    ctf_2d,
+    dose_cutoff_mask,
+    dose_weights,
+    electron_wavelength_angstrom,
+    particle_defocus,
+)
+from subtomo.fourier import fftfreq_grid, rfft_centered
 from subtomo.geometry import project_particles, tomogram_centre_px
 from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, shift_phases
 
@@ -148,6 +155,25 @@ def _per_frame(value: torch.Tensor | float, frames: torch.Tensor) -> torch.Tenso
     return value
 
 
+def _ctf_tables(
+    ctf: TiltSeriesCtf, px: float, size: int, use_bfactor: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tilt ``(t, size, size//2+1)`` tables ``C = -sin(γ_t)·E_t`` (the CTF of the tilt at
+    the specimen centre, envelope ``E_t`` = B-factor and scale) and ``S = cos(γ_t)·E_t``."""
+    frames = torch.arange(ctf.defocus_u.shape[0], device=device)
+
+    def table(quarter_turns: float) -> torch.Tensor:  # γ - π/2: -sin(γ - π/2) = cos γ
+        return ctf_2d(
+            ctf.defocus_u.to(device), ctf.defocus_v.to(device), ctf.defocus_angle.to(device),
+            ctf.voltage_kv, ctf.cs_mm, ctf.amplitude_contrast, px, size,
+            phase_shift_deg=_per_frame(ctf.phase_shift, frames) + 90.0 * quarter_turns,
+            bfactor=_per_frame(ctf.bfactor, frames) if use_bfactor else 0.0,
+            scale=_per_frame(ctf.scale, frames), device=device,
+        )  # fmt: skip
+
+    return table(0.0), table(1.0)
+
+
 def premultiply_filter(
     ctf: TiltSeriesCtf,
     frames: torch.Tensor,
@@ -162,38 +188,30 @@ def premultiply_filter(
     ``frames`` ``(b,)`` indexes the tilt, ``depth_px`` ``(b,)`` is the depth of the particle
     in that tilt (bin-1 pixels, §1.4). The pixel size is ``binning · ctf.pixel_size``.
     ``use_bfactor=False`` drops the per-tilt rlnCtfBfactor (relion_refine's 2D-stack CTF).
+
+    The depth shifts both defoci by ``Δz`` Å, i.e. ``γ`` by ``δ = -π λ Δz |k|²``; so the CTF is
+    evaluated once per tilt (:func:`subtomo.ctf.ctf_2d`, float64) and per observation only
+    ``-sin(γ + δ)·E = C cos δ - S sin δ`` (see :func:`_ctf_tables`; δ in float64).
     """
     dev = frames.device
-    u, v = particle_defocus(
-        ctf.defocus_u.to(dev)[frames],
-        ctf.defocus_v.to(dev)[frames],
-        depth_px.to(dev),
-        ctf.pixel_size,
-        ctf.hand,
-        ctf.defocus_slope,
-    )
     px = binning * ctf.pixel_size
-    values = ctf_2d(
-        u,
-        v,
-        ctf.defocus_angle.to(dev)[frames],
-        ctf.voltage_kv,
-        ctf.cs_mm,
-        ctf.amplitude_contrast,
-        px,
-        size,
-        phase_shift_deg=_per_frame(ctf.phase_shift, frames),
-        bfactor=_per_frame(ctf.bfactor, frames) if use_bfactor else 0.0,
-        scale=_per_frame(ctf.scale, frames),
-        device=dev,
-    )
+    table_c, table_s = _ctf_tables(ctf, px, size, use_bfactor, dev)
+    shift, _ = particle_defocus(
+        0.0, 0.0, depth_px.to(dev), ctf.pixel_size, ctf.hand, ctf.defocus_slope
+    )  # (b,) Å
+    k2 = fftfreq_grid((size, size), pixel_size=px, device=dev, dtype=torch.float64)
+    k2 = k2.square().sum(-1)  # (size, size//2+1) in 1/Å²
+    lam = float(electron_wavelength_angstrom(ctf.voltage_kv))
+    delta = (-math.pi * lam) * shift.double()[:, None, None] * k2  # (b, size, size//2+1)
+    values = table_c[frames] * torch.cos(delta).float() - table_s[frames] * torch.sin(delta).float()
+    values = torch.where(values.abs() < 1e-8, 1e-8, values)  # as ctf_2d
     dose = dose_weights(
-        ctf.pre_exposure.to(dev)[frames],
+        ctf.pre_exposure.to(dev),
         px,
         size,
         bfactor_per_electron_dose=ctf.bfactor_per_electron_dose,
         device=dev,
-    )
+    )[frames]  # one table per tilt, gathered per observation
     return values * dose, dose
 
 

@@ -36,9 +36,11 @@ def write_html_report(
     *,
     warnings: Sequence[str] = (),
     notes: str = "",
+    fragments: Sequence[str] = (),
 ) -> Path:
-    """Write ``path``: a title, a key/value table, warnings, notes and the PNG ``images``
-    (embedded, so the file stands alone). Returns the path."""
+    """Write ``path``: a title, a key/value table, warnings, notes, ``fragments`` (HTML the
+    caller built and escaped, e.g. tables with links) and the PNG ``images`` (embedded, so the
+    file stands alone). Returns the path."""
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
@@ -48,6 +50,7 @@ def write_html_report(
     parts += [f"<p class='warn'>Warning: {html.escape(w)}</p>" for w in warnings]
     if notes:
         parts.append(f"<p>{html.escape(notes)}</p>")
+    parts += fragments
     for img in images:
         data = base64.b64encode(Path(img).read_bytes()).decode("ascii")
         alt = html.escape(Path(img).name)

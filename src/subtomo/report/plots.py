@@ -19,7 +19,16 @@ import torch
 
 from subtomo.io import atomic_path
 
-__all__ = ["plot_central_slices", "plot_fsc", "plot_guinier", "plot_histogram"]
+__all__ = [
+    "plot_angular_distribution",
+    "plot_central_slices",
+    "plot_class_progress",
+    "plot_fsc",
+    "plot_guinier",
+    "plot_histogram",
+    "plot_series",
+    "view_histogram",
+]
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -136,4 +145,100 @@ def plot_central_slices(
         ax.set_yticks([])
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def view_histogram(
+    rot_deg: np.ndarray, tilt_deg: np.ndarray, bins: tuple[int, int] = (36, 18)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts of view directions on an equal-area grid: ``(counts (n_cos, n_rot), rot edges
+    (deg, -180..180), cos(tilt) edges (1..-1))``.
+
+    rlnAngleRot is the azimuth and rlnAngleTilt the polar angle of the view direction (RELION
+    ZYZ), so bins equal in rot and in cos(tilt) cover equal areas of the sphere: directions
+    drawn uniformly give the same expected count in every bin.
+    """
+    rot = (np.asarray(rot_deg, dtype=np.float64) + 180.0) % 360.0 - 180.0
+    cos_tilt = np.cos(np.deg2rad(np.asarray(tilt_deg, dtype=np.float64)))
+    rot_edges = np.linspace(-180.0, 180.0, bins[0] + 1)
+    cos_edges = np.linspace(1.0, -1.0, bins[1] + 1)
+    counts, _, _ = np.histogram2d(cos_tilt, rot, bins=(cos_edges[::-1], rot_edges))
+    return counts[::-1], rot_edges, cos_edges
+
+
+def plot_angular_distribution(
+    path: str | os.PathLike,
+    rot_deg: np.ndarray,
+    tilt_deg: np.ndarray,
+    *,
+    title: str = "angular distribution",
+) -> Path:
+    """Particles per view direction (rlnAngleRot against rlnAngleTilt, degrees) on the
+    equal-area grid of :func:`view_histogram`; the tilt axis is labelled in degrees."""
+    counts, rot_edges, cos_edges = view_histogram(rot_deg, tilt_deg)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    mesh = ax.pcolormesh(rot_edges, cos_edges, counts, cmap="viridis", shading="flat")
+    fig.colorbar(mesh, ax=ax, label="particles")
+    ticks = [0, 30, 60, 90, 120, 150, 180]
+    ax.set_yticks(np.cos(np.deg2rad(ticks)))
+    ax.set_yticklabels([str(t) for t in ticks])
+    ax.set_ylim(1, -1)
+    ax.set_xlabel("rlnAngleRot (deg)")
+    ax.set_ylabel("rlnAngleTilt (deg)")
+    ax.set_title(f"{title} ({len(np.asarray(rot_deg))} particles)")
+    return _save(fig, path)
+
+
+def plot_series(
+    path: str | os.PathLike,
+    labels: Sequence[str],
+    curves: Mapping[str, Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    invert_y: bool = False,
+) -> Path:
+    """Values per step (iterations, pipeline steps) with the steps' ``labels`` on the x axis;
+    one line per curve, NaN leaves a gap. ``invert_y`` puts small values (Å) at the top."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    x = np.arange(len(labels))
+    for name, y in curves.items():
+        ax.plot(x, np.asarray(y, dtype=np.float64), marker="o", lw=1.3, label=name)
+    long = max(map(len, labels), default=0) > 4
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=30 if long else 0, ha="right" if long else "center")
+    if invert_y:
+        ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_class_progress(
+    path: str | os.PathLike,
+    iterations: Sequence[int],
+    class_distribution: np.ndarray,
+    resolution_angst: Sequence[float],
+    *,
+    title: str = "3D classification",
+) -> Path:
+    """Class populations (``(iterations, K)`` fractions, stacked) and the current
+    resolution (Å) against the iteration number."""
+    it = np.asarray(iterations)
+    dist = np.asarray(class_distribution, dtype=np.float64).reshape(len(it), -1)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.stackplot(it, dist.T, labels=[f"class {c + 1}" for c in range(dist.shape[1])])
+    top.set_ylim(0, 1)
+    top.set_ylabel("rlnClassDistribution")
+    top.legend(fontsize=8, loc="upper left", ncol=min(dist.shape[1], 6))
+    top.set_title(title)
+    res = np.asarray(resolution_angst, dtype=np.float64)
+    ok = np.isfinite(res) & (res > 0) & (res < 999)
+    bottom.plot(it[ok], res[ok], "o-", color="black", lw=1.2)
+    bottom.set_xlabel("iteration")
+    bottom.set_ylabel("current resolution (Å)")
     return _save(fig, path)

@@ -1,0 +1,462 @@
+"""3D classification (``relion_refine`` without ``--auto_refine``) of 2D-stack particles.
+
+As on the tutorial's "3D classification" page: read the particles (an optimisation set or
+particles + tomograms), the reference map(s) and an optional solvent mask; low-pass the
+reference (``--ini_high``) and put it on the data's grey scale; start K classes from it
+(random particle subsets in the first iteration) or from K maps; then iterate the ML engine
+(:func:`subtomo.ml.iterate`) with or without alignment (global HEALPix or local searches) and
+write RELION's ``run_itNNN_*`` files every iteration (relion5-conventions §7.4), with a
+checkpoint beside each optimiser file so that ``--continue run_itNNN_optimiser.star``
+reproduces the uninterrupted run exactly. A plot of the class populations and resolution and
+a ``report.html`` end the job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from subtomo.data import OptimisationSet, ParticleSet, relative_to_cwd
+from subtomo.device import resolve_device
+from subtomo.errors import InputError
+from subtomo.geometry import rotation_angle_deg
+from subtomo.geometry.orientations import orientation_grid
+from subtomo.io import read_mrc, write_mrc
+from subtomo.jobs.jobdir import run_job
+from subtomo.jobs.reconstruct import load_inputs
+from subtomo.ml import (
+    EngineParams,
+    MLModel,
+    Projector,
+    Sampling,
+    centred_data,
+    fourier_points,
+    initial_sigma2,
+    iterate,
+    translation_grid,
+)
+from subtomo.ml.estep import slice_matrices
+from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
+from subtomo.ml.starfiles import (
+    IterationFiles,
+    estimated_resolution_angst,
+    load_checkpoint,
+    save_checkpoint,
+    write_data_star,
+    write_model_star,
+    write_optimiser_star,
+    write_sampling_star,
+)
+from subtomo.report import plot_central_slices, write_html_report
+from subtomo.report.plots import plot_class_progress
+
+__all__ = ["Class3DParams", "run"]
+
+log = logging.getLogger("subtomo")
+
+#: Options a ``--continue`` may change; all others come from the checkpoint.
+_CONTINUE_OVERRIDES = ("iter", "device", "memory_gb", "cache_gb", "continue_from")
+
+
+@dataclass
+class Class3DParams:
+    """Options of "3D classification" (RELION GUI field / program flag names)."""
+
+    ios: str | None = None  # --ios
+    particles: str | None = None  # --p
+    tomograms: str | None = None  # --t
+    trajectories: str | None = None  # --mot
+    ref: tuple[str, ...] = ()  # --ref: one map (perturbed into K classes) or K maps
+    ref_correct_greyscale: bool = False  # "Ref. map is on absolute greyscale?"
+    ini_high: float = 60.0  # --ini_high, Å (<= 0: no initial low-pass)
+    solvent_mask: str | None = None  # --solvent_mask
+    K: int = 1  # --K
+    iter: int = 25  # --iter
+    tau2_fudge: float = 1.0  # --tau2_fudge (RELION's tomography GUI default)
+    particle_diameter: float = -1.0  # --particle_diameter, Å (<= 0: the box)
+    zero_mask: bool = False  # --zero_mask
+    flatten_solvent: bool = True  # --flatten_solvent
+    sym: str = "C1"  # --sym
+    skip_align: bool = False  # --skip_align: classification without alignment
+    healpix_order: int = 2  # --healpix_order (7.5 deg)
+    offset_range: float = 5.0  # --offset_range, pixels
+    offset_step: float = 1.0  # --offset_step, pixels
+    sigma_ang: float = -1.0  # --sigma_ang, deg: > 0 means local searches
+    oversampling: int = 1  # --oversampling
+    strict_highres_exp: float = -1.0  # --strict_highres_exp, Å (<= 0: no limit)
+    adaptive_fraction: float = 0.999  # --adaptive_fraction
+    pad: float = 2.0  # --pad
+    random_seed: int = 0  # --random_seed
+    continue_from: str | None = None  # --continue <run_itNNN_optimiser.star>
+    memory_gb: float = 2.0  # E-step memory per batch
+    cache_gb: float = 2.0  # keep the rfft'd stacks in memory when they fit
+    max_slices: int = 4096
+    device: str = "auto"
+    output_dir: str | None = None  # --o
+    project_dir: str = "."
+
+
+def _engine_params(params: Class3DParams, box: int, px: float, mask) -> EngineParams:
+    diameter = params.particle_diameter if params.particle_diameter > 0 else box * px
+    return EngineParams(
+        particle_diameter_angst=diameter,
+        zero_mask=params.zero_mask,
+        tau2_fudge=params.tau2_fudge,
+        padding=params.pad,
+        adaptive_fraction=params.adaptive_fraction,
+        strict_highres_exp_angst=(
+            params.strict_highres_exp if params.strict_highres_exp > 0 else None
+        ),
+        reference_mask=mask,
+        flatten_solvent=params.flatten_solvent,
+        random_class_init=len(params.ref) == 1,
+        seed=params.random_seed,
+        max_slices=params.max_slices,
+    )
+
+
+def _sampling(params: Class3DParams, px: float) -> Sampling:
+    return Sampling(
+        healpix_order=params.healpix_order,
+        offset_range_angst=params.offset_range * px,
+        offset_step_angst=params.offset_step * px,
+        local_sigma_deg=params.sigma_ang if params.sigma_ang > 0 else None,
+        symmetry=params.sym,
+        align=not params.skip_align,
+        oversampling=params.oversampling,
+    )
+
+
+def _read_map(path: str, box: int, px: float, what: str) -> torch.Tensor:
+    """A reference or mask checked against the particles: box = rlnImageSize, pixel size
+    within 1e-3 Å of rlnImagePixelSize."""
+    volume, voxel = read_mrc(path)
+    if volume.ndim != 3 or tuple(volume.shape) != (box, box, box):
+        raise InputError(
+            f"{what} is {'x'.join(map(str, volume.shape[::-1]))} voxels; the particles' "
+            f"rlnImageSize is {box}",
+            file=path,
+        )
+    if abs(voxel - px) > 1e-3:
+        raise InputError(
+            f"{what} has pixel size {voxel:g} Å; the particles' rlnImagePixelSize is {px:g} Å",
+            file=path,
+        )
+    return volume
+
+
+def _references(params: Class3DParams, box: int, px: float) -> torch.Tensor:
+    """``(K, n, n, n)``: one map repeated K times (RELION perturbs it through random subsets
+    in the first iteration) or K maps."""
+    if not params.ref:
+        raise InputError("give a reference map (--ref)")
+    if len(params.ref) not in (1, params.K):
+        raise InputError(f"give one reference or K = {params.K}, not {len(params.ref)}")
+    maps = [_read_map(p, box, px, "the reference") for p in params.ref]
+    if len(maps) == 1:
+        maps = maps * params.K
+    return torch.stack(maps)
+
+
+def _greyscale_scale(
+    refs: torch.Tensor,
+    loader: StackLoader,
+    state: ParticleState,
+    sigma2: torch.Tensor,
+    sampling: Sampling,
+    resolution_angst: float,
+    padding: float,
+    device: torch.device,
+) -> float:
+    """Least-squares scale ``s`` of the references to the data, ``argmin sum |Y - s CTF2
+    P|^2 / sigma2`` up to ``resolution_angst``, at each particle's current rotation and class
+    and its best offset on the search grid (replaces RELION's first-iteration
+    cross-correlation for a reference that is not on the absolute grey scale; the offset
+    search keeps picking errors of a few pixels from biasing the scale towards zero)."""
+    n, px = loader.box, loader.pixel_size
+    points = fourier_points(n, max(1, round(n * px / resolution_angst)), device)
+    projector = Projector(refs.to(device), padding)
+    deltas = torch.zeros(1, 3, dtype=torch.float64)
+    if sampling.align:
+        deltas = translation_grid(sampling.offset_range_angst, sampling.offset_step_angst)
+    num = den = 0.0
+    for batch in loader.batches(state):
+        batch = batch.to(device)
+        mats = slice_matrices(batch.tilt_rotations.double(), batch.rotations.double()[:, None])
+        inv_s2 = 1.0 / sigma2.to(device)[batch.optics_group][:, points.shell]  # (b, K)
+        offsets = batch.offsets.double()[:, None] + deltas.to(device)[None]  # (b, T, 3)
+        y = centred_data(points.gather(batch.data), batch.tilt_rotations, offsets, points, px)
+        c2 = points.gather(batch.ctf2)
+        for c in batch.classes.unique().tolist():
+            sel = batch.classes == c
+            p = projector.slices(c, mats[sel][:, 0], points)  # (m, f, K)
+            w = c2[sel] * inv_s2[sel][:, None]  # (m, f, K)
+            cross = ((y[sel].conj() * p[:, None]).real * w[:, None]).sum(dim=(2, 3))  # (m, T)
+            num += float(cross.amax(dim=1).sum())
+            den += float((c2[sel] * p.abs() ** 2 * w).sum())
+    scale = num / den if den > 0 else float("nan")
+    if not np.isfinite(scale) or scale <= 0:
+        log.warning("could not fit the reference grey scale (%g); keeping it as is", scale)
+        return 1.0
+    return scale
+
+
+def _changes(prev: ParticleState, new: ParticleState) -> dict[str, float]:
+    """Mean change of the best orientation (deg), RMS change of the best offset (Å) and the
+    fraction of particles that changed class (rlnChangesOptimal*)."""
+    angle = rotation_angle_deg(prev.rotations, new.rotations)
+    shift = (prev.offsets - new.offsets).square().sum(1)
+    return {
+        "rlnChangesOptimalOrientations": float(angle.mean()),
+        "rlnChangesOptimalOffsets": float(shift.mean().sqrt()),
+        "rlnChangesOptimalClasses": float((prev.classes != new.classes).double().mean()),
+    }
+
+
+def _history_entry(model: MLModel) -> dict[str, Any]:
+    res = estimated_resolution_angst(model.ssnr, model.box, model.pixel_size)
+    return {
+        "iteration": model.iteration,
+        "class_distribution": model.class_priors.double().cpu().tolist(),
+        "resolution_angst": float(res.min()) if bool((model.ssnr > 0).any()) else 999.0,
+    }
+
+
+def _write_iteration(
+    files: IterationFiles,
+    model: MLModel,
+    state: ParticleState,
+    parts: ParticleSet,
+    opt: OptimisationSet,
+    sampling: Sampling,
+    params: Class3DParams,
+    optimiser: dict[str, Any],
+    checkpoint: dict[str, Any],
+) -> None:
+    """All files of one iteration, the checkpoint last (it marks the iteration complete)."""
+    maps = [files.class_map(c) for c in range(model.n_classes)]
+    for path, volume in zip(maps, model.references, strict=True):
+        write_mrc(path, volume.cpu(), model.pixel_size)
+    write_data_star(files.data, parts, state)
+    groups = np.bincount(parts.optics_rows(), minlength=model.sigma2.shape[0])
+    names = parts.optics.get("rlnOpticsGroupName")
+    write_model_star(
+        files.model(), model, [relative_to_cwd(p) for p in maps], padding=params.pad,
+        tau2_fudge=params.tau2_fudge, sampling=sampling,
+        log_likelihood=float(state.log_likelihood.sum()),
+        average_pmax=float(state.pmax.mean()), particles_per_group=groups.tolist(),
+        group_names=None if names is None else names.astype(str).tolist(),
+    )  # fmt: skip
+    write_sampling_star(files.sampling, sampling, model.pixel_size)
+    write_optimiser_star(files.optimiser, files, optimiser)
+    OptimisationSet(
+        particles=Path(relative_to_cwd(files.data)),
+        tomograms=opt.tomograms,
+        trajectories=opt.trajectories,
+        reference_mask=opt.reference_mask,
+    ).write(files.optimisation_set)
+    save_checkpoint(files.checkpoint, checkpoint)
+
+
+def _resumed(params: Class3DParams) -> tuple[Class3DParams, IterationFiles, dict[str, Any]]:
+    """The stored options (with the few a continue may change) and the checkpoint."""
+    files = IterationFiles.from_optimiser(params.continue_from)
+    checkpoint = load_checkpoint(files.checkpoint)
+    stored = dict(checkpoint["params"])
+    stored["ref"] = tuple(stored["ref"])
+    for name in _CONTINUE_OVERRIDES:
+        stored[name] = getattr(params, name)
+    stored["output_dir"] = str(files.directory)
+    return Class3DParams(**stored), files, checkpoint
+
+
+def run(params: Class3DParams) -> dict[str, str]:
+    """Run (or continue) the job; returns ``{output path: RELION node type}``."""
+    checkpoint = None
+    if params.continue_from:
+        params, _, checkpoint = _resumed(params)
+    if params.K < 1 or params.iter < 1:
+        raise InputError(f"--K and --iter must be >= 1 (got {params.K}, {params.iter})")
+    device = resolve_device(params.device)
+    parts, tomos, _, opt = load_inputs(
+        params.ios, params.particles, params.tomograms, params.trajectories
+    )
+    inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
+    inputs.update({str(r): "DensityMap.mrc" for r in params.ref})
+    with run_job(
+        "Class3D", params, output_dir=params.output_dir, project_dir=params.project_dir,
+        is_continue=checkpoint is not None, inputs=inputs,
+    ) as (job, outputs):  # fmt: skip
+        probe = StackLoader(parts, tomos, batch_size=1)
+        box, px = probe.box, probe.pixel_size
+        mask = None
+        if params.solvent_mask:
+            mask = _read_map(params.solvent_mask, box, px, "the solvent mask")
+            opt.reference_mask = Path(params.solvent_mask)
+        sampling = _sampling(params, px)
+        engine = _engine_params(params, box, px, mask)
+        if checkpoint is not None:
+            batch_size = int(checkpoint["batch_size"])
+        else:
+            n_rot, n_trans = _search_size(sampling)
+            batch_size = batch_size_for_memory(
+                params.memory_gb * 2**30, probe.max_tilts, box, n_translations=n_trans,
+                n_poses=params.K * n_rot * n_trans,
+            )  # fmt: skip
+        loader = StackLoader(
+            parts, tomos, batch_size=batch_size, cache_bytes=params.cache_gb * 2**30
+        )
+        log.info(
+            "3D classification of %d particles (box %d, %.3f Å/px, up to %d tilts) into %d "
+            "classes, %s; %d particles per batch%s",
+            len(parts), box, px, loader.max_tilts, params.K,
+            "without alignment" if params.skip_align else (
+                f"local searches (sigma {params.sigma_ang:g} deg)" if params.sigma_ang > 0
+                else f"global searches (HEALPix order {params.healpix_order})"),
+            batch_size, ", stacks cached in memory" if loader.cache_enabled else "",
+        )  # fmt: skip
+        if checkpoint is not None:
+            model = MLModel.from_state_dict(checkpoint["model"])
+            model = dataclasses.replace(model, references=model.references.to(device))
+            state = ParticleState.from_state_dict(checkpoint["particles"])
+            history = list(checkpoint["history"])
+            changes = dict(checkpoint["changes"])
+            log.info("Continuing from iteration %d", model.iteration)
+        else:
+            state = ParticleState.from_particles(parts, params.K)
+            refs = _references(params, box, px)
+            sigma2 = initial_sigma2(loader.batches(state), loader.n_optics_groups, box)
+            if not params.ref_correct_greyscale:
+                scale = _greyscale_scale(
+                    refs, loader, state, sigma2, sampling, params.ini_high if params.ini_high > 0
+                    else 2 * px, params.pad, device,
+                )  # fmt: skip
+                log.info("Reference grey scale corrected by a factor %.4g", scale)
+                refs = refs * scale
+            model = MLModel.initial(
+                refs.to(device), sigma2, px,
+                sigma_offset_angst=max(params.offset_range * px, 10.0),
+                ini_high_angst=params.ini_high if params.ini_high > 0 else None,
+            )  # fmt: skip
+            history = [_history_entry(model)]
+            changes = {
+                "rlnChangesOptimalOrientations": 999.0,
+                "rlnChangesOptimalOffsets": 999.0,
+                "rlnChangesOptimalClasses": 1.0,
+            }
+        files = IterationFiles(job.directory, model.iteration)
+
+        def save() -> None:
+            optimiser = {
+                "rlnCurrentIteration": model.iteration,
+                "rlnNumberOfIterations": params.iter,
+                "rlnDoSplitRandomHalves": 0,
+                "rlnDoAutoRefine": 0,
+                "rlnRandomSeed": params.random_seed,
+                "rlnTau2FudgeFactor": params.tau2_fudge,
+                "rlnParticleDiameter": engine.particle_diameter_angst,
+                **changes,
+                "rlnNumberOfIterWithoutResolutionGain": 0,
+                "rlnNumberOfIterWithoutChangingAssignments": 0,
+                "rlnHasConverged": int(model.iteration >= params.iter),
+            }
+            state_now = {
+                "params": dataclasses.asdict(params),
+                "batch_size": batch_size,
+                "model": model.state_dict(),
+                "particles": state.state_dict(),
+                "history": history,
+                "changes": changes,
+            }
+            _write_iteration(
+                files, model, state, parts, opt, sampling, params, optimiser, state_now
+            )
+
+        if checkpoint is None:
+            save()
+        for _ in range(model.iteration, params.iter):
+            before = ParticleState.from_state_dict(state.state_dict())
+            started = time.perf_counter()
+            with Progress(
+                TextColumn("[progress.description]{task.description}"), BarColumn(),
+                MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+            ) as bar:  # fmt: skip
+                task = bar.add_task(f"iteration {model.iteration + 1}", total=len(loader))
+                model, results = iterate(
+                    model, lambda: loader.batches(state), sampling, engine, device=device,
+                    progress=lambda k, t=task: bar.advance(t, k),
+                )  # fmt: skip
+            state.update(results)
+            changes = _changes(before, state)
+            history.append(_history_entry(model))
+            log.info(
+                "iteration %d (%.1f s): classes %s, resolution %.1f Å, class changes %.3f, "
+                "orientation changes %.2f deg",
+                model.iteration, time.perf_counter() - started,
+                " ".join(f"{p:.3f}" for p in model.class_priors.tolist()),
+                history[-1]["resolution_angst"], changes["rlnChangesOptimalClasses"],
+                changes["rlnChangesOptimalOrientations"],
+            )  # fmt: skip
+            files = IterationFiles(job.directory, model.iteration)
+            save()
+        _outputs(outputs, files, model.n_classes)
+        _report(job, params, history, files, model)
+    return outputs
+
+
+def _search_size(sampling: Sampling) -> tuple[int, int]:
+    """Rotations and translations per particle of the coarse pass (for the batch size)."""
+    if not sampling.align:
+        return 1, 1
+    n_trans = len(translation_grid(sampling.offset_range_angst, sampling.offset_step_angst))
+    if sampling.local_sigma_deg is None:
+        return len(orientation_grid(sampling.healpix_order, sampling.symmetry)[0]), n_trans
+    radius = sampling.local_n_sigma * sampling.local_sigma_deg / sampling.step_deg
+    return int(4.19 * (radius + 0.5) ** 3) + 1, n_trans
+
+
+def _outputs(outputs: dict[str, str], files: IterationFiles, n_classes: int) -> None:
+    outputs[str(files.data)] = "ParticleGroupMetadata.star.relion.tomo.class3d"
+    outputs[str(files.optimiser)] = "ProcessData.star.relion.optimiser.class3d"
+    outputs[str(files.optimisation_set)] = "OptimisationSet.star.relion.tomo"
+    for c in range(n_classes):
+        outputs[str(files.class_map(c))] = "DensityMap.mrc.relion.class3d"
+
+
+def _report(job, params: Class3DParams, history, files: IterationFiles, model: MLModel) -> None:
+    """``class_progress.png``, central sections of each class and ``report.html``."""
+    progress = plot_class_progress(
+        job.path("class_progress.png"),
+        [h["iteration"] for h in history],
+        np.array([h["class_distribution"] for h in history]),
+        [h["resolution_angst"] for h in history],
+    )
+    images = [progress]
+    for c in range(model.n_classes):
+        images.append(
+            plot_central_slices(
+                job.path(f"class{c + 1:03d}_sections.png"), model.references[c].cpu(),
+                title=f"class {c + 1}: {100 * float(model.class_priors[c]):.1f}%",
+            )
+        )  # fmt: skip
+    write_html_report(
+        job.path("report.html"),
+        "3D classification",
+        {
+            "iterations": model.iteration,
+            "classes": model.n_classes,
+            "class distribution": ", ".join(f"{p:.3f}" for p in model.class_priors.tolist()),
+            "resolution (Å)": f"{history[-1]['resolution_angst']:.1f}",
+            "alignment": "none" if params.skip_align else "yes",
+            "last data file": relative_to_cwd(files.data),
+        },
+        images,
+    )

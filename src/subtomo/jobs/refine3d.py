@@ -1,0 +1,362 @@
+"""3D auto-refine (``relion_refine --auto_refine --split_random_halves``, tomography 2D stacks).
+
+As the RELION tutorial's "3D auto-refine" step: the particles (an optimisation set or
+particles + tomograms of extracted 2D stacks) are split into two random halves
+(rlnRandomSubset; assigned at random when absent), the reference is low-pass filtered
+("Initial low-pass filter") and, unless it is on absolute greyscale, scaled to the data;
+each half is refined against its own reference, the gold-standard FSC sets the resolution,
+image size and angular sampling until convergence, and a final iteration joins the halves
+at full resolution. Writes ``Refine3D/jobNNN/run_it*_*`` per iteration and the final
+``run_data.star``, ``run_model.star`` (+ halves), ``run_class001.mrc``,
+``run_half?_class001_unfil.mrc``, ``run_optimisation_set.star`` and
+``run_resolution.png``. ``--continue`` resumes from an ``_itNNN_optimiser.star``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from subtomo.data import ParticleSet, pixel_size_of
+from subtomo.device import resolve_device
+from subtomo.errors import InputError
+from subtomo.io import read_mrc, write_mrc
+from subtomo.jobs.jobdir import run_job
+from subtomo.jobs.reconstruct import load_inputs
+from subtomo.ml import EngineParams, MLModel, ParticleResults, initial_sigma2
+from subtomo.ml.autorefine import (
+    AutoRefineState,
+    AutoSamplingOptions,
+    HalfSetIteration,
+    auto_refine,
+    reference_scale,
+)
+from subtomo.ml.engine import resolution_shell
+from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
+from subtomo.ml.starfiles import (
+    IterationFiles,
+    load_checkpoint,
+    save_checkpoint,
+    write_data_star,
+    write_model_star,
+    write_optimiser_star,
+    write_sampling_star,
+)
+from subtomo.report.plots import plot_series
+
+__all__ = ["Refine3DParams", "run"]
+
+log = logging.getLogger("subtomo")
+
+
+@dataclass
+class Refine3DParams:
+    """Options of "3D auto-refine" (RELION GUI fields / relion_refine flags)."""
+
+    ios: str | None = None  # --ios
+    particles: str | None = None  # --i
+    tomograms: str | None = None  # --t
+    ref: str | None = None  # --ref ("*half1*": each half its own reference)
+    ref_correct_greyscale: bool = False  # "Ref. map is on absolute greyscale?"
+    ini_high: float = 60.0  # --ini_high (Å); <= 0: no filter
+    solvent_mask: str | None = None  # --solvent_mask
+    solvent_correct_fsc: bool = False  # --solvent_correct_fsc
+    sym: str = "C1"  # --sym
+    particle_diameter: float = 0.0  # --particle_diameter (Å); 0: 0.9 of the box
+    zero_mask: bool = True  # --zero_mask
+    tau2_fudge: float = 1.0  # --tau2_fudge
+    healpix_order: int = 2  # --healpix_order ("Initial angular sampling")
+    offset_range: float = 5.0  # --offset_range (pixels)
+    offset_step: float = 1.0  # --offset_step (pixels)
+    auto_local_healpix_order: int = 4  # --auto_local_healpix_order
+    oversampling: int = 1  # --oversampling
+    sigma_tilt: float = -1.0  # --sigma_tilt (deg; <= 0 off)
+    sigma_psi: float = -1.0  # --sigma_psi
+    auto_ignore_angles: bool = False  # --auto_ignore_angles
+    auto_resol_angles: bool = False  # --auto_resol_angles
+    low_resol_join_halves: float = 40.0  # --low_resol_join_halves (Å)
+    strict_highres_exp: float = -1.0  # --strict_highres_exp (Å)
+    incr_size: int = 10  # --incr_size
+    max_iter: int = 50  # safety cap on iterations before the final one
+    pad: float = 2.0  # --pad
+    random_seed: int = 0  # --random_seed
+    memory_gb: float = 2.0  # batch size from this budget
+    device: str = "auto"
+    continue_from: str | None = None  # --continue <run_itNNN_optimiser.star>
+    output_dir: str | None = None  # --o
+    project_dir: str = "."
+
+
+def _halves(particles: ParticleSet, seed: int) -> np.ndarray:
+    """rlnRandomSubset (1/2): all 0 -> random halves (seeded), as RELION; mixed -> error."""
+    subsets = particles.random_subset()
+    if (subsets == 0).all():
+        rng = np.random.default_rng(seed)
+        subsets = 1 + rng.permutation(len(subsets)) % 2
+        log.info("No rlnRandomSubset: particles assigned to two random halves")
+        particles.particles["rlnRandomSubset"] = subsets
+        return subsets
+    bad = np.flatnonzero(~np.isin(subsets, (1, 2)))
+    if bad.size:
+        raise InputError(
+            "rlnRandomSubset must be all 0 or all 1 or 2", file=particles.source,
+            block="particles", column="rlnRandomSubset", row=int(bad[0]) + 1,
+        )  # fmt: skip
+    if not ((subsets == 1).any() and (subsets == 2).any()):
+        raise InputError("both halves need particles", file=particles.source,
+                         block="particles", column="rlnRandomSubset")  # fmt: skip
+    return subsets
+
+
+def _references(params: Refine3DParams, box: int, pixel: float) -> list[torch.Tensor]:
+    """One reference per half: ``--ref`` for both, or ``*half1*`` and its ``*half2*``."""
+    if not params.ref:
+        raise InputError("give a reference map (--ref)")
+    paths = [Path(params.ref)]
+    if "half1" in paths[0].name:
+        paths.append(paths[0].with_name(paths[0].name.replace("half1", "half2")))
+        log.info("Half-map references: %s and %s", *paths)
+    maps = []
+    for p in paths:
+        vol, vox = read_mrc(p)
+        if tuple(vol.shape) != (box, box, box):
+            raise InputError(f"reference is {tuple(vol.shape)}, the particles' box is {box}",
+                             file=p)  # fmt: skip
+        if vox > 0 and abs(vox - pixel) > 0.01 * pixel:
+            log.warning("reference pixel size %.3f Å differs from the particles' %.3f Å",
+                        vox, pixel)  # fmt: skip
+        maps.append(vol.float())
+    return maps if len(maps) == 2 else maps * 2
+
+
+def _mask(params: Refine3DParams, box: int) -> torch.Tensor | None:
+    if not params.solvent_mask:
+        if params.solvent_correct_fsc:
+            raise InputError("--solvent_correct_fsc needs --solvent_mask")
+        return None
+    mask, _ = read_mrc(params.solvent_mask)
+    if tuple(mask.shape) != (box, box, box):
+        raise InputError(f"mask is {tuple(mask.shape)}, the particles' box is {box}",
+                         file=params.solvent_mask)  # fmt: skip
+    if float(mask.min()) < -1e-3 or float(mask.max()) > 1 + 1e-3:
+        raise InputError("mask values must lie in [0, 1]", file=params.solvent_mask)
+    return mask.float()
+
+
+def _options(params: Refine3DParams, box: int, pixel: float) -> AutoSamplingOptions:
+    return AutoSamplingOptions(
+        particle_diameter_angst=_diameter(params, box, pixel),
+        pixel_size=pixel,
+        healpix_order=params.healpix_order,
+        offset_range_angst=params.offset_range * pixel,
+        offset_step_angst=params.offset_step * pixel,
+        auto_local_healpix_order=params.auto_local_healpix_order,
+        oversampling=params.oversampling,
+        symmetry=params.sym,
+        sigma_tilt_deg=params.sigma_tilt if params.sigma_tilt > 0 else None,
+        sigma_psi_deg=params.sigma_psi if params.sigma_psi > 0 else None,
+        auto_ignore_angles=params.auto_ignore_angles,
+        auto_resol_angles=params.auto_resol_angles,
+        incr_size=params.incr_size,
+    )
+
+
+def _diameter(params: Refine3DParams, box: int, pixel: float) -> float:
+    return params.particle_diameter if params.particle_diameter > 0 else 0.9 * box * pixel
+
+
+def run(params: Refine3DParams) -> dict[str, str]:
+    """Run the job; returns ``{output path: RELION node type}``."""
+    device = resolve_device(params.device)
+    parts, tomos, _, opt = load_inputs(params.ios, params.particles, params.tomograms, None)
+    subsets = _halves(parts, params.random_seed)
+    pixel = pixel_size_of(parts)
+    box = int(parts.image_size()[0])
+    mask = _mask(params, box)
+    engine = EngineParams(
+        particle_diameter_angst=_diameter(params, box, pixel),
+        zero_mask=params.zero_mask,
+        tau2_fudge=params.tau2_fudge,
+        padding=params.pad,
+        strict_highres_exp_angst=params.strict_highres_exp if params.strict_highres_exp > 0
+        else None,
+        incr_size=params.incr_size,
+        reference_mask=mask,
+        seed=params.random_seed,
+    )  # fmt: skip
+    options = _options(params, box, pixel)
+    n_trans = max(1, int((4 / 3) * math.pi * (params.offset_range / params.offset_step) ** 3))
+    loader = StackLoader(
+        parts, tomos,
+        batch_size=batch_size_for_memory(params.memory_gb * 2**30 / 4, 41, box,
+                                         n_translations=min(n_trans, 64), n_poses=4096),
+        cache_bytes=params.memory_gb * 2**30 / 2,
+    )  # fmt: skip
+    indices = [np.flatnonzero(subsets == h) for h in (1, 2)]
+    inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
+    with run_job(
+        "Refine3D", params, output_dir=params.output_dir, project_dir=params.project_dir,
+        is_continue=params.continue_from is not None, inputs=inputs,
+    ) as (job, outputs):  # fmt: skip
+        if params.continue_from:
+            ck = load_checkpoint(IterationFiles.from_optimiser(params.continue_from).checkpoint)
+            models = tuple(MLModel.from_state_dict(m, device) for m in ck["models"])
+            state = AutoRefineState.from_state_dict(ck["state"])
+            results = tuple(ParticleResults(**r) for r in ck["results"])
+            pstate = ParticleState.from_state_dict(ck["particles"])
+            history = list(ck["history"])
+            log.info("Continuing after iteration %d", models[0].iteration)
+        else:
+            pstate = ParticleState.from_particles(parts)
+            models = _initial_models(params, loader, pstate, indices, box, pixel, device)
+            state, results, history = None, None, []
+        log.info(
+            "3D auto-refine of %d particles (%d + %d), box %d at %.3f Å/px, symmetry %s",
+            len(parts), len(indices[0]), len(indices[1]), box, pixel, params.sym,
+        )  # fmt: skip
+        writer = _Writer(job.directory, parts, pstate, params, engine, options, history,
+                         opt, outputs)  # fmt: skip
+        auto_refine(
+            models,
+            tuple((lambda i=i: loader.batches(pstate, i)) for i in indices),
+            options,
+            engine,
+            state=state,
+            results=results,
+            low_resol_join_angst=params.low_resol_join_halves,
+            solvent_correct_fsc=params.solvent_correct_fsc,
+            max_iterations=params.max_iter,
+            on_iteration=writer,
+            device=device,
+        )
+    return outputs
+
+
+def _initial_models(
+    params: Refine3DParams,
+    loader: StackLoader,
+    pstate: ParticleState,
+    indices: list[np.ndarray],
+    box: int,
+    pixel: float,
+    device: torch.device,
+) -> tuple[MLModel, MLModel]:
+    """Each half's model: its reference, noise spectra from its own particles, the image size
+    of the initial low-pass filter, the reference scaled to the data unless on absolute
+    greyscale."""
+    refs = _references(params, box, pixel)
+    ini = params.ini_high if params.ini_high > 0 else None
+    size = box
+    if ini:
+        size = min(box, 2 * (int(box * pixel / ini) + params.incr_size))
+    models = []
+    for ref, idx in zip(refs, indices, strict=True):
+        sigma2 = initial_sigma2(loader.batches(pstate, idx), loader.n_optics_groups, box)
+        model = MLModel.initial(
+            ref[None].to(device), sigma2, pixel, current_size=size, ini_high_angst=ini
+        )
+        if not params.ref_correct_greyscale:
+            scale = reference_scale(model, loader.batches(pstate, idx))
+            log.info("Reference scaled by %.4g to the data's greyscale", scale)
+            model = dataclasses.replace(
+                model, references=model.references * scale, tau2=model.tau2 * scale**2
+            )
+        models.append(model)
+    return models[0], models[1]
+
+
+class _Writer:
+    """Writes each iteration's files (RELION names), the checkpoint, and the final files."""
+
+    def __init__(self, directory, parts, pstate, params, engine, options, history, opt,
+                 outputs) -> None:  # fmt: skip
+        self.directory, self.parts, self.pstate = Path(directory), parts, pstate
+        self.params, self.engine, self.options = params, engine, options
+        self.history, self.opt, self.outputs = history, opt, outputs
+
+    def __call__(self, it: HalfSetIteration, state: AutoRefineState) -> None:
+        for r in it.results:
+            self.pstate.update(r)
+        model = it.models[0]
+        final = state.converged and it.models[0] is it.models[1]
+        files = IterationFiles(self.directory, None if final else model.iteration)
+        px, n = model.pixel_size, model.box
+        shell = resolution_shell(it.ssnr)
+        self.history.append(n * px / shell)
+        log.info(
+            "Iteration %d: resolution %.1f Å, image size %d, HEALPix order %d%s, "
+            "offsets %.1f/%.1f Å%s",
+            model.iteration, n * px / shell, model.current_size, state.healpix_order,
+            " (local)" if state.local_searches else "", state.offset_range_angst,
+            state.offset_step_angst, ", converged" if state.converged else "",
+        )  # fmt: skip
+        sampling = state.sampling(self.options)
+        write_data_star(files.data, self.parts, self.pstate)
+        common = dict(
+            padding=self.engine.padding, tau2_fudge=self.engine.tau2_fudge, sampling=sampling,
+            log_likelihood=it.log_likelihood, average_pmax=it.mean_pmax,
+            particles_per_group=[len(self.parts)], fsc=it.fsc[None],
+        )  # fmt: skip
+        halves = (1, 2)
+        for h, m, half in zip(halves, it.models, it.half_maps, strict=True):
+            ref = files.class_map(0, h)
+            unfil = ref.with_name(ref.name.replace(".mrc", "_unfil.mrc"))
+            if final or self.params.solvent_correct_fsc:
+                write_mrc(unfil, half, px)
+            if not final:
+                write_mrc(ref, m.references[0], px)
+            write_model_star(files.model(h), m, [str(unfil if final else ref)], **common)
+        if final:
+            write_mrc(files.class_map(0), model.references[0], px)
+            write_model_star(files.model(), model, [str(files.class_map(0))], **common)
+        write_sampling_star(files.sampling, sampling, px)
+        write_optimiser_star(files.optimiser, files, {
+            "rlnCurrentIteration": model.iteration,
+            "rlnDoSplitRandomHalves": 1,
+            "rlnJoinHalvesUntilThisResolution": self.params.low_resol_join_halves,
+            "rlnRandomSeed": self.params.random_seed,
+            "rlnNumberOfIterWithoutResolutionGain": state.iter_without_resolution_gain,
+            "rlnNumberOfIterWithoutChangingAssignments": state.iter_without_changes,
+            "rlnBestResolutionThusFar": state.best_resolution_shell / (n * px),
+            "rlnHasConverged": int(state.converged),
+            "rlnHasHighFscAtResolLimit": int(float(it.fsc[min(model.current_size // 2,
+                                                               n // 2)]) > 0.2),
+            "rlnAutoLocalSearchesHealpixOrder": self.options.auto_local_healpix_order,
+        })  # fmt: skip
+        ios = dataclasses.replace(
+            self.opt, particles=files.data, reference_map1=files.class_map(0, 1),
+            reference_map2=files.class_map(0, 2), path=None,
+        )  # fmt: skip
+        if self.params.solvent_mask:
+            ios.reference_mask = Path(self.params.solvent_mask)
+        ios.write(files.optimisation_set)
+        save_checkpoint(files.checkpoint, {
+            "models": [m.state_dict() for m in it.models],
+            "state": state.state_dict(),
+            "results": [dataclasses.asdict(r) for r in it.results],
+            "particles": self.pstate.state_dict(),
+            "history": list(self.history),
+        })  # fmt: skip
+        if final:
+            self._final_outputs(files)
+
+    def _final_outputs(self, files: IterationFiles) -> None:
+        plot = self.directory / "run_resolution.png"
+        plot_series(
+            plot, [str(i + 1) for i in range(len(self.history))],
+            {"gold-standard resolution": self.history}, xlabel="iteration",
+            ylabel="resolution (Å)", title="3D auto-refine", invert_y=True,
+        )  # fmt: skip
+        self.outputs[str(files.data)] = "ParticleGroupMetadata.star.relion.tomo"
+        self.outputs[str(files.optimisation_set)] = "TomoOptimisationSet.star.relion"
+        self.outputs[str(files.class_map(0))] = "DensityMap.mrc.relion.refine3d"
+        for h in (1, 2):
+            path = self.directory / f"run_half{h}_class001_unfil.mrc"
+            self.outputs[str(path)] = "DensityMap.mrc.relion.halfmap.refine3d"
+        self.outputs[str(files.model())] = "ProcessData.star.relion.optimiser.refine3d"
