@@ -48,6 +48,7 @@ from subtomo.ml.starfiles import (
     write_optimiser_star,
     write_sampling_star,
 )
+from subtomo.report.job_report import write_job_report
 from subtomo.report.plots import plot_series
 
 __all__ = ["Refine3DParams", "run"]
@@ -235,6 +236,7 @@ def run(params: Refine3DParams) -> dict[str, str]:
             on_iteration=writer,
             device=device,
         )
+        write_job_report(job, outputs)
     return outputs
 
 
