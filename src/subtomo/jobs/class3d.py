@@ -35,15 +35,12 @@ from subtomo.jobs.reconstruct import load_inputs
 from subtomo.ml import (
     EngineParams,
     MLModel,
-    Projector,
     Sampling,
-    centred_data,
-    fourier_points,
     initial_sigma2,
     iterate,
     translation_grid,
 )
-from subtomo.ml.estep import slice_matrices
+from subtomo.ml.greyscale import fit_reference_scale
 from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
 from subtomo.ml.starfiles import (
     IterationFiles,
@@ -164,49 +161,6 @@ def _references(params: Class3DParams, box: int, px: float) -> torch.Tensor:
     if len(maps) == 1:
         maps = maps * params.K
     return torch.stack(maps)
-
-
-def _greyscale_scale(
-    refs: torch.Tensor,
-    loader: StackLoader,
-    state: ParticleState,
-    sigma2: torch.Tensor,
-    sampling: Sampling,
-    resolution_angst: float,
-    padding: float,
-    device: torch.device,
-) -> float:
-    """Least-squares scale ``s`` of the references to the data, ``argmin sum |Y - s CTF2
-    P|^2 / sigma2`` up to ``resolution_angst``, at each particle's current rotation and class
-    and its best offset on the search grid (replaces RELION's first-iteration
-    cross-correlation for a reference that is not on the absolute grey scale; the offset
-    search keeps picking errors of a few pixels from biasing the scale towards zero)."""
-    n, px = loader.box, loader.pixel_size
-    points = fourier_points(n, max(1, round(n * px / resolution_angst)), device)
-    projector = Projector(refs.to(device), padding)
-    deltas = torch.zeros(1, 3, dtype=torch.float64)
-    if sampling.align:
-        deltas = translation_grid(sampling.offset_range_angst, sampling.offset_step_angst)
-    num = den = 0.0
-    for batch in loader.batches(state):
-        batch = batch.to(device)
-        mats = slice_matrices(batch.tilt_rotations.double(), batch.rotations.double()[:, None])
-        inv_s2 = 1.0 / sigma2.to(device)[batch.optics_group][:, points.shell]  # (b, K)
-        offsets = batch.offsets.double()[:, None] + deltas.to(device)[None]  # (b, T, 3)
-        y = centred_data(points.gather(batch.data), batch.tilt_rotations, offsets, points, px)
-        c2 = points.gather(batch.ctf2)
-        for c in batch.classes.unique().tolist():
-            sel = batch.classes == c
-            p = projector.slices(c, mats[sel][:, 0], points)  # (m, f, K)
-            w = c2[sel] * inv_s2[sel][:, None]  # (m, f, K)
-            cross = ((y[sel].conj() * p[:, None]).real * w[:, None]).sum(dim=(2, 3))  # (m, T)
-            num += float(cross.amax(dim=1).sum())
-            den += float((c2[sel] * p.abs() ** 2 * w).sum())
-    scale = num / den if den > 0 else float("nan")
-    if not np.isfinite(scale) or scale <= 0:
-        log.warning("could not fit the reference grey scale (%g); keeping it as is", scale)
-        return 1.0
-    return scale
 
 
 def _changes(prev: ParticleState, new: ParticleState) -> dict[str, float]:
@@ -335,10 +289,16 @@ def run(params: Class3DParams) -> dict[str, str]:
             refs = _references(params, box, px)
             sigma2 = initial_sigma2(loader.batches(state), loader.n_optics_groups, box)
             if not params.ref_correct_greyscale:
-                scale = _greyscale_scale(
-                    refs, loader, state, sigma2, sampling, params.ini_high if params.ini_high > 0
-                    else 2 * px, params.pad, device,
+                scale = fit_reference_scale(
+                    refs, loader.batches(state), sigma2, box=box, pixel_size=px,
+                    resolution_angst=params.ini_high if params.ini_high > 0 else 2 * px,
+                    offset_range_angst=sampling.offset_range_angst if sampling.align else 0.0,
+                    offset_step_angst=sampling.offset_step_angst, padding=params.pad,
+                    device=device,
                 )  # fmt: skip
+                if not np.isfinite(scale) or scale <= 0:
+                    log.warning("could not fit the reference grey scale; keeping it as is")
+                    scale = 1.0
                 log.info("Reference grey scale corrected by a factor %.4g", scale)
                 refs = refs * scale
             model = MLModel.initial(

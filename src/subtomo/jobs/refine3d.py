@@ -35,9 +35,9 @@ from subtomo.ml.autorefine import (
     AutoSamplingOptions,
     HalfSetIteration,
     auto_refine,
-    reference_scale,
 )
 from subtomo.ml.engine import resolution_shell
+from subtomo.ml.greyscale import fit_reference_scale
 from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
 from subtomo.ml.starfiles import (
     IterationFiles,
@@ -264,7 +264,14 @@ def _initial_models(
             ref[None].to(device), sigma2, pixel, current_size=size, ini_high_angst=ini
         )
         if not params.ref_correct_greyscale:
-            scale = reference_scale(model, loader.batches(pstate, idx))
+            scale = fit_reference_scale(
+                model.references, loader.batches(pstate, idx), sigma2, box=box,
+                pixel_size=pixel, resolution_angst=pixel * box / max(1, model.current_size // 2),
+                offset_range_angst=params.offset_range * pixel,
+                offset_step_angst=params.offset_step * pixel, padding=params.pad, device=device,
+            )  # fmt: skip
+            if not math.isfinite(scale) or scale <= 0:
+                scale = 1.0
             log.info("Reference scaled by %.4g to the data's greyscale", scale)
             model = dataclasses.replace(
                 model, references=model.references * scale, tau2=model.tau2 * scale**2

@@ -37,7 +37,7 @@ from subtomo.ml.engine import (
     maximise,
     resolution_shell,
 )
-from subtomo.ml.likelihood import centred_data, projected_shifts_px
+from subtomo.ml.likelihood import projected_shifts_px
 from subtomo.ml.model import MLModel
 from subtomo.ml.mstep import MStepSums, ssnr_from_fsc, weight_spectrum
 from subtomo.ml.projector import Projector
@@ -60,7 +60,6 @@ __all__ = [
     "hidden_variable_changes",
     "join_low_resolution",
     "join_shell",
-    "reference_scale",
     "update_auto_sampling",
     "with_poses",
 ]
@@ -729,29 +728,3 @@ def _feeder(
         return recorder(source)
 
     return batches
-
-
-def reference_scale(model: MLModel, batches: Iterable[ParticleBatch]) -> float:
-    """Least-squares grey scale of the reference against the data at their current poses.
-
-    ``s = sum Re(conj(P) Y) / sum CTF2 |P|^2`` over the components used at the current image
-    size (class 1, premultiplied data ``Y ~ CTF2 s P``), for a reference that is not on
-    absolute greyscale (RELION instead scores the first iteration by cross-correlation).
-    """
-    device = model.references.device
-    points = fourier_points(model.box, model.current_size // 2, device)
-    projector = Projector(model.references[:1])
-    num = torch.zeros((), dtype=torch.float64)
-    den = torch.zeros((), dtype=torch.float64)
-    for batch in batches:
-        batch = batch.to(device)
-        centred = centred_data(
-            points.gather(batch.data), batch.tilt_rotations, batch.offsets[:, None].double(),
-            points, model.pixel_size,
-        )[:, 0]  # fmt: skip
-        mats = batch.tilt_rotations.double() @ batch.rotations.double()[:, None]
-        p = projector.slices(0, mats, points)  # (b, f, K)
-        ctf2 = points.gather(batch.ctf2) * batch.visible[..., None]
-        num += float((p.conj() * centred).real.double().mul(batch.visible[..., None]).sum())
-        den += float((ctf2 * p.abs() ** 2).double().sum())
-    return float(num / den) if den > 0 else 1.0
