@@ -315,21 +315,26 @@ class ParticleSet:
     def amplitude_contrast(self) -> np.ndarray:
         return self.optics_column("rlnAmplitudeContrast")
 
-    def _optics_from_tomograms(self, tomograms: TomogramSet) -> None:
-        """Build data_optics as RELION does after picking: one group per rlnOpticsGroupName
-        of the tomograms (or per tomogram), numbered in order of first appearance."""
-        table = tomograms.global_table.set_index("rlnTomoName")
+    def require_tomograms(self, tomograms: TomogramSet) -> None:
+        """``InputError`` naming the first particle whose rlnTomoName is not in ``tomograms``."""
         names = self.tomo_names
-        unknown = ~np.isin(names, table.index.to_numpy(dtype=str))
-        if unknown.any():
-            row = int(np.flatnonzero(unknown)[0])
+        known = np.isin(names, np.asarray(tomograms.names, dtype=str))
+        if not known.all():
+            row = int(np.flatnonzero(~known)[0])
             raise InputError(
-                f"tomogram {str(names[row])!r} is not in {tomograms.path or 'the tomograms'}",
+                f"tomogram {str(names[row])!r} is not in {tomograms.source}",
                 file=self.source,
                 block="particles",
                 column="rlnTomoName",
                 row=row + 1,
             )
+
+    def _optics_from_tomograms(self, tomograms: TomogramSet) -> None:
+        """Build data_optics as RELION does after picking: one group per rlnOpticsGroupName
+        of the tomograms (or per tomogram), numbered in order of first appearance."""
+        self.require_tomograms(tomograms)
+        table = tomograms.global_table.set_index("rlnTomoName")
+        names = self.tomo_names
         if "rlnOpticsGroupName" in table.columns:
             group_names = table.loc[names, "rlnOpticsGroupName"].astype(str).to_numpy()
         else:

@@ -30,17 +30,8 @@ def validate_particles(
     MRC file, and each 2D stack holds sum(rlnTomoVisibleFrames) images (RELION's
     extraction) or one image per tilt (WarpTools, blank where invisible).
     """
+    particles.require_tomograms(tomograms)
     names = particles.tomo_names
-    known = np.isin(names, np.asarray(tomograms.names, dtype=str))
-    if not known.all():
-        row = int(np.flatnonzero(~known)[0])
-        raise InputError(
-            f"tomogram {str(names[row])!r} is not in {tomograms.source}",
-            file=particles.source,
-            block="particles",
-            column="rlnTomoName",
-            row=row + 1,
-        )
     used = list(dict.fromkeys(names))
     n_tilts = {name: tomograms[name].n_tilts for name in used}
     _check_pixel_sizes(particles, tomograms, used)

@@ -180,15 +180,7 @@ class StackLoader:
         ``(N, F)`` with F the largest number of visible tilts."""
         parts = self.particles
         names = parts.tomo_names
-        for row, name in enumerate(names):
-            if name not in tomograms:
-                raise InputError(
-                    f"tomogram {str(name)!r} is not in {tomograms.path or 'the tomograms'}",
-                    file=parts.source,
-                    block="particles",
-                    column="rlnTomoName",
-                    row=row + 1,
-                )
+        parts.require_tomograms(tomograms)
         n_tilts = {name: tomograms[name].n_tilts for name in dict.fromkeys(names)}
         visible = parts.visible_frames(n_tilts)
         counts = np.array([int(v.sum()) for v in visible])
