@@ -10,13 +10,17 @@ import pytest
 import torch
 
 from subtomo.fourier import fsc_maps, lowpass_map
-from subtomo.geometry import rotation_angle_deg
+from subtomo.geometry import euler_to_matrix, matrix_to_euler, rotation_angle_deg
 from subtomo.masks import soft_sphere
 from subtomo.ml import EngineParams, MLModel, initial_sigma2
 from subtomo.ml.autorefine import (
+    _ANGLE_STEPS,
+    _SHIFT_STEPS,
     AutoRefineState,
     AutoSamplingOptions,
     HiddenChanges,
+    _head,
+    accuracy_trials,
     auto_refine,
     current_image_size,
     expected_accuracies,
@@ -27,7 +31,10 @@ from subtomo.ml.autorefine import (
     join_shell,
     update_auto_sampling,
 )
+from subtomo.ml.batch import fourier_points
 from subtomo.ml.engine import ParticleResults
+from subtomo.ml.likelihood import centred_data, pose_scores
+from subtomo.ml.projector import Projector
 from subtomo.reconstruct import FourierAccumulator
 from test_ml_synthetic import make_batch, perturb, small_map
 
@@ -256,16 +263,97 @@ def v70(shared_data):
 
 def test_expected_accuracy_scales_with_noise(v70) -> None:
     """The expected angular and translational accuracies grow like sigma (chi^2 ~ d^2 /
-    sigma^2): four times the noise power doubles them (within the 26% grid spacing)."""
+    sigma^2): four times the noise power doubles them (within RELION's coarse trial grid)."""
     vol, px = v70
     batch, _ = make_batch([vol], px, 6, noise_std=2.0, fourier=True)
     model = MLModel.initial(vol[None], initial_sigma2([batch], 1, BOX), px)
+    model = dataclasses.replace(model, sigma2=model.sigma2 * 30)
     a = expected_accuracies(model, batch, generator=torch.Generator().manual_seed(0))
     noisier = dataclasses.replace(model, sigma2=model.sigma2 * 4)
     b = expected_accuracies(noisier, batch, generator=torch.Generator().manual_seed(0))
     for x, y in zip(a, b, strict=True):
         assert 1.5 < y / x < 2.7, (a, b)
-    assert 0.05 < a[0] < 45 and 0.05 < a[1] < BOX * px
+    assert 0.05 < a[0] < 30 and 0.1 * px <= a[1] < 10 * px, a
+
+
+def test_accuracy_trials_are_relions() -> None:
+    """The trial errors are those RELION's loop visits in double precision (written out by
+    hand): 0.05-deg steps to 0.2, 0.1 to 1, 0.2 to 2, 0.5 to 5, 1 to 10, 2 to 20, then 5;
+    ten 0.1 steps sum to just under 1, so one more 0.1 step shifts the rest by 0.1. The last
+    value is the first past the cap (30 deg, 10 px)."""
+    angles = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.3, 1.5, 1.7,
+              1.9, 2.1, 2.6, 3.1, 3.6, 4.1, 4.6, 5.1, 6.1, 7.1, 8.1, 9.1, 10.1, 12.1, 14.1, 16.1,
+              18.1, 20.1, 25.1, 30.1]  # fmt: skip
+    assert accuracy_trials(_ANGLE_STEPS, 5.0, 30.0) == pytest.approx(angles, abs=1e-9)
+    shifts = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.3, 1.5, 1.7, 1.9, 2.1,
+              2.6, 3.1, 3.6, 4.1, 4.6, 5.1, 6.1, 7.1, 8.1, 9.1, 10.1]  # fmt: skip
+    assert accuracy_trials(_SHIFT_STEPS, 2.0, 10.0) == pytest.approx(shifts, abs=1e-9)
+
+
+def test_expected_accuracy_is_where_the_likelihood_ratio_reaches_100(v70) -> None:
+    """For noise-free data at the particle's pose, the engine's own pose scores
+    (:func:`~subtomo.ml.likelihood.pose_scores`) favour the true pose over the pose moved by
+    the reported error (one Euler angle, or the offset along one axis) by more than ln 100,
+    and by at most ln 100 at the trial before it: RELION's P = 0.01 criterion. Fails with the
+    old threshold of 1, with errors not on RELION's trial grid or shifts not in Å."""
+    vol, px = v70
+    batch, _ = make_batch([vol], px, 3, noise_std=4.0, fourier=True, seed=5)
+    model = MLModel.initial(vol[None], initial_sigma2([batch], 1, BOX), px)
+    model = dataclasses.replace(model, sigma2=model.sigma2 * 30)
+    for i in range(batch.size):
+        one = _head(_tail(batch, i), 1)
+        acc_rot, acc_trans = expected_accuracies(model, one)
+        gain_turned, gain_shifted = _likelihood_gains(model, one)
+        for trials, acc, gain, scale in (
+            (accuracy_trials(_ANGLE_STEPS, 5.0, 30.0), acc_rot, gain_turned, 1.0),
+            (accuracy_trials(_SHIFT_STEPS, 2.0, 10.0), acc_trans, gain_shifted, px),
+        ):
+            j = min(range(len(trials)), key=lambda t: abs(trials[t] * scale - acc))
+            assert trials[j] * scale == pytest.approx(acc) and 0 < j < len(trials) - 1, acc
+            reached = [gain(trials[j], k) > math.log(100) >= gain(trials[j - 1], k)
+                       for k in range(3)]  # fmt: skip
+            assert any(reached), acc
+
+
+def _tail(batch, i: int):
+    """``batch`` from particle ``i`` on."""
+    return dataclasses.replace(batch, **{
+        f.name: getattr(batch, f.name)[i:] for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)})  # fmt: skip
+
+
+def _likelihood_gains(model: MLModel, one):
+    """Engine log-likelihood of the true pose minus that of the pose with Euler angle ``k``
+    moved by ``err`` deg / the offset along axis ``k`` moved by ``err`` pixels, for noise-free
+    premultiplied data of the single particle ``one`` (at offset 0)."""
+    px = model.pixel_size
+    points = fourier_points(BOX, model.current_size // 2, "cpu")
+    proj = Projector(model.references[:1], 2.0)
+    tilts = one.tilt_rotations.double()
+    rot = one.rotations.double()
+    weights = points.gather(one.ctf2) * one.visible[..., None]
+    data = (weights * proj.slices(0, tilts @ rot[:, None], points)).to(torch.complex64)
+    inv_sigma2 = 1 / model.sigma2[one.optics_group][:, points.shell]
+
+    def turned(err: float, k: int) -> float:
+        e = matrix_to_euler(rot)
+        e[:, k] += err
+        moved = euler_to_matrix(e[:, 0], e[:, 1], e[:, 2])
+        mats = torch.stack([tilts @ rot[:, None], tilts @ moved[:, None]], 2)
+        zero = torch.zeros(1, 1, 3, dtype=torch.float64)
+        sc = pose_scores(centred_data(data, tilts, zero, points, px), weights, inv_sigma2,
+                         proj.sample(0, mats, points))[0, 0]  # fmt: skip
+        return float(sc[0] - sc[1])
+
+    def shifted(err: float, k: int) -> float:
+        offs = torch.zeros(1, 2, 3, dtype=torch.float64)
+        offs[0, 1, k] = err * px
+        slices = proj.sample(0, (tilts @ rot[:, None])[:, :, None], points)
+        sc = pose_scores(centred_data(data, tilts, offs, points, px), weights, inv_sigma2,
+                         slices)[0, :, 0]  # fmt: skip
+        return float(sc[0] - sc[1])
+
+    return turned, shifted
 
 
 def _halves(vol, px, n_per_half, seed=0):

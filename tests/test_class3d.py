@@ -213,14 +213,17 @@ def test_outputs_carry_relions_columns(classification) -> None:
 
 
 def test_continue_reproduces_the_uninterrupted_run(classification, mixture, monkeypatch):
-    """--continue from iteration 3's optimiser file (in a copy of the job) gives iteration 4
-    and 5 bit-identical to the uninterrupted run: maps, spectra, poses and assignments."""
+    """--continue <job directory> on a copy of the job cut short while writing iteration 4
+    (all its files but the optimiser file, which is written last) resumes after iteration 3,
+    and gives iterations 4 and 5 bit-identical to the uninterrupted run: maps, spectra, poses
+    and assignments. Picking the half-written iteration 4 would skip its redo."""
     monkeypatch.chdir(mixture)
     copy = mixture / "Class3D" / "job011"
     shutil.copytree(classification, copy)
-    for f in copy.glob("run_it00[45]_*"):
+    for f in [*copy.glob("run_it005_*"), copy / "run_it004_optimiser.star"]:
         f.unlink()
-    run(Class3DParams(continue_from=str(copy / "run_it003_optimiser.star"), iter=5, device="cpu"))
+    (copy / "run_it004_checkpoint.pt").write_bytes(b"half-written")
+    run(Class3DParams(continue_from=str(copy), iter=5, device="cpu"))
     for name in ("run_it005_class001.mrc", "run_it005_class002.mrc"):
         assert torch.equal(read_mrc(copy / name)[0], read_mrc(classification / name)[0])
     a = load_checkpoint(copy / "run_it005_checkpoint.pt")

@@ -46,7 +46,7 @@ def command(
     pad: float = typer.Option(2.0, "--pad", help="Padding factor."),
     random_seed: int = typer.Option(0, "--random_seed", help="Random seed."),
     continue_from: str = typer.Option(
-        None, "--continue", help="Continue from a run_itNNN_optimiser.star."
+        None, "--continue", help="Continue a job: its directory or a run_itNNN_optimiser.star."
     ),
     memory_gb: float = typer.Option(2.0, "--memory-gb", help="E-step memory per batch (GB)."),
     cache_gb: float = typer.Option(2.0, "--cache-gb", help="Cache stacks up to this (GB)."),

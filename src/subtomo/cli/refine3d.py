@@ -43,13 +43,15 @@ def command(
     strict_highres_exp: float = typer.Option(
         -1.0, "--strict_highres_exp", help="Limit resolution E-step (Å)."
     ),
-    max_iter: int = typer.Option(50, "--iter", help="Iterations at most before the final one."),
+    max_iter: int = typer.Option(
+        None, "--iter", help="Iterations at most before the final one (default 50)."
+    ),
     pad: float = typer.Option(2.0, "--pad", help="Padding factor."),
     random_seed: int = typer.Option(0, "--random_seed", help="Random seed."),
-    memory_gb: float = typer.Option(2.0, "--memory-gb", help="Memory budget (GB)."),
+    memory_gb: float = typer.Option(None, "--memory-gb", help="Memory budget (GB; default 2)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
     continue_from: str = typer.Option(
-        None, "--continue", help="Resume from a run_itNNN_optimiser.star."
+        None, "--continue", help="Resume a job: its directory or a run_itNNN_optimiser.star."
     ),
     output_dir: str = typer.Option(None, "--o", help="Output directory."),
 ) -> None:

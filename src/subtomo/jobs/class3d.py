@@ -6,9 +6,9 @@ reference (``--ini_high``) and put it on the data's grey scale; start K classes 
 (random particle subsets in the first iteration) or from K maps; then iterate the ML engine
 (:func:`subtomo.ml.iterate`) with or without alignment (global HEALPix or local searches) and
 write RELION's ``run_itNNN_*`` files every iteration (relion5-conventions §7.4), with a
-checkpoint beside each optimiser file so that ``--continue run_itNNN_optimiser.star``
-reproduces the uninterrupted run exactly. A plot of the class populations and resolution and
-a ``report.html`` end the job.
+checkpoint beside each optimiser file so that ``--continue`` (the job directory: its last
+complete iteration, or a ``run_itNNN_optimiser.star``) reproduces the uninterrupted run
+exactly. A plot of the class populations and resolution and a ``report.html`` end the job.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class Class3DParams:
     adaptive_fraction: float = 0.999  # --adaptive_fraction
     pad: float = 2.0  # --pad
     random_seed: int = 0  # --random_seed
-    continue_from: str | None = None  # --continue <run_itNNN_optimiser.star>
+    continue_from: str | None = None  # --continue <job directory | run_itNNN_optimiser.star>
     memory_gb: float = 2.0  # E-step memory per batch
     cache_gb: float = 2.0  # keep the rfft'd stacks in memory when they fit
     max_slices: int = 4096
@@ -195,7 +195,8 @@ def _write_iteration(
     optimiser: dict[str, Any],
     checkpoint: dict[str, Any],
 ) -> None:
-    """All files of one iteration, the checkpoint last (it marks the iteration complete)."""
+    """All files of one iteration, the checkpoint and then the optimiser file last (together
+    they mark the iteration complete)."""
     maps = [files.class_map(c) for c in range(model.n_classes)]
     for path, volume in zip(maps, model.references, strict=True):
         write_mrc(path, volume.cpu(), model.pixel_size)
@@ -210,7 +211,6 @@ def _write_iteration(
         group_names=None if names is None else names.astype(str).tolist(),
     )  # fmt: skip
     write_sampling_star(files.sampling, sampling, model.pixel_size)
-    write_optimiser_star(files.optimiser, files, optimiser)
     OptimisationSet(
         particles=Path(relative_to_cwd(files.data)),
         tomograms=opt.tomograms,
@@ -218,11 +218,12 @@ def _write_iteration(
         reference_mask=opt.reference_mask,
     ).write(files.optimisation_set)
     save_checkpoint(files.checkpoint, checkpoint)
+    write_optimiser_star(files.optimiser, files, optimiser)
 
 
 def _resumed(params: Class3DParams) -> tuple[Class3DParams, IterationFiles, dict[str, Any]]:
     """The stored options (with the few a continue may change) and the checkpoint."""
-    files = IterationFiles.from_optimiser(params.continue_from)
+    files = IterationFiles.resume_point(params.continue_from)
     checkpoint = load_checkpoint(files.checkpoint)
     stored = dict(checkpoint["params"])
     stored["ref"] = tuple(stored["ref"])

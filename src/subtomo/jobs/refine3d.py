@@ -9,7 +9,10 @@ image size and angular sampling until convergence, and a final iteration joins t
 at full resolution. Writes ``Refine3D/jobNNN/run_it*_*`` per iteration and the final
 ``run_data.star``, ``run_model.star`` (+ halves), ``run_class001.mrc``,
 ``run_half?_class001_unfil.mrc``, ``run_optimisation_set.star`` and
-``run_resolution.png``. ``--continue`` resumes from an ``_itNNN_optimiser.star``.
+``run_resolution.png``. ``--continue`` takes the job directory (its last complete iteration)
+or an ``_itNNN_optimiser.star``: the options come from that iteration's checkpoint (``--iter``,
+``--memory-gb``, ``--device`` and ``--o`` may change), and with the same options the result is
+the uninterrupted run's, bit for bit.
 """
 
 from __future__ import annotations
@@ -84,12 +87,12 @@ class Refine3DParams:
     low_resol_join_halves: float = 40.0  # --low_resol_join_halves (Å)
     strict_highres_exp: float = -1.0  # --strict_highres_exp (Å)
     incr_size: int = 10  # --incr_size
-    max_iter: int = 50  # safety cap on iterations before the final one
+    max_iter: int | None = None  # cap on iterations before the final one (None: 50 / stored)
     pad: float = 2.0  # --pad
     random_seed: int = 0  # --random_seed
-    memory_gb: float = 2.0  # batch size from this budget
+    memory_gb: float | None = None  # batch size from this budget (None: 2 GB / stored)
     device: str = "auto"
-    continue_from: str | None = None  # --continue <run_itNNN_optimiser.star>
+    continue_from: str | None = None  # --continue <job directory | run_itNNN_optimiser.star>
     output_dir: str | None = None  # --o
     project_dir: str = "."
 
@@ -172,8 +175,36 @@ def _diameter(params: Refine3DParams, box: int, pixel: float) -> float:
     return params.particle_diameter if params.particle_diameter > 0 else 0.9 * box * pixel
 
 
+#: Options a ``--continue`` may change (when given); all others come from the checkpoint.
+_CONTINUE_OVERRIDES = ("max_iter", "memory_gb", "device", "output_dir", "continue_from")
+_DEFAULTS = {"max_iter": 50, "memory_gb": 2.0}
+
+
+def _resumed(params: Refine3DParams) -> tuple[Refine3DParams, dict]:
+    """The options stored in the checkpoint of the iteration to continue after (those of
+    ``_CONTINUE_OVERRIDES`` that are given replace theirs; ``--o`` defaults to that job's
+    directory) and the checkpoint."""
+    files = IterationFiles.resume_point(params.continue_from)
+    ck = load_checkpoint(files.checkpoint)
+    if "params" not in ck:
+        raise InputError("checkpoint without the job's options", file=files.checkpoint)
+    stored = dict(ck["params"])
+    stored["output_dir"] = str(files.directory)
+    for name in _CONTINUE_OVERRIDES:
+        if getattr(params, name) is not None:
+            stored[name] = getattr(params, name)
+    log.info("Continuing after iteration %d of %s", files.iteration, files.directory)
+    return Refine3DParams(**stored), ck
+
+
 def run(params: Refine3DParams) -> dict[str, str]:
-    """Run the job; returns ``{output path: RELION node type}``."""
+    """Run (or continue) the job; returns ``{output path: RELION node type}``."""
+    ck = None
+    if params.continue_from:
+        params, ck = _resumed(params)
+    params = dataclasses.replace(
+        params, **{k: v for k, v in _DEFAULTS.items() if getattr(params, k) is None}
+    )
     device = resolve_device(params.device)
     parts, tomos, _, opt = load_inputs(params.ios, params.particles, params.tomograms, None)
     subsets = _halves(parts, params.random_seed)
@@ -203,16 +234,14 @@ def run(params: Refine3DParams) -> dict[str, str]:
     inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
     with run_job(
         "Refine3D", params, output_dir=params.output_dir, project_dir=params.project_dir,
-        is_continue=params.continue_from is not None, inputs=inputs,
+        is_continue=ck is not None, inputs=inputs,
     ) as (job, outputs):  # fmt: skip
-        if params.continue_from:
-            ck = load_checkpoint(IterationFiles.from_optimiser(params.continue_from).checkpoint)
+        if ck is not None:
             models = tuple(MLModel.from_state_dict(m, device) for m in ck["models"])
             state = AutoRefineState.from_state_dict(ck["state"])
             results = tuple(ParticleResults(**r) for r in ck["results"])
             pstate = ParticleState.from_state_dict(ck["particles"])
             history = list(ck["history"])
-            log.info("Continuing after iteration %d", models[0].iteration)
         else:
             pstate = ParticleState.from_particles(parts)
             models = _initial_models(params, loader, pstate, indices, box, pixel, device)
@@ -311,6 +340,8 @@ class _Writer:
             padding=self.engine.padding, tau2_fudge=self.engine.tau2_fudge, sampling=sampling,
             log_likelihood=it.log_likelihood, average_pmax=it.mean_pmax,
             particles_per_group=[len(self.parts)], fsc=it.fsc[None],
+            accuracies=tuple(v if math.isfinite(v) else 999.0
+                             for v in (state.acc_rot_deg, state.acc_trans_angst)),
         )  # fmt: skip
         halves = (1, 2)
         for h, m, half in zip(halves, it.models, it.half_maps, strict=True):
@@ -325,6 +356,22 @@ class _Writer:
             write_mrc(files.class_map(0), model.references[0], px)
             write_model_star(files.model(), model, [str(files.class_map(0))], **common)
         write_sampling_star(files.sampling, sampling, px)
+        ios = dataclasses.replace(
+            self.opt, particles=files.data, reference_map1=files.class_map(0, 1),
+            reference_map2=files.class_map(0, 2), path=None,
+        )  # fmt: skip
+        if self.params.solvent_mask:
+            ios.reference_mask = Path(self.params.solvent_mask)
+        ios.write(files.optimisation_set)
+        # the checkpoint, then the optimiser file: together they mark the iteration complete
+        save_checkpoint(files.checkpoint, {
+            "params": dataclasses.asdict(self.params),
+            "models": [m.state_dict() for m in it.models],
+            "state": state.state_dict(),
+            "results": [dataclasses.asdict(r) for r in it.results],
+            "particles": self.pstate.state_dict(),
+            "history": list(self.history),
+        })  # fmt: skip
         write_optimiser_star(files.optimiser, files, {
             "rlnCurrentIteration": model.iteration,
             "rlnDoSplitRandomHalves": 1,
@@ -337,20 +384,6 @@ class _Writer:
             "rlnHasHighFscAtResolLimit": int(float(it.fsc[min(model.current_size // 2,
                                                                n // 2)]) > 0.2),
             "rlnAutoLocalSearchesHealpixOrder": self.options.auto_local_healpix_order,
-        })  # fmt: skip
-        ios = dataclasses.replace(
-            self.opt, particles=files.data, reference_map1=files.class_map(0, 1),
-            reference_map2=files.class_map(0, 2), path=None,
-        )  # fmt: skip
-        if self.params.solvent_mask:
-            ios.reference_mask = Path(self.params.solvent_mask)
-        ios.write(files.optimisation_set)
-        save_checkpoint(files.checkpoint, {
-            "models": [m.state_dict() for m in it.models],
-            "state": state.state_dict(),
-            "results": [dataclasses.asdict(r) for r in it.results],
-            "particles": self.pstate.state_dict(),
-            "history": list(self.history),
         })  # fmt: skip
         if final:
             self._final_outputs(files)

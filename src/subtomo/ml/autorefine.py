@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from subtomo.fourier import fsc_maps, irfft_centered, radius_grid, rfft_centered
-from subtomo.geometry import rotation_angle_deg
+from subtomo.geometry import euler_to_matrix, matrix_to_euler, rotation_angle_deg
 from subtomo.geometry.symmetry import symmetry_matrices
-from subtomo.ml.batch import ParticleBatch, fourier_points
+from subtomo.ml.batch import FourierPoints, ParticleBatch, fourier_points
 from subtomo.ml.engine import (
     EngineParams,
     ParticleResults,
@@ -46,11 +46,13 @@ from subtomo.postprocess import corrected_fsc, randomize_phases_beyond, randomiz
 from subtomo.reconstruct import FourierAccumulator, reconstruct
 
 __all__ = [
+    "ACCURACY_LOG_ODDS",
     "AutoRefineState",
     "AutoSamplingOptions",
     "HalfSetIteration",
     "HiddenChanges",
     "IterationCallback",
+    "accuracy_trials",
     "auto_refine",
     "current_image_size",
     "expected_accuracies",
@@ -416,6 +418,24 @@ def gold_standard_spectra(
     return tau2, ssnr
 
 
+#: ``-ln 0.01``: a pose error counts as resolved once the true pose is 100x more likely.
+ACCURACY_LOG_ODDS = 4.60517
+#: RELION's trial errors: (below this value, this step), for angles (deg) and shifts (px).
+_ANGLE_STEPS = ((0.2, 0.05), (1.0, 0.1), (2.0, 0.2), (5.0, 0.5), (10.0, 1.0), (20.0, 2.0))
+_SHIFT_STEPS = ((1.0, 0.1), (2.0, 0.2), (5.0, 0.5), (10.0, 1.0))
+
+
+def accuracy_trials(steps: tuple[tuple[float, float], ...], last: float, cap: float) -> list[float]:
+    """The errors RELION tries in turn: from 0, add the step of the first ``(limit, step)``
+    whose limit exceeds the current value (``last`` beyond them) until past ``cap``; the final
+    value, past ``cap``, is what a particle that never reaches the threshold gets."""
+    value, out = 0.0, []
+    while value <= cap:
+        value += next((step for limit, step in steps if value < limit), last)
+        out.append(value)
+    return out
+
+
 def expected_accuracies(
     model: MLModel,
     batch: ParticleBatch,
@@ -423,64 +443,74 @@ def expected_accuracies(
     padding: float = 2.0,
     generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
-    """Expected angular (deg) and translational (Å) accuracy of class 1 (``rlnAccuracy*``).
+    """``rlnAccuracyRotations`` (deg) and ``rlnAccuracyTranslationsAngst`` (Å) of class 1, as
+    relion_refine estimates them.
 
-    For each particle of ``batch`` (a few suffice) and a random axis/direction, the smallest
-    rotation of the reference about the axis (or shift of the particle) at which the
-    log-likelihood of the true pose exceeds that of the moved one by 1, i.e.
-    ``sum_f sum_k CTF2 |P - P'|^2 / (2 sigma2) >= 1`` over the components used at the current
-    image size; averaged over particles. Trial values are geometric (0.01 to 90 deg / 0.01 to
-    ``n px`` Å); a particle that never reaches 1 counts as the largest trial value.
+    For each particle of ``batch`` at its current pose, one of its Euler angles (rot, tilt or
+    psi, drawn at random) is increased by trial errors 0.05, 0.1, ... deg (steps 0.05 up to
+    0.2, 0.1 to 1, 0.2 to 2, 0.5 to 5, 1 to 10, 2 to 20, then 5, summed in double precision
+    as RELION does: 1.0, 1.1, 1.3, ...; 30.1 when 25.1 is not enough), and separately its
+    offset along x, y or z (drawn at random) by 0.1, 0.2, ... pixels (steps 0.1 to 1, 0.2
+    to 2, 0.5 to 5, then 1; 10.1 when 9.1 is not enough). The particle's
+    error is the first trial at which the log-likelihood of the true pose beats the moved one
+    by more than :data:`ACCURACY_LOG_ODDS` (``-ln 0.01``): ``sum_f sum_k CTF2 |P - P'|^2 /
+    (2 sigma2) > 4.60517`` over shells ``1..current_size // 2`` of its visible tilt images
+    (the engine's likelihood: ``CTF2`` is what the references are multiplied by). The
+    accuracies are the means over particles, the translation in Å (pixels x pixel size).
     """
     device = model.references.device
     batch = batch.to(device)
     points = fourier_points(model.box, model.current_size // 2, device)
     projector = Projector(model.references[:1], padding)
-    b = batch.size
-    sigma2 = model.sigma2.to(device)[batch.optics_group][:, points.shell]  # (b, K)
-    ctf2 = points.gather(batch.ctf2) * batch.visible[..., None]  # (b, f, K)
+    inv_sigma2 = 1 / model.sigma2.to(device)[batch.optics_group][:, points.shell].double()
+    weight = points.gather(batch.ctf2).double() * batch.visible[..., None] * inv_sigma2[:, None]
+    weight = weight * (points.shell > 0) / 2  # (b, f, K)
     tilts = batch.tilt_rotations.double()
     rot = batch.rotations.double()
-    axis = torch.randn(b, 3, generator=generator, dtype=torch.float64).to(device)
-    axis = axis / axis.norm(dim=1, keepdim=True)
-
-    angles = torch.logspace(-2, math.log10(90.0), 40, dtype=torch.float64, device=device)
-    turned = _axis_angle(axis[:, None] * torch.deg2rad(angles)[None, :, None]) @ rot[:, None]
+    which = torch.randint(0, 3, (2, batch.size), generator=generator).to(device)
     p0 = projector.slices(0, tilts @ rot[:, None], points)  # (b, f, K)
-    p1 = projector.slices(0, tilts[:, None] @ turned[:, :, None], points)  # (b, D, f, K)
-    chi_rot = (ctf2[:, None] * (p1 - p0[:, None]).abs() ** 2 / (2 * sigma2[:, None, None])).sum(
-        (-1, -2)
+    euler = matrix_to_euler(rot)
+    angles = accuracy_trials(_ANGLE_STEPS, 5.0, 30.0)
+    chi_rot = torch.stack(
+        [_chi_turned(projector, tilts, euler, which[0], a, p0, points, weight) for a in angles], 1
     )
-    shifts = torch.logspace(
-        -2, math.log10(model.box * model.pixel_size), 40, dtype=torch.float64, device=device
-    )
-    offs = axis[:, None] * shifts[None, :, None]  # (b, D, 3) Å
+    shifts = accuracy_trials(_SHIFT_STEPS, 2.0, 10.0)
+    axis = torch.nn.functional.one_hot(which[1], 3).double()  # (b, 3)
+    trial = torch.tensor(shifts, dtype=torch.float64, device=device)
+    offs = axis[:, None] * trial[:, None] * model.pixel_size  # (b, D, 3) Å
     s = projected_shifts_px(tilts, offs, model.pixel_size)  # (b, D, f, 2)
     phase = 2 * math.pi * (s @ points.freq.double().T)  # (b, D, f, K)
     diff2 = (2 - 2 * torch.cos(phase)) * p0.abs().double()[:, None] ** 2
-    chi_tr = (ctf2[:, None] * diff2 / (2 * sigma2[:, None, None])).sum((-1, -2))
-    return _first_reaching(chi_rot, angles), _first_reaching(chi_tr, shifts)
+    chi_tr = (weight[:, None] * diff2).sum((-1, -2))
+    acc_rot = _first_past(chi_rot, angles)
+    acc_trans = _first_past(chi_tr, shifts)
+    return acc_rot, acc_trans * model.pixel_size
 
 
-def _first_reaching(chi: torch.Tensor, values: torch.Tensor) -> float:
-    """Mean over rows of the first ``values`` where ``chi >= 1`` (the last value if none)."""
-    reached = chi >= 1
-    idx = torch.where(reached.any(1), reached.double().argmax(1), values.shape[0] - 1)
-    return float(values[idx].mean())
+def _chi_turned(
+    projector: Projector,
+    tilts: torch.Tensor,
+    euler: torch.Tensor,
+    which: torch.Tensor,
+    error_deg: float,
+    p0: torch.Tensor,
+    points: FourierPoints,
+    weight: torch.Tensor,
+) -> torch.Tensor:
+    """``(b,)`` log-likelihood advantage of the poses ``euler`` ``(b, 3)`` over the same with
+    ``error_deg`` added to angle ``which`` (0 rot, 1 tilt, 2 psi) of each particle."""
+    moved = euler + error_deg * torch.nn.functional.one_hot(which, 3).double()
+    turned = euler_to_matrix(moved[:, 0], moved[:, 1], moved[:, 2])
+    p1 = projector.slices(0, tilts @ turned[:, None], points)  # (b, f, K)
+    return (weight * (p1 - p0).abs().double() ** 2).sum((-1, -2))
 
 
-def _axis_angle(v: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices ``exp([v]_x)`` of rotation vectors ``v`` ``(..., 3)`` (radians)."""
-    zero = torch.zeros_like(v[..., 0])
-    skew = torch.stack(
-        [
-            torch.stack([zero, -v[..., 2], v[..., 1]], -1),
-            torch.stack([v[..., 2], zero, -v[..., 0]], -1),
-            torch.stack([-v[..., 1], v[..., 0], zero], -1),
-        ],
-        -2,
-    )
-    return torch.linalg.matrix_exp(skew)
+def _first_past(chi: torch.Tensor, values: list[float]) -> float:
+    """Mean over rows of the first of ``values`` where ``chi > ACCURACY_LOG_ODDS`` (the last,
+    past-the-cap value where none is)."""
+    past = chi.cpu() > ACCURACY_LOG_ODDS
+    past[:, -1] = True
+    return float(torch.tensor(values, dtype=torch.float64)[past.int().argmax(1)].mean())
 
 
 @dataclass

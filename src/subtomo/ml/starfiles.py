@@ -66,6 +66,28 @@ class IterationFiles:
             raise InputError("expected a <root>_itNNN_optimiser.star file", file=path)
         return cls(path.parent, int(m.group("it")), m.group("root"))
 
+    @classmethod
+    def resume_point(cls, path: str | os.PathLike) -> IterationFiles:
+        """The iteration ``--continue path`` resumes after: ``path`` an ``_itNNN_optimiser.star``
+        or a job directory, whose last complete iteration is taken. An iteration is complete
+        once its optimiser file and checkpoint exist (both are written last, atomically), so
+        an iteration cut short by a kill is never picked."""
+        path = Path(path)
+        if path.is_dir():
+            found = [cls.from_optimiser(p) for p in path.glob("*_it*_optimiser.star")
+                     if _OPTIMISER_RE.match(p.name)]  # fmt: skip
+            done = [f for f in found if f.checkpoint.is_file()]
+            if not done:
+                raise InputError("no complete iteration (optimiser file + checkpoint) here",
+                                 file=path)  # fmt: skip
+            return max(done, key=lambda f: f.iteration or 0)
+        if not path.is_file():
+            raise InputError("no such optimiser file or job directory", file=path)
+        files = cls.from_optimiser(path)
+        if not files.checkpoint.is_file():
+            raise InputError("this iteration is incomplete (no checkpoint beside it)", file=path)
+        return files
+
     @property
     def prefix(self) -> str:
         it = "" if self.iteration is None else f"_it{self.iteration:03d}"
@@ -161,13 +183,15 @@ def write_model_star(
     particles_per_group: Sequence[int],
     group_names: Sequence[str] | None = None,
     fsc: torch.Tensor | None = None,
+    accuracies: tuple[float, float] | None = None,
 ) -> None:
     """``_model.star`` (or one half's) with the tables of §7.4.
 
     ``model_general``, ``model_classes``, ``model_class_N`` (SSNR, tau2, the half-set
     ``fsc`` ``(K, n//2+1)`` when given, else 0), ``model_optics_group_N`` (sigma2) and
     ``model_groups`` (one group per optics group, scale 1). rlnAccuracyRotations and
-    rlnAccuracyTranslationsAngst are the sampling steps (the accuracies are not estimated);
+    rlnAccuracyTranslationsAngst are ``accuracies`` (deg, Å; auto-refine's estimates) or else
+    the sampling steps;
     rlnReferenceSigma2 is ``T tau2 / SSNR`` (1 / mean reconstruction weight) where the SSNR
     is positive; rlnFourierCompleteness is 1 in shells with SSNR >= 1 (shell-wise, not
     voxel-wise as RELION) and rlnOverallFourierCompleteness their fraction up to the current
@@ -205,6 +229,9 @@ def write_model_star(
         "rlnLogLikelihood": log_likelihood,
         "rlnAveragePmax": average_pmax,
     }
+    acc_rot, acc_trans = accuracies or (
+        (sampling.step_deg, sampling.offset_step_angst) if sampling.align else (999.0, 999.0)
+    )
     max_shell = model.current_size // 2
     complete = (ssnr >= 1).double()
     overall = complete[:, 1 : max_shell + 1].mean(1) if max_shell > 0 else complete[:, 0]
@@ -212,10 +239,8 @@ def write_model_star(
         {
             "rlnReferenceImage": list(reference_images),
             "rlnClassDistribution": model.class_priors.double().cpu().numpy(),
-            "rlnAccuracyRotations": sampling.step_deg if sampling.align else 999.0,
-            "rlnAccuracyTranslationsAngst": (
-                sampling.offset_step_angst if sampling.align else 999.0
-            ),
+            "rlnAccuracyRotations": acc_rot,
+            "rlnAccuracyTranslationsAngst": acc_trans,
             "rlnEstimatedResolution": estimated_resolution_angst(ssnr, n, px).numpy(),
             "rlnOverallFourierCompleteness": overall.numpy(),
         }
