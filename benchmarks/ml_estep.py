@@ -20,7 +20,6 @@ from subtomo.masks import soft_sphere
 from subtomo.ml.batch import ParticleBatch, fourier_points
 from subtomo.ml.estep import expectation, score_batch
 from subtomo.ml.images import mask_images
-from subtomo.ml.likelihood import centred_data
 from subtomo.ml.projector import Projector
 from subtomo.ml.sampling import Sampling, pose_grid
 
@@ -83,17 +82,15 @@ def main() -> None:
         t0 = time.perf_counter()
         poses = pose_grid(sampling, batch, 2 * px)
         masked = mask_images(batch.data, batch.ctf2, sigma2[:b], mask, zero_mask=False, generator=g)
-        centred = centred_data(
-            points.gather(masked), batch.tilt_rotations, poses.offsets, points, px
-        )
         scores = score_batch(
             projector,
-            centred,
+            points.gather(masked),
             points.gather(batch.ctf2),
             1 / sigma2[:b, points.shell],
             batch.tilt_rotations,
             poses,
             points,
+            px,
         )
         expectation(scores, torch.zeros(args.classes, device=device), poses)
         if device.type == "cuda":

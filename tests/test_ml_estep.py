@@ -14,7 +14,6 @@ from subtomo.masks import soft_sphere
 from subtomo.ml.batch import fourier_points
 from subtomo.ml.estep import expectation, score_batch
 from subtomo.ml.images import mask_images
-from subtomo.ml.likelihood import centred_data
 from subtomo.ml.projector import Projector, _sinc2, pad_centred
 from subtomo.ml.sampling import (
     Sampling,
@@ -94,15 +93,15 @@ def aligned_run(shared_data):
     masked = mask_images(
         batch.data, batch.ctf2, s2, mask, zero_mask=False, generator=torch.Generator()
     )
-    centred = centred_data(pts.gather(masked), batch.tilt_rotations, poses.offsets, pts, px)
     scores = score_batch(
         Projector(vol[None], 2.0),
-        centred,
+        pts.gather(masked),
         pts.gather(batch.ctf2),
         1 / s2[:, pts.shell].float(),
         batch.tilt_rotations,
         poses,
         pts,
+        px,
     )
     return batch, truth, poses, expectation(scores, torch.zeros(1), poses), px
 
@@ -152,9 +151,9 @@ def test_oversampling_refines_around_significant_poses(shared_data) -> None:
     projector = Projector(vol[None], 2.0)
 
     def best_errors(poses):
-        c = centred_data(pts.gather(batch.data), batch.tilt_rotations, poses.offsets, pts, px)
+        y = pts.gather(batch.data)
         scores = score_batch(
-            projector, c, pts.gather(batch.ctf2), inv_s2, batch.tilt_rotations, poses, pts
+            projector, y, pts.gather(batch.ctf2), inv_s2, batch.tilt_rotations, poses, pts, px
         )
         res = expectation(scores, torch.zeros(1), poses)
         ar = torch.arange(n)

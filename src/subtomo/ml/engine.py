@@ -28,7 +28,6 @@ from subtomo.masks import soft_sphere
 from subtomo.ml.batch import FourierPoints, ParticleBatch, fourier_points
 from subtomo.ml.estep import EStepResult, expectation, score_batch
 from subtomo.ml.images import mask_images
-from subtomo.ml.likelihood import centred_data
 from subtomo.ml.model import MLModel, reference_tau2
 from subtomo.ml.mstep import MStepSums, accumulate, ssnr_from_fsc, weight_spectrum
 from subtomo.ml.projector import Projector
@@ -146,8 +145,9 @@ def _posterior(
     adaptive_fraction: float,
 ) -> EStepResult:
     """Scores and posterior of one batch (``data``/``ctf2`` ``(b, f, K)`` at ``points``)."""
-    centred = centred_data(data, tilt_rotations, poses.offsets, points, pixel_size)
-    scores = score_batch(projector, centred, ctf2, inv_sigma2, tilt_rotations, poses, points)
+    scores = score_batch(
+        projector, data, ctf2, inv_sigma2, tilt_rotations, poses, points, pixel_size
+    )
     return expectation(scores, log_class_priors, poses, adaptive_fraction)
 
 
@@ -196,19 +196,17 @@ def expectation_pass(
             res = _posterior(*args, poses, params.adaptive_fraction)
         if params.random_class_init and model.iteration == 0 and model.n_classes > 1:
             res = _random_classes(res, gen)
-        centred_m = centred_data(
-            points_m.gather(batch.data), batch.tilt_rotations, poses.offsets, points_m, px
-        )
         accumulate(
             sums,
             batch,
             projector,
             poses,
             res,
-            centred_m,
+            points_m.gather(batch.data),
             points_m.gather(batch.ctf2),
             sigma2,
             points_m,
+            px,
         )
         parts.append(_batch_results(batch, poses, res))
         if progress is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from subtomo.ml.batch import FourierPoints
-from subtomo.ml.likelihood import pose_scores
+from subtomo.ml.likelihood import plane_scores, shift_phases, shifted_planes
 from subtomo.ml.projector import Projector
 from subtomo.ml.sampling import PoseGrid
 
@@ -44,37 +44,72 @@ def slice_matrices(tilt_rotations: torch.Tensor, rotations: torch.Tensor) -> tor
     return tilt_rotations[:, None].to(rotations.dtype) @ rotations[:, :, None]
 
 
+def _slice_planes(
+    projector: Projector, cls: int, matrices: torch.Tensor, points: FourierPoints
+) -> torch.Tensor:
+    """Slices at ``(B, f, J, 3, 3)`` (tilt-major for the cache) as planes ``(B, J, f, 2, K)``."""
+    n, f, j = matrices.shape[:3]
+    v = projector.sample_planes(cls, matrices.reshape(n * f, j, 3, 3), points)  # (Bf, 2, J, K)
+    return v.reshape(n, f, 2, j, -1).permute(0, 3, 1, 2, 4).contiguous()
+
+
 def score_batch(
     projector: Projector,
-    centred: torch.Tensor,
+    data: torch.Tensor,
     weights: torch.Tensor,
     inv_sigma2: torch.Tensor,
     tilt_rotations: torch.Tensor,
     poses: PoseGrid,
     points: FourierPoints,
+    pixel_size: float,
+    *,
+    max_elements: int = 1 << 21,
 ) -> torch.Tensor:
-    """Scores ``(b, C, J, T)`` of every pose (float64), in chunks of rotations.
+    """Scores ``(b, C, J, T)`` of every pose (float64).
 
-    ``centred`` ``(b, T, f, K)`` from :func:`subtomo.ml.likelihood.centred_data`;
-    ``weights`` ``(b, f, K)`` ``CTF2``; ``inv_sigma2`` ``(b, K)``. When the batch shares its
-    rotations and tilt geometry, the slices are computed once for all particles.
+    ``data`` ``(b, f, K)`` complex premultiplied images at ``points``; ``weights`` ``(b, f, K)``
+    ``CTF2``; ``inv_sigma2`` ``(b, K)``. The shifted data (:func:`subtomo.ml.likelihood.
+    shifted_planes`) are built for chunks of particles of about ``max_elements`` (translation,
+    tilt, frequency) values; slices ``projector.max_slices`` at a time. When the batch shares
+    its rotations and tilt geometry, the slices are computed once for all particles (and the
+    shifted data once per chunk of slices), otherwise once per chunk of particles.
     """
-    b, t, f, _ = centred.shape
+    b, f, k = data.shape
+    t = poses.n_trans
     rot = poses.rotations
-    tilts = tilt_rotations
+    n_rot = rot.shape[1]
+    real = data.real.dtype
+    y = data * inv_sigma2[:, None, :].to(real)
+    w = weights * inv_sigma2[:, None, :]
+    out = torch.empty(b, projector.n_classes, n_rot, t, dtype=torch.float64, device=data.device)
+    per = max(1, max_elements // (t * f * k))
+
+    def shifted(p0: int, p1: int) -> torch.Tensor:
+        phase = shift_phases(tilt_rotations[p0:p1], poses.offsets[p0:p1], points, pixel_size, real)
+        return shifted_planes(y[p0:p1], phase)
+
+    tilts = tilt_rotations.to(rot.dtype)
     if rot.shape[0] == 1 and bool((tilts == tilts[:1]).all()):
-        tilts = tilts[:1]
-    chunk = max(1, projector.max_slices // (tilts.shape[0] * f))
-    out = torch.empty(
-        b, projector.n_classes, rot.shape[1], t, dtype=torch.float64, device=centred.device
-    )
-    for c in range(projector.n_classes):
-        for j0 in range(0, rot.shape[1], chunk):
-            r = rot[:, j0 : j0 + chunk]
-            mats = tilts[:, :, None].to(r.dtype) @ r[:, None]  # (b|1, f, Jc, 3, 3) tilt-major
-            slices = projector.sample(c, mats, points)  # (2, b|1, f, Jc, K)
-            s = pose_scores(centred, weights, inv_sigma2, slices)  # (b, T, Jc)
-            out[:, c, j0 : j0 + chunk] = s.transpose(1, 2).double()
+        chunk = max(1, projector.max_slices // f)
+        for c in range(projector.n_classes):
+            for j0 in range(0, n_rot, chunk):
+                mats = tilts[:1, :, None] @ rot[:, None, j0 : j0 + chunk]  # (1, f, Jc, 3, 3)
+                planes = _slice_planes(projector, c, mats, points)
+                for p0 in range(0, b, per):
+                    s = plane_scores(shifted(p0, p0 + per), w[p0 : p0 + per], planes)
+                    out[p0 : p0 + per, c, j0 : j0 + chunk] = s.transpose(1, 2)
+        return out
+    rot = rot.expand(b, -1, -1, -1)
+    chunk = max(1, projector.max_slices // (min(per, b) * f))
+    for p0 in range(0, b, per):
+        sh = shifted(p0, p0 + per)
+        for c in range(projector.n_classes):
+            for j0 in range(0, n_rot, chunk):
+                r = rot[p0 : p0 + per, j0 : j0 + chunk]
+                mats = tilts[p0 : p0 + per, :, None] @ r[:, None]  # (p, f, Jc, 3, 3)
+                planes = _slice_planes(projector, c, mats, points)
+                s = plane_scores(sh, w[p0 : p0 + per], planes)
+                out[p0 : p0 + per, c, j0 : j0 + chunk] = s.transpose(1, 2)
     return out
 
 

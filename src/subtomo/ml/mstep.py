@@ -22,6 +22,7 @@ import torch
 from subtomo.fourier import radial_average
 from subtomo.ml.batch import FourierPoints, ParticleBatch
 from subtomo.ml.estep import EStepResult, slice_matrices
+from subtomo.ml.likelihood import shift_phases
 from subtomo.ml.projector import Projector
 from subtomo.ml.sampling import PoseGrid
 from subtomo.reconstruct import FourierAccumulator
@@ -98,49 +99,75 @@ class MStepSums:
         self.n_particles = round(float(scalars[4]))
 
 
+def _significant(
+    w: torch.Tensor, limit: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
+    """Significant ``(particle, rotation, offset)`` triples of weights ``(b, J, T)``.
+
+    Returns the triples ``(n, 3)`` (particle-major, so each pair's triples are consecutive),
+    the ``(particle, rotation)`` pairs ``(m, 2)``, the pair of each triple ``(n,)`` and chunks
+    ``(pair0, pair1, triple0, triple1)`` of whole pairs with about ``limit`` triples each.
+    """
+    tri = torch.nonzero(w > 0)
+    pair = tri[:, 0] * w.shape[1] + tri[:, 1]
+    ids, inverse, counts = torch.unique_consecutive(pair, return_inverse=True, return_counts=True)
+    pairs = torch.stack([ids // w.shape[1], ids % w.shape[1]], 1)
+    ends = torch.cumsum(counts, 0).tolist()
+    chunks, p0, t0 = [], 0, 0
+    for p, end in enumerate(ends):
+        if end - t0 >= limit or p == len(ends) - 1:
+            chunks.append((p0, p + 1, t0, end))
+            p0, t0 = p + 1, end
+    return tri, pairs, inverse, chunks
+
+
 def accumulate(
     sums: MStepSums,
     batch: ParticleBatch,
     projector: Projector,
     poses: PoseGrid,
     result: EStepResult,
-    centred: torch.Tensor,
+    data: torch.Tensor,
     weights: torch.Tensor,
     sigma2: torch.Tensor,
     points: FourierPoints,
+    pixel_size: float,
     *,
-    max_elements: int = 1 << 24,
+    max_elements: int = 1 << 22,
 ) -> None:
     """Add one batch to ``sums``.
 
-    ``centred`` ``(b, T, f, K)`` unmasked data shifted for each trial offset; ``weights``
-    ``(b, f, K)`` ``CTF2``; ``sigma2`` ``(G, n//2+1)`` current noise spectra. Significant
-    (particle, rotation) pairs are processed ``max_elements / (f K T)`` at a time.
+    ``data`` ``(b, f, K)`` unmasked premultiplied images at ``points``; ``weights``
+    ``(b, f, K)`` ``CTF2``; ``sigma2`` ``(G, n//2+1)`` current noise spectra. Only the
+    significant (particle, rotation, offset) triples are shifted (``Y e^{2 pi i k.s}``,
+    :func:`subtomo.ml.likelihood.shift_phases`), about ``max_elements / (f K)`` at a time.
     """
     w = result.weights  # (b, C, J, T)
-    b, n_cls, _, t = w.shape
-    f, k = centred.shape[2], centred.shape[3]
+    b, n_cls = w.shape[:2]
+    f, k = data.shape[1], data.shape[2]
+    real = data.real.dtype
     group = batch.optics_group
     inv_s2 = 1.0 / sigma2[group][:, points.shell].to(weights.dtype)  # (b, K)
-    y2 = centred[:, 0].abs() ** 2  # (b, f, K): |Y| does not depend on the offset
-    yt = centred.permute(0, 2, 3, 1).reshape(b, f * k, t)  # (b, fK, T)
+    y2 = data.abs() ** 2  # (b, f, K): |Y| does not depend on the offset
     shell_gk = group[:, None] * sigma2.shape[1] + points.shell[None, :]  # (b, K)
     n_shell = sigma2.shape[0] * sigma2.shape[1]
     num = torch.zeros(n_shell, dtype=torch.float64, device=w.device)
     den = torch.zeros(n_shell, dtype=torch.float64, device=w.device)
     tilts = batch.tilt_rotations.double()
-    chunk = max(1, max_elements // (f * k * t))
     for c in range(n_cls):
-        wj = w[:, c].sum(-1)  # (b, J)
-        sel = torch.nonzero(wj > 0)  # (m, 2): particle, rotation (particle-major order)
-        for s0 in range(0, sel.shape[0], chunk):
-            pi, ji = sel[s0 : s0 + chunk, 0], sel[s0 : s0 + chunk, 1]
-            wt = w[pi, c, ji].to(yt.real.dtype)  # (m, T)
-            d = (yt[pi] @ wt[:, :, None].to(yt.dtype)).reshape(-1, f, k)  # (m, f, K)
+        tri, pairs, inverse, chunks = _significant(w[:, c], max(1, max_elements // (f * k)))
+        for a, z, t0, t1 in chunks:
+            tp, tj, tt = tri[t0:t1].unbind(1)
+            phase = shift_phases(tilts[tp], poses.offsets[tp, tt][:, None], points, pixel_size,
+                                 real)[:, 0]  # fmt: skip
+            shifted = data[tp] * torch.complex(torch.cos(phase), torch.sin(phase))
+            shifted *= w[tp, c, tj, tt].to(real)[:, None, None]
+            d = shifted.new_zeros(z - a, f, k).index_add_(0, inverse[t0:t1] - a, shifted)
+            pi, ji = pairs[a:z].unbind(1)
+            wm = w[pi, c, ji].to(real).sum(-1)[:, None, None]  # (m, 1, 1)
             rot = poses.rotations[pi if poses.rotations.shape[0] > 1 else 0 * pi, ji]
             mats = slice_matrices(tilts[pi], rot[:, None])[:, 0]  # (m, f, 3, 3)
             p = projector.slices(c, mats, points).to(d.dtype)  # (m, f, K)
-            wm = wt.sum(-1)[:, None, None]  # (m, 1, 1)
             ctf2 = weights[pi]
             # residual statistics for sigma2 (premultiplied residual of each pose)
             res = (

@@ -64,33 +64,48 @@ class Projector:
     def n_classes(self) -> int:
         return self.volumes.shape[0]
 
+    def sample_planes(
+        self, cls: int, matrices: torch.Tensor, points: FourierPoints
+    ) -> torch.Tensor:
+        """Slices of class ``cls`` at RELION matrices ``(N, S, 3, 3)`` -> ``(N, 2, S, K)`` real.
+
+        Each leading index is one batch entry of ``grid_sample`` (the volume is expanded, not
+        copied): its CPU kernel runs the entries in parallel threads. Real and imaginary
+        parts are axis 1 (the layout the sampler writes). Put similar rotations next to each
+        other within an entry (e.g. one tilt, a local neighbourhood of rotations):
+        consecutive slices then reuse the cache, about twice as fast.
+        """
+        n, s = matrices.shape[:2]
+        k = points.freq.to(torch.float32) * self.box  # (K, 2) Fourier pixels of the n-box
+        # grid_sample coordinates in [-1, 1]: (N/n M^T k + centre) * 2/extent - 1, with the
+        # zero frequency at index N//2 + 1 (after the 1-voxel margin)
+        unit = 2.0 / (self.volumes.shape[-1] - 1)
+        rows = matrices[..., :2, :].to(torch.float32) * (self.size / self.box * unit)
+        grid = rows[:, :, None, 0, :] * k[:, 0, None]  # (N, S, K, 3) xyz
+        grid.addcmul_(rows[:, :, None, 1, :], k[:, 1, None])
+        grid.add_((self.size // 2 + 1) * unit - 1.0)
+        vol = self.volumes[cls : cls + 1].expand(n, -1, -1, -1, -1)
+        v = F.grid_sample(vol, grid[:, None], mode="bilinear", align_corners=True)
+        return v.reshape(n, 2, s, k.shape[0])
+
     def sample(self, cls: int, matrices: torch.Tensor, points: FourierPoints) -> torch.Tensor:
         """Slices of class ``cls`` at RELION matrices ``(..., 3, 3)`` -> ``(2, ..., K)`` real.
 
-        Real and imaginary parts are the leading axis (the layout the sampler writes). Put
-        similar rotations next to each other in ``matrices`` (e.g. tilt-major, then a local
-        neighbourhood): consecutive slices then reuse the cache, about twice as fast.
+        Up to ``max_slices`` at a time, split into one :meth:`sample_planes` entry per CPU
+        thread (keep similar rotations next to each other, e.g. tilt-major).
         """
         lead = matrices.shape[:-2]
-        mats = matrices.reshape(-1, 3, 3).to(torch.float32)
-        k = points.freq.to(torch.float32) * self.box  # (K, 2) Fourier pixels of the n-box
-        vol = self.volumes[cls : cls + 1]
-        extent = vol.shape[-1] - 1
-        # grid_sample coordinates in [-1, 1]: (N/n M^T k + centre) * 2/extent - 1, with the
-        # zero frequency at index N//2 + 1 (after the 1-voxel margin)
-        unit = 2.0 / extent
-        rows = mats[:, :2, :] * (self.size / self.box * unit)  # (s, 2, 3): rows 1-2 of M
-        bias = torch.full((1, 1, 3), (self.size // 2 + 1) * unit - 1.0, device=k.device)
+        mats = matrices.reshape(-1, 3, 3)
         parts = []
         for start in range(0, mats.shape[0], self.max_slices):
-            m = rows[start : start + self.max_slices]
-            grid = torch.baddbmm(bias, k.expand(m.shape[0], -1, -1), m)  # (s, K, 3) xyz
-            v = F.grid_sample(
-                vol, grid.reshape(1, 1, 1, -1, 3), mode="bilinear", align_corners=True
-            )
-            parts.append(v.reshape(2, m.shape[0], k.shape[0]))
+            m = mats[start : start + self.max_slices]
+            entries = min(torch.get_num_threads(), m.shape[0])
+            per = -(-m.shape[0] // entries)
+            pad = m[-1:].expand(entries * per - m.shape[0], 3, 3)  # repeats, dropped below
+            v = self.sample_planes(cls, torch.cat([m, pad]).reshape(entries, per, 3, 3), points)
+            parts.append(v.transpose(0, 1).reshape(2, entries * per, -1)[:, : m.shape[0]])
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return out.reshape(2, *lead, k.shape[0])
+        return out.reshape(2, *lead, out.shape[-1])
 
     def slices(self, cls: int, matrices: torch.Tensor, points: FourierPoints) -> torch.Tensor:
         """Slices of class ``cls`` at RELION matrices ``(..., 3, 3)`` -> ``(..., K)`` complex."""
