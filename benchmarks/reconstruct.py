@@ -3,7 +3,7 @@
 Simulates a data set once (``subtomo simulate --preset benchmark``, noise on, with the box,
 particle and tilt counts asked for; reused when ``--workdir`` already holds it), then times the
 Extract job (2D stacks) and the Reconstruct job (from the tilt series) as a user runs them, each
-in a child process so that its peak RSS (``ru_maxrss``) is its own. Prints wall seconds,
+in a child process so that its peak RSS (``ru_maxrss``) is its own. Prints wall and CPU seconds,
 particles/s, tilt images/s (particles x tilts) and peak RSS; at bin 1 also the FSC of the
 merged map to the true map. With ``--relion-bin DIR`` it runs ``relion_tomo_subtomo`` and
 ``relion_tomo_reconstruct_particle`` on the same files and prints the time ratio (skipped when
@@ -51,7 +51,9 @@ def _simulate(args: argparse.Namespace, out: Path) -> None:
 
 
 def _child(kind: str, params, threads: int | None, conn) -> None:
-    """Run one job in this (child) process; send back (wall s, peak RSS MiB, FSC summary)."""
+    """Run one job in this (child) process; send back (wall s, CPU s, peak RSS MiB, FSC
+    summary). CPU time (user + system, all threads) is the load-independent measure when
+    other processes share the cores."""
     import torch
 
     if threads:
@@ -60,11 +62,15 @@ def _child(kind: str, params, threads: int | None, conn) -> None:
         from subtomo.jobs.extract import run
     else:
         from subtomo.jobs.reconstruct import run
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_start = usage.ru_utime + usage.ru_stime
     start = time.perf_counter()
     outputs = run(params)
     wall = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-    conn.send((wall, rss, _fsc_to_truth(outputs) if kind == "reconstruct" else ""))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime - cpu_start
+    rss = usage.ru_maxrss / 1024  # Linux: kB
+    conn.send((wall, cpu, rss, _fsc_to_truth(outputs) if kind == "reconstruct" else ""))
 
 
 def _fsc_to_truth(outputs: dict[str, str]) -> str:
@@ -85,7 +91,7 @@ def _fsc_to_truth(outputs: dict[str, str]) -> str:
     return f"FSC to truth {fsc[n // 2]:.3f} at 0.5 Nyquist, {fsc[int(0.8 * n)]:.3f} at 0.8 Nyquist"
 
 
-def _timed(kind: str, params, threads: int | None) -> tuple[float, float, str]:
+def _timed(kind: str, params, threads: int | None) -> tuple[float, float, float, str]:
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(kind, params, threads, send))
@@ -159,11 +165,11 @@ def main(argv: list[str] | None = None) -> None:
         for k in range(args.repeats):
             shutil.rmtree(params.output_dir, ignore_errors=True)
             load = os.getloadavg()[0]
-            wall, rss, note = _timed(kind, params, args.threads)
+            wall, cpu, rss, note = _timed(kind, params, args.threads)
             walls[kind] = min(walls.get(kind, wall), wall)
-            print(f"{kind:12s} run {k + 1}: {wall:6.2f} s  {args.particles / wall:7.0f} "
-                  f"particles/s  {images / wall:7.0f} tilt images/s  peak RSS {rss:5.0f} MiB  "
-                  f"(load {load:.1f}) {note}")  # fmt: skip
+            print(f"{kind:12s} run {k + 1}: {wall:6.2f} s (CPU {cpu:5.2f} s)  "
+                  f"{args.particles / wall:5.0f} particles/s  {images / wall:6.0f} tilt images/s  "
+                  f"peak RSS {rss:5.0f} MiB  (load {load:.1f}) {note}")  # fmt: skip
     if args.relion_bin:
         ratios = {
             "extract": _relion(args, "relion_tomo_subtomo", ["--stack2d"]),

@@ -43,3 +43,23 @@ def test_missing_truncated_and_non_mrc(tmp_path):
     (tmp_path / "x.mrc").write_text("hello")
     with pytest.raises(InputError, match="MRC"):
         read_mrc(tmp_path / "x.mrc")
+
+
+@pytest.mark.parametrize("float16", [False, True])
+def test_header_statistics_are_those_of_the_data(tmp_path, float16):
+    """The header's dmin/dmax/dmean/rms (which write_mrc computes itself, not mrcfile) match
+    numpy's statistics of the written values; a wrong header would mislead viewers that
+    scale by them (and RELION's own header checks)."""
+    import mrcfile
+
+    data = torch.randn(5, 12, 10) * 3 + 1.5
+    write_mrc(tmp_path / "s.mrcs", data, 2.0, float16=float16)
+    with mrcfile.open(tmp_path / "s.mrcs") as mrc:
+        values = mrc.data.astype(np.float64)
+        h = mrc.header
+        tol = 2e-3 if float16 else 1e-6  # float16 rounding of the stored values
+        assert float(h.dmin) == pytest.approx(values.min(), rel=tol)
+        assert float(h.dmax) == pytest.approx(values.max(), rel=tol)
+        assert float(h.dmean) == pytest.approx(values.mean(), rel=tol, abs=tol)
+        assert float(h.rms) == pytest.approx(values.std(), rel=tol)
+        assert mrc.is_image_stack()

@@ -65,8 +65,9 @@ def _inner_sphere(n: int, taper: float = 10) -> torch.Tensor:
 
 def test_tilt_series_and_stack_reconstructions_match_truth(tiny_project, monkeypatch):
     """Reconstructing from the tilt series must reproduce the true map, and reconstructing
-    from the extracted 2D stacks must equal it; a wrong projection, CTF sign, centring or
-    stack/tilt bookkeeping breaks one of the correlations."""
+    from the extracted 2D stacks must equal it (>= 0.999 with RELION's crops; >= 0.99999
+    with no circle crop in either path, see below); a wrong projection, CTF sign, centring,
+    grey scale or stack/tilt bookkeeping breaks one of the correlations."""
     monkeypatch.chdir(tiny_project)
     run_reconstruct(
         ReconstructParams(
@@ -96,9 +97,35 @@ def test_tilt_series_and_stack_reconstructions_match_truth(tiny_project, monkeyp
     assert _cc(from_tilts[inner], truth[inner]) >= 0.98
     fsc = fsc_maps(from_tilts, truth)
     assert fsc[1 : int(0.8 * 32) + 1].min() >= 0.9  # to 0.8 Nyquist
-    # Bin 1: RELION's extraction circle-crops *after* premultiplying by the CTF, which
-    # loses a little near Nyquist that the tilt-series path (crop before the CTF) keeps.
-    assert _cc(from_stacks, from_tilts) >= 0.997
+    # Where the circle crop sits differs between RELION's two paths, by design: extraction
+    # (relion_tomo_subtomo, §5.2 step 7) crops in real space *after* the -CTF premultiplication,
+    # relion_tomo_reconstruct_particle (§6) crops the raw patch *before* it, and we do both as
+    # RELION does. Measured at box 64, bin 1: correlation 0.99987 here (noise-free), 0.991 on
+    # the noisy benchmark data (300 particles, SNR 0.05, where the noise outside the circle
+    # differs). Without the crop in both paths (--no_circle_crop) the rest of the two chains
+    # is the same computation: 0.9999999 here, 0.99997 on the noisy data (float16 stacks too).
+    assert _cc(from_stacks, from_tilts) >= 0.999
+    run_reconstruct(
+        ReconstructParams(
+            particles="particles.star", tomograms="tomograms.star", box=64, binning=1,
+            no_circle_crop=True, output_dir="rec_ts_nocrop", device="cpu",
+        )
+    )  # fmt: skip
+    run_extract(
+        ExtractParams(
+            particles="particles.star", tomograms="tomograms.star", box=64, binning=1,
+            float16=False, no_circle_crop=True, output_dir="ext_nocrop", device="cpu",
+        )
+    )  # fmt: skip
+    run_reconstruct(
+        ReconstructParams(
+            ios="ext_nocrop/optimisation_set.star", source="stacks", output_dir="rec_st_nocrop",
+            device="cpu",
+        )
+    )  # fmt: skip
+    uncropped_tilts, _ = read_mrc("rec_ts_nocrop/merged.mrc")
+    uncropped_stacks, _ = read_mrc("rec_st_nocrop/merged.mrc")
+    assert _cc(uncropped_stacks, uncropped_tilts) >= 0.99999
     run_reconstruct(
         ReconstructParams(
             particles="particles.star", tomograms="tomograms.star", box=32, binning=2,

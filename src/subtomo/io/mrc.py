@@ -81,6 +81,31 @@ def read_mrc(
     return tensor, voxel
 
 
+class _MrcWriter(mrcfile.mrcfile.MrcFile):
+    """A new MRC file whose header statistics are given, not recomputed by ``set_data``
+    (numpy reductions on float16 arrays are ~10x slower than on the float32 values)."""
+
+    def __init__(self, path: Path, stats: tuple[float, float, float, float]) -> None:
+        self._stats = stats
+        super().__init__(path, mode="w+", overwrite=True)
+
+    def update_header_stats(self) -> None:
+        h = self.header
+        h.dmin, h.dmax, h.dmean, h.rms = (np.float32(v) for v in self._stats)
+
+
+def _header_stats(array: np.ndarray) -> tuple[float, float, float, float]:
+    """min, max, mean and rms (standard deviation) as mrcfile computes them, in float32."""
+    if array.size == 0:
+        return (0.0, -1.0, -2.0, -1.0)  # mrcfile's "not set" values
+    return (
+        float(array.min()),
+        float(array.max()),
+        float(array.mean(dtype=np.float32)),
+        float(array.std(dtype=np.float32)),
+    )
+
+
 def write_mrc(
     path: str | os.PathLike,
     data: torch.Tensor | np.ndarray,
@@ -92,14 +117,20 @@ def write_mrc(
     """Write float32 (mode 2) or float16 (mode 12) data atomically with its voxel size (Å).
 
     ``is_stack`` marks a 3D array as an image stack (default: when the name ends in .mrcs).
+    The header statistics (min, max, mean, rms) are those of the float32 values (before the
+    rounding to float16).
     """
     path = Path(path)
     if isinstance(data, torch.Tensor):
-        data = data.detach().cpu().numpy()
-    array = np.ascontiguousarray(data, dtype=np.float16 if float16 else np.float32)
-    with atomic_path(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        tensor = data.detach().cpu()
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(data))
+    values = tensor.to(torch.float32).contiguous()
+    stats = _header_stats(values.numpy())
+    array = values.half().numpy() if float16 else values.numpy()  # torch casts ~20x faster
+    with atomic_path(path) as tmp, _MrcWriter(tmp, stats) as mrc:
         mrc.set_data(array)
         if is_stack if is_stack is not None else path.suffix == ".mrcs":
             mrc.set_image_stack()
         mrc.voxel_size = float(voxel_size)
-        mrc.header.origin = (0.0, 0.0, 0.0)  # set_data already wrote the header statistics
+        mrc.header.origin = (0.0, 0.0, 0.0)

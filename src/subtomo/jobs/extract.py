@@ -26,6 +26,7 @@ from subtomo.io import format_vector, write_mrc
 from subtomo.jobs.jobdir import run_job
 from subtomo.jobs.reconstruct import load_inputs, series_geometry
 from subtomo.reconstruct.extraction import circle_crop, cone_weights, splat_slices
+from subtomo.reconstruct.parallel import cpu_workers, map_batches
 from subtomo.reconstruct.particles import (
     ctf_of_tilt_series,
     extract_slices,
@@ -73,14 +74,13 @@ def _output_name(particle: str, tomo: str) -> str:
 
 
 def _stack_images(params: ExtractParams, data: torch.Tensor, box: int, crop: int) -> np.ndarray:
-    """Premultiplied spectra ``(b, box, box//2+1)`` -> circle-cropped ``(b, crop, crop)`` images
-    in the file's precision (one batched transform for all the stacks of a batch)."""
+    """Premultiplied spectra ``(b, box, box//2+1)`` -> circle-cropped ``(b, crop, crop)``
+    float32 images (one batched transform for all the stacks of a batch)."""
     images = irfft_centered(data / params.binning, (box, box))
     if not params.no_circle_crop:
         images = circle_crop(images, crop / 2)
     lo = box // 2 - crop // 2
-    images = images[:, lo : lo + crop, lo : lo + crop].cpu().numpy()
-    return images.astype(np.float16 if params.float16 else np.float32)
+    return images[:, lo : lo + crop, lo : lo + crop].cpu().numpy()
 
 
 def _write_3d(
@@ -127,11 +127,14 @@ def _extract_series(
     mats = geo.matrices(include_particle=params.apply_orientations).float()
     pixel = params.binning * series.pixel_size
     names = parts.particles["rlnTomoParticleName"].astype(str).tolist()
-    files, vectors = [], []
-    per_batch = max(1, params.batch_size // max(series.n_tilts, 1))
     kept = np.flatnonzero(keep.numpy())
-    for start in range(0, len(kept), per_batch):
-        chunk = torch.from_numpy(kept[start : start + per_batch])
+    workers = cpu_workers(device, len(kept))
+    per_batch = max(1, params.batch_size // max(series.n_tilts, 1) // workers)
+    chunks = [kept[k : k + per_batch] for k in range(0, len(kept), per_batch)]
+    written: dict[int, str] = {}  # particle index -> file (workers write distinct keys)
+
+    def extract_chunk(_worker: int, chunk_np: np.ndarray) -> None:
+        chunk = torch.from_numpy(chunk_np)
         pairs = visible[chunk].nonzero()  # (m, 2): local particle, frame
         p, f = chunk[pairs[:, 0]].to(device), pairs[:, 1].to(device)
         data, weight = extract_slices(
@@ -149,19 +152,21 @@ def _extract_series(
             stacks = _stack_images(params, data, box, crop)  # rows grouped by particle
             ends = np.cumsum(visible[chunk].sum(dim=1).numpy())
         for j, i in enumerate(chunk.tolist()):
-            name = _output_name(names[i], series.name)
-            root = out_dir / "Subtomograms" / name
+            root = out_dir / "Subtomograms" / _output_name(names[i], series.name)
             root.parent.mkdir(parents=True, exist_ok=True)
             if params.stack2d:
                 path = root.with_name(root.name + "_stack2d.mrcs")
                 start_row = ends[j - 1] if j else 0
                 write_mrc(path, stacks[start_row : ends[j]], pixel, float16=params.float16)
-                files.append(relative_to_cwd(path))
             else:
                 _write_3d(params, sums[j], geo.a_sub[i] @ geo.a_part[i], box, crop, pixel, root)
-                files.append(relative_to_cwd(root.with_name(root.name + "_data.mrc")))
-            vectors.append(format_vector(visible[i].int().tolist()))
+                path = root.with_name(root.name + "_data.mrc")
+            written[i] = relative_to_cwd(path)
         advance(len(chunk))
+
+    map_batches(extract_chunk, chunks, workers)
+    files = [written[i] for i in kept.tolist()]
+    vectors = [format_vector(visible[i].int().tolist()) for i in kept.tolist()]
     return keep.numpy(), files, vectors
 
 

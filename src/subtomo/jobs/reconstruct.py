@@ -34,6 +34,7 @@ from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.io import read_mrc, write_mrc
 from subtomo.jobs.jobdir import run_job
 from subtomo.reconstruct import FourierAccumulator, reconstruct
+from subtomo.reconstruct.parallel import cpu_workers, map_batches
 from subtomo.reconstruct.particles import (
     ParticleGeometry,
     ctf_of_tilt_series,
@@ -309,16 +310,20 @@ def _finalise(
     tags["merged"] = merged
     crop = params.crop if params.crop > 0 else None
     sym = symmetry_matrices(params.sym, device=device)
-    for tag, acc in tags.items():
+
+    def finalise(_worker: int, tag: str) -> None:
+        acc = tags[tag]
         if len(sym) > 1:
             acc.symmetrise(sym)
         parts = reconstruct(
             acc, snr=params.snr if params.snr > 0 else None, taper=params.taper, crop=crop,
             return_parts=True,
         )  # fmt: skip
-        volume = parts.map
-        path = job.path(f"{tag}.mrc")
-        write_mrc(path, volume, pixel)
-        outputs[str(path)] = "DensityMap.mrc" if tag == "merged" else "DensityMap.mrc.halfmap"
+        write_mrc(job.path(f"{tag}.mrc"), parts.map, pixel)
         write_mrc(job.path(f"data_{tag}.mrc"), parts.data, pixel)
         write_mrc(job.path(f"weight_{tag}.mrc"), parts.weight, pixel)
+
+    map_batches(finalise, list(tags), cpu_workers(device, len(tags)))  # independent maps
+    for tag in tags:
+        kind = "DensityMap.mrc" if tag == "merged" else "DensityMap.mrc.halfmap"
+        outputs[str(job.path(f"{tag}.mrc"))] = kind

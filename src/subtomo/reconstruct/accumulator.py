@@ -116,6 +116,10 @@ class FourierAccumulator:
                 total += extract_volumes(volume, r[None], padding=1.0)[0]
             setattr(self, name, total)
 
+    def zeros_like(self) -> FourierAccumulator:
+        """An empty accumulator of the same box, padding, device and precision."""
+        return FourierAccumulator(self.box, self.padding, self.device, self.weight.dtype)
+
     def _check_compatible(self, other: FourierAccumulator) -> None:
         if (self.box, self.padded) != (other.box, other.padded):
             raise ValueError(

@@ -53,16 +53,18 @@ def cut_patches(
     Out-of-image pixels take the value of the nearest edge pixel.
     """
     stack = images if images.ndim == 3 else images[None]
-    h, w = stack.shape[-2:]
+    t, h, w = stack.shape
+    dev = stack.device
+    int_dtype = torch.int32 if t * h * w < 2**31 else torch.int64  # index_select takes both
     if image_index is None:
-        image_index = torch.zeros(uv.shape[0], dtype=torch.long, device=stack.device)
-    corner = torch.floor(uv.to(stack.device) + 0.5).long() - size // 2  # (b, 2) xy
-    steps = torch.arange(size, device=stack.device)
+        image_index = torch.zeros(uv.shape[0], dtype=int_dtype, device=dev)
+    corner = torch.floor(uv.to(dev) + 0.5).to(int_dtype) - size // 2  # (b, 2) xy
+    steps = torch.arange(size, device=dev, dtype=int_dtype)
     ix = (corner[:, 0, None] + steps).clamp(0, w - 1)  # (b, size)
     iy = (corner[:, 1, None] + steps).clamp(0, h - 1)  # (b, size)
-    rows = image_index.to(stack.device) * (h * w)  # (b,) start of each patch's image
+    rows = image_index.to(dev, int_dtype) * (h * w)  # (b,) start of each patch's image
     linear = (rows[:, None] + iy * w)[:, :, None] + ix[:, None, :]  # (b, size, size)
-    return stack.reshape(-1)[linear]
+    return stack.reshape(-1).index_select(0, linear.view(-1)).view(linear.shape)
 
 
 def fourier_resize(spectra: torch.Tensor, size: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ depends on the batch and box size only; the caller keeps one tilt series in memo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from subtomo.ctf import (
 from subtomo.fourier import fftfreq_grid, rfft_centered
 from subtomo.geometry import project_particles, tomogram_centre_px
 from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, shift_phases
+from subtomo.reconstruct.parallel import cpu_workers, map_batches
 
 __all__ = [
     "ParticleGeometry",
@@ -155,11 +157,15 @@ def _per_frame(value: torch.Tensor | float, frames: torch.Tensor) -> torch.Tenso
     return value
 
 
-def _ctf_tables(
+@functools.lru_cache(maxsize=4)
+def _series_tables(
     ctf: TiltSeriesCtf, px: float, size: int, use_bfactor: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tilt ``(t, size, size//2+1)`` tables ``C = -sin(γ_t)·E_t`` (the CTF of the tilt at
-    the specimen centre, envelope ``E_t`` = B-factor and scale) and ``S = cos(γ_t)·E_t``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tilt ``(t, size, size//2+1)`` tables of one tilt series, cached per ``ctf`` object
+    (every batch of a series uses the same; treat a :class:`TiltSeriesCtf` as immutable):
+    ``C = -sin(γ_t)·E_t`` (the CTF of the tilt at the specimen centre, envelope ``E_t`` =
+    B-factor and scale), ``S = cos(γ_t)·E_t``, the dose weights, and ``(size, size//2+1)``
+    ``-π λ |k|²`` (rad/Å of defocus change, float64)."""
     frames = torch.arange(ctf.defocus_u.shape[0], device=device)
 
     def table(quarter_turns: float) -> torch.Tensor:  # γ - π/2: -sin(γ - π/2) = cos γ
@@ -171,7 +177,16 @@ def _ctf_tables(
             scale=_per_frame(ctf.scale, frames), device=device,
         )  # fmt: skip
 
-    return table(0.0), table(1.0)
+    dose = dose_weights(
+        ctf.pre_exposure.to(device),
+        px,
+        size,
+        bfactor_per_electron_dose=ctf.bfactor_per_electron_dose,
+        device=device,
+    )
+    k2 = fftfreq_grid((size, size), pixel_size=px, device=device, dtype=torch.float64)
+    lam = float(electron_wavelength_angstrom(ctf.voltage_kv))
+    return table(0.0), table(1.0), dose, (-math.pi * lam) * k2.square().sum(-1)
 
 
 def premultiply_filter(
@@ -190,28 +205,21 @@ def premultiply_filter(
     ``use_bfactor=False`` drops the per-tilt rlnCtfBfactor (relion_refine's 2D-stack CTF).
 
     The depth shifts both defoci by ``Δz`` Å, i.e. ``γ`` by ``δ = -π λ Δz |k|²``; so the CTF is
-    evaluated once per tilt (:func:`subtomo.ctf.ctf_2d`, float64) and per observation only
-    ``-sin(γ + δ)·E = C cos δ - S sin δ`` (see :func:`_ctf_tables`; δ in float64).
+    evaluated once per tilt (:func:`subtomo.ctf.ctf_2d`, float64; cached per series) and per
+    observation only ``-sin(γ + δ)·E = C cos δ - S sin δ`` (see :func:`_series_tables`; δ is
+    formed in float64 and rounded to float32, whose absolute error is ~1e-7 rad).
     """
     dev = frames.device
-    px = binning * ctf.pixel_size
-    table_c, table_s = _ctf_tables(ctf, px, size, use_bfactor, dev)
+    table_c, table_s, dose, phase = _series_tables(
+        ctf, binning * ctf.pixel_size, size, use_bfactor, dev
+    )
     shift, _ = particle_defocus(
         0.0, 0.0, depth_px.to(dev), ctf.pixel_size, ctf.hand, ctf.defocus_slope
     )  # (b,) Å
-    k2 = fftfreq_grid((size, size), pixel_size=px, device=dev, dtype=torch.float64)
-    k2 = k2.square().sum(-1)  # (size, size//2+1) in 1/Å²
-    lam = float(electron_wavelength_angstrom(ctf.voltage_kv))
-    delta = (-math.pi * lam) * shift.double()[:, None, None] * k2  # (b, size, size//2+1)
-    values = table_c[frames] * torch.cos(delta).float() - table_s[frames] * torch.sin(delta).float()
+    delta = (shift.double()[:, None, None] * phase).float()  # (b, size, size//2+1), |δ| small
+    values = table_c[frames] * torch.cos(delta) - table_s[frames] * torch.sin(delta)
     values = torch.where(values.abs() < 1e-8, 1e-8, values)  # as ctf_2d
-    dose = dose_weights(
-        ctf.pre_exposure.to(dev),
-        px,
-        size,
-        bfactor_per_electron_dose=ctf.bfactor_per_electron_dose,
-        device=dev,
-    )[frames]  # one table per tilt, gathered per observation
+    dose = dose[frames]  # one table per tilt, gathered per observation
     return values * dose, dose
 
 
@@ -265,9 +273,13 @@ def extract_slices(
     patches = cut_patches(images, uv, s0, image_index=frames)
     if precrop:
         patches = circle_crop(patches, s0 / 2)
-    spectra = fourier_resize(rfft_centered(patches, 2), box)
+    spectra = torch.fft.rfftn(patches, dim=(-2, -1))  # patch centre s0//2 still at s0//2
+    if s0 != box:
+        spectra = fourier_resize(spectra, box)
     offset = (uv.to(images.device) - torch.floor(uv.to(images.device) + 0.5)) / binning
-    spectra = shift_phases(spectra, -offset)
+    # One phase ramp moves the sub-pixel position to s/2 and the patch centre to the origin
+    # (rfft_centered(x) = rfft(x) · exp(2πi k·c/s0), c = s0//2, in box pixels c·box/s0).
+    spectra = shift_phases(spectra, -offset - (s0 // 2) * box / s0)
     ctfw, dose = premultiply_filter(ctf, frames, depth_px, box, binning)
     filt = dose if no_ctf else ctfw
     sign = -1.0 if invert_contrast else 1.0
@@ -287,6 +299,18 @@ def _insert_halves(
         sel = halves == h
         if bool(sel.any()):
             acc.insert(data[sel], weight[sel], matrices[sel], max_radius=max_radius)
+
+
+def _private_accumulators(accumulators: Sequence, workers: int) -> list[Sequence]:
+    """Per worker: the accumulators themselves (worker 0) or zeroed copies to merge later."""
+    copies = [[acc.zeros_like() for acc in accumulators] for _ in range(workers - 1)]
+    return [accumulators, *copies]
+
+
+def _merge_private(accumulators: Sequence, private: list[Sequence]) -> None:
+    for copies in private[1:]:
+        for acc, copy in zip(accumulators, copies, strict=True):
+            acc += copy
 
 
 def insert_tilt_series(
@@ -313,7 +337,8 @@ def insert_tilt_series(
     Parameters
     ----------
     accumulators
-        One accumulator per half set (``insert(slices, weights, matrices, max_radius)``).
+        One :class:`~subtomo.reconstruct.FourierAccumulator` per half set (anything with
+        ``insert(slices, weights, matrices, max_radius)``, ``zeros_like()`` and ``+=``).
     images
         ``(t, h, w)`` tilt images.
     uv, depth_px, visible
@@ -323,28 +348,32 @@ def insert_tilt_series(
     halves
         ``(n,)`` long: accumulator index of each particle (rlnRandomSubset - 1).
 
-    Returns the number of tilt images inserted.
+    Batches of ``batch_size`` pairs are shared out over the CPU cores
+    (:func:`subtomo.reconstruct.parallel.map_batches`, each worker summing into its own
+    copies of the accumulators, added to ``accumulators`` at the end); ``progress`` may be
+    called from those worker threads. Returns the number of tilt images inserted.
     """
     pairs = visible.nonzero()  # (m, 2): particle, frame
     dev = images.device
-    for start in range(0, pairs.shape[0], batch_size):
-        p, f = pairs[start : start + batch_size].to(dev).unbind(-1)
+    uv, depth_px, halves = uv.to(dev), depth_px.to(dev), halves.to(dev)
+    matrices = matrices.to(dev, torch.float32)
+    workers = cpu_workers(dev, pairs.shape[0])
+    step = max(1, -(-batch_size // workers))  # the workers share the memory of one batch
+    starts = range(0, pairs.shape[0], step)
+    private = _private_accumulators(accumulators, min(workers, len(starts)))
+
+    def insert_batch(worker: int, start: int) -> None:
+        p, f = pairs[start : start + step].to(dev).unbind(-1)
         data, weight = extract_slices(
-            images,
-            f,
-            uv.to(dev)[p, f],
-            depth_px.to(dev)[p, f],
-            ctf,
-            box=box,
-            binning=binning,
-            precrop=circle_precrop,
-            no_ctf=no_ctf,
-            cutoff_fract=cutoff_fract,
-        )
-        mats = matrices.to(dev, torch.float32)[p, f]
-        _insert_halves(accumulators, halves.to(dev)[p], data, weight, mats, max_radius)
+            images, f, uv[p, f], depth_px[p, f], ctf, box=box, binning=binning,
+            precrop=circle_precrop, no_ctf=no_ctf, cutoff_fract=cutoff_fract,
+        )  # fmt: skip
+        _insert_halves(private[worker], halves[p], data, weight, matrices[p, f], max_radius)
         if progress is not None:
             progress(len(p))
+
+    map_batches(insert_batch, starts, len(private))
+    _merge_private(accumulators, private)
     return int(pairs.shape[0])
 
 
