@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
+import numpy as np
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
 
 from subtomo.fourier import rfft_centered
 from subtomo.fourier.slices import extract_slices
@@ -16,6 +19,7 @@ from subtomo.ml.estep import expectation, score_batch
 from subtomo.ml.images import mask_images
 from subtomo.ml.projector import Projector, _sinc2, pad_centred
 from subtomo.ml.sampling import (
+    PoseGrid,
     Sampling,
     angle_prior_log,
     oversample,
@@ -158,7 +162,7 @@ def test_oversampling_refines_around_significant_poses(shared_data) -> None:
         res = expectation(scores, torch.zeros(1), poses)
         ar = torch.arange(n)
         rot = poses.rotations.expand(n, -1, -1, -1)[ar, res.best[:, 1]]
-        off = poses.offsets[ar, res.best[:, 2]]
+        off = poses.offsets[ar, poses.offset_index(res.best[:, 1], res.best[:, 2])]
         err = rotation_angle_deg(rot, truth.rotations)
         return res, err.median(), ((off - truth.offsets).norm(dim=1) / px).median()
 
@@ -168,3 +172,78 @@ def test_oversampling_refines_around_significant_poses(shared_data) -> None:
     _, rot1, off1 = best_errors(fine)
     assert fine.n_rot == 8 * int((res.weights.sum((1, 3)) > 0).sum(1).max())
     assert rot1 < rot0 and off1 <= off0, (rot0, rot1, off0, off1)
+
+
+def test_oversampling_keeps_the_children_of_each_significant_pose(shared_data) -> None:
+    """Per particle, each significant coarse (class, rotation, offset) becomes exactly its
+    8 rotation children x 8 offset children (RELION's adaptive oversampling), with the local
+    and offset priors evaluated at the children; scores exist only for those pairs and equal
+    the scores of the same poses on a dense grid. Otherwise the second pass scores poses that
+    RELION does not (or misses some), or mixes up blocks, classes or priors."""
+    vol, px = small_map("ribosome70S_4v4r_5A.mrc.gz", BOX)
+    batch, truth = make_batch([vol, 0.7 * vol], px, 2, noise_std=2.0)
+    g = torch.Generator().manual_seed(1)
+    coarse_rot = torch.stack([perturb(truth.rotations, a, g) for a in (0.0, 7.5, 7.5)], 1)
+    deltas = torch.tensor([[0.0, 0, 0], [px, 0, 0], [0, -px, 0], [0, 0, px]]).double()
+    coarse = PoseGrid(
+        rotations=coarse_rot,
+        log_prior_rot=torch.zeros(2, 3, dtype=torch.float64),
+        offsets=batch.offsets[:, None] + deltas,
+        deltas=deltas.expand(2, -1, -1),
+        log_prior_offset=torch.zeros(2, 4, dtype=torch.float64),
+    )
+    weights = torch.zeros(2, 2, 3, 4, dtype=torch.float64)
+    significant = {(0, 0, 1): (0, 2), (0, 1, 0): (3,), (1, 0, 2): (1,)}  # (p, c, j): offsets
+    for (p, c, j), ts in significant.items():
+        weights[p, c, j, list(ts)] = 1.0 / len(significant)
+    sampling = Sampling(
+        healpix_order=3, offset_range_angst=2 * px, offset_step_angst=px, local_sigma_deg=3.0
+    )
+    sigma_off = 2 * px
+    fine = oversample(sampling, batch, coarse, weights, sigma_off)
+    assert fine.block_class.tolist() == [[0, 1], [0, -1]]
+    h = sampling.step_deg / 4
+    corners = {tuple(v) for v in itertools.product((-1, 1), repeat=3)}
+    blocks = {(0, 0): (0, 0, 1), (0, 1): (0, 1, 0), (1, 0): (1, 0, 2)}  # (p, slot) -> (p, c, j)
+    for (p, s), key in blocks.items():
+        rot = fine.rotations[p, 8 * s : 8 * s + 8]
+        rotvec = Rotation.from_matrix((rot @ coarse_rot[p, key[2]].T).numpy()).as_rotvec()
+        assert {tuple(np.round(v / np.radians(h)).astype(int)) for v in rotvec} == corners
+        assert np.allclose(np.abs(rotvec), np.radians(h))
+        angle = rotation_angle_deg(rot, batch.rotations[p])
+        want_rot = -(angle**2) / (2 * 3.0**2)
+        assert torch.allclose(fine.log_prior_rot[p, 8 * s : 8 * s + 8], want_rot)
+        tb = fine.n_trans
+        prior = fine.log_prior_offset[p, tb * s : tb * s + tb]
+        d = fine.deltas[p, tb * s : tb * s + tb][torch.isfinite(prior)]
+        want = {
+            tuple((deltas[t] + px / 4 * torch.tensor(cn).double()).tolist())
+            for t in significant[key]
+            for cn in corners
+        }
+        assert {tuple(x) for x in d.tolist()} == want
+        assert torch.allclose(prior[torch.isfinite(prior)], -(d**2).sum(1) / (2 * sigma_off**2))
+    assert torch.isinf(fine.log_prior_rot[1, 8:]).all()
+    # scores: only the block pairs, equal to the dense scoring of each block's poses
+    assert fine.deltas.shape[1] == 2 * tb and tb == 16  # offsets of 2 blocks, <= 2 parents
+    pts = fourier_points(BOX, 8, None)
+    projector = Projector(torch.stack([vol, 0.7 * vol]).float(), 2.0)
+    y, ctf2 = pts.gather(batch.data), pts.gather(batch.ctf2)
+    inv_s2 = torch.full((2, pts.flat.numel()), 1 / truth.noise_sigma2)
+    args = (y, ctf2, inv_s2, batch.tilt_rotations)
+    scores = score_batch(projector, *args, fine, pts, px, max_elements=1)
+    assert torch.isfinite(scores).sum() == 3 * 8 * tb
+    for (p, s), (_, c, _) in blocks.items():
+        dense = dataclasses.replace(
+            fine,
+            rotations=fine.rotations[:, 8 * s : 8 * s + 8],
+            offsets=fine.offsets[:, tb * s : tb * s + tb],
+            deltas=fine.deltas[:, tb * s : tb * s + tb],
+            block_class=None,
+        )
+        want = score_batch(projector, *args, dense, pts, px)[p, c]
+        got = scores[p, c, 8 * s : 8 * s + 8]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+    res = expectation(scores, torch.zeros(2), fine)
+    assert torch.allclose(res.weights.sum((1, 2, 3)), torch.ones(2, dtype=torch.float64))
+    assert (res.weights[torch.isinf(scores)] == 0).all()

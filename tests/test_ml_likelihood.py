@@ -9,9 +9,9 @@ import torch
 
 from subtomo.ml.batch import fourier_points
 from subtomo.ml.estep import expectation, score_batch, slice_matrices
-from subtomo.ml.likelihood import centred_data, pose_scores
+from subtomo.ml.likelihood import _lattice_steps, centred_data, pose_scores, shifted_data
 from subtomo.ml.projector import Projector
-from subtomo.ml.sampling import PoseGrid
+from subtomo.ml.sampling import PoseGrid, translation_grid
 from test_ml_synthetic import make_batch, perturb, small_map
 
 BOX = 32
@@ -167,3 +167,27 @@ def test_chunked_score_batch_equals_pose_scores(ribosome, shared) -> None:
         packed = proj.sample(c, mats.transpose(1, 2), pts).double()  # (2, b|1, f, J, K)
         want = pose_scores(centred, ctf2.double(), inv_s2.double(), packed)  # (b, T, J)
         torch.testing.assert_close(got[:, c], want.transpose(1, 2), rtol=1e-4, atol=1e-2)
+
+
+def test_recurrence_shifts_equal_direct_phases(ribosome) -> None:
+    """shifted_data (one sine/cosine for the first offset of a lattice, then a step phasor per
+    neighbour) equals Y e^{2 pi i k.s} with the phase of every offset computed directly, for
+    a translation lattice shared by the batch and for per-row oversampled children whose
+    parents differ; a mismatch means a wrong parent, step or step sign in the recurrence."""
+    vol, px = ribosome
+    batch, _ = make_batch([vol], px, 3, tilts_deg=(-50.0, 0.0, 35.0), max_offset_angst=30.0)
+    pts = fourier_points(BOX, BOX // 2, None)
+    y = pts.gather(batch.data)
+    lattice = batch.offsets[:, None] + translation_grid(2.5 * px, px)[None]  # (3, 57, 3)
+    corners = torch.cartesian_prod(*[torch.tensor([-px / 4, px / 4])] * 3).double()
+    parents = torch.tensor([[[0.0, 0, 0], [px, 0, 0]], [[0, -px, 0], [0, px, px]],
+                            [[0, 0, 0], [0, 0, -2 * px]]]).double()  # fmt: skip
+    children = (batch.offsets[:, None, None] + parents[:, :, None] + corners).flatten(1, 2)
+    for offsets in (lattice, children):
+        got = shifted_data(y, batch.tilt_rotations, offsets, pts, px)
+        want = centred_data(y.to(torch.complex128), batch.tilt_rotations, offsets, pts, px)
+        err = (got.to(torch.complex128) - want).abs().max()
+        assert err < 2e-6 * want.abs().max(), err
+    # the speed-up: one direct offset for the lattice, one per parent for the children
+    assert _lattice_steps(lattice)[0].count(-1) == 1
+    assert _lattice_steps(children)[0].count(-1) == 2

@@ -108,7 +108,7 @@ def _batch_results(batch: ParticleBatch, poses: PoseGrid, res: EStepResult) -> P
         index=batch.index.cpu(),
         classes=c.cpu(),
         rotations=rot.double().cpu(),
-        offsets=poses.offsets[ar, t].cpu(),
+        offsets=poses.offsets[ar, poses.offset_index(j, t)].cpu(),
         pmax=res.pmax.cpu(),
         n_significant=res.n_significant.cpu(),
         log_likelihood=res.log_evidence.cpu(),

@@ -9,12 +9,13 @@ the marginalisation over them stays probability-weighted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from subtomo.ml.batch import FourierPoints
-from subtomo.ml.likelihood import plane_scores, shift_phases, shifted_planes
+from subtomo.ml.likelihood import plane_scores, shifted_data
 from subtomo.ml.projector import Projector
 from subtomo.ml.sampling import PoseGrid
 
@@ -47,10 +48,11 @@ def slice_matrices(tilt_rotations: torch.Tensor, rotations: torch.Tensor) -> tor
 def _slice_planes(
     projector: Projector, cls: int, matrices: torch.Tensor, points: FourierPoints
 ) -> torch.Tensor:
-    """Slices at ``(B, f, J, 3, 3)`` (tilt-major for the cache) as planes ``(B, J, f, 2, K)``."""
+    """Slices at ``(B, f, J, 3, 3)`` (tilt-major for the cache) as ``(B, J, f, K)`` complex."""
     n, f, j = matrices.shape[:3]
     v = projector.sample_planes(cls, matrices.reshape(n * f, j, 3, 3), points)  # (Bf, 2, J, K)
-    return v.reshape(n, f, 2, j, -1).permute(0, 3, 1, 2, 4).contiguous()
+    v = v.reshape(n, f, 2, j, -1).permute(0, 3, 1, 4, 2).contiguous()  # (B, J, f, K, 2)
+    return torch.view_as_complex(v)
 
 
 def score_batch(
@@ -69,7 +71,7 @@ def score_batch(
 
     ``data`` ``(b, f, K)`` complex premultiplied images at ``points``; ``weights`` ``(b, f, K)``
     ``CTF2``; ``inv_sigma2`` ``(b, K)``. The shifted data (:func:`subtomo.ml.likelihood.
-    shifted_planes`) are built for chunks of particles of about ``max_elements`` (translation,
+    shifted_data`) are built for chunks of particles of about ``max_elements`` (translation,
     tilt, frequency) values; slices ``projector.max_slices`` at a time. When the batch shares
     its rotations and tilt geometry, the slices are computed once for all particles (and the
     shifted data once per chunk of slices), otherwise once per chunk of particles.
@@ -84,11 +86,14 @@ def score_batch(
     out = torch.empty(b, projector.n_classes, n_rot, t, dtype=torch.float64, device=data.device)
     per = max(1, max_elements // (t * f * k))
 
-    def shifted(p0: int, p1: int) -> torch.Tensor:
-        phase = shift_phases(tilt_rotations[p0:p1], poses.offsets[p0:p1], points, pixel_size, real)
-        return shifted_planes(y[p0:p1], phase)
+    def shifted(p: torch.Tensor | slice, offsets: torch.Tensor) -> torch.Tensor:
+        return shifted_data(y[p], tilt_rotations[p], offsets, points, pixel_size)
 
     tilts = tilt_rotations.to(rot.dtype)
+    if poses.block_class is not None:
+        out.fill_(-torch.inf)
+        _score_blocks(out, projector, shifted, w, tilts, poses, points, f * k, max_elements)
+        return out
     if rot.shape[0] == 1 and bool((tilts == tilts[:1]).all()):
         chunk = max(1, projector.max_slices // f)
         for c in range(projector.n_classes):
@@ -96,13 +101,14 @@ def score_batch(
                 mats = tilts[:1, :, None] @ rot[:, None, j0 : j0 + chunk]  # (1, f, Jc, 3, 3)
                 planes = _slice_planes(projector, c, mats, points)
                 for p0 in range(0, b, per):
-                    s = plane_scores(shifted(p0, p0 + per), w[p0 : p0 + per], planes)
+                    sl = slice(p0, p0 + per)
+                    s = plane_scores(shifted(sl, poses.offsets[sl]), w[sl], planes)
                     out[p0 : p0 + per, c, j0 : j0 + chunk] = s.transpose(1, 2)
         return out
     rot = rot.expand(b, -1, -1, -1)
     chunk = max(1, projector.max_slices // (min(per, b) * f))
     for p0 in range(0, b, per):
-        sh = shifted(p0, p0 + per)
+        sh = shifted(slice(p0, p0 + per), poses.offsets[p0 : p0 + per])
         for c in range(projector.n_classes):
             for j0 in range(0, n_rot, chunk):
                 r = rot[p0 : p0 + per, j0 : j0 + chunk]
@@ -111,6 +117,38 @@ def score_batch(
                 s = plane_scores(sh, w[p0 : p0 + per], planes)
                 out[p0 : p0 + per, c, j0 : j0 + chunk] = s.transpose(1, 2)
     return out
+
+
+def _score_blocks(
+    out: torch.Tensor,
+    projector: Projector,
+    shifted: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    w: torch.Tensor,
+    tilts: torch.Tensor,
+    poses: PoseGrid,
+    points: FourierPoints,
+    plane: int,
+    max_elements: int,
+) -> None:
+    """Fill ``out`` ``(b, C, J, T/S)`` for a block grid (-inf elsewhere).
+
+    Each used (particle, block) is a row of ``J/S`` rotations x ``T/S`` offsets, scored as one
+    particle: rows of a class are chunked by about ``max_elements`` shifted values.
+    """
+    b, n_blocks = poses.block_class.shape
+    jb, tb = poses.n_rot // n_blocks, poses.n_trans
+    rot = poses.rotations.expand(b, -1, -1, -1).reshape(b, n_blocks, jb, 3, 3)
+    offsets = poses.offsets.reshape(b, n_blocks, tb, 3)
+    blocks = out.view(b, out.shape[1], n_blocks, jb, tb)
+    per = max(1, min(max_elements // (tb * plane), projector.max_slices // (jb * tilts.shape[1])))
+    for c in range(projector.n_classes):
+        p_all, s_all = torch.nonzero(poses.block_class == c).unbind(1)
+        for r0 in range(0, p_all.shape[0], per):
+            p, s = p_all[r0 : r0 + per], s_all[r0 : r0 + per]
+            mats = tilts[p][:, :, None] @ rot[p, s][:, None]  # (R, f, jb, 3, 3)
+            planes = _slice_planes(projector, c, mats, points)
+            scores = plane_scores(shifted(p, offsets[p, s]), w[p], planes)  # (R, tb, jb)
+            blocks[p, c, s] = scores.transpose(1, 2).to(out.dtype)
 
 
 def expectation(
@@ -124,8 +162,7 @@ def expectation(
     logp = (
         scores
         + log_class_priors.to(scores)[None, :, None, None]
-        + poses.log_prior_rot.to(scores)[:, None, :, None]
-        + poses.log_prior_offset.to(scores)[:, None, None, :]
+        + poses.log_prior().to(scores)[:, None]
     )
     flat = logp.reshape(b, -1)
     log_z = torch.logsumexp(flat, dim=1)
@@ -135,7 +172,7 @@ def expectation(
     # adaptive_fraction (at least the best one); ties resolved by the stable sort order
     sorted_p, order = torch.sort(prob, dim=1, descending=True, stable=True)
     before = torch.cumsum(sorted_p, dim=1) - sorted_p
-    keep_sorted = before < adaptive_fraction
+    keep_sorted = (before < adaptive_fraction) & (sorted_p > 0)
     keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
     weights = torch.where(keep, prob, 0.0)
     weights = weights / weights.sum(dim=1, keepdim=True)

@@ -10,13 +10,14 @@ constant, the Gaussian likelihood of the recorded images ``X_f = CTF_f w_f P_f +
 with ``P_f = F_c(M_f^T k)`` the central slice at ``M_f = R_f A_sub A`` and ``s_f = -[R_f A_sub
 o]_xy / px`` the particle centre in tilt f (pixels from the box centre, §1.3).
 
-The engine works on *planes*: real and imaginary parts as an axis of size 2 next to the
-frequencies, ``(..., f, 2, K)``. The shifted data of a particle ``(T, f, 2, K)`` and its
-slices ``(J, f, 2, K)`` then give all first terms as one real matrix product
-``(T, 2fK) @ (2fK, J)`` (tilts, real/imaginary parts and frequencies contracted at once),
-the second term as ``(J, fK) @ (fK, 1)`` on ``|P|^2``; slices shared by a batch (global
-searches, same tilt geometry) make it one ``(b T, 2fK) @ (2fK, J)`` product. Phases are
-computed in the data's precision (float32 for complex64 data).
+The engine contracts complex values as real pairs (``torch.view_as_real``): the shifted
+data of a particle ``(T, f, K)`` and its slices ``(J, f, K)`` then give all first terms as
+one real matrix product ``(T, 2fK) @ (2fK, J)`` (tilts, real/imaginary parts and
+frequencies contracted at once), the second term as ``(J, fK) @ (fK, 1)`` on ``|P|^2``;
+slices shared by a batch (global searches, same tilt geometry) make it one
+``(b T, 2fK) @ (2fK, J)`` product. The data are shifted to offsets one lattice step apart by
+one complex multiplication with a step phasor (:func:`shifted_data`) instead of a sine and
+cosine per value. Phases are computed in the data's precision (float32 for complex64 data).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ __all__ = [
     "pose_scores",
     "projected_shifts_px",
     "shift_phases",
-    "shifted_planes",
+    "shifted_data",
 ]
 
 
@@ -81,36 +82,76 @@ def centred_data(
     return data[:, None] * torch.complex(torch.cos(phase), torch.sin(phase))
 
 
-def shifted_planes(data: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
-    """``data * e^{i phases}`` as planes ``(b, T, f, 2, K)`` (real, imaginary).
+def _lattice_steps(offsets: torch.Tensor, tol: float = 1e-6) -> tuple[list[int], torch.Tensor]:
+    """How each offset follows from an earlier one by one axis step, the same for all rows.
 
-    ``data`` ``(b, f, K)`` complex; ``phases`` ``(b, T, f, K)`` from :func:`shift_phases`
-    (overwritten: its storage holds the sines).
+    ``offsets`` ``(R, T, 3)``. Returns ``parent`` (``T`` ints, -1 for the offsets computed
+    directly) and ``step`` ``(T, 3)`` with ``offsets[:, t] = offsets[:, parent[t]] + step[t]``
+    for every row; the parent is the earlier offset at the smallest axis-aligned distance.
     """
-    cos = torch.cos(phases)
-    sin = phases.sin_()
-    yr, yi = data.real[:, None], data.imag[:, None]  # (b, 1, f, K)
-    out = cos.new_empty((*cos.shape[:3], 2, cos.shape[3]))
-    re, im = out[:, :, :, 0], out[:, :, :, 1]
-    torch.mul(cos, yr, out=re).addcmul_(sin, yi, value=-1.0)
-    torch.mul(sin, yr, out=im).addcmul_(cos, yi)
+    o = offsets.detach().to("cpu", torch.float64)
+    r, t = o.shape[:2]
+    if r * t * t > 1 << 22:  # too many pairs to compare: compute every offset directly
+        return [-1] * t, torch.zeros(t, 3, dtype=torch.float64)
+    d = o[:, :, None] - o[:, None]  # (R, T, T, 3): d[., t, u] = o_t - o_u
+    shared = (d - d[:1]).abs().amax(dim=(0, 3)) <= tol
+    one_axis = ((d[0].abs() > tol).sum(-1) == 1) & shared
+    dist = d[0].abs().sum(-1).masked_fill(~torch.tril(one_axis, -1), math.inf)
+    best = dist.argmin(1)
+    parent = torch.where(torch.isfinite(dist.amin(1)), best, -1)
+    step = d[0][torch.arange(t), best]
+    return parent.tolist(), step
+
+
+def shifted_data(
+    data: torch.Tensor,
+    tilt_rotations: torch.Tensor,
+    offsets_angst: torch.Tensor,
+    points: FourierPoints,
+    pixel_size: float,
+) -> torch.Tensor:
+    """``Y e^{2 pi i k.s}`` ``(b, T, f, K)`` for the shifts of :func:`projected_shifts_px`.
+
+    Equals :func:`centred_data` (to float rounding), built by recurrence: the phase is linear
+    in the offset, so an offset one axis step from an earlier one (the same step for all
+    ``b`` rows, as on a translation lattice) is that one's shifted data times the step's
+    phasor. Only the remaining offsets (one for a lattice) and the distinct steps take a
+    sine and cosine per value. ``data`` ``(b, f, K)`` complex; ``offsets_angst`` ``(b, T, 3)``.
+    """
+    real = data.real.dtype
+    b, t = offsets_angst.shape[:2]
+    parent, step = _lattice_steps(offsets_angst)
+    out = data.new_empty(b, t, *data.shape[1:])
+    roots = [i for i in range(t) if parent[i] < 0]
+    phase = shift_phases(tilt_rotations, offsets_angst[:, roots], points, pixel_size, real)
+    out[:, roots] = data[:, None] * torch.polar(torch.ones_like(phase), phase)
+    linked = [i for i in range(t) if parent[i] >= 0]
+    if linked:
+        steps, which = torch.unique(torch.round(step[linked] * 1e6), dim=0, return_inverse=True)
+        steps = (steps / 1e6).to(offsets_angst)[None].expand(b, -1, -1)
+        phase = shift_phases(tilt_rotations, steps, points, pixel_size, real)
+        phasors = torch.polar(torch.ones_like(phase), phase)  # (b, S, f, K)
+        for i, s in zip(linked, which.tolist(), strict=True):
+            torch.mul(out[:, parent[i]], phasors[:, s], out=out[:, i])
     return out
 
 
 def plane_scores(
     shifted: torch.Tensor, weights: torch.Tensor, slices: torch.Tensor
 ) -> torch.Tensor:
-    """Scores ``(b, T, J)`` from planes (module docstring), up to a pose-independent constant.
+    """Scores ``(b, T, J)`` (module docstring), up to a pose-independent constant.
 
-    ``shifted`` ``(b, T, f, 2, K)`` data divided by ``sigma2`` and shifted to each
-    translation; ``weights`` ``(b, f, K)`` ``CTF2 / sigma2``; ``slices`` ``(B, J, f, 2, K)``
-    with ``B = b`` (one set per particle) or ``B = 1`` (shared by all particles).
+    ``shifted`` ``(b, T, f, K)`` complex data divided by ``sigma2`` and shifted to each
+    translation; ``weights`` ``(b, f, K)`` ``CTF2 / sigma2``; ``slices`` ``(B, J, f, K)``
+    complex (same precision as ``shifted``) with ``B = b`` (one set per particle) or
+    ``B = 1`` (shared by all particles). Both must be contiguous.
     """
     b, t = shifted.shape[:2]
     n_sets, j = slices.shape[:2]
-    y = shifted.reshape(b, t, -1)
-    p = slices.reshape(n_sets, j, -1)
-    p2 = slices.square().sum(-2).reshape(n_sets, j, -1)  # (B, J, fK) |P|^2
+    y = torch.view_as_real(shifted).reshape(b, t, -1)
+    planes = torch.view_as_real(slices)
+    p = planes.reshape(n_sets, j, -1)
+    p2 = planes.square().sum(-1).reshape(n_sets, j, -1)  # (B, J, fK) |P|^2
     w = weights.to(p2.dtype).reshape(b, -1)
     if n_sets == 1:
         cross = (y.reshape(b * t, -1) @ p[0].T).reshape(b, t, j)
@@ -142,7 +183,6 @@ def pose_scores(
     -------
     ``(b, T, J)`` scores (:func:`plane_scores` in the precision of ``slices``).
     """
-    y = centred * inv_sigma2[:, None, None, :]
-    shifted = torch.stack([y.real, y.imag], dim=3).to(slices.dtype)  # (b, T, f, 2, K)
-    planes = slices.permute(1, 3, 2, 0, 4).contiguous()  # (B, J, f, 2, K)
-    return plane_scores(shifted, weights * inv_sigma2[:, None, :], planes)
+    planes = torch.complex(slices[0], slices[1]).transpose(1, 2).contiguous()  # (B, J, f, K)
+    y = (centred * inv_sigma2[:, None, None, :]).to(planes.dtype)
+    return plane_scores(y, weights * inv_sigma2[:, None, :], planes)

@@ -149,18 +149,16 @@ def accumulate(
     group = batch.optics_group
     inv_s2 = 1.0 / sigma2[group][:, points.shell].to(weights.dtype)  # (b, K)
     y2 = data.abs() ** 2  # (b, f, K): |Y| does not depend on the offset
-    shell_gk = group[:, None] * sigma2.shape[1] + points.shell[None, :]  # (b, K)
-    n_shell = sigma2.shape[0] * sigma2.shape[1]
-    num = torch.zeros(n_shell, dtype=torch.float64, device=w.device)
-    den = torch.zeros(n_shell, dtype=torch.float64, device=w.device)
+    num = torch.zeros(sigma2.shape[0], k, dtype=torch.float64, device=w.device)  # (G, K)
+    den = torch.zeros_like(num)
     tilts = batch.tilt_rotations.double()
     for c in range(n_cls):
         tri, pairs, inverse, chunks = _significant(w[:, c], max(1, max_elements // (f * k)))
         for a, z, t0, t1 in chunks:
             tp, tj, tt = tri[t0:t1].unbind(1)
-            phase = shift_phases(tilts[tp], poses.offsets[tp, tt][:, None], points, pixel_size,
-                                 real)[:, 0]  # fmt: skip
-            shifted = data[tp] * torch.complex(torch.cos(phase), torch.sin(phase))
+            off = poses.offsets[tp, poses.offset_index(tj, tt)][:, None]
+            phase = shift_phases(tilts[tp], off, points, pixel_size, real)[:, 0]
+            shifted = data[tp] * torch.polar(torch.ones_like(phase), phase)
             shifted *= w[tp, c, tj, tt].to(real)[:, None, None]
             d = shifted.new_zeros(z - a, f, k).index_add_(0, inverse[t0:t1] - a, shifted)
             pi, ji = pairs[a:z].unbind(1)
@@ -175,9 +173,8 @@ def accumulate(
                 - 2 * ctf2 * (d.conj() * p).real
                 + wm * ctf2**2 * (p.real**2 + p.imag**2)
             )
-            idx = shell_gk[pi][:, None, :].expand(-1, f, -1)
-            num.index_add_(0, idx.reshape(-1), res.reshape(-1).double())
-            den.index_add_(0, idx.reshape(-1), (2 * wm * ctf2).reshape(-1).double())
+            num.index_add_(0, group[pi], res.sum(1).double())
+            den.index_add_(0, group[pi], (2 * wm * ctf2).sum(1).double())
             # probability-weighted insertion of the visible tilts
             v = batch.visible[pi]  # (m, f)
             inv = inv_s2[pi][:, None, :]
@@ -188,11 +185,13 @@ def accumulate(
                 max_radius=int(points.shell.max()) + 1,
             )
         sums.class_weight[c] += w[:, c].sum()
-    sums.sigma2_num += num.reshape(sigma2.shape)
-    sums.sigma2_den += den.reshape(sigma2.shape)
-    w_t = w.sum(dim=(1, 2))  # (b, T)
-    sums.offset2 += (w_t * (poses.deltas**2).sum(-1)).sum().cpu()
-    sums.offset_weight += w_t.sum().cpu()
+    sums.sigma2_num.index_add_(1, points.shell, num)
+    sums.sigma2_den.index_add_(1, points.shell, den)
+    j_all = torch.arange(poses.n_rot, device=w.device)[:, None]
+    t_all = torch.arange(poses.n_trans, device=w.device)[None]
+    delta2 = (poses.deltas**2).sum(-1)[:, poses.offset_index(j_all, t_all)]  # (b, J, T)
+    sums.offset2 += (w.sum(1) * delta2).sum().cpu()
+    sums.offset_weight += w.sum().cpu()
     sums.log_likelihood += result.log_evidence.sum().cpu()
     sums.pmax += result.pmax.sum().cpu()
     sums.n_particles += b
@@ -228,8 +227,8 @@ def initial_sigma2(batches: Iterable[ParticleBatch], n_groups: int, box: int) ->
     num = torch.zeros(n_groups, box // 2 + 1, dtype=torch.float64)
     den = torch.zeros_like(num)
     for batch in batches:
-        p2 = radial_average(batch.data.abs().double() ** 2, (box, box)).sum(1)  # (b, S)
-        c2 = radial_average(batch.ctf2.double(), (box, box)).sum(1)
+        p2 = radial_average((batch.data.abs() ** 2).sum(1).double(), (box, box))  # (b, S)
+        c2 = radial_average(batch.ctf2.sum(1).double(), (box, box))
         g = batch.optics_group.cpu()
         num.index_add_(0, g, p2.cpu())
         den.index_add_(0, g, 2 * c2.cpu())

@@ -67,7 +67,12 @@ class PoseGrid:
     ``rotations`` ``(b or 1, J, 3, 3)`` trial ``A_part`` (1 when shared by the batch),
     ``log_prior_rot`` ``(b, J)``; ``offsets`` ``(b, T, 3)`` trial absolute offsets (Å),
     ``deltas`` ``(b, T, 3)`` their change from the current offset, ``log_prior_offset``
-    ``(b, T)``.
+    ``(b, T)``. Every (class, rotation, offset) is a pose unless ``block_class`` ``(b, S)``
+    is set (the oversampled grids of :func:`oversample`): then the rotations form ``S``
+    consecutive blocks of ``J/S`` and the offsets ``S`` blocks of ``T/S``; the poses of
+    block ``s`` are its rotations x its offsets for class ``block_class[:, s]`` only (-1:
+    unused block), and scores/weights ``(b, C, J, T/S)`` index the offset within the block
+    of the rotation (:meth:`offset_index`).
     """
 
     rotations: torch.Tensor
@@ -75,6 +80,7 @@ class PoseGrid:
     offsets: torch.Tensor
     deltas: torch.Tensor
     log_prior_offset: torch.Tensor
+    block_class: torch.Tensor | None = None
 
     @property
     def n_rot(self) -> int:
@@ -82,7 +88,27 @@ class PoseGrid:
 
     @property
     def n_trans(self) -> int:
-        return self.deltas.shape[1]
+        """Offsets per rotation (the last axis of scores and weights)."""
+        n = self.deltas.shape[1]
+        return n if self.block_class is None else n // self.block_class.shape[1]
+
+    def offset_index(self, j: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Index into ``offsets``/``deltas`` of the pose (rotation ``j``, offset ``t``)."""
+        if self.block_class is None:
+            return t
+        return (
+            torch.div(j, self.n_rot // self.block_class.shape[1], rounding_mode="floor")
+            * (self.n_trans)
+            + t
+        )
+
+    def log_prior(self) -> torch.Tensor:
+        """Rotation plus offset log prior of every pose ``(b, J, T)``."""
+        idx = self.offset_index(
+            torch.arange(self.n_rot, device=self.deltas.device)[:, None],
+            torch.arange(self.n_trans, device=self.deltas.device)[None],
+        )
+        return self.log_prior_rot[:, :, None] + self.log_prior_offset[:, idx]
 
 
 def translation_grid(
@@ -197,6 +223,12 @@ def _corner_rotations(half_step_deg: float, device: torch.device) -> torch.Tenso
     return torch.linalg.matrix_exp(skew)
 
 
+def _corner_offsets(half_step_angst: float, device: torch.device) -> torch.Tensor:
+    """The 8 offsets ``{+-h}^3`` Å ``(8, 3)``."""
+    h = torch.tensor([-half_step_angst, half_step_angst], dtype=torch.float64, device=device)
+    return torch.cartesian_prod(h, h, h)
+
+
 def oversample(
     sampling: Sampling,
     batch: ParticleBatch,
@@ -204,27 +236,37 @@ def oversample(
     weights: torch.Tensor,
     sigma_offset_angst: float,
 ) -> PoseGrid:
-    """RELION's adaptive oversampling: the finer poses around the significant coarse ones.
+    """RELION's adaptive oversampling: the children of each particle's significant poses.
 
-    ``weights`` ``(b, C, J, T)`` from the coarse pass. For each particle the coarse rotations
-    and offsets with non-zero weight (the same number for all particles: the most probable
-    ones, so a particle with fewer significant poses gets a few extra, still valid, poses)
-    are replaced by 8 children each: rotations ``exp([v]_x) A`` with ``v`` in
-    ``{+-step/4}^3`` (spacing step/2) and offsets ``t + {+-step/4}^3`` Å. Priors are
-    re-evaluated at the children (local: Gaussian in the angle to the current rotation).
+    ``weights`` ``(b, C, J, T)`` from the coarse pass (non-zero: significant). Each
+    significant coarse (class c, rotation j, offset t) is replaced by its 8 x 8 children:
+    rotations ``exp([v]_x) A_j`` with ``v`` in ``{+-step/4}^3`` (spacing step/2) times offsets
+    ``t + {+-step/4}^3`` Å (offset_step; only the parent without offset search). The
+    result is a block grid (:class:`PoseGrid`): one block per significant (particle, c, j)
+    holding the 8 rotation children and the children of its significant offsets (padded to
+    the largest count with impossible poses, log prior -inf), so no other pair is scored.
+    Priors are evaluated at the children (local: Gaussian in the angle to the current
+    rotation; tilt/psi priors; Gaussian offset prior).
     """
-    b = batch.size
+    b = weights.shape[0]
     device = weights.device
-    w_rot = weights.sum(dim=(1, 3))  # (b, J)
-    w_tr = weights.sum(dim=(1, 2))  # (b, T)
-    n_rot = int((w_rot > 0).sum(1).max())
-    n_tr = int((w_tr > 0).sum(1).max())
-    j_idx = torch.topk(w_rot, n_rot, dim=1).indices  # (b, nj)
-    t_idx = torch.topk(w_tr, n_tr, dim=1).indices  # (b, nt)
-    rot = poses.rotations.expand(b, -1, -1, -1)
-    rot = torch.gather(rot, 1, j_idx[..., None, None].expand(-1, -1, 3, 3))  # (b, nj, 3, 3)
-    rot = _corner_rotations(sampling.step_deg / 4, device)[None, None] @ rot[:, :, None]
-    rot = rot.reshape(b, -1, 3, 3)
+    sig = weights > 0
+    rows = torch.nonzero(sig.any(-1))  # (R, 3) particle-major (p, c, j)
+    p, c, j = rows.unbind(1)
+    counts = torch.bincount(p, minlength=b)
+    n_blocks = int(counts.max())
+    slot = torch.arange(rows.shape[0], device=device) - (torch.cumsum(counts, 0) - counts)[p]
+    # significant offsets of each row first (stable), padded with impossible copies
+    row_sig = sig[p, c, j]  # (R, T)
+    n_t = int(row_sig.sum(1).max())
+    t_idx = torch.sort(row_sig.to(torch.int8), dim=1, descending=True, stable=True).indices
+    t_idx, t_ok = t_idx[:, :n_t], torch.gather(row_sig, 1, t_idx[:, :n_t])  # (R, nt)
+
+    coarse = poses.rotations.expand(b, -1, -1, -1)[p, j]  # (R, 3, 3)
+    children = _corner_rotations(sampling.step_deg / 4, device)[None] @ coarse[:, None]
+    rot = batch.rotations.double()[:, None, None].expand(b, n_blocks, 8, 3, 3).clone()
+    rot[p, slot] = children
+    rot = rot.reshape(b, n_blocks * 8, 3, 3)
     log_rot = torch.zeros(rot.shape[:2], dtype=torch.float64, device=device)
     if sampling.local_sigma_deg is not None:
         angle = rotation_angle_deg(rot, batch.rotations.double()[:, None])
@@ -234,10 +276,25 @@ def oversample(
     )
     if prior is not None:
         log_rot = log_rot + prior
-    deltas = torch.gather(poses.deltas, 1, t_idx[..., None].expand(-1, -1, 3))  # (b, nt, 3)
+    used = torch.zeros(b, n_blocks, dtype=torch.bool, device=device)
+    used[p, slot] = True
+    log_rot = log_rot.masked_fill(~used.repeat_interleave(8, dim=1), -math.inf)
+
+    deltas = poses.deltas[p[:, None], t_idx]  # (R, nt, 3)
+    ok = t_ok
     if sampling.offset_range_angst > 0:
-        h = sampling.offset_step_angst / 4
-        corners = torch.cartesian_prod(*[torch.tensor([-h, h], dtype=torch.float64)] * 3)
-        deltas = (deltas[:, :, None] + corners.to(device)[None, None]).reshape(b, -1, 3)
-    offsets = batch.offsets.double()[:, None, :] + deltas
-    return PoseGrid(rot, log_rot, offsets, deltas, _offset_prior(deltas, sigma_offset_angst))
+        corners = _corner_offsets(sampling.offset_step_angst / 4, device)
+        deltas = (deltas[:, :, None] + corners[None, None]).reshape(rows.shape[0], -1, 3)
+        ok = t_ok.repeat_interleave(8, dim=1)
+    n_tb = deltas.shape[1]
+    full = torch.zeros(b, n_blocks, n_tb, 3, dtype=torch.float64, device=device)
+    full[p, slot] = deltas
+    full = full.reshape(b, n_blocks * n_tb, 3)
+    valid = torch.zeros(b, n_blocks, n_tb, dtype=torch.bool, device=device)
+    valid[p, slot] = ok
+    log_off = _offset_prior(full, sigma_offset_angst)
+    log_off = log_off.masked_fill(~valid.reshape(b, -1), -math.inf)
+    block_class = torch.full((b, n_blocks), -1, dtype=torch.long, device=device)
+    block_class[p, slot] = c
+    offsets = batch.offsets.double()[:, None, :] + full
+    return PoseGrid(rot, log_rot, offsets, full, log_off, block_class)
