@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from subtomo.jobs.class3d import Class3DParams, run
-
 
 def command(
     ios: str = typer.Option(None, "--ios", help="Input optimisation set."),
@@ -54,6 +52,8 @@ def command(
     output_dir: str = typer.Option(None, "--o", help="Output directory."),
 ) -> None:
     """3D classification (with or without alignment) on the ML engine, RELION's outputs."""
+    from subtomo.jobs.class3d import Class3DParams, run
+
     params = Class3DParams(
         ios=ios, particles=particles, tomograms=tomograms, trajectories=trajectories,
         ref=tuple(ref or ()), ref_correct_greyscale=ref_correct_greyscale, ini_high=ini_high,

@@ -8,8 +8,6 @@ from pathlib import Path
 import typer
 from rich.logging import RichHandler
 
-from subtomo.jobs.demo import DemoParams, run
-
 
 def command(
     out: Path = typer.Option(Path("demo_project"), "--out", help="New project directory."),
@@ -20,13 +18,15 @@ def command(
     pose_error_deg: float = typer.Option(5.0, "--pose-error-deg", help="σ of picked poses."),
     shift_error_px: float = typer.Option(1.0, "--shift-error-px", help="σ of picked shifts."),
     align: bool = typer.Option(
-        False, "--align", help="Also Class3D local searches and Refine3D (slow without a GPU)."
+        True, "--align/--no-align", help="Class3D local searches and Refine3D (or skip them)."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed of the simulation."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
     verbose: bool = typer.Option(False, "--verbose", help="Show every job's log."),
 ) -> None:
     """Simulate a ribosome data set with known truth and run the tutorial path on it."""
+    from subtomo.jobs.demo import DemoParams, run
+
     if not verbose:
         for handler in logging.getLogger("subtomo").handlers:
             if isinstance(handler, RichHandler):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from subtomo.jobs.extract import ExtractParams, run
-
 
 def command(
     ios: str = typer.Option(None, "--ios", help="Input optimisation set."),
@@ -34,6 +32,8 @@ def command(
     output_dir: str = typer.Option(None, "--o", help="Output directory."),
 ) -> None:
     """Extract subtomos: CTF-premultiplied pseudo-subtomograms for every particle."""
+    from subtomo.jobs.extract import ExtractParams, run
+
     params = ExtractParams(
         ios=ios, particles=particles, tomograms=tomograms, trajectories=trajectories, box=box,
         crop=crop, binning=binning, stack2d=stack2d, float16=float16, max_dose=max_dose,

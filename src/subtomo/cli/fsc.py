@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from subtomo.jobs.fsc import FscParams, run
-
 
 def command(
     map1: str = typer.Argument(..., help="First map."),
@@ -16,6 +14,8 @@ def command(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
 ) -> None:
     """Print and plot the FSC between two maps and where it crosses 0.5 and 0.143."""
+    from subtomo.jobs.fsc import FscParams, run
+
     res = run(FscParams(map1=map1, map2=map2, mask=mask, angpix=angpix, o=output, device=device))
     typer.echo("shell  resolution(A)  FSC")
     for k, (a, f) in enumerate(zip(res.angstrom, res.fsc, strict=True)):

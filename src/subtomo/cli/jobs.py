@@ -8,13 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from subtomo.jobs.jobdir import job_lineage, read_pipeline
-
 
 def command(
     project: Path = typer.Option(Path("."), "--project", help="Project directory."),
 ) -> None:
     """List jobs of the project (default_pipeline.star) with status and input jobs."""
+    from subtomo.jobs.jobdir import job_lineage, read_pipeline
+
     tables = read_pipeline(project)
     if "pipeline_processes" not in tables:
         typer.echo(f"no jobs yet in {project.resolve()}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from subtomo.jobs.localres import LocalResParams, run
-
 
 def command(
     i: str = typer.Option(None, "--i", help="Half map 1."),
@@ -27,6 +25,8 @@ def command(
     output_dir: str = typer.Option(None, "--o", help="Output directory."),
 ) -> None:
     """Local resolution: windowed FSC between the half maps."""
+    from subtomo.jobs.localres import LocalResParams, run
+
     run(
         LocalResParams(
             i=i,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from subtomo.jobs.mask import MaskParams, run
-
 
 def command(
     i: str = typer.Option(None, "--i", help="Input map to threshold."),
@@ -37,6 +35,8 @@ def command(
     output_dir: str = typer.Option(None, "--o", help="Output directory."),
 ) -> None:
     """Mask creation: low-pass, threshold, extend, soft edge (or de novo shapes)."""
+    from subtomo.jobs.mask import MaskParams, run
+
     run(
         MaskParams(
             i=i,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from subtomo.jobs.postprocess import PostprocessParams, run
-
 
 def command(
     i: str = typer.Option(None, "--i", help="Half map 1."),
@@ -44,6 +42,8 @@ def command(
     output_dir: str = typer.Option(None, "--o", help="Output directory."),
 ) -> None:
     """Post-processing: masked FSC, resolution at 0.143, B-factor sharpening, report."""
+    from subtomo.jobs.postprocess import PostprocessParams, run
+
     res = run(
         PostprocessParams(
             i=i,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from subtomo.jobs.reconstruct import ReconstructParams, run
-
 
 def command(
     ios: str = typer.Option(None, "--ios", help="Input optimisation set."),
@@ -27,6 +25,8 @@ def command(
     output_dir: str = typer.Option(None, "--o", help="Output directory."),
 ) -> None:
     """Reconstruct particle: average the particles into half1/half2/merged maps."""
+    from subtomo.jobs.reconstruct import ReconstructParams, run
+
     params = ReconstructParams(
         ios=ios, particles=particles, tomograms=tomograms, trajectories=trajectories, box=box,
         crop=crop, binning=binning, sym=sym, snr=snr, taper=taper, no_ctf=no_ctf,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from subtomo.jobs.refine3d import Refine3DParams, run
-
 
 def command(
     ios: str = typer.Option(None, "--ios", help="Input optimisation set."),
@@ -56,7 +54,10 @@ def command(
     output_dir: str = typer.Option(None, "--o", help="Output directory."),
 ) -> None:
     """3D auto-refine: gold-standard refinement until convergence, then a joined iteration."""
-    params = Refine3DParams(**{k: v for k, v in locals().items()})
+    options = dict(locals())  # every parameter above is a Refine3DParams field
+    from subtomo.jobs.refine3d import Refine3DParams, run
+
+    params = Refine3DParams(**options)
     outputs = run(params)
     for path in outputs:
         typer.echo(path)

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import typer
 
-from subtomo.jobs.select import SelectParams, run
-
 
 def command(
     i: Path = typer.Option(..., "--i", help="particles/_data.star or _optimiser.star"),
@@ -25,6 +23,8 @@ def command(
     o: Path = typer.Option(None, "--o", help="Output directory (default Select/jobNNN)"),
 ) -> None:
     """Subset selection: keep classes, threshold Pmax/log-likelihood, remove duplicates."""
+    from subtomo.jobs.select import SelectParams, run
+
     kept = [int(c) for c in classes.replace(" ", "").split(",") if c]
     out = run(
         SelectParams(

@@ -6,9 +6,6 @@ from pathlib import Path
 
 import typer
 
-from subtomo.jobs.simulate import SimulateJob, run
-from subtomo.simulate import SimulationParams
-
 
 def _size(text: str | None) -> tuple[int, int, int] | None:
     if text is None:
@@ -58,6 +55,9 @@ def command(
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda[:N]."),
 ) -> None:
     """Simulate tilt series of known particles, with RELION 5 STAR files (ground truth)."""
+    from subtomo.jobs.simulate import SimulateJob, run
+    from subtomo.simulate import SimulationParams
+
     params = SimulationParams.from_preset(
         preset,
         maps=tuple(maps) if maps else None,

@@ -8,11 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from subtomo.data import ParticleSet, TomogramSet
-from subtomo.errors import InputError
-from subtomo.io import read_star
-from subtomo.jobs import star_tools
-
 app = typer.Typer(help="Edit and inspect particle and tomogram STAR files.", no_args_is_help=True)
 
 
@@ -25,6 +20,9 @@ def recentre(
     center_z: float = typer.Option(0.0, "--center-z", help="Z in reference-box pixels"),
 ) -> None:
     """Recentre on a point of the reference (relion_star_handler --center)."""
+    from subtomo.data import ParticleSet
+    from subtomo.jobs import star_tools
+
     out = star_tools.recentre(ParticleSet.read(i), (center_x, center_y, center_z))
     out.write(o)
     typer.echo(f"recentred {len(out)} particles -> {o} (re-extract to apply the offsets)")
@@ -37,6 +35,9 @@ def apply_orientations(
     tomograms: Path = typer.Option(None, "--tomograms", help="tomograms.star (legacy coords)"),
 ) -> None:
     """Fold refined angles and offsets into the subtomogram orientation and position."""
+    from subtomo.data import ParticleSet, TomogramSet
+    from subtomo.jobs import star_tools
+
     tomos = TomogramSet.read(tomograms) if tomograms else None
     out = star_tools.apply_orientations(ParticleSet.read(i, tomos), tomos)
     out.write(o)
@@ -50,6 +51,9 @@ def convert(
     o: Path = typer.Option(..., "--o", help="Output RELION 5 particles.star"),
 ) -> None:
     """Convert rlnCoordinateX/Y/Z pixels to RELION 5 rlnCenteredCoordinate*Angst."""
+    from subtomo.data import ParticleSet, TomogramSet
+    from subtomo.jobs import star_tools
+
     tomos = TomogramSet.read(tomograms)
     out = star_tools.convert_to_centred(ParticleSet.read(i, tomos), tomos)
     out.write(o)
@@ -63,6 +67,9 @@ def combine(
     tomograms: bool = typer.Option(False, "--tomograms", help="Inputs are tomograms.star"),
 ) -> None:
     """Combine particle sets (optics groups merged by name) or tomogram sets."""
+    from subtomo.data import ParticleSet, TomogramSet
+    from subtomo.jobs import star_tools
+
     if tomograms:
         out_t = star_tools.combine_tomograms([TomogramSet.read(p) for p in inputs])
         out_t.write(o)
@@ -80,6 +87,9 @@ def print_table(
     columns: list[str] = typer.Argument(None, help="Columns (default: all)"),
 ) -> None:
     """Print columns of a table (like relion_star_printtable)."""
+    from subtomo.errors import InputError
+    from subtomo.io import read_star
+
     blocks = read_star(file)
     if block not in blocks:
         raise InputError(f"no block data_{block} (has: {', '.join(blocks)})", file=file)

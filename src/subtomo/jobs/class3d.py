@@ -233,6 +233,14 @@ def _resumed(params: Class3DParams) -> tuple[Class3DParams, IterationFiles, dict
     return Class3DParams(**stored), files, checkpoint
 
 
+def _initial_size(params: Class3DParams, box: int, px: float) -> int:
+    """The first iteration's image size: 2 (shell of ``--ini_high`` + ``--incr_size``), as
+    RELION (the full box without an initial low-pass)."""
+    if params.ini_high <= 0:
+        return box
+    return min(box, 2 * (int(box * px / params.ini_high) + EngineParams.incr_size))
+
+
 def run(params: Class3DParams) -> dict[str, str]:
     """Run (or continue) the job; returns ``{output path: RELION node type}``."""
     checkpoint = None
@@ -303,7 +311,7 @@ def run(params: Class3DParams) -> dict[str, str]:
                 log.info("Reference grey scale corrected by a factor %.4g", scale)
                 refs = refs * scale
             model = MLModel.initial(
-                refs.to(device), sigma2, px,
+                refs.to(device), sigma2, px, current_size=_initial_size(params, box, px),
                 sigma_offset_angst=max(params.offset_range * px, 10.0),
                 ini_high_angst=params.ini_high if params.ini_high > 0 else None,
             )  # fmt: skip

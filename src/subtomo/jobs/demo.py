@@ -6,10 +6,12 @@ picked poses perturbed like a template-matching result. The jobs then run in the
 directory as a user would run them, one RELION job directory each:
 
     simulate -> Extract -> Reconstruct (at the picked poses)
-    [--align: -> Class3D (1 class, local searches)]
+    -> Class3D (1 class, local searches around the picked poses)
     -> Class3D (2 classes, no alignment) -> Select (the class closest to the consensus)
-    -> Reconstruct (selected particles) -> MaskCreate -> PostProcess
-    [--align: MaskCreate -> Refine3D instead of that Reconstruct]
+    -> MaskCreate -> Refine3D (gold-standard, local searches) -> PostProcess
+
+``--no-align`` skips the two alignment steps (a quicker first look): the selected particles
+are then reconstructed at their picked poses instead of refined.
 
 Each step reports its particles, the junk among them (from the simulator's ground truth
 ``subtomoSpecies``), the gold-standard resolution (half-map FSC 0.143 inside a soft sphere of
@@ -65,6 +67,10 @@ log = logging.getLogger("subtomo")
 #: Mask diameter for classification and refinement (Å): the 70S ribosome is ~250 Å across.
 PARTICLE_DIAMETER = 320.0
 
+#: Refine3D's initial sampling (7.5°), with local searches from the start: the particles
+#: come aligned from Class3D, as in the tutorial's refinement after classification.
+REFINE_HEALPIX_ORDER = 3
+
 #: The ``--quick`` variant (tests, a first look): one small tomogram, 21 tilts, 60 particles.
 QUICK = {"tomograms": 1, "particles": 60, "tomogram_size": (256, 256, 96), "tilt_step": 6.0}
 
@@ -76,9 +82,8 @@ class DemoParams:
     ``maps``: species maps (MRC; the first is the target, the others junk; empty: the
     embedded 70S and 50S ribosomes). ``pose_error_deg`` / ``shift_error_px``: σ of the picked
     poses' errors (a template-matching result). ``quick``: the small :data:`QUICK` variant.
-    ``align``: also run the alignment steps (Class3D with local searches, Refine3D), which
-    need a GPU to fit the demo's time; without it the selected particles are reconstructed
-    at their picked poses.
+    ``align``: run the alignment steps (Class3D with local searches, Refine3D); without
+    them the selected particles are reconstructed at their picked poses.
     """
 
     out: Path = Path("demo_project")
@@ -86,7 +91,7 @@ class DemoParams:
     maps: tuple[str, ...] = ()
     pose_error_deg: float = 5.0
     shift_error_px: float = 1.0
-    align: bool = False
+    align: bool = True
     seed: int = 0
     device: str = "auto"
 
@@ -298,7 +303,7 @@ class _Demo:
                 particle_diameter=PARTICLE_DIAMETER,
                 skip_align=skip_align,
                 healpix_order=3,
-                sigma_ang=-1.0 if skip_align else 2.0 * self.params.pose_error_deg,
+                sigma_ang=-1.0 if skip_align else self.params.pose_error_deg,
                 offset_range=3.0,
                 device=self.params.device,
             )
@@ -363,8 +368,9 @@ class _Demo:
                 ref=self.merged,
                 solvent_mask=self.mask,
                 particle_diameter=PARTICLE_DIAMETER,
-                healpix_order=3,
-                offset_range=3.0,
+                healpix_order=REFINE_HEALPIX_ORDER,
+                auto_local_healpix_order=REFINE_HEALPIX_ORDER,
+                offset_range=2.0,
                 max_iter=4 if self.params.quick else 10,
                 device=self.params.device,
             )

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from subtomo.data import ParticleSet
+from subtomo.data import ParticleSet, relative_to_cwd
 from subtomo.errors import InputError
 from subtomo.geometry import matrix_to_euler
 from subtomo.io import atomic_path, write_star
@@ -292,14 +292,14 @@ def write_optimiser_star(
     labels, e.g. rlnCurrentIteration, rlnChangesOptimalOrientations, rlnHasConverged)."""
     halves = bool(values.get("rlnDoSplitRandomHalves", 0))
     block = {
-        "rlnOutputRootName": str(files.directory / files.root),
-        "rlnModelStarFile": str(files.model(1 if halves else None)),
-        "rlnExperimentalDataStarFile": str(files.data),
-        "rlnOrientSamplingStarFile": str(files.sampling),
+        "rlnOutputRootName": relative_to_cwd(files.directory / files.root),
+        "rlnModelStarFile": relative_to_cwd(files.model(1 if halves else None)),
+        "rlnExperimentalDataStarFile": relative_to_cwd(files.data),
+        "rlnOrientSamplingStarFile": relative_to_cwd(files.sampling),
         **values,
     }
     if halves:
-        block.setdefault("rlnModelStarFile2", str(files.model(2)))
+        block.setdefault("rlnModelStarFile2", relative_to_cwd(files.model(2)))
     write_star(path, {"optimiser_general": block})
 
 
