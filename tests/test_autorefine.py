@@ -103,6 +103,20 @@ def test_sampling_sequence_follows_relion_rules() -> None:
     assert s.converged and s.healpix_order == 4
 
 
+def test_sigma_ang_gives_local_searches_from_the_start() -> None:
+    """``--sigma_ang 3`` (relion_refine's flag): local searches with a 3 deg prior from the
+    first iteration, below ``auto_local_healpix_order``, kept with the same width after the
+    sampling is refined; a failure means a global search or a silently changed prior."""
+    opt = dataclasses.replace(OPT, sigma_ang_deg=3.0)
+    s = AutoRefineState.initial(opt)
+    assert s.healpix_order == 2 and s.local_searches
+    assert s.sampling(opt).local_sigma_deg == pytest.approx(3.0)
+    s = _step(s, 5, (10.0, 3.0, 0.0), options=opt)
+    s = _step(s, 5, (5.0, 2.0, 0.0), options=opt)  # stalled and stable: order 3
+    assert s.healpix_order == 3 and s.local_searches
+    assert s.sampling(opt).local_sigma_deg == pytest.approx(3.0)
+
+
 def test_sampling_stops_refining_past_what_the_pixels_resolve() -> None:
     """With coarse pixels (20 Å, D = 260 Å: Nyquist step 17.6 deg) the 7.5 deg order-3
     sampling (3.75 deg oversampled) is fine enough even when the accuracy estimate claims

@@ -31,6 +31,9 @@ def command(
         4, "--auto_local_healpix_order", help="Local searches from this HEALPix order."
     ),
     oversampling: int = typer.Option(1, "--oversampling", help="Adaptive oversampling order."),
+    sigma_ang: float = typer.Option(
+        -1.0, "--sigma_ang", help="Local searches from the start with this prior width (deg)."
+    ),
     sigma_tilt: float = typer.Option(-1.0, "--sigma_tilt", help="Tilt prior width (deg)."),
     sigma_psi: float = typer.Option(-1.0, "--sigma_psi", help="Psi prior width (deg)."),
     auto_ignore_angles: bool = typer.Option(False, "--auto_ignore_angles"),

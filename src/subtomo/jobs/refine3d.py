@@ -79,6 +79,7 @@ class Refine3DParams:
     offset_range: float = 5.0  # --offset_range (pixels)
     offset_step: float = 1.0  # --offset_step (pixels)
     auto_local_healpix_order: int = 4  # --auto_local_healpix_order
+    sigma_ang: float = -1.0  # --sigma_ang (deg; > 0: local searches from the start)
     oversampling: int = 1  # --oversampling
     sigma_tilt: float = -1.0  # --sigma_tilt (deg; <= 0 off)
     sigma_psi: float = -1.0  # --sigma_psi
@@ -165,6 +166,7 @@ def _options(params: Refine3DParams, box: int, pixel: float) -> AutoSamplingOpti
         symmetry=params.sym,
         sigma_tilt_deg=params.sigma_tilt if params.sigma_tilt > 0 else None,
         sigma_psi_deg=params.sigma_psi if params.sigma_psi > 0 else None,
+        sigma_ang_deg=params.sigma_ang if params.sigma_ang > 0 else None,
         auto_ignore_angles=params.auto_ignore_angles,
         auto_resol_angles=params.auto_resol_angles,
         incr_size=params.incr_size,

@@ -80,7 +80,8 @@ class AutoSamplingOptions:
     (``--auto_ignore_angles``), ``auto_resol_angles`` (``--auto_resol_angles``),
     ``particle_diameter_angst`` (``--particle_diameter``), ``pixel_size`` (Å),
     ``incr_size`` (``--incr_size``), ``max_healpix_order``: the sampling is fine enough at
-    this order at the latest.
+    this order at the latest; ``sigma_ang_deg`` (``--sigma_ang``): local searches from the
+    first iteration with this prior width (degrees) instead of 2x the finest step.
     """
 
     particle_diameter_angst: float
@@ -97,6 +98,7 @@ class AutoSamplingOptions:
     auto_resol_angles: bool = False
     incr_size: int = 10
     max_healpix_order: int = 8
+    sigma_ang_deg: float | None = None
 
 
 @dataclass(frozen=True)
@@ -150,12 +152,20 @@ class AutoRefineState:
             healpix_order=options.healpix_order,
             offset_range_angst=options.offset_range_angst,
             offset_step_angst=options.offset_step_angst,
-            local_searches=options.healpix_order >= options.auto_local_healpix_order,
+            local_searches=options.healpix_order >= options.auto_local_healpix_order
+            or options.sigma_ang_deg is not None,
         )
 
     def step_deg(self, options: AutoSamplingOptions) -> float:
         """Finest angular step (after oversampling): ``360 / (6 2^order) / 2^oversampling``."""
         return 360.0 / (6 * 2**self.healpix_order) / 2**options.oversampling
+
+    def local_sigma_deg(self, options: AutoSamplingOptions) -> float:
+        """Width of the orientational prior of local searches: ``--sigma_ang`` when given,
+        else 2x the finest step (RELION's auto-refine)."""
+        if options.sigma_ang_deg is not None:
+            return options.sigma_ang_deg
+        return 2 * self.step_deg(options)
 
     def sampling(self, options: AutoSamplingOptions) -> Sampling:
         """The engine's :class:`~subtomo.ml.sampling.Sampling` for the next iteration."""
@@ -163,7 +173,7 @@ class AutoRefineState:
             healpix_order=self.healpix_order,
             offset_range_angst=self.offset_range_angst,
             offset_step_angst=self.offset_step_angst,
-            local_sigma_deg=2 * self.step_deg(options) if self.local_searches else None,
+            local_sigma_deg=self.local_sigma_deg(options) if self.local_searches else None,
             symmetry=options.symmetry,
             sigma_tilt_deg=options.sigma_tilt_deg,
             sigma_psi_deg=options.sigma_psi_deg,
@@ -279,7 +289,7 @@ def update_auto_sampling(
         healpix_order=order,
         offset_step_angst=step,
         offset_range_angst=rng,
-        local_searches=order >= options.auto_local_healpix_order,
+        local_searches=s.local_searches or order >= options.auto_local_healpix_order,
         iter_without_resolution_gain=0,
         iter_without_changes=0,
         smallest_changes=HiddenChanges(),
