@@ -29,6 +29,7 @@ from subtomo.ml.autorefine import (
     hidden_variable_changes,
     join_low_resolution,
     join_shell,
+    solvent_corrected_fsc,
     update_auto_sampling,
 )
 from subtomo.ml.batch import fourier_points
@@ -181,7 +182,9 @@ def test_current_image_size_rules() -> None:
     # res shell 9 (first SSNR < 1 at 10); incr max(10, 20 - 10 + 5) = 15 -> 48
     assert current_image_size(fsc, ssnr, 64, 20, 10, mean_pmax=0.05) == 48
     assert current_image_size(fsc, ssnr, 64, 20, 10, mean_pmax=0.5) == 20 + 16
-    assert current_image_size(fsc, ssnr, 64, 44, 10, mean_pmax=0.5) == 48  # FSC 0.1 at 22
+    assert current_image_size(fsc, ssnr, 64, 44, 10, mean_pmax=0.5) == 48  # FSC 0.1 at 21
+    # the limit is shell 19, the last one a size-40 iteration reconstructs (FSC 0.3)
+    assert current_image_size(fsc, ssnr, 64, 40, 10, mean_pmax=0.5) == 56
     assert current_image_size(fsc, ssnr, 40, 20, 10, mean_pmax=0.05) == 40
 
 
@@ -224,10 +227,13 @@ def test_solvent_corrected_fsc_removes_mask_correlation() -> None:
     ]
     mask = soft_sphere((n, n, n), 8.0, 0.0).double()
     masked = fsc_maps(halves[0], halves[1], mask)
-    true = halfset_fsc(halves[0], halves[1], mask, generator=torch.Generator().manual_seed(1))
+    unmasked = halfset_fsc(*halves)
+    true = solvent_corrected_fsc(
+        halves[0], halves[1], mask, unmasked, generator=torch.Generator().manual_seed(1)
+    )
     assert masked[10:16].mean() > 0.3, masked
     assert true[10:16].abs().mean() < 0.08, true
-    assert torch.allclose(halfset_fsc(*halves), fsc_maps(*halves).double())
+    assert torch.allclose(unmasked, fsc_maps(*halves).double())
 
 
 def test_gold_standard_spectra_formulas() -> None:

@@ -62,6 +62,7 @@ __all__ = [
     "hidden_variable_changes",
     "join_low_resolution",
     "join_shell",
+    "solvent_corrected_fsc",
     "update_auto_sampling",
     "with_poses",
 ]
@@ -328,12 +329,13 @@ def current_image_size(
     """``rlnCurrentImageSize`` for the next iteration (§7.2).
 
     ``fsc``/``ssnr`` ``(n//2+1,)``. When ``mean_pmax > 0.1`` and the FSC at the current limit
-    (shell ``previous_size // 2``) exceeds 0.2, the size grows by 25% of the box; otherwise it
+    (shell ``previous_size // 2 - 1``, the last one reconstructed) exceeds 0.2, the size grows
+    by 25% of the box; otherwise it
     is ``2 (shell + incr)`` with the resolution shell of :func:`~subtomo.ml.engine.
     resolution_shell` and ``incr = max(incr_size, shell(FSC < 0.143) - shell(FSC < 0.5) + 5)``.
     Even, at most ``box``.
     """
-    limit = min(previous_size // 2, fsc.shape[-1] - 1)
+    limit = min(previous_size // 2 - 1, fsc.shape[-1] - 1)
     if mean_pmax > 0.1 and float(fsc[limit]) > 0.2:
         size = previous_size + 2 * math.ceil(box / 8)
     else:
@@ -372,26 +374,34 @@ def join_low_resolution(acc1: FourierAccumulator, acc2: FourierAccumulator, shel
 
 
 def halfset_fsc(
+    half1: torch.Tensor, half2: torch.Tensor, current_size: int | None = None
+) -> torch.Tensor:
+    """Gold-standard FSC ``(n//2+1,)`` float64 of the unregularised half maps (zyx, centre
+    ``n//2``; reconstructed with ``max_radius = current_size // 2``, see
+    :func:`~subtomo.reconstruct.reconstruct`), zero from shell ``current_size // 2`` on."""
+    fsc = fsc_maps(half1.double(), half2.double()).double().cpu()
+    if current_size is not None:
+        fsc[current_size // 2 :] = 0.0
+    return fsc
+
+
+def solvent_corrected_fsc(
     half1: torch.Tensor,
     half2: torch.Tensor,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor,
+    unmasked: torch.Tensor,
     *,
     current_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """FSC ``(n//2+1,)`` float64 of the unregularised half maps (zyx, centre ``n//2``).
-
-    With a reference ``mask`` (``--solvent_correct_fsc``, §7.3): the masked FSC corrected
-    with phase-randomised halves (randomised from the first shell where the unmasked FSC
-    < 0.8), ``FSC_true = (FSC_m - FSC_rand) / (1 - FSC_rand)`` from two shells beyond, and
-    zero beyond ``current_size // 2``.
-    """
-    unmasked = fsc_maps(half1.double(), half2.double()).double()
-    if mask is None:
-        return unmasked
+    """``--solvent_correct_fsc`` (§7.3): the FSC ``(n//2+1,)`` float64 of the half maps (zyx,
+    centre ``n//2``) inside ``mask``, corrected with phase-randomised halves. Phases are
+    randomised from the first shell where the ``unmasked`` FSC < 0.8,
+    ``FSC_true = (FSC_m - FSC_rand) / (1 - FSC_rand)`` from two shells beyond, zero beyond
+    ``current_size // 2``."""
     n = half1.shape[-1]
     m = mask.to(half1).double()
-    masked = fsc_maps(half1.double(), half2.double(), m).double()
+    masked = fsc_maps(half1.double(), half2.double(), m).double().cpu()
     try:
         shell = randomize_shell(unmasked, n, 1.0)
     except ValueError:  # correlated up to Nyquist: nothing to randomise
@@ -403,7 +413,7 @@ def halfset_fsc(
         )
         for h in (half1, half2)
     ]
-    true = corrected_fsc(masked, fsc_maps(rand[0], rand[1], m).double(), shell)
+    true = corrected_fsc(masked, fsc_maps(rand[0], rand[1], m).double().cpu(), shell)
     if current_size is not None:
         true = torch.where(torch.arange(true.shape[0]) > current_size // 2, 0.0, true)
     return true
@@ -582,12 +592,14 @@ def gold_standard_iteration(
                 acc.symmetrise(sym.to(acc.device))
     c1 = dataclasses.replace(sampling, symmetry="C1")
     acc1, acc2 = sums[0].accumulators[0], sums[1].accumulators[0]
-    half_maps = (reconstruct(acc1, taper=0), reconstruct(acc2, taper=0))
-    mask = params.reference_mask if solvent_correct_fsc else None
+    current = models[0].current_size
+    half_maps = tuple(reconstruct(a, taper=0, max_radius=current // 2) for a in (acc1, acc2))
+    fsc = halfset_fsc(*half_maps, current)
+    if solvent_correct_fsc and params.reference_mask is not None:
+        fsc = solvent_corrected_fsc(
+            *half_maps, params.reference_mask, fsc, current_size=current, generator=generator
+        )
     n = models[0].box
-    fsc = halfset_fsc(
-        *half_maps, mask, current_size=models[0].current_size, generator=generator
-    ).cpu()
     weight = 0.5 * (weight_spectrum(acc1) + weight_spectrum(acc2)).cpu()
     tau2, ssnr = gold_standard_spectra(fsc, weight, params.tau2_fudge, joined=final)
     n_part = sums[0].n_particles + sums[1].n_particles

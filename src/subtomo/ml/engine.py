@@ -4,7 +4,7 @@
 and ``max_slices``) and adds each batch to the M-step sums; :func:`maximise` turns the sums
 into the next model; :func:`iterate` does both (classification and the initial model).
 Gold-standard refinement runs :func:`expectation_pass` for each half, takes tau2 from the
-half-set FSC (:func:`gold_standard_tau2`) and calls :func:`maximise` per half.
+half-set FSC (:mod:`subtomo.ml.autorefine`) and calls :func:`maximise` per half.
 
 Everything is deterministic: the noise that fills the outside of the particle mask is drawn
 from a generator seeded by (``seed``, iteration, first particle of the batch), so
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from subtomo.fourier import fsc_maps
 from subtomo.geometry.orientations import orientation_grid
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.masks import soft_sphere
@@ -29,7 +28,7 @@ from subtomo.ml.batch import FourierPoints, ParticleBatch, fourier_points
 from subtomo.ml.estep import EStepResult, expectation, score_batch
 from subtomo.ml.images import mask_images
 from subtomo.ml.model import MLModel, reference_tau2
-from subtomo.ml.mstep import MStepSums, accumulate, ssnr_from_fsc, weight_spectrum
+from subtomo.ml.mstep import MStepSums, accumulate, weight_spectrum
 from subtomo.ml.projector import Projector
 from subtomo.ml.sampling import PoseGrid, Sampling, oversample, pose_grid
 from subtomo.reconstruct import reconstruct
@@ -38,7 +37,6 @@ __all__ = [
     "EngineParams",
     "ParticleResults",
     "expectation_pass",
-    "gold_standard_tau2",
     "iterate",
     "maximise",
     "resolution_shell",
@@ -253,7 +251,7 @@ def maximise(
     variance ``1 / (mean weight + 1/tau2)`` per shell (the EM update of the prior variance;
     the reference power alone shrinks tau2 every iteration wherever SSNR < ~3, until those
     shells vanish), kept where no data arrived. Gold-standard refinement passes ``tau2`` and
-    ``ssnr`` from :func:`gold_standard_tau2`.
+    ``ssnr`` from the half-set FSC (:func:`~subtomo.ml.autorefine.gold_standard_spectra`).
     """
     n, device = model.box, model.references.device
     sym = None
@@ -311,26 +309,6 @@ def _em_tau2(refs: torch.Tensor, tau2: torch.Tensor, weight: torch.Tensor) -> to
     tau2 = tau2.cpu().double()
     var = 1 / (weight + 1 / tau2.clamp(min=1e-300))
     return torch.where(weight > 0, reference_tau2(refs).cpu() + var, tau2)
-
-
-def gold_standard_tau2(
-    sums1: MStepSums, sums2: MStepSums, tau2_fudge: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """tau2, SSNR and FSC ``(K, n//2+1)`` from two half-set sums (auto-refine, §7.1).
-
-    FSC of the unregularised half reconstructions, ``SSNR = T FSC/(1-FSC)`` (clamped),
-    ``tau2 = SSNR / T * sigma2_rec`` with ``sigma2_rec = 1 / mean weight`` per shell (the
-    fudge T is applied once, in the reconstruction).
-    """
-    tau2, ssnr, fscs = [], [], []
-    for a1, a2 in zip(sums1.accumulators, sums2.accumulators, strict=True):
-        f = fsc_maps(reconstruct(a1, taper=0).double(), reconstruct(a2, taper=0).double())
-        s = ssnr_from_fsc(f, tau2_fudge).cpu()
-        w = 0.5 * (weight_spectrum(a1) + weight_spectrum(a2)).cpu()
-        tau2.append(torch.where(w > 0, s / tau2_fudge / w.clamp(min=1e-300), 0.0))
-        ssnr.append(s)
-        fscs.append(f.cpu())
-    return torch.stack(tau2), torch.stack(ssnr), torch.stack(fscs)
 
 
 def iterate(

@@ -35,8 +35,10 @@ def _divide(
     snr: float | None,
     tau2: torch.Tensor | None,
     tau2_fudge: float,
+    max_radius: float | None = None,
 ) -> torch.Tensor:
-    """``F = D / denominator`` on the padded rfft grid (zero where undefined)."""
+    """``F = D / denominator`` on the padded rfft grid (zero where undefined and in shells
+    ``round(|k|) >= max_radius`` of the box)."""
     n = acc.padded
     scale = n / acc.box
     oversampling = scale**3
@@ -61,6 +63,8 @@ def _divide(
         known = radius < last  # beyond the last radial bin: 0
         denom = torch.maximum(weight, HEURISTIC_FRACTION * floor)
     known &= denom > 0
+    if max_radius is not None:
+        known &= radius < scale * (max_radius - 0.5)
     return torch.where(known, data / torch.where(known, denom, 1), 0)
 
 
@@ -103,6 +107,7 @@ def reconstruct(
     taper: float = 10,
     crop: int | None = None,
     gridding_correction: bool = True,
+    max_radius: float | None = None,
     return_parts: bool = False,
 ) -> torch.Tensor | Reconstruction:
     """The real-space map ``(c, c, c)`` (zyx, centre c//2; c = ``crop`` or the box).
@@ -116,6 +121,11 @@ def reconstruct(
     (mean inside the inscribed sphere subtracted, raised cosine over the outer ``taper``
     voxels); crop to ``crop``. ``p = N / box``.
 
+    ``max_radius`` (Fourier pixels of the box) is the radius the slices were inserted to, e.g.
+    ``current_size // 2`` in refinement: only shells ``round(|k|) < max_radius`` are kept. The
+    voxels at the edge hold only part of their trilinear neighbourhood, often small weights
+    near CTF zeros, and their quotients would spread noise over the whole map.
+
     With ``return_parts`` a :class:`Reconstruction` also holds the gridding-corrected
     real-space numerator (box^3) and ``W`` in full centred layout (N^3), as
     relion_tomo_reconstruct_particle writes them (data_<tag>.mrc, weight_<tag>.mrc).
@@ -128,7 +138,7 @@ def reconstruct(
         x = irfft_centered(f, (n, n, n))
         return _crop(x / correction if correction is not None else x, box)
 
-    volume = to_real(_divide(acc, snr, tau2, tau2_fudge))
+    volume = to_real(_divide(acc, snr, tau2, tau2_fudge, max_radius))
     if taper > 0:
         volume = _taper(volume, taper)
     if crop is not None:
