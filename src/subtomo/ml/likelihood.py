@@ -123,8 +123,7 @@ def shifted_data(
     parent, step = _lattice_steps(offsets_angst)
     out = data.new_empty(b, t, *data.shape[1:])
     roots = [i for i in range(t) if parent[i] < 0]
-    phase = shift_phases(tilt_rotations, offsets_angst[:, roots], points, pixel_size, real)
-    out[:, roots] = data[:, None] * torch.polar(torch.ones_like(phase), phase)
+    out[:, roots] = centred_data(data, tilt_rotations, offsets_angst[:, roots], points, pixel_size)
     linked = [i for i in range(t) if parent[i] >= 0]
     if linked:
         steps, which = torch.unique(torch.round(step[linked] * 1e6), dim=0, return_inverse=True)
