@@ -25,7 +25,7 @@ from subtomo.ctf import (
     electron_wavelength_angstrom,
     particle_defocus,
 )
-from subtomo.fourier import fftfreq_grid, rfft_centered
+from subtomo.fourier import rfft_centered
 from subtomo.geometry import project_particles, tomogram_centre_px
 from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, shift_phases
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
@@ -159,13 +159,22 @@ def _per_frame(value: torch.Tensor | float, frames: torch.Tensor) -> torch.Tenso
 
 @functools.lru_cache(maxsize=4)
 def _series_tables(
-    ctf: TiltSeriesCtf, px: float, size: int, use_bfactor: bool, device: torch.device
+    ctf: TiltSeriesCtf,
+    px: float,
+    size: int,
+    use_bfactor: bool,
+    cutoff_fract: float | None,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-tilt ``(t, size, size//2+1)`` tables of one tilt series, cached per ``ctf`` object
-    (every batch of a series uses the same; treat a :class:`TiltSeriesCtf` as immutable):
-    ``C = -sin(γ_t)·E_t`` (the CTF of the tilt at the specimen centre, envelope ``E_t`` =
-    B-factor and scale), ``S = cos(γ_t)·E_t``, the dose weights, and ``(size, size//2+1)``
-    ``-π λ |k|²`` (rad/Å of defocus change, float64)."""
+    """Per-tilt tables of one tilt series, cached per ``ctf`` object (every batch of a series
+    uses the same; treat a :class:`TiltSeriesCtf` as immutable).
+
+    ``G = (-sin γ_t + i cos γ_t)·E_t·D_t`` ``(t, size, size//2+1)`` complex: the CTF of the
+    tilt at the specimen centre (real part; envelope ``E_t`` = B-factor and scale) and its
+    quadrature (imaginary part), times the dose weights ``D_t`` ``(t, size, size//2+1)``
+    (zero beyond the dose cut-off when ``cutoff_fract`` is given), which come second; then
+    ``-π λ k_y²`` ``(size,)`` and ``-π λ k_x²`` ``(size//2+1,)`` in rad per Å of defocus
+    change (float64)."""
     frames = torch.arange(ctf.defocus_u.shape[0], device=device)
 
     def table(quarter_turns: float) -> torch.Tensor:  # γ - π/2: -sin(γ - π/2) = cos γ
@@ -184,9 +193,13 @@ def _series_tables(
         bfactor_per_electron_dose=ctf.bfactor_per_electron_dose,
         device=device,
     )
-    k2 = fftfreq_grid((size, size), pixel_size=px, device=device, dtype=torch.float64)
-    lam = float(electron_wavelength_angstrom(ctf.voltage_kv))
-    return table(0.0), table(1.0), dose, (-math.pi * lam) * k2.square().sum(-1)
+    if cutoff_fract is not None:
+        dose = dose * dose_cutoff_mask(dose, cutoff_fract)
+    scale = -math.pi * float(electron_wavelength_angstrom(ctf.voltage_kv)) / px**2
+    ky = torch.fft.fftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
+    quadrature = torch.complex(table(0.0), table(1.0)) * dose
+    return quadrature, dose, scale * (ky / size) ** 2, scale * (kx / size) ** 2
 
 
 def premultiply_filter(
@@ -197,30 +210,35 @@ def premultiply_filter(
     binning: float,
     *,
     use_bfactor: bool = True,
+    cutoff_fract: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``CTF · dose`` for ``b`` observations ``(b, size, size//2+1)`` and the dose weights.
 
     ``frames`` ``(b,)`` indexes the tilt, ``depth_px`` ``(b,)`` is the depth of the particle
     in that tilt (bin-1 pixels, §1.4). The pixel size is ``binning · ctf.pixel_size``.
-    ``use_bfactor=False`` drops the per-tilt rlnCtfBfactor (relion_refine's 2D-stack CTF).
+    ``use_bfactor=False`` drops the per-tilt rlnCtfBfactor (relion_refine's 2D-stack CTF);
+    with ``cutoff_fract`` both are zero beyond the dose cut-off
+    (:func:`subtomo.ctf.dose_cutoff_mask`, RELION's ``--cutoff_fract``).
 
-    The depth shifts both defoci by ``Δz`` Å, i.e. ``γ`` by ``δ = -π λ Δz |k|²``; so the CTF is
-    evaluated once per tilt (:func:`subtomo.ctf.ctf_2d`, float64; cached per series) and per
-    observation only ``-sin(γ + δ)·E = C cos δ - S sin δ`` (see :func:`_series_tables`; δ is
-    formed in float64 and rounded to float32, whose absolute error is ~1e-7 rad).
+    The depth shifts both defoci by ``Δz`` Å, i.e. ``γ`` by ``δ = -π λ Δz |k|²``; so the CTF
+    is evaluated once per tilt (:func:`subtomo.ctf.ctf_2d`, float64; cached per series, see
+    :func:`_series_tables`) and per observation only
+    ``-sin(γ + δ)·E = Re[(-sin γ + i cos γ)·E·e^{iδ}]``, where ``e^{iδ}`` is the outer product
+    of ``e^{-iπλΔz k_y²}`` and ``e^{-iπλΔz k_x²}`` (formed in float64).
     """
     dev = frames.device
-    table_c, table_s, dose, phase = _series_tables(
-        ctf, binning * ctf.pixel_size, size, use_bfactor, dev
+    quadrature, dose, phase_y, phase_x = _series_tables(
+        ctf, binning * ctf.pixel_size, size, use_bfactor, cutoff_fract, dev
     )
     shift, _ = particle_defocus(
         0.0, 0.0, depth_px.to(dev), ctf.pixel_size, ctf.hand, ctf.defocus_slope
     )  # (b,) Å
-    delta = (shift.double()[:, None, None] * phase).float()  # (b, size, size//2+1), |δ| small
-    values = table_c[frames] * torch.cos(delta) - table_s[frames] * torch.sin(delta)
-    values = torch.where(values.abs() < 1e-8, 1e-8, values)  # as ctf_2d
-    dose = dose[frames]  # one table per tilt, gathered per observation
-    return values * dose, dose
+    shift = shift.double()[:, None]
+    turn_y = torch.polar(torch.ones_like(phase_y), shift * phase_y).to(quadrature.dtype)
+    turn_x = torch.polar(torch.ones_like(phase_x), shift * phase_x).to(quadrature.dtype)
+    turned = quadrature[frames] * turn_y[:, :, None]
+    values = torch.real(turned.mul_(turn_x[:, None, :]))
+    return values.contiguous(), dose[frames]
 
 
 def visible_frames(uv: torch.Tensor, image_size: Sequence[int], margin_px: float) -> torch.Tensor:
@@ -280,16 +298,10 @@ def extract_slices(
     # One phase ramp moves the sub-pixel position to s/2 and the patch centre to the origin
     # (rfft_centered(x) = rfft(x) · exp(2πi k·c/s0), c = s0//2, in box pixels c·box/s0).
     spectra = shift_phases(spectra, -offset - (s0 // 2) * box / s0)
-    ctfw, dose = premultiply_filter(ctf, frames, depth_px, box, binning)
+    ctfw, dose = premultiply_filter(ctf, frames, depth_px, box, binning, cutoff_fract=cutoff_fract)
     filt = dose if no_ctf else ctfw
     sign = -1.0 if invert_contrast else 1.0
-    data = spectra * (sign * filt)
-    weight = filt.square()
-    if cutoff_fract is not None:
-        keep = dose_cutoff_mask(dose, cutoff_fract)
-        data = data * keep
-        weight = weight * keep
-    return data, weight
+    return spectra * (sign * filt), filt.square()
 
 
 def _insert_halves(
@@ -402,11 +414,14 @@ def insert_stacks(
     """
     size = stacks.shape[-1]
     spectra = rfft_centered(stacks.to(torch.float32), 2) * binning
-    ctfw, dose = premultiply_filter(ctf, frames, depth_px, size, binning, use_bfactor=False)
+    ctfw, dose = premultiply_filter(
+        ctf, frames, depth_px, size, binning, use_bfactor=False, cutoff_fract=cutoff_fract
+    )
     weight = ctfw.square()
-    data = spectra if premultiplied else spectra * (-ctfw)
-    if cutoff_fract is not None:
-        keep = dose_cutoff_mask(dose, cutoff_fract)
-        data = data * keep
-        weight = weight * keep
+    if not premultiplied:
+        data = spectra * (-ctfw)
+    elif cutoff_fract is not None:
+        data = spectra * (dose > 0)  # the dose weights are exactly zero beyond the cut-off
+    else:
+        data = spectra
     _insert_halves(accumulators, halves, data, weight, matrices.to(torch.float32), max_radius)
