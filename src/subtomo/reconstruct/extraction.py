@@ -8,7 +8,7 @@ leading batch dimension ``b`` (particles x tilts) and never loop over it in Pyth
 
 The chain for one tilt image and many particles is::
 
-    cut_patches -> (precrop) -> rfft_centered -> fourier_resize -> shift_phases
+    cut_patches -> (precrop) -> rfft_centered -> fourier_resize -> * phase_ramp
         -> * (-CTF * dose) -> (2D stacks: / bin) -> circle_crop in real space
 
 ``splat_slices`` scatters such slices into RELION-4 style 3D pseudo-subtomograms (§5.4).
@@ -28,8 +28,8 @@ __all__ = [
     "cone_weights",
     "cut_patches",
     "fourier_resize",
+    "phase_ramp",
     "raised_cosine_mask",
-    "shift_phases",
     "splat_slices",
 ]
 
@@ -81,19 +81,17 @@ def fourier_resize(spectra: torch.Tensor, size: int) -> torch.Tensor:
     return out * (size / n) ** 2
 
 
-def shift_phases(spectra: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
-    """Translate images by ``shift_px`` ``(b, 2)`` (x, y) pixels: multiply by exp(-2πi k·d).
-
-    ``spectra`` is ``(b, n, n//2+1)`` (rfft layout); content at x moves to x + d.
-    """
-    n = spectra.shape[-2]
-    dev = spectra.device
-    d = -2 * math.pi * shift_px.to(device=dev, dtype=torch.float32)  # (b, 2)
+def phase_ramp(shift_px: torch.Tensor, n: int) -> torch.Tensor:
+    """``exp(-2πi k·d)`` ``(b, n, n//2+1)`` (rfft layout) for shifts ``d`` ``(b, 2)`` (x, y)
+    pixels: multiplying a spectrum by it moves content at x to x + d. Separable:
+    ``e^(a+b) = e^a e^b`` is formed from one factor per axis."""
+    dev = shift_px.device
+    d = -2 * math.pi * shift_px.to(dtype=torch.float32)  # (b, 2)
     kx = torch.fft.rfftfreq(n, device=dev, dtype=torch.float32)
     ky = torch.fft.fftfreq(n, device=dev, dtype=torch.float32)
     phase_x = torch.polar(torch.ones_like(kx), kx * d[:, :1])  # (b, n//2+1)
     phase_y = torch.polar(torch.ones_like(ky), ky * d[:, 1:])  # (b, n)
-    return spectra * (phase_y[:, :, None] * phase_x[:, None, :])  # separable: e^(a+b) = e^a e^b
+    return phase_y[:, :, None] * phase_x[:, None, :]
 
 
 def raised_cosine_mask(

@@ -27,7 +27,7 @@ from subtomo.ctf import (
 )
 from subtomo.fourier import rfft_centered
 from subtomo.geometry import project_particles, tomogram_centre_px
-from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, shift_phases
+from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, phase_ramp
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
 
 __all__ = [
@@ -297,19 +297,22 @@ def extract_slices(
     offset = (uv.to(images.device) - torch.floor(uv.to(images.device) + 0.5)) / binning
     # One phase ramp moves the sub-pixel position to s/2 and the patch centre to the origin
     # (rfft_centered(x) = rfft(x) · exp(2πi k·c/s0), c = s0//2, in box pixels c·box/s0).
-    spectra = shift_phases(spectra, -offset - (s0 // 2) * box / s0)
+    factor = phase_ramp(-offset - (s0 // 2) * box / s0, box)
     ctfw, dose = premultiply_filter(ctf, frames, depth_px, box, binning, cutoff_fract=cutoff_fract)
     filt = dose if no_ctf else ctfw
-    sign = -1.0 if invert_contrast else 1.0
-    return spectra * (sign * filt), filt.square()
+    factor.mul_(-filt if invert_contrast else filt)
+    return spectra.mul_(factor), filt.square()
 
 
 def _insert_halves(
     accumulators: Sequence, halves: torch.Tensor, data, weight, matrices, max_radius
 ) -> None:
+    """Insert each observation into ``accumulators[halves[i]]`` (no copy when all share one)."""
     for h, acc in enumerate(accumulators):
         sel = halves == h
-        if bool(sel.any()):
+        if bool(sel.all()):
+            acc.insert(data, weight, matrices, max_radius=max_radius)
+        elif bool(sel.any()):
             acc.insert(data[sel], weight[sel], matrices[sel], max_radius=max_radius)
 
 
@@ -366,6 +369,7 @@ def insert_tilt_series(
     called from those worker threads. Returns the number of tilt images inserted.
     """
     pairs = visible.nonzero()  # (m, 2): particle, frame
+    pairs = pairs[torch.argsort(halves.to(pairs.device)[pairs[:, 0]], stable=True)]  # one half each
     dev = images.device
     uv, depth_px, halves = uv.to(dev), depth_px.to(dev), halves.to(dev)
     matrices = matrices.to(dev, torch.float32)
