@@ -3,7 +3,13 @@
 from subtomo.data.optimisation_set import OptimisationSet
 from subtomo.data.particles import ParticleSet, pixel_size_of, stack_image_indices
 from subtomo.data.paths import relative_to_cwd, resolve_path, strip_image_name
-from subtomo.data.tomograms import TiltSeries, TomogramSet, read_tilt, tilt_images
+from subtomo.data.tomograms import (
+    TiltSeries,
+    TomogramSet,
+    prefetched_tilt_images,
+    read_tilt,
+    tilt_images,
+)
 from subtomo.data.trajectories import Trajectories
 from subtomo.data.validate import validate_particles
 
@@ -14,6 +20,7 @@ __all__ = [
     "TomogramSet",
     "Trajectories",
     "pixel_size_of",
+    "prefetched_tilt_images",
     "read_tilt",
     "relative_to_cwd",
     "resolve_path",

@@ -14,7 +14,8 @@ degrees, defocus in Å (positive = underfocus), doses in e/Å². Image arrays ar
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mrcfile
@@ -36,7 +37,7 @@ from subtomo.io import (
     write_star,
 )
 
-__all__ = ["TiltSeries", "TomogramSet", "read_tilt", "tilt_images"]
+__all__ = ["TiltSeries", "TomogramSet", "prefetched_tilt_images", "read_tilt", "tilt_images"]
 
 _GLOBAL = "global"
 _STAR_FILE = "rlnTomoTiltSeriesStarFile"
@@ -508,4 +509,24 @@ def read_tilt(
 
 def tilt_images(series: TiltSeries, *, device: torch.device | str | None = None) -> torch.Tensor:
     """All tilt images as float32 ``(t, h, w)`` in frame order."""
-    return torch.stack([read_tilt(series, f, device=device) for f in range(series.n_tilts)])
+    first = read_tilt(series, 0)
+    out = torch.empty(series.n_tilts, *first.shape, dtype=first.dtype)
+    out[0] = first
+    for f in range(1, series.n_tilts):
+        out[f] = read_tilt(series, f)
+    return out.to(device)
+
+
+def prefetched_tilt_images(
+    series: Sequence[TiltSeries], *, device: torch.device | str | None = None
+) -> Iterator[tuple[TiltSeries, torch.Tensor]]:
+    """``(series, tilt_images(series))`` in order, the next series read by a background thread
+    while the caller works on the current one (so at most two series are held in memory)."""
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(tilt_images, series[0], device=device) if series else None
+        for k, current in enumerate(series):
+            images = pending.result()
+            if k + 1 < len(series):
+                pending = reader.submit(tilt_images, series[k + 1], device=device)
+            yield current, images
+            del images

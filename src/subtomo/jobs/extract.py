@@ -18,7 +18,13 @@ import torch
 from rich.progress import Progress
 
 from subtomo.ctf import dose_cutoff_mask
-from subtomo.data import OptimisationSet, ParticleSet, TiltSeries, relative_to_cwd, tilt_images
+from subtomo.data import (
+    OptimisationSet,
+    ParticleSet,
+    TiltSeries,
+    prefetched_tilt_images,
+    relative_to_cwd,
+)
 from subtomo.device import resolve_device
 from subtomo.fourier import irfft_centered
 from subtomo.geometry import matrix_to_euler
@@ -107,15 +113,16 @@ def _extract_series(
     params: ExtractParams,
     parts: ParticleSet,
     series: TiltSeries,
+    images: torch.Tensor,
     motion,
     out_dir: Path,
     device: torch.device,
     advance,
 ) -> tuple[np.ndarray, list[str], list[str]]:
-    """Extract the particles of one series; returns (kept mask, visible vectors, names)."""
+    """Extract the particles of one series from its tilt ``images`` ``(t, h, w)``; returns
+    (kept mask, visible vectors, names)."""
     box = params.box
     crop = params.crop if params.crop > 0 else box
-    images = tilt_images(series, device=device)
     size = (images.shape[-1], images.shape[-2])
     geo = series_geometry(parts, series, motion, size)
     visible = visible_frames(geo.uv, size, params.binning * crop / 2)
@@ -228,10 +235,12 @@ def run(params: ExtractParams) -> dict[str, str]:
         names = parts.tomo_names
         with Progress(transient=True) as bar:
             task = bar.add_task("extracting particles", total=len(parts))
-            for tomo in dict.fromkeys(names):
+            order = list(dict.fromkeys(names))
+            reading = prefetched_tilt_images([tomos[t] for t in order], device=device)
+            for tomo, (series, images) in zip(order, reading, strict=True):
                 rows = np.flatnonzero(names == tomo)
                 keep, f, v = _extract_series(
-                    params, parts.subset(rows), tomos[tomo], motion, job.directory, device,
+                    params, parts.subset(rows), series, images, motion, job.directory, device,
                     lambda n: bar.advance(task, n),
                 )  # fmt: skip
                 kept[rows[keep]] = True

@@ -25,8 +25,8 @@ from subtomo.data import (
     TomogramSet,
     Trajectories,
     pixel_size_of,
+    prefetched_tilt_images,
     stack_image_indices,
-    tilt_images,
 )
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
@@ -167,10 +167,10 @@ def _insert_from_tilt_series(
 ) -> int:
     halves = _halves(parts)
     count = 0
-    for name, rows in _by_tomogram(parts):
-        series = tomos[name]
-        images = tilt_images(series, device=device)  # (t, h, w): one series in memory
-        size = (images.shape[-1], images.shape[-2])
+    groups = list(_by_tomogram(parts))
+    reading = prefetched_tilt_images([tomos[name] for name, _ in groups], device=device)
+    for (_, rows), (series, images) in zip(groups, reading, strict=True):
+        size = (images.shape[-1], images.shape[-2])  # images (t, h, w): the next one is read
         geo = series_geometry(parts.subset(rows), series, motion, size)
         visible = visible_frames(geo.uv, size, box / 2)  # RELION: s/2 in bin-1 pixels
         count += insert_tilt_series(
@@ -180,7 +180,6 @@ def _insert_from_tilt_series(
             circle_precrop=not params.no_circle_crop, cutoff_fract=params.cutoff_fract,
             progress=advance,
         )  # fmt: skip
-        del images
     return count
 
 
