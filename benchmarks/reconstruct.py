@@ -7,8 +7,9 @@ in a child process so that its peak RSS (``ru_maxrss``) is its own. Prints wall 
 particles/s, tilt images/s (particles x tilts) and peak RSS; at bin 1 also the FSC of the
 merged map to the true map. With ``--relion-bin DIR`` it runs ``relion_tomo_subtomo`` and
 ``relion_tomo_reconstruct_particle`` on the same files and prints the time ratio (skipped when
-the binaries are missing). For scale: RELION 5.0.1's CPU build on 2 cores extracts 300 x 41
-tilts at box 64 in 1.7 s and reconstructs them in 2.2 s (0.35 GB).
+the binaries are missing). On CPU it also times the ``subtomo extract`` / ``subtomo reconstruct``
+commands end to end, start-up included. For scale: RELION 5.0.1's CPU build on 2 cores
+extracts 300 x 41 tilts at box 64 in 1.7 s and reconstructs them in 2.2 s (0.35 GB).
 
     python benchmarks/reconstruct.py --box 64 --bin 1 --workdir /tmp/bench64
     python benchmarks/reconstruct.py --box 128 --bin 2 --particles 300 --relion-bin /opt/relion/bin
@@ -22,6 +23,7 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -40,6 +42,7 @@ def _simulate(args: argparse.Namespace, out: Path) -> None:
         "benchmark",
         box=args.box * args.bin,
         particles=args.particles,
+        tomograms=args.tomograms,
         tilt_step=120.0 / (args.tilts - 1),
         tomogram_size=(size, size, max(128, args.box * args.bin)),
         device=args.device,
@@ -101,6 +104,28 @@ def _timed(kind: str, params, threads: int | None) -> tuple[float, float, float,
     return result
 
 
+def _command(kind: str, args: argparse.Namespace) -> float | None:
+    """Wall seconds of the ``subtomo`` command a user types for ``kind`` (interpreter, imports,
+    job and report), or None when the console script is not installed beside this Python."""
+    exe = Path(sys.executable).with_name("subtomo")
+    if not exe.is_file():
+        print(f"command: {exe} not found; skipped")
+        return None
+    out = Path(f"{kind.capitalize()}/command")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(exe), kind, "--particles", "particles.star", "--tomograms", "tomograms.star",
+           "--box", str(args.box), "--bin", str(args.bin), "--o", str(out)]  # fmt: skip
+    if kind == "reconstruct":
+        cmd += ["--from", "tilt_series"]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        print(f"subtomo {kind} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+        return None
+    return wall
+
+
 def _relion(args: argparse.Namespace, name: str, flags: list[str]) -> float | None:
     """Wall seconds of a RELION program on the same files, or None when it is missing."""
     exe = Path(args.relion_bin) / name
@@ -130,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bin", type=int, default=1, help="binning factor")
     parser.add_argument("--particles", type=int, default=300)
     parser.add_argument("--tilts", type=int, default=41, help="tilts over ±60°")
+    parser.add_argument("--tomograms", type=int, default=2, help="tilt series to spread them over")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--padding", type=float, default=None, help="reconstruct padding")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each job")
@@ -170,6 +196,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{kind:12s} run {k + 1}: {wall:6.2f} s (CPU {cpu:5.2f} s)  "
                   f"{args.particles / wall:5.0f} particles/s  {images / wall:6.0f} tilt images/s  "
                   f"peak RSS {rss:5.0f} MiB  (load {load:.1f}) {note}")  # fmt: skip
+    commands = {}
+    if args.device == "cpu" and not args.padding and not args.threads:
+        for kind in jobs:
+            commands[kind] = _command(kind, args)
+            if commands[kind] is not None:
+                print(f"{kind:12s} command: {commands[kind]:6.2f} s  (`subtomo {kind}` as typed: "
+                      "Python and torch start-up, job and report)")  # fmt: skip
     if args.relion_bin:
         ratios = {
             "extract": _relion(args, "relion_tomo_subtomo", ["--stack2d"]),
@@ -177,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         for kind, wall in ratios.items():
             if wall is not None:
-                print(f"{kind}: RELION / subtomo time ratio {wall / walls[kind]:.2f}")
+                whole = commands.get(kind)
+                print(f"{kind}: RELION / subtomo time ratio {wall / walls[kind]:.2f} (job)"
+                      + (f", {wall / whole:.2f} (command)" if whole else ""))  # fmt: skip
     if tmp is not None:
         os.chdir("/")
         tmp.cleanup()

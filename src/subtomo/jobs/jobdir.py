@@ -23,6 +23,7 @@ import pandas as pd
 import starfile
 
 from subtomo.io.atomic import atomic_path
+from subtomo.report.plots import import_in_background
 
 __all__ = ["Job", "job_lineage", "next_job_dir", "read_pipeline", "run_job"]
 
@@ -220,6 +221,7 @@ def run_job(
     )
     log.info("# command: %s", " ".join(sys.argv))
     outputs: dict[str, str] = {}
+    import_in_background()  # the report's plotting library, ready when the job ends
     try:
         _register(job, "Running", inputs or {}, {})
         yield job, outputs

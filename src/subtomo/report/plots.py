@@ -1,25 +1,26 @@
-"""PNG plots with matplotlib's Agg backend: FSC curves, Guinier plots, histograms, slices.
+"""PNG plots with matplotlib (Agg, object-oriented: no pyplot state): FSC curves, Guinier
+plots, histograms, slices.
 
 Every function writes one PNG atomically and returns its path. Frequencies are in 1/Å;
-volumes are zyx.
+volumes are zyx. matplotlib is imported on first use (it costs ~0.5 s);
+:func:`import_in_background` lets a job import it while it computes.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from subtomo.io import atomic_path
 
 __all__ = [
+    "import_in_background",
     "plot_angular_distribution",
     "plot_central_slices",
     "plot_class_progress",
@@ -31,11 +32,25 @@ __all__ = [
 ]
 
 
+def import_in_background() -> None:
+    """Start importing matplotlib's figure module in a daemon thread (for a job's report)."""
+    threading.Thread(
+        target=importlib.import_module, args=("matplotlib.figure",), daemon=True
+    ).start()
+
+
+def _subplots(*args, figsize: tuple[float, float], **kwargs):
+    """A new ``Figure`` and its axes (``Figure.subplots`` arguments)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -50,7 +65,7 @@ def plot_fsc(
 ) -> Path:
     """FSC curves against spatial frequency (1/Å), with threshold lines and, if given, the
     final ``resolution`` (Å) marked; the top axis reads in Å."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _subplots(figsize=(7, 4.2))
     for label, y in curves.items():
         ax.plot(frequency, y, label=label, lw=2.0 if label.lower().startswith("corr") else 1.3)
     for t in thresholds:
@@ -87,7 +102,7 @@ def plot_guinier(
 ) -> Path:
     """ln(amplitude) against 1/d^2 (1/Å^2); points at -99 (no value) are left out.
     ``fit`` = (slope, intercept) draws the fitted line over ``fit_range`` (1/Å^2)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _subplots(figsize=(7, 4.2))
     for label, y in curves.items():
         ok = y > -99
         ax.plot(resolution_squared[ok], y[ok], label=label, lw=1.3)
@@ -113,7 +128,7 @@ def plot_histogram(
     """Histogram of ``values`` with the median marked."""
     v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     v = v[np.isfinite(v)].ravel()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = _subplots(figsize=(6, 3.8))
     ax.hist(v, bins=bins, color="steelblue", edgecolor="white")
     if v.size:
         med = float(np.median(v))
@@ -137,7 +152,7 @@ def plot_central_slices(
     cz, cy, cx = (s // 2 for s in v.shape)
     sections = {"xy (z = N/2)": v[cz], "xz (y = N/2)": v[:, cy, :], "yz (x = N/2)": v[:, :, cx]}
     lo, hi = np.percentile(v, [0.5, 99.5])
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    fig, axes = _subplots(1, 3, figsize=(10, 3.6))
     for ax, (name, sl) in zip(axes, sections.items(), strict=True):
         ax.imshow(sl, cmap=cmap, origin="lower", vmin=lo, vmax=hi)
         ax.set_title(name, fontsize=9)
@@ -176,7 +191,7 @@ def plot_angular_distribution(
     """Particles per view direction (rlnAngleRot against rlnAngleTilt, degrees) on the
     equal-area grid of :func:`view_histogram`; the tilt axis is labelled in degrees."""
     counts, rot_edges, cos_edges = view_histogram(rot_deg, tilt_deg)
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = _subplots(figsize=(7, 3.8))
     mesh = ax.pcolormesh(rot_edges, cos_edges, counts, cmap="viridis", shading="flat")
     fig.colorbar(mesh, ax=ax, label="particles")
     ticks = [0, 30, 60, 90, 120, 150, 180]
@@ -201,7 +216,7 @@ def plot_series(
 ) -> Path:
     """Values per step (iterations, pipeline steps) with the steps' ``labels`` on the x axis;
     one line per curve, NaN leaves a gap. ``invert_y`` puts small values (Å) at the top."""
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = _subplots(figsize=(7, 3.8))
     x = np.arange(len(labels))
     for name, y in curves.items():
         ax.plot(x, np.asarray(y, dtype=np.float64), marker="o", lw=1.3, label=name)
@@ -230,7 +245,7 @@ def plot_class_progress(
     resolution (Å) against the iteration number."""
     it = np.asarray(iterations)
     dist = np.asarray(class_distribution, dtype=np.float64).reshape(len(it), -1)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, (top, bottom) = _subplots(2, 1, figsize=(7, 6), sharex=True)
     top.stackplot(it, dist.T, labels=[f"class {c + 1}" for c in range(dist.shape[1])])
     top.set_ylim(0, 1)
     top.set_ylabel("rlnClassDistribution")
