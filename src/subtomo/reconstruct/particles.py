@@ -224,7 +224,8 @@ def premultiply_filter(
     is evaluated once per tilt (:func:`subtomo.ctf.ctf_2d`, float64; cached per series, see
     :func:`_series_tables`) and per observation only
     ``-sin(γ + δ)·E = Re[(-sin γ + i cos γ)·E·e^{iδ}]``, where ``e^{iδ}`` is the outer product
-    of ``e^{-iπλΔz k_y²}`` and ``e^{-iπλΔz k_x²}`` (formed in float64).
+    of ``e^{-iπλΔz k_y²}`` and ``e^{-iπλΔz k_x²}`` (formed in float64). Unlike
+    :func:`~subtomo.ctf.ctf_2d` there is no 1e-8 floor on ``|CTF|``: nothing divides by it.
     """
     dev = frames.device
     quadrature, dose, phase_y, phase_x = _series_tables(
