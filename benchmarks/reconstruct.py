@@ -117,11 +117,16 @@ def _command(kind: str, args: argparse.Namespace) -> float | None:
            "--box", str(args.box), "--bin", str(args.bin), "--o", str(out)]  # fmt: skip
     if kind == "reconstruct":
         cmd += ["--from", "tilt_series"]
+    return _wall(cmd, f"subtomo {kind}")
+
+
+def _wall(cmd: list[str], label: str) -> float | None:
+    """Wall seconds of running ``cmd``, or None (and the end of its stderr) when it fails."""
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        print(f"subtomo {kind} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+        print(f"{label} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
         return None
     return wall
 
@@ -138,11 +143,8 @@ def _relion(args: argparse.Namespace, name: str, flags: list[str]) -> float | No
     cmd = [str(exe), "--p", "particles.star", "--t", "tomograms.star", "--b", str(args.box),
            "--bin", str(args.bin), "--j", str(args.threads or os.cpu_count()), "--o", f"{out}/",
            *flags]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        print(f"RELION {name} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    wall = _wall(cmd, f"RELION {name}")
+    if wall is None:
         return None
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"RELION {name}: {wall:.2f} s (peak RSS of children so far {rss:.0f} MiB)")
