@@ -65,6 +65,8 @@ def _child(kind: str, params, threads: int | None, conn) -> None:
         from subtomo.jobs.extract import run
     else:
         from subtomo.jobs.reconstruct import run
+    import matplotlib.figure  # noqa: F401  (the report's library: start-up, like torch)
+
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_start = usage.ru_utime + usage.ru_stime
     start = time.perf_counter()
