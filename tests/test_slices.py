@@ -17,6 +17,7 @@ from subtomo.fourier import (
     projector_rfft,
     rfft_centered,
 )
+from subtomo.fourier import slices as slices_module
 from subtomo.geometry import euler_to_matrix
 
 
@@ -138,11 +139,14 @@ def test_matches_torch_fourier_slice_with_transposed_matrix():
     assert (ours - theirs(a))[:, inside].abs().max() > 0.1 * scale
 
 
+@pytest.mark.parametrize("stage_ratio", [0, 10**12], ids=["staged", "direct"])
 @pytest.mark.parametrize("max_radius", [None, 5.5, 12.0])
-def test_insertion_is_adjoint_of_extraction(max_radius, device):
+def test_insertion_is_adjoint_of_extraction(max_radius, stage_ratio, device, monkeypatch):
     """Re<extract(V), S> == Re<V, insert(S)>_F (x = 0 plane weighted 1/2) for a Hermitian V
-    and arbitrary S, 2D and 3D, to float64 precision: any mismatch in neighbours, weights,
-    Friedel flips or the x = 0 mirror between the two paths would break it."""
+    and arbitrary S, 2D and 3D, to float64 precision, on the staging grid and directly in the
+    rfft layout: any mismatch in neighbours, weights, Friedel flips, the x = 0 mirror or the
+    fold between the two paths would break it."""
+    monkeypatch.setattr(slices_module, "STAGE_RATIO", stage_ratio)
     n, size = 16, 32
     g = torch.Generator().manual_seed(5)
     v = rfft_centered(torch.randn(size, size, size, generator=g, dtype=torch.float64), 3).to(device)
@@ -166,10 +170,12 @@ def test_insertion_is_adjoint_of_extraction(max_radius, device):
         torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-9)
 
 
-def test_insertion_keeps_the_x0_plane_hermitian(device):
+@pytest.mark.parametrize("stage_ratio", [0, 10**12], ids=["staged", "direct"])
+def test_insertion_keeps_the_x0_plane_hermitian(stage_ratio, device, monkeypatch):
     """After insertion, voxel (0, -y, -z) holds the conjugate of (0, y, z) in data and the same
     value in weight (relion5-conventions 5.4); without the mirror the x = 0 plane would be
     half-filled and the reconstruction would lose energy there."""
+    monkeypatch.setattr(slices_module, "STAGE_RATIO", stage_ratio)
     n, size = 16, 32
     a = random_matrices(20, seed=7).to(device)
     s = rfft_centered(torch.randn(20, n, n, generator=torch.Generator().manual_seed(8)), 2)
@@ -194,3 +200,27 @@ def test_max_radius_limits_and_keeps_components():
     inside = _radius_2d(n) <= 7.0
     torch.testing.assert_close(part[:, inside], full[:, inside])
     assert torch.all(part[:, ~inside] == 0)
+
+
+@pytest.mark.parametrize("padding", [1.0, 2.0])
+def test_staged_and_direct_paths_agree(padding, device, monkeypatch):
+    """The staging grid (many points per voxel) and the direct rfft lookups (few) are two
+    addressings of the same trilinear weights: equal slices and sums to float64 rounding,
+    including points at the largest radius, where the staging grid's halo and fold matter."""
+    n = 16
+    size = round(n * padding)
+    g = torch.Generator().manual_seed(11)
+    v = rfft_centered(torch.randn(size, size, size, generator=g, dtype=torch.float64), 3).to(device)
+    a = random_matrices(9, seed=12, dtype=torch.float64).to(device)
+    s = torch.randn(9, n, n // 2 + 1, generator=g, dtype=torch.complex128).to(device)
+    w = torch.rand(9, n, n // 2 + 1, generator=g, dtype=torch.float64).to(device)
+    results = []
+    for ratio in (0, 10**12):
+        monkeypatch.setattr(slices_module, "STAGE_RATIO", ratio)
+        data = torch.zeros_like(v)
+        weight = torch.zeros(v.shape, dtype=torch.float64, device=device)
+        insert_slices(data, weight, s, w, a, padding=padding)
+        results.append((extract_slices(v, a, padding=padding), data, weight))
+    for staged, direct in zip(*results, strict=True):
+        torch.testing.assert_close(staged, direct, rtol=1e-12, atol=1e-10)
+    assert results[0][2].sum() > 0

@@ -138,12 +138,23 @@ def _rotate(
     return q, flip
 
 
-# Trilinear interpolation and splatting work on a *staging grid*: the frequencies
-# ``-r-1 <= z, y <= r+1`` and ``0 <= x <= r+1`` of a point cloud of reach ``r`` (all
-# ``|q_i| <= r``), centred and without wrap-around, so that the 8 neighbours of a point are
-# its lower corner plus 8 fixed offsets. Gathering reads a staged copy of the volume (zero
-# off the stored grid); splatting adds into a zeroed staging grid that is then completed on
-# its x = 0 plane and folded (wrapped) onto the rfft layout, dropping what lies off the grid.
+# Trilinear interpolation and splatting address the 8 neighbours of each point in one of two
+# ways. On a *staging grid* (the frequencies ``-r-1 <= z, y <= r+1`` and ``0 <= x <= r+1`` of
+# a point cloud of reach ``r``, centred, no wrap-around) they are the lower corner plus 8 fixed
+# offsets; gathering reads a staged copy of the volume (zero off the stored grid), splatting
+# adds into a zeroed staging grid that is then completed on its x = 0 plane and folded onto
+# the rfft layout. That set-up and fold cost about as much as visiting the grid's voxels, so
+# it pays only for many points per voxel (e.g. thousands of tilt images into a small box);
+# otherwise the neighbours are looked up *directly* in the rfft layout through per-axis
+# tables of wrapped offsets. Both give the same sums up to float rounding.
+
+#: Stage when the points' neighbour visits outnumber the staging grid's voxels this many times
+#: (measured on CPU: break-even at ~15).
+STAGE_RATIO = 20
+
+
+def _staging_pays(reach: int, points: int) -> bool:
+    return 8 * points >= STAGE_RATIO * math.prod(_staging_shape(reach))
 
 
 def _staging_shape(reach: int) -> tuple[int, int, int]:
@@ -174,7 +185,7 @@ def _strides(reach: int) -> tuple[int, int, int]:
     return 1, w, h * w
 
 
-def _neighbours(
+def _staged_neighbours(
     q: torch.Tensor, reach: int
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The 8 trilinear neighbours of points ``q`` ``(3, b, P)`` (x, y, z planes, ``q_x >= 0``,
@@ -192,6 +203,48 @@ def _neighbours(
     idx = flat[:, None] + _corner_offsets(reach, q.device, int_dtype)
     wx, wy, wz = torch.stack((1 - frac, frac), dim=2)
     return idx, (wx, wy, wz)
+
+
+@functools.lru_cache(maxsize=16)
+def _axis_tables(
+    padded: int, device: torch.device, int_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat-index offsets and validity (0/1) of a neighbour at signed index ``j`` along x, y and
+    z of the rfft layout, flattened from ``(3, T)``: entry ``axis * T + j + N + 1`` for
+    ``|j| <= N + 1`` (``|q| < N``)."""
+    half = padded // 2
+    j = torch.arange(-padded - 1, padded + 3, device=device)
+    offsets, valid = [], []
+    for stride, lo in ((1, 0), (half + 1, -half), ((half + 1) * padded, -half)):
+        valid.append((j >= lo) & (j <= half))
+        offsets.append(j.clamp(-half, half).remainder(padded) * stride)
+    return torch.cat(offsets).to(int_dtype), torch.cat(valid)
+
+
+def _direct_neighbours(
+    q: torch.Tensor, padded: int, reach: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """As :func:`_staged_neighbours`, with indices into the ``(N, N, N//2+1)`` rfft array;
+    neighbours off the stored grid get weight 0 (no test needed when ``reach <= N/2``: only
+    zero-weight neighbours can then fall off it)."""
+    int_dtype = torch.int32 if padded**3 < 2**31 else torch.int64
+    offsets, valid = _axis_tables(padded, q.device, int_dtype)
+    size = offsets.shape[0] // 3
+    base = torch.arange(3, device=q.device, dtype=int_dtype)[:, None] * size + padded + 1
+    lower = torch.floor(q)
+    frac = q.sub_(lower)
+    pos = lower.to(int_dtype).view(3, -1).add_(base).view(-1)  # table entry of the lower one
+
+    def pair(table: torch.Tensor) -> torch.Tensor:  # (axis, b, lower/upper, P)
+        first = table.index_select(0, pos).view(q.shape)
+        return torch.stack((first, table[1:].index_select(0, pos).view(q.shape)), dim=2)
+
+    jx, jy, jz = pair(offsets)
+    w = torch.stack((1 - frac, frac), dim=2)
+    if reach > padded // 2:
+        w = w * pair(valid)
+    idx = (jz[:, :, None, None] + jy[:, None, :, None]) + jx[:, None, None]  # (b, 2, 2, 2, P)
+    return idx.flatten(1, 3), tuple(w)
 
 
 def _outer(zy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -232,18 +285,32 @@ def _chunks(b: int, points: int) -> Iterator[tuple[slice, slice]]:
 
 def _gather(volume: torch.Tensor, plan: _Plan, matrices: torch.Tensor) -> torch.Tensor:
     """Trilinear samples ``(b, P)`` of the rfft ``volume`` at ``scale * A^T k`` (Friedel-aware)."""
-    flat = _staged(volume, plan.reach)
+    padded, points = volume.shape[-3], plan.grid.shape[0]
+    if _staging_pays(plan.reach, matrices.shape[0] * points):
+        flat = _staged(volume, plan.reach)
+        neighbours = functools.partial(_staged_neighbours, reach=plan.reach)
+    else:
+        flat = volume.reshape(-1)
+        neighbours = functools.partial(_direct_neighbours, padded=padded, reach=plan.reach)
     real = flat.real if flat.is_complex() else flat
-    out = flat.new_empty(matrices.shape[0], plan.grid.shape[0])
-    for sb, sp in _chunks(matrices.shape[0], plan.grid.shape[0]):
+    out = flat.new_empty(matrices.shape[0], points)
+    for sb, sp in _chunks(matrices.shape[0], points):
         q, flip = _rotate(plan.grid[sp], matrices[sb], plan.scale, real.dtype)
-        idx, (wx, wy, wz) = _neighbours(q, plan.reach)
+        idx, (wx, wy, wz) = neighbours(q)
         w = _outer(wz[:, :, None] * wy[:, None], wx)
         acc = (flat.index_select(0, idx.view(-1)).view(idx.shape) * w).sum(1)
         if acc.is_complex():
             acc = torch.where(flip, acc.conj(), acc)
         out[sb, sp] = acc
     return out
+
+
+def _mirror_x0(acc: torch.Tensor, before: torch.Tensor) -> None:
+    """The x = 0 plane of ``acc`` holds only this call's additions (it was zeroed): add them
+    and their conjugates at the mirror voxels ``(0, -y, -z)`` to the saved plane ``before``."""
+    plane = acc[..., 0]
+    mirror = torch.roll(torch.flip(plane, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))  # (-z, -y)
+    plane.add_(mirror.conj() if mirror.is_complex() else mirror).add_(before)
 
 
 def _splat(
@@ -255,22 +322,37 @@ def _splat(
     matrices: torch.Tensor,
 ) -> None:
     """Forward trilinear splatting of ``values``/``weights`` ``(b, P)`` at ``scale * A^T k``."""
-    shape = _staging_shape(plan.reach)
-    data = data_acc.new_zeros(shape)
-    weight = weight_acc.new_zeros(shape)
+    padded, points = data_acc.shape[-3], plan.grid.shape[0]
+    staged = _staging_pays(plan.reach, matrices.shape[0] * points)
+    if staged:
+        shape = _staging_shape(plan.reach)
+        data, weight = data_acc.new_zeros(shape), weight_acc.new_zeros(shape)
+        neighbours = functools.partial(_staged_neighbours, reach=plan.reach)
+    else:
+        if not (data_acc.is_contiguous() and weight_acc.is_contiguous()):
+            raise ValueError("accumulators must be contiguous tensors")
+        data, weight = data_acc, weight_acc
+        before = (data[..., 0].clone(), weight[..., 0].clone())
+        data[..., 0] = 0
+        weight[..., 0] = 0
+        neighbours = functools.partial(_direct_neighbours, padded=padded, reach=plan.reach)
     dflat, wflat = data.view(-1), weight.view(-1)
     values = values.to(data_acc.dtype)
     weights = weights.to(weight_acc.dtype)
-    for sb, sp in _chunks(matrices.shape[0], plan.grid.shape[0]):
+    for sb, sp in _chunks(matrices.shape[0], points):
         q, flip = _rotate(plan.grid[sp], matrices[sb], plan.scale, weight_acc.dtype)
         v = torch.where(flip, values[sb, sp].conj(), values[sb, sp])
-        idx, (wx, wy, wz) = _neighbours(q, plan.reach)
-        idx, wzy = idx.view(-1), wz[:, :, None] * wy[:, None]
+        idx, (wx, wy, wz) = neighbours(q)
+        idx, wzy = idx.reshape(-1), wz[:, :, None] * wy[:, None]
         # the sample and its weight times the x weights first: fewer products of 8 per point
         dflat.index_add_(0, idx, _outer(wzy, v[:, None] * wx).view(-1))
         wflat.index_add_(0, idx, _outer(wzy, weights[sb, sp][:, None] * wx).view(-1))
-    _fold(data, data_acc)
-    _fold(weight, weight_acc)
+    if staged:
+        _fold(data, data_acc)
+        _fold(weight, weight_acc)
+    else:
+        _mirror_x0(data_acc, before[0])
+        _mirror_x0(weight_acc, before[1])
 
 
 def _extract(
