@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -134,3 +135,18 @@ def test_convert_real_warp_coordinates_and_print(shared_data, tmp_path):
     assert result.exit_code == 0 and "Unt_083.tomostar" in result.output
     bad = CliRunner().invoke(app, ["star", "print", str(folder / f"{stem}.star"), "nope"])
     assert bad.exit_code != 0
+
+
+def test_console_command_exits_cleanly_with_all_output(shared_data):
+    """The ``subtomo`` entry point skips the interpreter's teardown after success: the exit
+    status must still be 0 (1 for bad input) and everything printed must arrive."""
+    folder = shared_data / "real" / "warptools_ribosome_subtilts"
+    star = folder / "warptools_test_4-tomos_10-ptcls_box-32_angpix-12.star"
+    command = [sys.executable, "-c", "from subtomo.cli.main import main; main()", "star", "print"]
+    done = subprocess.run([*command, str(star), "particles", "rlnTomoName"], capture_output=True)
+    assert done.returncode == 0
+    printed = done.stdout.decode()
+    assert printed.count(".tomostar") == len(starfile.read(star)["particles"])
+    assert printed.rstrip().endswith("┘")  # the table's last line arrived
+    bad = subprocess.run([*command, str(star), "nope"], capture_output=True)
+    assert bad.returncode == 1 and b"nope" in bad.stderr
