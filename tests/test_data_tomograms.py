@@ -156,12 +156,13 @@ def test_tilt_images_from_micrographs_and_stack(tmp_path, device):
     stack_ts = TomogramSet.read(tmp_path / "a.star")["TS"]
     assert stack_ts.micrograph_paths is None and stack_ts.image_size == (10, 6)
     torch.testing.assert_close(read_tilt(stack_ts, 2), images[2])
-    # read ahead: each series with its own images, in the order asked, however many
+    # read ahead (or not, above the size limit): each series with its own images, in order
     order = [stack_ts, ts, stack_ts]
-    got = list(prefetched_tilt_images(order, device=device))
-    assert [s for s, _ in got] == order
-    for _, tensor in got:
-        torch.testing.assert_close(tensor.cpu(), images)
+    for limit in (1 << 30, 0):
+        got = list(prefetched_tilt_images(order, device=device, max_ahead_bytes=limit))
+        assert [s for s, _ in got] == order
+        for _, tensor in got:
+            torch.testing.assert_close(tensor.cpu(), images)
     assert list(prefetched_tilt_images([])) == []
     # from the files' size, P_f puts the tomogram centre on the image centre (w//2, h//2)
     centre = torch.tensor([32.0, 24.0, 16.0, 1.0], dtype=torch.float64)

@@ -518,15 +518,25 @@ def tilt_images(series: TiltSeries, *, device: torch.device | str | None = None)
 
 
 def prefetched_tilt_images(
-    series: Sequence[TiltSeries], *, device: torch.device | str | None = None
+    series: Sequence[TiltSeries],
+    *,
+    device: torch.device | str | None = None,
+    max_ahead_bytes: int = 1 << 30,
 ) -> Iterator[tuple[TiltSeries, torch.Tensor]]:
-    """``(series, tilt_images(series))`` in order, the next series read by a background thread
-    while the caller works on the current one (so at most two series are held in memory)."""
+    """``(series, tilt_images(series))`` in order. While the caller works on one series, a
+    background thread reads the next if it takes at most ``max_ahead_bytes`` (float32), so
+    reading ahead never holds more than that on top of the current series."""
+
+    def nbytes(s: TiltSeries) -> int:
+        w, h = s.image_size or (0, 0)
+        return 4 * s.n_tilts * w * h
+
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(tilt_images, series[0], device=device) if series else None
+        pending = None
         for k, current in enumerate(series):
-            images = pending.result()
-            if k + 1 < len(series):
+            images = tilt_images(current, device=device) if pending is None else pending.result()
+            pending = None
+            if k + 1 < len(series) and nbytes(series[k + 1]) <= max_ahead_bytes:
                 pending = reader.submit(tilt_images, series[k + 1], device=device)
             yield current, images
             del images
