@@ -63,32 +63,40 @@ def _inner_sphere(n: int, taper: float = 10) -> torch.Tensor:
     return r < n / 2 - taper
 
 
+def _both_paths(tag: str, **options) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Reconstruct the project from its tilt series and from 2D stacks extracted with the same
+    ``options`` (box, binning, crops): (from tilts, from stacks, voxel size in Å)."""
+    run_reconstruct(
+        ReconstructParams(
+            particles="particles.star", tomograms="tomograms.star", output_dir=f"rec_ts{tag}",
+            device="cpu", **options,
+        )
+    )  # fmt: skip
+    run_extract(
+        ExtractParams(
+            particles="particles.star", tomograms="tomograms.star", float16=False,
+            output_dir=f"ext{tag}", device="cpu", **options,
+        )
+    )  # fmt: skip
+    run_reconstruct(
+        ReconstructParams(
+            ios=f"ext{tag}/optimisation_set.star", source="stacks", output_dir=f"rec_st{tag}",
+            device="cpu",
+        )
+    )  # fmt: skip
+    from_tilts, voxel = read_mrc(f"rec_ts{tag}/merged.mrc")
+    from_stacks, _ = read_mrc(f"rec_st{tag}/merged.mrc")
+    return from_tilts, from_stacks, voxel
+
+
 def test_tilt_series_and_stack_reconstructions_match_truth(tiny_project, monkeypatch):
     """Reconstructing from the tilt series must reproduce the true map, and reconstructing
     from the extracted 2D stacks must equal it (>= 0.999 with RELION's crops; >= 0.99999
     with no circle crop in either path, see below); a wrong projection, CTF sign, centring,
     grey scale or stack/tilt bookkeeping breaks one of the correlations."""
     monkeypatch.chdir(tiny_project)
-    run_reconstruct(
-        ReconstructParams(
-            particles="particles.star", tomograms="tomograms.star", box=64, binning=1,
-            output_dir="rec_ts", device="cpu",
-        )
-    )  # fmt: skip
-    run_extract(
-        ExtractParams(
-            particles="particles.star", tomograms="tomograms.star", box=64, binning=1,
-            float16=False, output_dir="ext", device="cpu",
-        )
-    )  # fmt: skip
-    run_reconstruct(
-        ReconstructParams(
-            ios="ext/optimisation_set.star", source="stacks", output_dir="rec_st", device="cpu"
-        )
-    )
+    from_tilts, from_stacks, voxel = _both_paths("", box=64, binning=1)
     truth, _ = read_mrc("truth.mrc")
-    from_tilts, voxel = read_mrc("rec_ts/merged.mrc")
-    from_stacks, _ = read_mrc("rec_st/merged.mrc")
     assert voxel == pytest.approx(10.0)
     # RELION's taper subtracts the mean inside the sphere and rolls off its outer 10 voxels,
     # so compare with the equally tapered truth, and with the truth where the taper is 1.
@@ -105,42 +113,11 @@ def test_tilt_series_and_stack_reconstructions_match_truth(tiny_project, monkeyp
     # differs). Without the crop in both paths (--no_circle_crop) the rest of the two chains
     # is the same computation: 0.9999999 here, 0.99997 on the noisy data (float16 stacks too).
     assert _cc(from_stacks, from_tilts) >= 0.999
-    run_reconstruct(
-        ReconstructParams(
-            particles="particles.star", tomograms="tomograms.star", box=64, binning=1,
-            no_circle_crop=True, output_dir="rec_ts_nocrop", device="cpu",
-        )
-    )  # fmt: skip
-    run_extract(
-        ExtractParams(
-            particles="particles.star", tomograms="tomograms.star", box=64, binning=1,
-            float16=False, no_circle_crop=True, output_dir="ext_nocrop", device="cpu",
-        )
-    )  # fmt: skip
-    run_reconstruct(
-        ReconstructParams(
-            ios="ext_nocrop/optimisation_set.star", source="stacks", output_dir="rec_st_nocrop",
-            device="cpu",
-        )
-    )  # fmt: skip
-    uncropped_tilts, _ = read_mrc("rec_ts_nocrop/merged.mrc")
-    uncropped_stacks, _ = read_mrc("rec_st_nocrop/merged.mrc")
+    uncropped_tilts, uncropped_stacks, _ = _both_paths(
+        "_nocrop", box=64, binning=1, no_circle_crop=True
+    )
     assert _cc(uncropped_stacks, uncropped_tilts) >= 0.99999
-    run_reconstruct(
-        ReconstructParams(
-            particles="particles.star", tomograms="tomograms.star", box=32, binning=2,
-            output_dir="rec_ts2",
-        )
-    )  # fmt: skip
-    run_extract(
-        ExtractParams(
-            particles="particles.star", tomograms="tomograms.star", box=32, binning=2,
-            float16=False, output_dir="ext2",
-        )
-    )  # fmt: skip
-    run_reconstruct(ReconstructParams(ios="ext2/optimisation_set.star", output_dir="rec_st2"))
-    binned_tilts, voxel2 = read_mrc("rec_ts2/merged.mrc")
-    binned_stacks, _ = read_mrc("rec_st2/merged.mrc")
+    binned_tilts, binned_stacks, voxel2 = _both_paths("2", box=32, binning=2)
     assert voxel2 == pytest.approx(20.0)
     assert _cc(binned_stacks, binned_tilts) >= 0.999
     stacks = ParticleSet.read("ext/particles.star")
