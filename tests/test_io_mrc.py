@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 
 import numpy as np
@@ -63,3 +64,35 @@ def test_header_statistics_are_those_of_the_data(tmp_path, float16):
         assert float(h.dmean) == pytest.approx(values.mean(), rel=tol, abs=tol)
         assert float(h.rms) == pytest.approx(values.std(), rel=tol)
         assert mrc.is_image_stack()
+
+
+@pytest.mark.parametrize(
+    ("shape", "name", "float16"),
+    [
+        ((4, 6, 6), "p_stack2d.mrcs", False),
+        ((6, 6, 6), "p_data.mrc", True),
+        ((5, 7), "i.mrc", False),
+    ],
+)
+def test_repeated_shapes_reuse_the_header_byte_for_byte(tmp_path, shape, name, float16):
+    """A later file of a shape already written reuses that file's header with its own
+    statistics; it must be the very file mrcfile itself writes (and a valid MRC2014 file)."""
+    import mrcfile
+
+    from subtomo.io import mrc as mrc_module
+
+    first, later = torch.randn(shape), torch.randn(shape) * 2 + 1
+    mrc_module._HEADERS.clear()
+    write_mrc(tmp_path / "first" / name, first, 1.7, float16=float16)
+    write_mrc(tmp_path / "later" / name, later, 1.7, float16=float16)
+    assert len(mrc_module._HEADERS) == 1
+    mrc_module._HEADERS.clear()
+    write_mrc(tmp_path / "by_mrcfile" / name, later, 1.7, float16=float16)
+    written = (tmp_path / "later" / name).read_bytes()
+    assert written == (tmp_path / "by_mrcfile" / name).read_bytes()
+    assert written != (tmp_path / "first" / name).read_bytes()
+    if not float16:  # float16 headers carry the float32 statistics, which validate rejects
+        assert mrcfile.validate(tmp_path / "later" / name, print_file=open(os.devnull, "w"))
+    got, voxel = read_mrc(tmp_path / "later" / name)
+    expected = later.half().float() if float16 else later
+    assert voxel == pytest.approx(1.7) and torch.equal(got.reshape(shape), expected)

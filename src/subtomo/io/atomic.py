@@ -21,7 +21,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     look at the extension behave the same.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.parent.is_dir():  # one stat; mkdir(exist_ok) costs a failing syscall
+        final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.stem}.tmp{os.getpid()}{final.suffix}")
     try:
         yield tmp

@@ -7,6 +7,7 @@ Unreadable, truncated or non-MRC files raise :class:`~subtomo.errors.InputError`
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,12 @@ def _header_stats(array: np.ndarray) -> tuple[float, float, float, float]:
     )
 
 
+#: Header bytes of files already written through mrcfile, by (shape, dtype, voxel size,
+#: stack flag): a later file of the same kind only differs in its statistics.
+_HEADERS: dict[tuple, np.ndarray] = {}
+_HEADERS_LOCK = threading.Lock()
+
+
 def write_mrc(
     path: str | os.PathLike,
     data: torch.Tensor | np.ndarray,
@@ -118,7 +125,9 @@ def write_mrc(
 
     ``is_stack`` marks a 3D array as an image stack (default: when the name ends in .mrcs).
     The header statistics (min, max, mean, rms) are those of the float32 values (before the
-    rounding to float16).
+    rounding to float16). The first file of a shape is written by ``mrcfile``; later files
+    of the same shape, dtype and voxel size reuse its header with their own statistics (an
+    Extract job writes hundreds of such stacks; the files are byte for byte the same).
     """
     path = Path(path)
     if isinstance(data, torch.Tensor):
@@ -128,9 +137,22 @@ def write_mrc(
     values = tensor.to(torch.float32).contiguous()
     stats = _header_stats(values.numpy())
     array = values.half().numpy() if float16 else values.numpy()  # torch casts ~20x faster
+    stack = is_stack if is_stack is not None else path.suffix == ".mrcs"
+    key = (array.shape, array.dtype.str, float(voxel_size), stack)
+    header = _HEADERS.get(key)
+    if header is not None:
+        header = header.copy()
+        header["dmin"], header["dmax"], header["dmean"], header["rms"] = stats
+        with atomic_path(path) as tmp, open(tmp, "wb") as out:
+            out.write(header.tobytes())
+            out.write(memoryview(array).cast("B"))
+        return
     with atomic_path(path) as tmp, _MrcWriter(tmp, stats) as mrc:
         mrc.set_data(array)
-        if is_stack if is_stack is not None else path.suffix == ".mrcs":
+        if stack:
             mrc.set_image_stack()
         mrc.voxel_size = float(voxel_size)
         mrc.header.origin = (0.0, 0.0, 0.0)
+        dtype = mrc.header.dtype
+    with open(path, "rb") as written, _HEADERS_LOCK:
+        _HEADERS[key] = np.frombuffer(written.read(dtype.itemsize), dtype=dtype).copy()

@@ -80,9 +80,12 @@ def _output_name(particle: str, tomo: str) -> str:
 
 
 def _stack_images(params: ExtractParams, data: torch.Tensor, box: int, crop: int) -> np.ndarray:
-    """Premultiplied spectra ``(b, box, box//2+1)`` -> circle-cropped ``(b, crop, crop)``
+    """Premultiplied spectra ``(b, box, box//2+1)`` of images centred at ``box//2``
+    (``extract_slices(centre_at_origin=False)``) -> circle-cropped ``(b, crop, crop)``
     float32 images (one batched transform for all the stacks of a batch)."""
-    images = irfft_centered(data / params.binning, (box, box))
+    images = torch.fft.irfftn(data, s=(box, box))
+    if params.binning != 1:
+        images /= params.binning
     if not params.no_circle_crop:
         images = circle_crop(images, crop / 2)
     lo = box // 2 - crop // 2
@@ -147,7 +150,7 @@ def _extract_series(
         data, weight = extract_slices(
             images, f, geo.uv.to(device)[p, f], geo.depth.to(device)[p, f], ctf,
             box=box, binning=params.binning, precrop=False, no_ctf=params.no_ctf,
-            invert_contrast=not params.no_ic,
+            invert_contrast=not params.no_ic, centre_at_origin=not params.stack2d,
         )  # fmt: skip
         if not params.stack2d:
             _, dose = premultiply_filter(ctf, f, geo.depth.to(device)[p, f], box, params.binning)
@@ -160,7 +163,6 @@ def _extract_series(
             ends = np.cumsum(visible[chunk].sum(dim=1).numpy())
         for j, i in enumerate(chunk.tolist()):
             root = out_dir / "Subtomograms" / _output_name(names[i], series.name)
-            root.parent.mkdir(parents=True, exist_ok=True)
             if params.stack2d:
                 path = root.with_name(root.name + "_stack2d.mrcs")
                 start_row = ends[j - 1] if j else 0

@@ -265,6 +265,7 @@ def extract_slices(
     no_ctf: bool = False,
     invert_contrast: bool = True,
     cutoff_fract: float | None = None,
+    centre_at_origin: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Premultiplied Fourier slices of ``b`` (particle, tilt) observations (§5.2 steps 2–5).
 
@@ -282,6 +283,9 @@ def extract_slices(
         Circle-crop the patch (radius s0/2, 5 px fall-off) before the FFT (§6).
     cutoff_fract
         If given, frequencies beyond the dose cut-off are zeroed (§1.5 ``--cutoff_fract``).
+    centre_at_origin
+        True: the particle centre is at the Fourier origin (``rfft_centered`` layout, for
+        insertion). False: at pixel ``box//2`` of the image a plain ``irfftn`` gives back.
 
     Returns
     -------
@@ -297,8 +301,10 @@ def extract_slices(
         spectra = fourier_resize(spectra, box)
     offset = (uv.to(images.device) - torch.floor(uv.to(images.device) + 0.5)) / binning
     # One phase ramp moves the sub-pixel position to s/2 and the patch centre to the origin
-    # (rfft_centered(x) = rfft(x) · exp(2πi k·c/s0), c = s0//2, in box pixels c·box/s0).
-    factor = phase_ramp(-offset - (s0 // 2) * box / s0, box)
+    # (rfft_centered(x) = rfft(x) · exp(2πi k·c/s0), c = s0//2, in box pixels c·box/s0),
+    # or straight to box//2 (an integer shift of box//2 is the fftshift of irfft_centered).
+    centre = (s0 // 2) * box / s0 - (0 if centre_at_origin else box // 2)
+    factor = phase_ramp(-offset - centre, box)
     ctfw, dose = premultiply_filter(ctf, frames, depth_px, box, binning, cutoff_fract=cutoff_fract)
     filt = dose if no_ctf else ctfw
     factor.mul_(-filt if invert_contrast else filt)
