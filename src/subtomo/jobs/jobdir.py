@@ -95,9 +95,9 @@ def _write_job_star(job: Job, params: Any) -> None:
         starfile.write({"job": general, "joboptions_values": options}, tmp)
 
 
-def _pipeline_counter(project_dir: Path) -> int:
-    tables = read_pipeline(project_dir)
-    general = tables.get("pipeline_general")
+def _pipeline_counter(project_dir: Path, tables: Mapping[str, Any] | None = None) -> int:
+    """rlnPipeLineJobCounter of the project (``tables``: its pipeline, if already read)."""
+    general = (read_pipeline(project_dir) if tables is None else tables).get("pipeline_general")
     if general is None:
         return 1
     return int(general["rlnPipeLineJobCounter"])
@@ -167,7 +167,7 @@ def _register(job: Job, status: str, inputs: Mapping[str, str], outputs: Mapping
         ],
         ignore_index=True,
     )
-    counter = max(_pipeline_counter(job.project_dir), _job_number(job) + 1)
+    counter = max(_pipeline_counter(job.project_dir, tables), _job_number(job) + 1)
     out = {"pipeline_general": {"rlnPipeLineJobCounter": counter}, **frames}
     with atomic_path(Path(job.project_dir) / PIPELINE) as tmp:
         starfile.write(out, tmp)
