@@ -7,7 +7,6 @@ Unreadable, truncated or non-MRC files raise :class:`~subtomo.errors.InputError`
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +109,6 @@ def _header_stats(array: np.ndarray) -> tuple[float, float, float, float]:
 #: Header bytes of files already written through mrcfile, by (shape, dtype, voxel size,
 #: stack flag): a later file of the same kind only differs in its statistics.
 _HEADERS: dict[tuple, np.ndarray] = {}
-_HEADERS_LOCK = threading.Lock()
 
 
 def write_mrc(
@@ -154,5 +152,7 @@ def write_mrc(
         mrc.voxel_size = float(voxel_size)
         mrc.header.origin = (0.0, 0.0, 0.0)
         dtype = mrc.header.dtype
-    with open(path, "rb") as written, _HEADERS_LOCK:
-        _HEADERS[key] = np.frombuffer(written.read(dtype.itemsize), dtype=dtype).copy()
+    with open(path, "rb") as written:
+        header = np.frombuffer(written.read(dtype.itemsize), dtype=dtype).copy()
+    if int(header["nsymbt"][0]) == 0:  # the data follow the header directly
+        _HEADERS[key] = header  # one dict store: safe from the Extract worker threads
