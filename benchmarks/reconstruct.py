@@ -175,7 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.workdir or tmp.name).resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # paths in the STAR files are relative to the project directory
-    _simulate(args, work)
+    # In a child process: Linux carries a parent's peak RSS over into the children it
+    # starts, so a simulation here would inflate the jobs' figures below.
+    simulation = mp.get_context("spawn").Process(target=_simulate, args=(args, work))
+    simulation.start()
+    simulation.join()
+    if simulation.exitcode != 0:
+        sys.exit(f"simulation failed ({simulation.exitcode})")
     common = {"particles": "particles.star", "tomograms": "tomograms.star",
               "box": args.box, "binning": float(args.bin), "device": args.device}  # fmt: skip
     jobs = {
