@@ -96,3 +96,17 @@ def test_repeated_shapes_reuse_the_header_byte_for_byte(tmp_path, shape, name, f
     got, voxel = read_mrc(tmp_path / "later" / name)
     expected = later.half().float() if float16 else later
     assert voxel == pytest.approx(1.7) and torch.equal(got.reshape(shape), expected)
+
+
+def test_empty_stack_of_a_known_shape(tmp_path):
+    """An empty stack written from a cached header is mrcfile's file (no data, "not set"
+    statistics)."""
+    from subtomo.io import mrc as mrc_module
+
+    empty = torch.zeros(0, 6, 6)
+    mrc_module._HEADERS.clear()
+    write_mrc(tmp_path / "a.mrcs", empty, 2.0)
+    write_mrc(tmp_path / "b.mrcs", empty, 2.0)  # from the cached header
+    assert len(mrc_module._HEADERS) == 1
+    assert (tmp_path / "b.mrcs").read_bytes() == (tmp_path / "a.mrcs").read_bytes()
+    assert read_mrc(tmp_path / "b.mrcs")[0].shape == (0, 6, 6)

@@ -143,7 +143,8 @@ def write_mrc(
         header["dmin"], header["dmax"], header["dmean"], header["rms"] = stats
         with atomic_path(path) as tmp, open(tmp, "wb") as out:
             out.write(header.tobytes())
-            out.write(memoryview(array).cast("B"))
+            if array.size:  # memoryview cannot cast an empty array
+                out.write(memoryview(array).cast("B"))
         return
     with atomic_path(path) as tmp, _MrcWriter(tmp, stats) as mrc:
         mrc.set_data(array)
