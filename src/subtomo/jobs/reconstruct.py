@@ -202,8 +202,13 @@ def _insert_from_stacks(
     for name, rows in _by_tomogram(parts):
         series = tomos[name]
         ctf = ctf_of_tilt_series(series)
-        geo = series_geometry(parts.subset(rows), series, motion, image_size=(2, 2))
+        subset = parts.subset(rows)
+        geo = series_geometry(subset, series, motion, image_size=(2, 2))
         mats = geo.matrices().float()
+        # the stacks are cut at the coordinates; offsets refined since move them (§5.6)
+        origins = subset.origins_angst() / (binning * series.pixel_size)  # (n, 3) px
+        shifts = geo.matrices(include_particle=False)[..., :2, :] @ origins[:, None, :, None]
+        shifts = shifts[..., 0].float()  # (n, t, 2)
         per_batch = max(1, params.batch_size // max(series.n_tilts, 1))
         for start in range(0, len(rows), per_batch):
             chunk = range(start, min(start + per_batch, len(rows)))
@@ -228,6 +233,7 @@ def _insert_from_stacks(
                 accs, stacks, f, geo.depth.to(device)[o, f], mats.to(device)[o, f],
                 halves[rows].to(device)[o], ctf, binning=binning,
                 premultiplied=bool(premultiplied[rows[0]]), cutoff_fract=params.cutoff_fract,
+                shifts_px=shifts.to(device)[o, f],
             )  # fmt: skip
             count += len(f)
             advance(len(f))

@@ -413,6 +413,7 @@ def insert_stacks(
     premultiplied: bool = True,
     cutoff_fract: float | None = 0.01,
     max_radius: float | None = None,
+    shifts_px: torch.Tensor | None = None,
 ) -> None:
     """Insert ``b`` images of extracted 2D stacks (relion_refine's reading, §5.6).
 
@@ -421,10 +422,15 @@ def insert_stacks(
     grey scale), ``frames`` ``(b,)`` their tilt indices, ``depth_px`` ``(b,)`` the depths of
     the particle (with origins) for the CTF, ``matrices`` ``(b, 3, 3)`` = R_f·A_sub·A_part,
     ``halves`` ``(b,)`` the accumulator index. The weight is ``(CTF·dose)^2`` with the
-    per-tilt rlnCtfBfactor left out, as relion_refine does.
+    per-tilt rlnCtfBfactor left out, as relion_refine does. ``shifts_px`` ``(b, 2)`` (x, y
+    pixels) move each image before insertion: ``[R_f A_sub o]_xy / px`` brings the centre of a
+    particle whose offsets ``o`` changed after extraction back to the box centre (stacks are
+    cut at the coordinates, the offsets are applied in Fourier space, as relion_refine does).
     """
     size = stacks.shape[-1]
     spectra = rfft_centered(stacks.to(torch.float32), 2) * binning
+    if shifts_px is not None:
+        spectra = spectra * phase_ramp(shifts_px, size)
     ctfw, dose = premultiply_filter(
         ctf, frames, depth_px, size, binning, use_bfactor=False, cutoff_fract=cutoff_fract
     )
