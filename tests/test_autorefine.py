@@ -29,6 +29,7 @@ from subtomo.ml.autorefine import (
     hidden_variable_changes,
     join_low_resolution,
     join_shell,
+    refinement_mask,
     solvent_corrected_fsc,
     update_auto_sampling,
 )
@@ -106,27 +107,35 @@ def test_sampling_sequence_follows_relion_rules() -> None:
 
 def test_sigma_ang_gives_local_searches_from_the_start() -> None:
     """``--sigma_ang 3`` (relion_refine's flag): local searches with a 3 deg prior from the
-    first iteration, below ``auto_local_healpix_order``, kept with the same width after the
-    sampling is refined; a failure means a global search or a silently changed prior."""
+    first iteration, below ``auto_local_healpix_order``; once the sampling is refined the
+    prior is 2x the new finest step, as RELION resets it (here order 3: 2 x 3.75 deg). A
+    failure means a global search or a prior that no longer follows the sampling."""
     opt = dataclasses.replace(OPT, sigma_ang_deg=3.0)
     s = AutoRefineState.initial(opt)
     assert s.healpix_order == 2 and s.local_searches
     assert s.sampling(opt).local_sigma_deg == pytest.approx(3.0)
     s = _step(s, 5, (10.0, 3.0, 0.0), options=opt)
+    assert s.sampling(opt).local_sigma_deg == pytest.approx(3.0)
     s = _step(s, 5, (5.0, 2.0, 0.0), options=opt)  # stalled and stable: order 3
     assert s.healpix_order == 3 and s.local_searches
-    assert s.sampling(opt).local_sigma_deg == pytest.approx(3.0)
+    assert s.sampling(opt).local_sigma_deg == pytest.approx(7.5)
 
 
 def test_sampling_stops_refining_past_what_the_pixels_resolve() -> None:
-    """With coarse pixels (20 Å, D = 260 Å: Nyquist step 17.6 deg) the 7.5 deg order-3
-    sampling (3.75 deg oversampled) is fine enough even when the accuracy estimate claims
-    0.5 deg; with 2 Å pixels the same state must still be refined."""
+    """The sampling is fine enough once its finest step moves the particle's edge by less
+    than half a pixel, whatever the accuracy estimate claims (0.5 deg here): with 20 Å pixels
+    (D = 260 Å: 4.4 deg) already at order 3 (3.75 deg oversampled); with 5 Å pixels and
+    D = 288 Å (0.99 deg) at order 5 (0.94 deg) but not at order 4 (1.875 deg); with 2 Å
+    pixels not at order 3."""
     coarse = dataclasses.replace(OPT, particle_diameter_angst=260.0, pixel_size=20.0)
     state = dataclasses.replace(AutoRefineState.initial(coarse), healpix_order=3)
     assert _step(state, 5, (1.0, 1.0, 0.0), acc_rot=0.5, options=coarse).fine_enough
     fine = dataclasses.replace(AutoRefineState.initial(OPT), healpix_order=3)
     assert not _step(fine, 5, (1.0, 1.0, 0.0), acc_rot=0.5).fine_enough
+    d7 = dataclasses.replace(OPT, particle_diameter_angst=288.0, pixel_size=5.0)
+    for order, expected in ((4, False), (5, True)):
+        state = dataclasses.replace(AutoRefineState.initial(d7), healpix_order=order)
+        assert _step(state, 5, (1.0, 1.0, 0.0), acc_rot=0.5, options=d7).fine_enough is expected
 
 
 def test_offset_range_limits() -> None:
@@ -234,6 +243,33 @@ def test_solvent_corrected_fsc_removes_mask_correlation() -> None:
     assert masked[10:16].mean() > 0.3, masked
     assert true[10:16].abs().mean() < 0.08, true
     assert torch.allclose(unmasked, fsc_maps(*halves).double())
+
+
+def test_refinement_mask_measures_the_particle_not_the_solvent() -> None:
+    """A particle filling 2% of the box in noise that fills all of it (two independent
+    noise draws): the whole-box FSC is dominated by the solvent noise, while the FSC inside
+    the mask found from the half maps is close to that inside a mask from the noise-free
+    truth (within 0.15 per shell either way; it is a little looser), and the mask stays
+    within the particle sphere."""
+    n, px = 48, 5.0
+    g = torch.Generator().manual_seed(5)
+    x = torch.arange(n, dtype=torch.float64) - n // 2
+    z, y, w = torch.meshgrid(x, x, x, indexing="ij")
+    particle = torch.zeros(n, n, n, dtype=torch.float64)
+    for cz, cy, cx in ((0, 0, 0), (4, -3, 2), (-4, 2, -3), (2, 4, 4)):
+        particle += torch.exp(-((z - cz) ** 2 + (y - cy) ** 2 + (w - cx) ** 2) / (2 * 2.0**2))
+    halves = [particle + 0.25 * torch.randn(n, n, n, generator=g, dtype=torch.float64)
+              for _ in range(2)]  # fmt: skip
+    sphere = soft_sphere((n, n, n), 20.0, 3.0)
+    mask = refinement_mask(halves[0], halves[1], px, sphere)
+    assert float(mask.sum()) < 0.15 * n**3 and bool((mask <= sphere + 1e-6).all())
+    whole = halfset_fsc(*halves)
+    gen = torch.Generator().manual_seed(0)
+    auto = solvent_corrected_fsc(*halves, mask, whole, generator=gen)
+    truth_mask = (lowpass_map(particle, 20.0, px) > 0.05).double()
+    truth = solvent_corrected_fsc(*halves, truth_mask, whole, generator=gen)
+    assert (auto[2:12] - whole[2:12]).mean() > 0.2, (auto, whole)
+    assert (auto[2:12] - truth[2:12]).abs().max() < 0.15, (auto, truth)
 
 
 def test_gold_standard_spectra_formulas() -> None:

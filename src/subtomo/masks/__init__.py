@@ -2,6 +2,7 @@
 
 from subtomo.masks.create import (
     Combine,
+    automatic_mask,
     binary_threshold,
     extend_binary,
     mask_from_map,
@@ -13,6 +14,7 @@ from subtomo.masks.shapes import crown_mask, cylinder_mask, radius_from, soft_sp
 
 __all__ = [
     "Combine",
+    "automatic_mask",
     "binary_threshold",
     "crown_mask",
     "cylinder_mask",

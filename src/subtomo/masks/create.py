@@ -16,6 +16,7 @@ from subtomo.masks.distance import squared_distance_to
 
 __all__ = [
     "Combine",
+    "automatic_mask",
     "binary_threshold",
     "extend_binary",
     "mask_from_map",
@@ -119,3 +120,14 @@ def suggest_threshold(volume: torch.Tensor, bins: int = 256) -> float:
     between = (total * w0 - m0) ** 2 / (w0 * w1).clamp(min=1e-12)
     k = int(torch.argmax(between[:-1]))
     return float(centres[k] + (hi - lo) / bins / 2)
+
+
+def automatic_mask(
+    volume: torch.Tensor, *, extend: float = 3.0, soft_edge_width: float = 6.0
+) -> torch.Tensor:
+    """A loose solvent mask of a (low-passed) map with no threshold to choose: the binary at
+    :func:`suggest_threshold`, extended by ``extend`` pixels with a ``soft_edge_width``-pixel
+    raised-cosine edge (relion_postprocess's ``--auto_mask`` extension and edge)."""
+    return mask_from_map(
+        volume, suggest_threshold(volume), extend=extend, soft_edge_width=soft_edge_width
+    )

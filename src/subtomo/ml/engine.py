@@ -39,7 +39,9 @@ __all__ = [
     "expectation_pass",
     "iterate",
     "maximise",
+    "particle_sphere",
     "resolution_shell",
+    "solvent_mask",
 ]
 
 
@@ -212,6 +214,25 @@ def expectation_pass(
     return sums, ParticleResults.concat(parts)
 
 
+def particle_sphere(
+    params: EngineParams, box: int, pixel_size: float, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Soft sphere ``(n, n, n)`` of ``--particle_diameter`` with a 5-pixel edge (RELION's
+    solvent-flattening mask when no ``--solvent_mask`` is given)."""
+    radius = params.particle_diameter_angst / (2 * pixel_size)
+    return soft_sphere((box, box, box), radius, 5.0, device=device)
+
+
+def solvent_mask(
+    params: EngineParams, box: int, pixel_size: float, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The mask the references are flattened with: ``--solvent_mask`` or the particle
+    sphere (:func:`particle_sphere`)."""
+    if params.reference_mask is not None:
+        return params.reference_mask.to(device)
+    return particle_sphere(params, box, pixel_size, device)
+
+
 def resolution_shell(ssnr: torch.Tensor) -> int:
     """RELION's current resolution shell: the first shell > 0 where SSNR < 1, minus one.
 
@@ -272,11 +293,7 @@ def maximise(
         weight[c] = weight_spectrum(acc).cpu()
         ssnr_new[c] = params.tau2_fudge * tau2_used[c].cpu() * weight[c]
     if params.flatten_solvent:
-        if params.reference_mask is not None:
-            refs = refs * params.reference_mask.to(refs)
-        else:
-            radius = params.particle_diameter_angst / (2 * model.pixel_size)
-            refs = refs * soft_sphere((n, n, n), radius, 5.0, device=refs.device).to(refs)
+        refs = refs * solvent_mask(params, n, model.pixel_size, refs.device).to(refs)
     if ssnr is not None:
         ssnr_new = ssnr.to(ssnr_new).expand_as(ssnr_new).clone()
     total = sums.class_weight.sum()
