@@ -1,11 +1,21 @@
 """Readers and writers for RELION 5 STAR and MRC files (and mdoc)."""
 
 from subtomo.io.atomic import atomic_path
+from subtomo.io.files import require_file
 from subtomo.io.mdoc import MdocTiltSeries, read_mdoc, write_mdoc
-from subtomo.io.mrc import MrcHeader, read_mrc, read_mrc_header, write_mrc
+from subtomo.io.mrc import (
+    MrcHeader,
+    map_pixel_size,
+    read_mrc,
+    read_mrc_header,
+    require_finite,
+    require_varying,
+    write_mrc,
+)
 from subtomo.io.star import (
     NAME_COLUMNS,
     format_vector,
+    number_problem,
     numeric_column,
     parse_vector,
     read_star,
@@ -20,6 +30,8 @@ __all__ = [
     "MrcHeader",
     "atomic_path",
     "format_vector",
+    "map_pixel_size",
+    "number_problem",
     "numeric_column",
     "parse_vector",
     "read_mdoc",
@@ -28,6 +40,9 @@ __all__ = [
     "read_star",
     "require_block",
     "require_columns",
+    "require_file",
+    "require_finite",
+    "require_varying",
     "write_mdoc",
     "write_mrc",
     "write_star",

@@ -19,6 +19,7 @@ import pandas as pd
 
 from subtomo.errors import InputError
 from subtomo.io.atomic import atomic_path
+from subtomo.io.files import read_utf8, require_file
 
 __all__ = ["MdocTiltSeries", "read_mdoc", "write_mdoc"]
 
@@ -56,9 +57,9 @@ def _first_value(*columns: pd.Series | None) -> float | None:
     return None
 
 
-def _pixel_spacing_text(path: Path) -> pd.Series:
-    """Every ``PixelSpacing = x`` in the file (mdocfile drops it from frame-set sections)."""
-    found = re.findall(r"^\s*PixelSpacing\s*=\s*(\S+)", path.read_text(), flags=re.MULTILINE)
+def _pixel_spacing_text(text: str) -> pd.Series:
+    """Every ``PixelSpacing = x`` in the text (mdocfile drops it from frame-set sections)."""
+    found = re.findall(r"^\s*PixelSpacing\s*=\s*(\S+)", text, flags=re.MULTILINE)
     return pd.Series(found, dtype=object)
 
 
@@ -86,9 +87,8 @@ def read_mdoc(path: str | os.PathLike) -> MdocTiltSeries:
     """
     import mdocfile  # imported here: pydantic makes it slow to import for every command
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", file=path)
+    path = require_file(path)
+    text = read_utf8(path)
     try:
         everything = mdocfile.read(path)
     except Exception as exc:  # mdocfile/pydantic raise many types on malformed text
@@ -101,6 +101,9 @@ def read_mdoc(path: str | os.PathLike) -> MdocTiltSeries:
         table = everything
     if table.empty or "TiltAngle" not in table.columns:
         raise InputError("no tilt images ([ZValue] sections with TiltAngle)", file=path)
+    if "ZValue" in table.columns and table["ZValue"].duplicated().any():
+        z = table["ZValue"][table["ZValue"].duplicated()].iloc[0]
+        raise InputError(f"section [ZValue = {z}] appears twice", file=path)
     angles = pd.to_numeric(table["TiltAngle"], errors="coerce").to_numpy(np.float64)
     if not np.isfinite(angles).all():
         row = int(np.flatnonzero(~np.isfinite(angles))[0])
@@ -113,6 +116,9 @@ def read_mdoc(path: str | os.PathLike) -> MdocTiltSeries:
         return np.where(np.isfinite(values), values, default)
 
     dose = column("ExposureDose", 0.0)
+    if (dose < 0).any():
+        row = int(np.flatnonzero(dose < 0)[0])
+        raise InputError(f"section [ZValue = {row}] has a negative ExposureDose", file=path)
     dates = _parse_dates(table["DateTime"]) if "DateTime" in table.columns else None
     if dates is not None:
         order = np.argsort(np.array(dates, dtype="datetime64[s]"), kind="stable")
@@ -127,16 +133,21 @@ def read_mdoc(path: str | os.PathLike) -> MdocTiltSeries:
     frames = None
     if "SubFramePath" in table.columns and table["SubFramePath"].notna().all():
         frames = [str(p) for p in table["SubFramePath"]]
+    pixel_size = _first_value(
+        table.get("PixelSpacing"), everything.get("PixelSpacing"), _pixel_spacing_text(text)
+    )
+    voltage = _first_value(table.get("Voltage"), everything.get("Voltage"))
+    for name, value in (("PixelSpacing", pixel_size), ("Voltage", voltage)):
+        if value is not None and value <= 0:
+            raise InputError(f"{name} = {value:g}, expected > 0", file=path)
     return MdocTiltSeries(
         table=table,
         tilt_angles_deg=angles,
         exposure_dose=dose,
         pre_exposure=pre,
         acquisition_order=order,
-        pixel_size=_first_value(
-            table.get("PixelSpacing"), everything.get("PixelSpacing"), _pixel_spacing_text(path)
-        ),
-        voltage_kv=_first_value(table.get("Voltage"), everything.get("Voltage")),
+        pixel_size=pixel_size,
+        voltage_kv=voltage,
         defocus_um=defocus,
         sub_frame_paths=frames,
     )

@@ -16,8 +16,17 @@ import torch
 
 from subtomo.errors import InputError
 from subtomo.io.atomic import atomic_path
+from subtomo.io.files import require_file
 
-__all__ = ["MrcHeader", "read_mrc", "read_mrc_header", "write_mrc"]
+__all__ = [
+    "MrcHeader",
+    "map_pixel_size",
+    "read_mrc",
+    "read_mrc_header",
+    "require_finite",
+    "require_varying",
+    "write_mrc",
+]
 
 
 @dataclass(frozen=True)
@@ -31,8 +40,7 @@ class MrcHeader:
 
 
 def _open(path: Path, header_only: bool):
-    if not path.exists():
-        raise InputError("file not found", file=path)
+    require_file(path)
     try:
         return mrcfile.open(path, mode="r", header_only=header_only, permissive=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -64,10 +72,12 @@ def read_mrc(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    finite: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Data (zyx, or nyx for a stack) as a tensor and the voxel size in Å.
 
     A 2D image comes back as (y, x); a ``.mrcs`` stack with one image as (1, y, x).
+    ``finite``: ``InputError`` if any value is NaN or infinite (maps a job computes with).
     """
     path = Path(path)
     if path.suffix != ".gz":
@@ -78,7 +88,50 @@ def read_mrc(
         if path.suffix == ".mrcs" and data.ndim == 2:
             data = data[None]
     tensor = torch.from_numpy(data.astype(np.float32, copy=True)).to(device=device, dtype=dtype)
+    if finite:
+        require_finite(tensor, path)
     return tensor, voxel
+
+
+def require_finite(data: torch.Tensor, path: str | os.PathLike) -> None:
+    """``InputError`` naming how many values of ``data`` (read from ``path``) are NaN or
+    infinite and the zyx index of the first."""
+    bad = ~torch.isfinite(data)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise InputError(
+            f"{int(bad.sum())} of {data.numel()} values are NaN or infinite (the first at "
+            f"zyx index {first})",
+            file=path,
+        )
+
+
+def require_varying(data: torch.Tensor, path: str | os.PathLike) -> None:
+    """``InputError`` when every value of ``data`` (a map read from ``path``) is the same:
+    it holds no signal to correlate or sharpen (e.g. an all-zero map)."""
+    low, high = float(data.min()), float(data.max())
+    if low == high:
+        raise InputError(f"every value of the map is {low:g}: no signal", file=path)
+
+
+def map_pixel_size(
+    header_angst: float,
+    given_angst: float,
+    path: str | os.PathLike,
+    *,
+    required: bool = True,
+    option: str | None = "--angpix",
+) -> float:
+    """The pixel size (Å) a map is used at: ``given_angst`` (from ``option``) when > 0, else
+    the header's voxel size. ``InputError`` when that is negative, or 0 (not set) and
+    ``required``; 0 comes back when not ``required``."""
+    if given_angst > 0:
+        return given_angst
+    if header_angst > 0 or (header_angst == 0 and not required):
+        return header_angst
+    found = "no voxel size" if header_angst == 0 else f"voxel size {header_angst:g} Å"
+    hint = f"; give {option}" if option else ""
+    raise InputError(f"{found} in the header, expected > 0{hint}", file=path)
 
 
 class _MrcWriter(mrcfile.mrcfile.MrcFile):

@@ -18,10 +18,12 @@ import starfile
 
 from subtomo.errors import InputError
 from subtomo.io.atomic import atomic_path
+from subtomo.io.files import read_utf8, require_file
 
 __all__ = [
     "NAME_COLUMNS",
     "format_vector",
+    "number_problem",
     "numeric_column",
     "parse_vector",
     "read_star",
@@ -41,23 +43,42 @@ NAME_COLUMNS = ("rlnTomoName", "rlnTomoParticleName", "rlnOpticsGroupName")
 def read_star(
     path: str | os.PathLike, *, parse_as_string: Iterable[str] = NAME_COLUMNS
 ) -> dict[str, pd.DataFrame | dict[str, Any]]:
-    """All blocks of a STAR file; ``InputError`` if it is missing or cannot be parsed.
+    """All blocks of a STAR file; ``InputError`` if it is missing, not UTF-8 text, has no
+    ``data_`` block or one twice, or cannot be parsed.
 
     Columns named in ``parse_as_string`` stay text (default: the tomogram, particle and
     optics-group name columns).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", file=path)
+    path = require_file(path)
+    _check_blocks(path)
     try:
         blocks = starfile.read(path, always_dict=True, parse_as_string=list(parse_as_string))
     except Exception as exc:  # starfile/pandas raise many types on malformed text
         raise InputError(
             f"not a readable STAR file ({type(exc).__name__}: {exc})", file=path
         ) from None
-    if not blocks:
-        raise InputError("no data_ blocks found", file=path)
-    return dict(blocks)
+    return {name: {} if block is None else block for name, block in blocks.items()}
+
+
+def _check_blocks(path: Path) -> None:
+    """``InputError`` unless ``path`` is UTF-8 text whose ``data_`` lines name each block
+    once (``starfile`` would read undecodable bytes as no blocks and keep only the last of
+    two blocks with one name)."""
+    text = read_utf8(path)
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip()
+        if not stripped.startswith("data_"):
+            continue
+        name = stripped[5:]
+        if name in first_line:
+            raise InputError(
+                f"block data_{name} appears twice (lines {first_line[name]} and {number})",
+                file=path,
+            )
+        first_line[name] = number
+    if not first_line:
+        raise InputError("no data_ blocks found (not a STAR file?)", file=path)
 
 
 def _format_float(value: float) -> str:
@@ -104,7 +125,7 @@ def require_block(
         raise InputError(f"missing block data_{name}", file=path)
     block = blocks[name]
     if loop and isinstance(block, dict):
-        block = pd.DataFrame([block])
+        block = pd.DataFrame([block] if block else [])
     return block
 
 
@@ -125,8 +146,10 @@ def numeric_column(
     *,
     default: float | None = None,
     dtype: type = np.float64,
+    positive: bool = False,
 ) -> np.ndarray:
-    """Column values as finite numbers; errors name the first bad row (1-based).
+    """Column values as finite numbers (``positive``: also > 0, e.g. pixel sizes); errors
+    name the first bad row (1-based).
 
     A missing column gives ``default`` for every row, or an error if no default is given.
     """
@@ -136,17 +159,23 @@ def numeric_column(
         return np.full(len(df), default, dtype=dtype)
     values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values)
+    if positive:
+        bad |= values <= 0
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raw = df[column].iloc[row]
-        raise InputError(
-            f"expected a finite number, found {raw!r}",
-            file=path,
-            block=block,
-            column=column,
-            row=row + 1,
-        )
+        problem = number_problem(df[column].iloc[row], values[row], positive=positive)
+        raise InputError(problem, file=path, block=block, column=column, row=row + 1)
     return values.astype(dtype)
+
+
+def number_problem(raw: Any, value: float, *, positive: bool = False) -> str | None:
+    """Why ``value`` (parsed from the STAR text ``raw``) is not a usable number, or None."""
+    found = repr(raw) if isinstance(raw, str) else str(raw)  # 'abc' quoted, numbers bare
+    if not np.isfinite(value):
+        return f"expected a finite number, found {found}"
+    if positive and value <= 0:
+        return f"expected a positive number, found {found}"
+    return None
 
 
 def parse_vector(text: Any) -> list[float]:
