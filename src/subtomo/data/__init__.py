@@ -11,7 +11,7 @@ from subtomo.data.tomograms import (
     tilt_images,
 )
 from subtomo.data.trajectories import Trajectories
-from subtomo.data.validate import validate_particles
+from subtomo.data.validate import require_box_fits, require_particles, validate_particles
 
 __all__ = [
     "OptimisationSet",
@@ -23,6 +23,8 @@ __all__ = [
     "prefetched_tilt_images",
     "read_tilt",
     "relative_to_cwd",
+    "require_box_fits",
+    "require_particles",
     "resolve_path",
     "stack_image_indices",
     "strip_image_name",

@@ -53,8 +53,12 @@ class OptimisationSet:
         block = blocks.get("")
         if block is None:
             block = next((b for b in blocks.values() if isinstance(b, dict)), None)
-        if not isinstance(block, dict):
-            raise InputError("expected a key-value block data_ (optimisation set)", file=path)
+        if not isinstance(block, dict) or not set(block) & set(_LABELS.values()):
+            raise InputError(
+                "not an optimisation set: expected a key-value block data_ with "
+                "rlnTomoParticlesFile, rlnTomoTomogramsFile, ...",
+                file=path,
+            )
         by_label = {label: name for name, label in _LABELS.items()}
         values: dict[str, Any] = {"extra": {}, "path": path}
         for key, value in block.items():

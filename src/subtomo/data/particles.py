@@ -128,7 +128,15 @@ class ParticleSet:
     @property
     def is_2d_stacks(self) -> bool:
         """rlnTomoSubTomosAre2DStacks: particles are 2D tilt stacks (True) or 3D volumes."""
-        return bool(int(self.general.get(_STACKS_2D, 0)))
+        value = self.general.get(_STACKS_2D, 0)
+        if str(value).strip() not in ("0", "1", "0.0", "1.0"):
+            raise InputError(
+                f"expected 0 or 1, found {value!r}",
+                file=self.source,
+                block="general",
+                column=_STACKS_2D,
+            )
+        return float(value) == 1
 
     @property
     def tomo_names(self) -> np.ndarray:
@@ -279,28 +287,32 @@ class ParticleSet:
             )
         return rows
 
-    def optics_column(self, column: str, default: float | None = None) -> np.ndarray:
-        """(n,) value of an optics column for each particle (float64)."""
-        values = numeric_column(self.optics, column, self.source, "optics", default=default)
+    def optics_column(
+        self, column: str, default: float | None = None, *, positive: bool = False
+    ) -> np.ndarray:
+        """(n,) value of an optics column for each particle (float64; ``positive``: > 0)."""
+        values = numeric_column(
+            self.optics, column, self.source, "optics", default=default, positive=positive
+        )
         return values[self.optics_rows()]
 
     def tilt_series_pixel_size(self) -> np.ndarray:
         """(n,) rlnTomoTiltSeriesPixelSize, Å."""
-        return self.optics_column("rlnTomoTiltSeriesPixelSize")
+        return self.optics_column("rlnTomoTiltSeriesPixelSize", positive=True)
 
     def subtomogram_binning(self) -> np.ndarray:
         """(n,) rlnTomoSubtomogramBinning (default 1)."""
-        return self.optics_column("rlnTomoSubtomogramBinning", default=1.0)
+        return self.optics_column("rlnTomoSubtomogramBinning", default=1.0, positive=True)
 
     def image_pixel_size(self) -> np.ndarray:
         """(n,) rlnImagePixelSize in Å (else tilt-series pixel size times binning)."""
         if "rlnImagePixelSize" in self.optics.columns:
-            return self.optics_column("rlnImagePixelSize")
+            return self.optics_column("rlnImagePixelSize", positive=True)
         return self.tilt_series_pixel_size() * self.subtomogram_binning()
 
     def image_size(self) -> np.ndarray:
         """(n,) rlnImageSize, box size in (binned) pixels."""
-        return self.optics_column("rlnImageSize").astype(np.int64)
+        return self.optics_column("rlnImageSize", positive=True).astype(np.int64)
 
     def ctf_premultiplied(self) -> np.ndarray:
         """(n,) rlnCtfDataAreCtfPremultiplied as bool (default False)."""

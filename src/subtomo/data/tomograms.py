@@ -27,6 +27,7 @@ from subtomo.data.paths import relative_to_cwd, resolve_path
 from subtomo.errors import InputError
 from subtomo.geometry import projection_matrices
 from subtomo.io import (
+    number_problem,
     numeric_column,
     parse_vector,
     read_mrc,
@@ -34,6 +35,7 @@ from subtomo.io import (
     read_star,
     require_block,
     require_columns,
+    require_finite,
     write_star,
 )
 
@@ -98,8 +100,12 @@ class TiltSeries:
         _ = self.tilts
         return self._tilt_file
 
-    def _global_value(self, column: str, default: float | None = None) -> float:
-        if column not in self.row.index or pd.isna(self.row[column]):
+    def _global_value(
+        self, column: str, default: float | None = None, *, positive: bool = False
+    ) -> float:
+        """A number of the global row; ``default`` where the column is absent or empty (NaN:
+        a combined table's row without an optional column), else an error naming the cell."""
+        if column not in self.row.index:
             if default is None:
                 raise InputError(
                     "missing required column",
@@ -110,17 +116,16 @@ class TiltSeries:
                 )
             return float(default)
         raw = self.row[column]
+        if default is not None and pd.isna(raw):
+            return float(default)
         try:
             value = float(raw)
         except (TypeError, ValueError):
             value = float("nan")
-        if not np.isfinite(value):
+        problem = number_problem(raw, value, positive=positive)
+        if problem is not None:
             raise InputError(
-                f"expected a finite number, found {raw!r}",
-                file=self._source,
-                block=_GLOBAL,
-                column=column,
-                row=self._row_number,
+                problem, file=self._source, block=_GLOBAL, column=column, row=self._row_number
             )
         return value
 
@@ -131,12 +136,12 @@ class TiltSeries:
     @property
     def pixel_size(self) -> float:
         """Tilt-image pixel size ``px`` in Å (rlnTomoTiltSeriesPixelSize)."""
-        return self._global_value("rlnTomoTiltSeriesPixelSize")
+        return self._global_value("rlnTomoTiltSeriesPixelSize", positive=True)
 
     @property
     def tomogram_size(self) -> tuple[int, int, int]:
         """(W, H, D) of the bin-1 tomogram in tilt-series pixels (rlnTomoSizeX/Y/Z)."""
-        return tuple(round(self._global_value(f"rlnTomoSize{a}")) for a in "XYZ")
+        return tuple(round(self._global_value(f"rlnTomoSize{a}", positive=True)) for a in "XYZ")
 
     @property
     def hand(self) -> int:
@@ -154,7 +159,7 @@ class TiltSeries:
 
     @property
     def voltage_kv(self) -> float:
-        return self._global_value("rlnVoltage")
+        return self._global_value("rlnVoltage", positive=True)
 
     @property
     def cs_mm(self) -> float:
@@ -447,7 +452,16 @@ class TomogramSet:
 def _block_loader(
     path: Path, blocks: Mapping, name: str
 ) -> Callable[[], tuple[pd.DataFrame, Path]]:
+    """Per-tilt table ``data_<name>`` in the tomograms.star itself (RELION 4, WarpTools)."""
+
     def load() -> tuple[pd.DataFrame, Path]:
+        if name not in blocks:
+            raise InputError(
+                f"missing required column (nor is the per-tilt table data_{name} in this file)",
+                file=path,
+                block=_GLOBAL,
+                column=_STAR_FILE,
+            )
         return require_block(blocks, name, path).reset_index(drop=True), path
 
     return load
@@ -489,7 +503,7 @@ def read_tilt(
         raise IndexError(f"frame {frame} outside 0..{series.n_tilts - 1} of {series.name}")
     paths = series.micrograph_paths
     if paths is not None:
-        image, _ = read_mrc(paths[frame], device=device)
+        image, _ = read_mrc(paths[frame], device=device, finite=True)
         return image.reshape(image.shape[-2:])
     stack = series.stack_path
     if stack is None:
@@ -503,8 +517,9 @@ def read_tilt(
         raise InputError(f"stack has {n_images} images, frame {frame + 1} requested", file=stack)
     with mrcfile.mmap(stack, mode="r", permissive=True) as mrc:
         data = np.asarray(mrc.data).reshape(n_images, *mrc.data.shape[-2:])[frame]
-        section = np.array(data, dtype=np.float32)
-    return torch.from_numpy(section).to(device)
+        section = torch.from_numpy(np.array(data, dtype=np.float32))
+    require_finite(section, stack)
+    return section.to(device)
 
 
 def tilt_images(series: TiltSeries, *, device: torch.device | str | None = None) -> torch.Tensor:

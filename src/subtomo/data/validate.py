@@ -9,13 +9,31 @@ from __future__ import annotations
 import numpy as np
 
 from subtomo.data.particles import ParticleSet, stack_image_indices
-from subtomo.data.tomograms import TomogramSet
+from subtomo.data.tomograms import TiltSeries, TomogramSet
 from subtomo.errors import InputError
 from subtomo.io import read_mrc_header
 
-__all__ = ["validate_particles"]
+__all__ = ["require_box_fits", "require_particles", "validate_particles"]
 
 _PIXEL_SIZE_TOLERANCE = 1e-3  # Å, as RELION
+# TiltSeries values the jobs read: global (sizes, optics, hand) and per tilt (CTF, dose)
+_SERIES_VALUES = (
+    "pixel_size",
+    "tomogram_size",
+    "hand",
+    "voltage_kv",
+    "cs_mm",
+    "amplitude_contrast",
+    "defocus_slope",
+    "bfactor_per_electron_dose",
+    "pre_exposure",
+    "defocus_u",
+    "defocus_v",
+    "defocus_angle",
+    "phase_shift",
+    "ctf_bfactor",
+    "ctf_scale",
+)
 
 
 def validate_particles(
@@ -23,9 +41,12 @@ def validate_particles(
 ) -> None:
     """Check that ``particles`` can be used with ``tomograms``.
 
-    Checks, in order: every rlnTomoName is in the tomograms and its per-tilt table can be
-    read; optics rlnTomoTiltSeriesPixelSize agrees with the tomogram's within 1e-3 Å;
-    rlnTomoVisibleFrames (required for 2D stacks) has one 0/1 entry per tilt. With
+    Checks, in order: every rlnTomoName is in the tomograms, its global row and per-tilt
+    table can be read and hold usable numbers (positive pixel and tomogram sizes and
+    voltage, finite angles, shifts, defoci and doses); particle positions, offsets and angles
+    are finite; optics rlnTomoTiltSeriesPixelSize is positive and agrees with the
+    tomogram's within 1e-3 Å; rlnTomoVisibleFrames (required for 2D stacks) has one 0/1
+    entry per tilt. With
     ``check_files``, every image file (rlnImageName, and rlnCtfImage for 3D) is a complete
     MRC file, and each 2D stack holds sum(rlnTomoVisibleFrames) images (RELION's
     extraction) or one image per tilt (WarpTools, blank where invisible).
@@ -34,6 +55,9 @@ def validate_particles(
     names = particles.tomo_names
     used = list(dict.fromkeys(names))
     n_tilts = {name: tomograms[name].n_tilts for name in used}
+    for name in used:
+        _check_tilt_series(tomograms[name])
+    _check_geometry(particles)
     _check_pixel_sizes(particles, tomograms, used)
     if particles.is_2d_stacks and "rlnTomoVisibleFrames" not in particles.particles.columns:
         raise InputError(
@@ -45,6 +69,48 @@ def validate_particles(
     visible = particles.visible_frames(n_tilts)
     if check_files and "rlnImageName" in particles.particles.columns:
         _check_image_files(particles, visible)
+
+
+def require_particles(particles: ParticleSet) -> None:
+    """``InputError`` when the set is empty (a data_particles table without rows)."""
+    if len(particles) == 0:
+        raise InputError(
+            "no particles (the table has no rows)", file=particles.source, block="particles"
+        )
+
+
+def require_box_fits(
+    particles: ParticleSet, tomograms: TomogramSet, extent_px: float, option: str
+) -> None:
+    """``InputError`` when a box of ``extent_px`` bin-1 pixels (``option`` says which
+    options set it) is wider or taller than the tilt images of a tomogram the particles
+    use: no particle of it could be visible in any tilt. Tomograms whose tables name no
+    image files are skipped."""
+    for name in dict.fromkeys(particles.tomo_names):
+        series = tomograms[name]
+        size = series.image_size  # (w, h)
+        if size is not None and extent_px > min(size):
+            raise InputError(
+                f"{option} spans {extent_px:g} px (bin 1), more than the {size[0]} x {size[1]} "
+                f"px tilt images of {name}: no particle would be visible",
+                file=series.tilt_file,
+                block=name,
+            )
+
+
+def _check_tilt_series(series: TiltSeries) -> None:
+    """Read every value of ``series`` the jobs use; each reader names the bad cell."""
+    for name in _SERIES_VALUES:
+        getattr(series, name)
+    series.projection_matrices((2, 2))  # any image size: only the table is checked
+
+
+def _check_geometry(particles: ParticleSet) -> None:
+    """Read positions, offsets and both Euler triplets; each reader names the bad cell."""
+    particles.centered_coordinates_angst()
+    particles.origins_angst()
+    particles.subtomogram_matrices()
+    particles.particle_matrices()
 
 
 def _check_pixel_sizes(particles: ParticleSet, tomograms: TomogramSet, used: list[str]) -> None:
