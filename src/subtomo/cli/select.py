@@ -7,6 +7,16 @@ from pathlib import Path
 import typer
 
 
+def _class_numbers(text: str) -> tuple[int, ...]:
+    """``"1,3"`` -> ``(1, 3)``; ``BadParameter`` unless every entry is a class number >= 1."""
+    entries = [c for c in text.replace(" ", "").split(",") if c]
+    if not all(c.isdigit() and int(c) >= 1 for c in entries):
+        raise typer.BadParameter(
+            f"expected class numbers >= 1 like 1,3, found {text!r}", param_hint="--classes"
+        )
+    return tuple(int(c) for c in entries)
+
+
 def command(
     i: Path = typer.Option(..., "--i", help="particles/_data.star or _optimiser.star"),
     classes: str = typer.Option("", "--classes", help="Class numbers to keep, e.g. 1,3"),
@@ -25,11 +35,10 @@ def command(
     """Subset selection: keep classes, threshold Pmax/log-likelihood, remove duplicates."""
     from subtomo.jobs.select import SelectParams, run
 
-    kept = [int(c) for c in classes.replace(" ", "").split(",") if c]
     out = run(
         SelectParams(
             input=i,
-            classes=tuple(kept),
+            classes=_class_numbers(classes),
             min_pmax=min_pmax,
             min_loglike=min_loglike,
             remove_duplicates_angst=remove_duplicates,

@@ -133,9 +133,9 @@ def _sampling(params: Class3DParams, px: float) -> Sampling:
 
 
 def _read_map(path: str, box: int, px: float, what: str) -> torch.Tensor:
-    """A reference or mask checked against the particles: box = rlnImageSize, pixel size
-    within 1e-3 Å of rlnImagePixelSize."""
-    volume, voxel = read_mrc(path)
+    """A reference or mask checked against the particles: finite values, box =
+    rlnImageSize, pixel size within 1e-3 Å of rlnImagePixelSize."""
+    volume, voxel = read_mrc(path, finite=True)
     if volume.ndim != 3 or tuple(volume.shape) != (box, box, box):
         raise InputError(
             f"{what} is {'x'.join(map(str, volume.shape[::-1]))} voxels; the particles' "

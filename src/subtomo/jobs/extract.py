@@ -22,10 +22,13 @@ from subtomo.data import (
     OptimisationSet,
     ParticleSet,
     TiltSeries,
+    TomogramSet,
     prefetched_tilt_images,
     relative_to_cwd,
+    require_box_fits,
 )
 from subtomo.device import resolve_device
+from subtomo.errors import InputError
 from subtomo.fourier import irfft_centered
 from subtomo.geometry import matrix_to_euler
 from subtomo.io import format_vector, write_mrc
@@ -215,12 +218,24 @@ def _updated_particles(
     return ParticleSet(table, optics, general)
 
 
+def _check_box(params: ExtractParams, parts: ParticleSet, tomos: TomogramSet) -> None:
+    """``InputError`` for a box, crop or binning that leaves nothing to extract."""
+    if params.box <= 0 or params.binning <= 0:
+        raise InputError(f"--box and --bin must be > 0 (got {params.box}, {params.binning:g})")
+    crop = params.crop if params.crop > 0 else params.box
+    if crop > params.box:
+        raise InputError(f"--crop {crop} is larger than --box {params.box}")
+    option = f"--box {params.box}" + (f" (--crop {crop})" if crop != params.box else "")
+    require_box_fits(parts, tomos, params.binning * crop, f"{option} at --bin {params.binning:g}")
+
+
 def run(params: ExtractParams) -> dict[str, str]:
     """Run the job; returns ``{output path: RELION node type}``."""
     device = resolve_device(params.device)
     parts, tomos, motion, opt = load_inputs(
         params.ios, params.particles, params.tomograms, params.trajectories
     )
+    _check_box(params, parts, tomos)
     inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
     with run_job(
         "Extract", params, output_dir=params.output_dir, project_dir=params.project_dir,
@@ -248,6 +263,12 @@ def run(params: ExtractParams) -> dict[str, str]:
                 kept[rows[keep]] = True
                 for r, name, vec in zip(rows[keep], f, v, strict=True):
                     files[r], vectors[r] = name, vec
+        if not kept.any():
+            raise InputError(
+                f"no particle has {params.min_frames} or more visible tilts (--min_frames) "
+                "with the box inside the tilt images: nothing to extract",
+                file=opt.particles,
+            )
         if not kept.all():
             log.info(
                 "Dropped %d particles with < %d visible tilts", (~kept).sum(), params.min_frames

@@ -16,7 +16,7 @@ import pandas as pd
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.fourier import fsc_maps
-from subtomo.io import read_mrc, write_star
+from subtomo.io import map_pixel_size, read_mrc, require_varying, write_star
 from subtomo.postprocess import crossing_shell, resolution_shell
 from subtomo.report import plot_fsc
 
@@ -51,22 +51,22 @@ class FscResult:
 def run(params: FscParams) -> FscResult:
     """Compute, write and return the FSC."""
     device = resolve_device(params.device)
-    m1, px1 = read_mrc(params.map1, device=device)
-    m2, _ = read_mrc(params.map2, device=device)
-    if m1.shape != m2.shape or len(set(m1.shape)) != 1:
+    m1, px1 = read_mrc(params.map1, device=device, finite=True)
+    m2, _ = read_mrc(params.map2, device=device, finite=True)
+    if m1.shape != m2.shape or m1.ndim != 3 or len(set(m1.shape)) != 1:
         raise InputError(
             f"maps must be equal cubes: {tuple(m1.shape)} vs {tuple(m2.shape)}", file=params.map2
         )
+    require_varying(m1, params.map1)
+    require_varying(m2, params.map2)
     mask = None
     if params.mask:
-        mask, _ = read_mrc(params.mask, device=device)
+        mask, _ = read_mrc(params.mask, device=device, finite=True)
         if mask.shape != m1.shape:
             raise InputError(
                 f"mask shape {tuple(mask.shape)} differs from the maps'", file=params.mask
             )
-    px = params.angpix if params.angpix > 0 else px1
-    if px <= 0:
-        raise InputError("no pixel size in the header; give --angpix", file=params.map1)
+    px = map_pixel_size(px1, params.angpix, params.map1)
     curve = fsc_maps(m1, m2, mask).double().cpu()
     n = m1.shape[-1]
     i = np.arange(curve.numel())

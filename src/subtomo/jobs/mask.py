@@ -15,7 +15,7 @@ import torch
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.fourier import lowpass_map
-from subtomo.io import read_mrc, write_mrc
+from subtomo.io import map_pixel_size, read_mrc, write_mrc
 from subtomo.jobs.jobdir import run_job
 from subtomo.masks import crown_mask, cylinder_mask, mask_from_map, suggest_threshold
 from subtomo.report import plot_central_slices
@@ -55,8 +55,6 @@ class MaskParams:
 
 
 def _denovo(p: MaskParams, device: torch.device) -> torch.Tensor:
-    if p.box_size <= 0:
-        raise InputError("--denovo needs --box-size")
     shape = (p.box_size,) * 3
     center = (p.center_x, p.center_y, p.center_z)
     if p.height > 0:
@@ -74,9 +72,8 @@ def _denovo(p: MaskParams, device: torch.device) -> torch.Tensor:
     )
 
 
-def run(params: MaskParams) -> torch.Tensor:
-    """Create the mask; returns it (zyx, values in [0, 1])."""
-    device = resolve_device(params.device)
+def _combination(params: MaskParams) -> dict[str, str]:
+    """``{how: map}`` of the one --and/--or/--and-not/--or-not given (empty if none)."""
     others = {
         "and": params.and_map,
         "or": params.or_map,
@@ -86,45 +83,76 @@ def run(params: MaskParams) -> torch.Tensor:
     given = {k: v for k, v in others.items() if v}
     if len(given) > 1:
         raise InputError(f"give at most one of --and/--or/--and-not/--or-not, got {sorted(given)}")
+    return given
+
+
+def _read_maps(
+    params: MaskParams, given: dict[str, str], device: torch.device
+) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """The input map, its pixel size (Å; 0 when unknown and not needed) and the map to
+    combine it with, checked before the job starts."""
+    if not params.i:
+        raise InputError("give an input map with --i (or --denovo)")
+    volume, header_px = read_mrc(params.i, device=device, finite=True)
+    px = map_pixel_size(header_px, params.angpix, params.i, required=params.lowpass > 0)
+    other = None
+    for path in given.values():
+        other, _ = read_mrc(path, device=device, finite=True)
+        if other.shape != volume.shape:
+            raise InputError(
+                f"shape {tuple(other.shape)} differs from --i {tuple(volume.shape)}", file=path
+            )
+    return volume, px, other
+
+
+def _mask_of_map(
+    params: MaskParams, volume: torch.Tensor, px: float, other: torch.Tensor | None, how: str
+) -> torch.Tensor:
+    """Low-pass, threshold, combine, extend and soften; ``InputError`` for an empty mask."""
+    if params.lowpass > 0:
+        volume = lowpass_map(volume, params.lowpass, px)
+    log.info(
+        " + map range %.4g .. %.4g; suggested --ini-threshold %.4g (histogram, Otsu)",
+        float(volume.min()),
+        float(volume.max()),
+        suggest_threshold(volume),
+    )
+    mask = mask_from_map(
+        volume,
+        params.ini_threshold,
+        extend=params.extend_inimask,
+        soft_edge_width=params.width_soft_edge,
+        other=other,
+        combine=how,
+    )
+    if not bool((mask > 0).any()):
+        raise InputError(
+            f"the mask is empty: no voxel is above --ini_threshold {params.ini_threshold:g} "
+            f"(map range {float(volume.min()):.4g} .. {float(volume.max()):.4g})",
+            file=params.i,
+        )
+    return mask
+
+
+def run(params: MaskParams) -> torch.Tensor:
+    """Create the mask; returns it (zyx, values in [0, 1])."""
+    device = resolve_device(params.device)
+    given = _combination(params)
+    if params.denovo:
+        if params.box_size <= 0:
+            raise InputError("--denovo needs --box-size")
+        volume = other = None
+        px = params.angpix if params.angpix > 0 else 1.0
+    else:
+        volume, px, other = _read_maps(params, given, device)
     inputs = {p: "DensityMap.mrc" for p in [params.i, *given.values()] if p}
     with run_job(
         "MaskCreate", params, output_dir=params.o, project_dir=params.project_dir, inputs=inputs
     ) as (job, outputs):
-        if params.denovo:
+        if volume is None:
             mask = _denovo(params, device)
-            px = params.angpix if params.angpix > 0 else 1.0
         else:
-            if not params.i:
-                raise InputError("give an input map with --i (or --denovo)")
-            volume, header_px = read_mrc(params.i, device=device)
-            px = params.angpix if params.angpix > 0 else header_px
-            if params.lowpass > 0:
-                if px <= 0:
-                    raise InputError("no pixel size in the header; give --angpix", file=params.i)
-                volume = lowpass_map(volume, params.lowpass, px)
-            log.info(
-                " + map range %.4g .. %.4g; suggested --ini-threshold %.4g (histogram, Otsu)",
-                float(volume.min()),
-                float(volume.max()),
-                suggest_threshold(volume),
-            )
-            other = combine = None
-            if given:
-                combine, path = next(iter(given.items()))
-                other, _ = read_mrc(path, device=device)
-                if other.shape != volume.shape:
-                    raise InputError(
-                        f"shape {tuple(other.shape)} differs from --i {tuple(volume.shape)}",
-                        file=path,
-                    )
-            mask = mask_from_map(
-                volume,
-                params.ini_threshold,
-                extend=params.extend_inimask,
-                soft_edge_width=params.width_soft_edge,
-                other=other,
-                combine=combine,
-            )
+            mask = _mask_of_map(params, volume, px, other, next(iter(given), None))
         if params.invert:
             mask = 1.0 - mask
         write_mrc(job.path("mask.mrc"), mask, px)

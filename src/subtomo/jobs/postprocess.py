@@ -21,10 +21,12 @@ from subtomo.data import OptimisationSet
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.io import (
+    map_pixel_size,
     numeric_column,
     read_mrc,
     read_star,
     require_block,
+    require_varying,
     write_mrc,
     write_star,
 )
@@ -110,21 +112,21 @@ def load_half_maps(
         p2 = Path(i2) if i2 else _other_half(p1)
     else:
         raise InputError("give the half maps with --i (and --i2) or --ios")
-    h1, px1 = read_mrc(p1, device=device)
-    h2, _ = read_mrc(p2, device=device)
+    h1, px1 = read_mrc(p1, device=device, finite=True)
+    h2, _ = read_mrc(p2, device=device, finite=True)
+    require_varying(h1, p1)
+    require_varying(h2, p2)
     if h1.shape != h2.shape:
         raise InputError(
             f"half maps differ in size: {tuple(h1.shape)} vs {tuple(h2.shape)}", file=p2
         )
     if h1.ndim != 3 or len(set(h1.shape)) != 1:
         raise InputError(f"expected a cubic 3D map, found shape {tuple(h1.shape)}", file=p1)
-    px = angpix if angpix > 0 else px1
-    if px <= 0:
-        raise InputError("the header has no pixel size; give --angpix", file=p1)
+    px = map_pixel_size(px1, angpix, p1)
     m = None
     mpath = Path(mask) if mask else None
     if mpath is not None:
-        m, _ = read_mrc(mpath, device=device)
+        m, _ = read_mrc(mpath, device=device, finite=True)
         if m.shape != h1.shape:
             raise InputError(
                 f"mask shape {tuple(m.shape)} differs from the half maps' {tuple(h1.shape)}",

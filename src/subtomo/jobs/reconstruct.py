@@ -26,7 +26,10 @@ from subtomo.data import (
     Trajectories,
     pixel_size_of,
     prefetched_tilt_images,
+    require_box_fits,
+    require_particles,
     stack_image_indices,
+    validate_particles,
 )
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
@@ -94,6 +97,8 @@ def load_inputs(
         raise InputError("give --ios or both --particles and --tomograms", file=ios)
     tomos = TomogramSet.read(opt.tomograms)
     parts = ParticleSet.read(opt.particles, tomograms=tomos)
+    require_particles(parts)
+    validate_particles(parts, tomos, check_files=False)
     motion = Trajectories.read(opt.trajectories) if opt.trajectories else None
     return parts, tomos, motion, opt
 
@@ -240,6 +245,27 @@ def _insert_from_stacks(
     return count
 
 
+def _sampling(
+    params: ReconstructParams, parts: ParticleSet, tomos: TomogramSet
+) -> tuple[bool, int, float, float]:
+    """(from stacks?, box in binned pixels, binning, pixel size in Å) of the reconstruction."""
+    if _use_stacks(params, parts, tomos):
+        binning = float(parts.subtomogram_binning()[0])
+        box = int(parts.image_size()[0])
+        if params.box and params.box != box:
+            log.warning("reconstructing stacks at their own box %d (not %d)", box, params.box)
+        return True, box, binning, pixel_size_of(parts)
+    if params.box < 0 or params.binning < 0:
+        raise InputError(f"--box and --bin must be >= 0 (got {params.box}, {params.binning:g})")
+    extracted = "rlnImageSize" in parts.optics.columns
+    binning = params.binning or (float(parts.subtomogram_binning()[0]) if extracted else 1.0)
+    box = params.box or (int(parts.image_size()[0]) if extracted else 0)
+    if box <= 0:
+        raise InputError("--box must be given to reconstruct from tilt series")
+    require_box_fits(parts, tomos, box, f"--box {box}")
+    return False, box, binning, binning * tomos[parts.tomo_names[0]].pixel_size
+
+
 def run(params: ReconstructParams) -> dict[str, str]:
     """Run the job; returns ``{output path: RELION node type}``."""
 
@@ -247,27 +273,12 @@ def run(params: ReconstructParams) -> dict[str, str]:
     parts, tomos, motion, opt = load_inputs(
         params.ios, params.particles, params.tomograms, params.trajectories
     )
+    use_stacks, box, binning, pixel = _sampling(params, parts, tomos)
     inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
     with run_job(
         "Reconstruct", params, output_dir=params.output_dir, project_dir=params.project_dir,
         inputs=inputs,
     ) as (job, outputs):  # fmt: skip
-        use_stacks = _use_stacks(params, parts, tomos)
-        if use_stacks:
-            binning = float(parts.subtomogram_binning()[0])
-            box = int(parts.image_size()[0])
-            if params.box and params.box != box:
-                log.warning("reconstructing stacks at their own box %d (not %d)", box, params.box)
-            pixel = pixel_size_of(parts)
-        else:
-            extracted = "rlnImageSize" in parts.optics.columns
-            binning = params.binning or (
-                float(parts.subtomogram_binning()[0]) if extracted else 1.0
-            )
-            box = params.box or (int(parts.image_size()[0]) if extracted else 0)
-            if box <= 0:
-                raise InputError("--box must be given to reconstruct from tilt series")
-            pixel = binning * tomos[parts.tomo_names[0]].pixel_size
         log.info(
             "Reconstructing %d particles from %s at box %d, bin %g (%.3f Å/px), sym %s",
             len(parts), "2D stacks" if use_stacks else "tilt series", box, binning, pixel,
@@ -288,6 +299,12 @@ def run(params: ReconstructParams) -> dict[str, str]:
                 count = _insert_from_tilt_series(
                     params, parts, tomos, motion, accs, box, binning, device, advance
                 )
+        if count == 0:
+            raise InputError(
+                f"no tilt image of any particle lies inside its tilt series at box {box}: "
+                "nothing to reconstruct",
+                file=opt.particles,
+            )
         log.info("Inserted %d tilt images", count)
         halves = bool((parts.random_subset() > 0).all())
         _finalise(params, job, outputs, accs, halves, pixel, device)

@@ -29,7 +29,7 @@ import torch
 from subtomo.data import ParticleSet, pixel_size_of
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
-from subtomo.io import read_mrc, write_mrc
+from subtomo.io import map_pixel_size, read_mrc, write_mrc
 from subtomo.jobs.jobdir import run_job
 from subtomo.jobs.reconstruct import load_inputs
 from subtomo.ml import EngineParams, MLModel, ParticleResults, initial_sigma2
@@ -129,10 +129,11 @@ def _references(params: Refine3DParams, box: int, pixel: float) -> list[torch.Te
         log.info("Half-map references: %s and %s", *paths)
     maps = []
     for p in paths:
-        vol, vox = read_mrc(p)
+        vol, header_vox = read_mrc(p, finite=True)
         if tuple(vol.shape) != (box, box, box):
             raise InputError(f"reference is {tuple(vol.shape)}, the particles' box is {box}",
                              file=p)  # fmt: skip
+        vox = map_pixel_size(header_vox, -1.0, p, required=False, option=None)
         if vox > 0 and abs(vox - pixel) > 0.01 * pixel:
             log.warning("reference pixel size %.3f Å differs from the particles' %.3f Å",
                         vox, pixel)  # fmt: skip
@@ -145,7 +146,7 @@ def _mask(params: Refine3DParams, box: int) -> torch.Tensor | None:
         if params.solvent_correct_fsc:
             raise InputError("--solvent_correct_fsc needs --solvent_mask")
         return None
-    mask, _ = read_mrc(params.solvent_mask)
+    mask, _ = read_mrc(params.solvent_mask, finite=True)
     if tuple(mask.shape) != (box, box, box):
         raise InputError(f"mask is {tuple(mask.shape)}, the particles' box is {box}",
                          file=params.solvent_mask)  # fmt: skip

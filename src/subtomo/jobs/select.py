@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from subtomo.data import ParticleSet, TomogramSet
+from subtomo.data import ParticleSet, TomogramSet, require_particles
 from subtomo.errors import InputError
 from subtomo.io import numeric_column
 from subtomo.jobs.jobdir import run_job
@@ -44,16 +44,51 @@ def data_star_for(path: Path) -> Path:
     return path
 
 
-def _threshold(particles: ParticleSet, column: str, minimum: float) -> np.ndarray:
-    values = numeric_column(particles.particles, column, particles.source, "particles")
-    return values >= minimum
+def _keep(params: SelectParams, particles: ParticleSet) -> np.ndarray:
+    """(n,) bool: the particles of the wanted classes above the thresholds. ``InputError``
+    when that is none of them (a class not in the file, thresholds above every value)."""
+    require_particles(particles)
+    keep = np.ones(len(particles), dtype=bool)
+    if params.classes:
+        classes = numeric_column(
+            particles.particles, "rlnClassNumber", particles.source, "particles"
+        ).astype(int)
+        keep &= np.isin(classes, params.classes)
+        if not keep.any():
+            raise InputError(
+                f"no particle is in classes {list(params.classes)} (--classes); the file has "
+                f"classes {sorted(set(classes.tolist()))}",
+                file=particles.source,
+                block="particles",
+                column="rlnClassNumber",
+            )
+    for option, column, minimum in (
+        ("--min-pmax", "rlnMaxValueProbDistribution", params.min_pmax),
+        ("--min-loglike", "rlnLogLikeliContribution", params.min_loglike),
+    ):
+        if minimum is None:
+            continue
+        keep &= (
+            numeric_column(particles.particles, column, particles.source, "particles") >= minimum
+        )
+        if not keep.any():
+            raise InputError(
+                f"no particle left at {option} {minimum:g}",
+                file=particles.source,
+                block="particles",
+                column=column,
+            )
+    return keep
 
 
 def run(params: SelectParams) -> Path:
     """Select particles; returns the path of the written particles.star."""
+    if params.remove_duplicates_angst is not None and params.remove_duplicates_angst <= 0:
+        raise InputError("the minimum distance for duplicates must be > 0 Å (--remove-duplicates)")
     source = data_star_for(Path(params.input))
     tomograms = TomogramSet.read(params.tomograms) if params.tomograms else None
     particles = ParticleSet.read(source, tomograms)
+    keep = _keep(params, particles)
     inputs = {str(source): "ParticleGroupMetadata.star"}
     with run_job(
         "Select",
@@ -62,24 +97,10 @@ def run(params: SelectParams) -> Path:
         project_dir=params.project_dir,
         inputs=inputs,
     ) as (job, outputs):
-        keep = np.ones(len(particles), dtype=bool)
         log.info("read %d particles from %s", len(particles), source)
-        if params.classes:
-            classes = numeric_column(
-                particles.particles, "rlnClassNumber", source, "particles"
-            ).astype(int)
-            keep &= np.isin(classes, params.classes)
-            log.info("classes %s: %d particles", list(params.classes), int(keep.sum()))
-        if params.min_pmax is not None:
-            keep &= _threshold(particles, "rlnMaxValueProbDistribution", params.min_pmax)
-            log.info("Pmax >= %g: %d particles", params.min_pmax, int(keep.sum()))
-        if params.min_loglike is not None:
-            keep &= _threshold(particles, "rlnLogLikeliContribution", params.min_loglike)
-            log.info("log-likelihood >= %g: %d particles", params.min_loglike, int(keep.sum()))
         selected = particles.subset(keep)
+        log.info("%d in the wanted classes and above the thresholds", len(selected))
         if params.remove_duplicates_angst is not None:
-            if params.remove_duplicates_angst <= 0:
-                raise InputError("the minimum distance for duplicates must be > 0 Å")
             centres = (
                 selected.centered_coordinates_angst()
                 - (selected.subtomogram_matrices() @ selected.origins_angst()[..., None])[..., 0]
