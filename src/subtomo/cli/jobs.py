@@ -12,8 +12,9 @@ from rich.table import Table
 def command(
     project: Path = typer.Option(Path("."), "--project", help="Project directory."),
 ) -> None:
-    """List jobs of the project (default_pipeline.star) with status and input jobs."""
-    from subtomo.jobs.jobdir import job_lineage, read_pipeline
+    """List jobs of the project (default_pipeline.star) with status and input jobs; a job
+    whose process is gone without an exit marker shows as "Failed (killed?)"."""
+    from subtomo.jobs.jobdir import job_lineage, job_status, read_pipeline
 
     tables = read_pipeline(project)
     if "pipeline_processes" not in tables:
@@ -26,7 +27,7 @@ def command(
         table.add_row(
             name,
             row["rlnPipeLineProcessTypeLabel"],
-            row["rlnPipeLineProcessStatusLabel"],
+            job_status(project, name, row["rlnPipeLineProcessStatusLabel"]),
             ", ".join(lineage.get(name, [])) or "-",
         )
     Console().print(table)

@@ -2,8 +2,13 @@
 
 Every job runs in ``<JobType>/jobNNN/`` under the project directory (or in ``--o``), with
 ``job.star`` holding all parameters, ``run.out``/``run.err``, a success or failure marker
-(RELION's ``RELION_JOB_EXIT_SUCCESS``/``RELION_JOB_EXIT_FAILURE``) and an entry in the project's
-``default_pipeline.star`` with its input and output nodes.
+(RELION's ``RELION_JOB_EXIT_SUCCESS``/``RELION_JOB_EXIT_FAILURE``), ``job.pid`` naming the
+process that runs it, and an entry in the project's ``default_pipeline.star`` with its input
+and output nodes.
+
+Jobs started at once in one project take turns on an exclusive ``flock`` of
+``.default_pipeline.star.lock`` (Linux) to choose their job number, create their folder and
+read, modify and write the pipeline, so each gets its own folder and entry.
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import logging
+import os
 import re
+import socket
 import sys
 import traceback
 from collections.abc import Iterator, Mapping
@@ -22,14 +30,25 @@ from typing import Any
 import pandas as pd
 import starfile
 
-from subtomo.io.atomic import atomic_path
+from subtomo.io import atomic_path, read_star
 from subtomo.report.plots import import_in_background
 
-__all__ = ["Job", "job_lineage", "next_job_dir", "read_pipeline", "run_job"]
+__all__ = [
+    "Job",
+    "job_lineage",
+    "job_status",
+    "next_job_dir",
+    "pipeline_lock",
+    "read_pipeline",
+    "run_job",
+]
 
 SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 FAILURE = "RELION_JOB_EXIT_FAILURE"
 PIPELINE = "default_pipeline.star"
+LOCK = ".default_pipeline.star.lock"
+PROCESS = "job.pid"  # "<pid> <host> <start time>" of the process running the job
+KILLED = "Failed (killed?)"
 _JOB_RE = re.compile(r"job(\d{3,})$")
 
 log = logging.getLogger("subtomo")
@@ -108,11 +127,58 @@ def read_pipeline(project_dir: Path) -> dict[str, Any]:
     path = Path(project_dir) / PIPELINE
     if not path.exists():
         return {}
-    return starfile.read(path, always_dict=True)
+    return read_star(path)
+
+
+@contextlib.contextmanager
+def pipeline_lock(project_dir: Path) -> Iterator[None]:
+    """Hold the project's pipeline lock: an exclusive ``flock`` of ``LOCK`` beside
+    ``default_pipeline.star`` (blocks while another process holds it; not re-entrant)."""
+    with open(Path(project_dir) / LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of a live process (clock ticks after boot, ``/proc/<pid>/stat`` field 22),
+    or ``None`` when it has exited (zombies included)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (name)": state is field 3
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _write_process(job: Job) -> None:
+    """Record this process (PID, host and start time) in the job directory."""
+    pid = os.getpid()
+    with atomic_path(job.path(PROCESS)) as tmp:
+        tmp.write_text(f"{pid} {socket.gethostname()} {_process_start(pid)}\n")
+
+
+def job_status(project_dir: Path, name: str, recorded: str) -> str:
+    """The status of job ``name`` (its pipeline alias) to show: ``recorded`` (from the
+    pipeline), except ``KILLED`` for a job recorded as Running that has no exit marker and
+    whose process, on this host, is gone (or its PID now belongs to another process)."""
+    directory = Path(project_dir) / name
+    if recorded != "Running" or any((directory / m).exists() for m in (SUCCESS, FAILURE)):
+        return recorded
+    try:
+        pid, host, start = (directory / PROCESS).read_text().split()
+    except (OSError, ValueError):
+        return recorded  # no record of the process: nothing to judge by
+    if host != socket.gethostname() or _process_start(int(pid)) == start:
+        return recorded
+    return KILLED
 
 
 def _register(job: Job, status: str, inputs: Mapping[str, str], outputs: Mapping[str, str]) -> None:
-    """Add or update the job and its nodes/edges in ``default_pipeline.star``.
+    """Add or update the job and its nodes/edges in ``default_pipeline.star`` (the caller
+    holds :func:`pipeline_lock`).
 
     Node names are paths relative to the project directory (as RELION writes them), whether
     a job was given them relative to the working directory or absolute.
@@ -205,11 +271,16 @@ def run_job(
     job is marked ``RELION_JOB_EXIT_SUCCESS``, on an exception ``RELION_JOB_EXIT_FAILURE``.
     """
     project = Path(project_dir).resolve()
-    directory = Path(output_dir).resolve() if output_dir else next_job_dir(project, job_type)
-    directory.mkdir(parents=True, exist_ok=True)
-    job = Job(directory=directory, job_type=job_type, project_dir=project, is_continue=is_continue)
-    for marker in (SUCCESS, FAILURE):
-        job.path(marker).unlink(missing_ok=True)
+    with pipeline_lock(project):
+        directory = Path(output_dir).resolve() if output_dir else next_job_dir(project, job_type)
+        directory.mkdir(parents=True, exist_ok=True)
+        job = Job(
+            directory=directory, job_type=job_type, project_dir=project, is_continue=is_continue
+        )
+        for marker in (SUCCESS, FAILURE):
+            job.path(marker).unlink(missing_ok=True)
+        _write_process(job)
+        _register(job, "Running", inputs or {}, {})
     _write_job_star(job, params)
     handler = logging.FileHandler(job.path("run.out"), mode="a")
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -223,18 +294,19 @@ def run_job(
     outputs: dict[str, str] = {}
     import_in_background()  # the report's plotting library, ready when the job ends
     try:
-        _register(job, "Running", inputs or {}, {})
         yield job, outputs
     except BaseException as exc:
         with open(job.path("run.err"), "a") as err:
             err.write(f"{type(exc).__name__}: {exc}\n")
             traceback.print_exc(file=err)
         job.path(FAILURE).touch()
-        _register(job, "Failed", inputs or {}, outputs)
+        with pipeline_lock(project):
+            _register(job, "Failed", inputs or {}, outputs)
         raise
     else:
         job.path(SUCCESS).touch()
-        _register(job, "Succeeded", inputs or {}, outputs)
+        with pipeline_lock(project):
+            _register(job, "Succeeded", inputs or {}, outputs)
         elapsed = (datetime.datetime.now() - started).total_seconds()
         log.info("# finished in %.1f s", elapsed)
     finally:
