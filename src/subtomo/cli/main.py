@@ -1,7 +1,10 @@
 """The ``subtomo`` command: one subcommand per job type.
 
 This layer parses options (named like RELION's GUI fields) and prints; the work happens in
-``subtomo.jobs``. Bad input ends with one line naming file, block, column and row.
+``subtomo.jobs``. Every failure ends with one line on stderr naming the file or option and
+the cause, and a non-zero exit status: 1 for bad input, unreadable or unwritable files and
+internal errors, 2 for usage errors, 130 when interrupted. ``--debug`` (or
+``SUBTOMO_DEBUG=1``) prints the traceback before that line.
 """
 
 from __future__ import annotations
@@ -9,12 +12,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Sequence
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
+
+# typer >= 0.26 bundles click as typer._click; its exception types are only exposed there
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from subtomo import __version__
+from subtomo.cli.options import finite_numbers
 from subtomo.errors import InputError
 
 # PyTorch's CPU threads (GNU OpenMP) spin while they wait by default: on cores shared with other
@@ -30,6 +40,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True)
+_debug = {"requested": False}  # --debug of the command being run
 
 
 def _version(value: bool) -> None:
@@ -43,8 +54,12 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Print the traceback of a failure (or SUBTOMO_DEBUG=1)."
+    ),
 ) -> None:
     """Subtomogram averaging for cryo-ET on PyTorch, with RELION 5 files."""
+    _debug["requested"] = debug
     log = logging.getLogger("subtomo")
     if not any(isinstance(h, RichHandler) for h in log.handlers):
         log.addHandler(RichHandler(console=err_console, show_path=False, show_time=False))
@@ -52,40 +67,89 @@ def _root(
 
 
 # Subcommands: one module per job type under subtomo.cli, each exposing ``command``.
-# (Registered below; keep one line per job type.)
-from subtomo.cli import jobs as _jobs  # noqa: E402
-from subtomo.cli import select as _select  # noqa: E402
-from subtomo.cli import star as _star  # noqa: E402
-
-app.command("jobs")(_jobs.command)
-app.command("select")(_select.command)
-app.add_typer(_star.app, name="star")
+from subtomo.cli import class3d as _class3d  # noqa: E402
+from subtomo.cli import demo as _demo  # noqa: E402
 from subtomo.cli import extract as _extract  # noqa: E402
-from subtomo.cli import reconstruct as _reconstruct  # noqa: E402
-
-app.command("extract")(_extract.command)
-app.command("reconstruct")(_reconstruct.command)
-from subtomo.cli import simulate as _simulate  # noqa: E402
-
-app.command("simulate")(_simulate.command)
 from subtomo.cli import fsc as _fsc  # noqa: E402
+from subtomo.cli import jobs as _jobs  # noqa: E402
 from subtomo.cli import localres as _localres  # noqa: E402
 from subtomo.cli import mask as _mask  # noqa: E402
 from subtomo.cli import postprocess as _postprocess  # noqa: E402
-
-app.command("mask")(_mask.command)
-app.command("postprocess")(_postprocess.command)
-app.command("localres")(_localres.command)
-app.command("fsc")(_fsc.command)
+from subtomo.cli import reconstruct as _reconstruct  # noqa: E402
 from subtomo.cli import refine3d as _refine3d  # noqa: E402
+from subtomo.cli import select as _select  # noqa: E402
+from subtomo.cli import simulate as _simulate  # noqa: E402
+from subtomo.cli import star as _star  # noqa: E402
 
-app.command("refine3d")(_refine3d.command)
-from subtomo.cli import class3d as _class3d  # noqa: E402
+for _name, _module in (
+    ("jobs", _jobs),
+    ("select", _select),
+    ("extract", _extract),
+    ("reconstruct", _reconstruct),
+    ("simulate", _simulate),
+    ("mask", _mask),
+    ("postprocess", _postprocess),
+    ("localres", _localres),
+    ("fsc", _fsc),
+    ("refine3d", _refine3d),
+    ("class3d", _class3d),
+    ("demo", _demo),
+):
+    app.command(_name)(finite_numbers(_module.command))
+app.add_typer(_star.app, name="star")
 
-app.command("class3d")(_class3d.command)
-from subtomo.cli import demo as _demo  # noqa: E402
 
-app.command("demo")(_demo.command)
+def _fail(exc: BaseException, message: str, code: int) -> int:
+    """Print ``error: message`` as one line (the traceback first when debugging)."""
+    if _debug["requested"] or os.environ.get("SUBTOMO_DEBUG") == "1":
+        traceback.print_exception(exc)
+    line = " ".join(message.split())  # one line, whatever the message holds
+    err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    return code
+
+
+def _usage_message(exc: ClickException) -> str:
+    """click's message, with the command's help hint for usage errors."""
+    ctx = exc.ctx if isinstance(exc, UsageError) else None
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return exc.format_message() + hint
+
+
+def _os_message(exc: OSError) -> str:
+    """``file: cause`` of an OSError (``a -> b: cause`` for a rename)."""
+    cause = exc.strerror or str(exc)
+    if exc.filename is None:
+        return cause
+    where = str(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {exc.filename2}"
+    return f"{where}: {cause}"
+
+
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    """Run one command line (default ``sys.argv[1:]``); returns its exit status.
+
+    Failures are reported by :func:`_fail`; nothing raises out of here except
+    ``SystemExit`` from code that asks for it.
+    """
+    _debug["requested"] = False
+    try:
+        code = app(args=argv, prog_name="subtomo", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        exc.show()
+        return exc.exit_code
+    except ClickException as exc:
+        return _fail(exc, _usage_message(exc), exc.exit_code)
+    except InputError as exc:
+        return _fail(exc, str(exc), 1)
+    except OSError as exc:
+        return _fail(exc, _os_message(exc), 1)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        return _fail(exc, "aborted", 130)
+    except Exception as exc:
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        return _fail(exc, f"{message} (run with --debug for the traceback)", 1)
+    return code if isinstance(code, int) else 0
 
 
 def _exit_now() -> None:
@@ -102,22 +166,8 @@ def _exit_now() -> None:
 
 
 def main() -> None:
-    """Console entry point: run the app, turning bad input into one clear line."""
-    try:
-        app(standalone_mode=False)
+    """Console entry point: run the command line and exit with its status."""
+    code = run_cli()
+    if code == 0:
         _exit_now()
-    except InputError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except (typer.Abort, KeyboardInterrupt):
-        err_console.print("aborted")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    sys.exit(code)

@@ -8,10 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from subtomo.cli.options import finite_numbers
+
 app = typer.Typer(help="Edit and inspect particle and tomogram STAR files.", no_args_is_help=True)
 
 
 @app.command("recentre")
+@finite_numbers
 def recentre(
     i: Path = typer.Option(..., "--i", help="Input particles.star"),
     o: Path = typer.Option(..., "--o", help="Output particles.star"),
