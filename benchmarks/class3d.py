@@ -14,8 +14,17 @@ separation of a 50/50 70S/50S mixture with true poses (bar >= 95%; printed with 
 E-step with the two true maps achieves, i.e. what the data allow) and K=4 purity (bar: no
 class > 5% of the other species), per iteration (25 iterations).
 
+Hard mixture (``--bars hard``, issue #21): the T. acidophilum 20S proteasome (D7, PDB 3J9I;
+``proteasome.py``) and the same complex without one outer alpha ring (74% of the mass),
+2 tomograms x 100 particles, 50/50, true poses, 41 tilts, 5 Å/px, box 64; K=2 without
+alignment from the reconstruction of all particles (``--ini_high 60``), swept over SNR
+(``--snrs``) and random seeds (``--seeds``, each a new simulation and classification seed).
+Purity: the fraction of particles in the class of their own species (classes matched to the
+species by majority), per SNR and seed, and the mean over seeds.
+
 Usage: ``python benchmarks/class3d.py --workdir /tmp/c3d [--particles 1000] [--iter N]
-[--bars [all|align|k2|k4]] [--relion-bin PATH] [--threads N]``.
+[--bars [all|align|k2|k4|hard]] [--snrs 0.05 0.003 0.001] [--seeds 0 1 2]
+[--relion-bin PATH] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import pandas as pd
 import starfile
 import torch
 
+from proteasome import proteasome_map
 from subtomo.data import ParticleSet, TomogramSet
 from subtomo.fourier import fsc_maps, shell_resolution_angst
 from subtomo.geometry import rotation_angle_deg
@@ -234,6 +244,55 @@ def _oracle_separation(inputs: dict[str, str]) -> float:
     return float((res.classes.numpy() == species[res.index.numpy()]).mean())
 
 
+def _purity(data: Path) -> float:
+    """Fraction of particles in the class of their own species (majority matching)."""
+    d = starfile.read(data)["particles"]
+    table = pd.crosstab(d["rlnClassNumber"], d["subtomoSpecies"])
+    return float(table.max(axis=1).sum() / len(d))
+
+
+def bar_hard(args) -> None:
+    """K=2 without alignment of the proteasome and the proteasome without one outer ring,
+    per SNR and seed: purity of the last iteration (and the best possible assignment of one
+    E-step with the two true maps, what the data allow)."""
+    maps = args.workdir / "maps"
+    maps.mkdir(exist_ok=True)
+    full, partial = maps / "proteasome.mrc", maps / "proteasome_no_alpha1.mrc"
+    if not partial.is_file():
+        write_mrc(full, torch.from_numpy(proteasome_map(5.0, 64)), 5.0)
+        write_mrc(partial, torch.from_numpy(proteasome_map(5.0, 64, ("alpha1",))), 5.0)
+    summary: dict[float, list[float]] = {}
+    for snr in args.snrs:
+        for seed in args.seeds:
+            root = args.workdir / f"hard_snr{snr:g}_seed{seed}"
+            if not (root / "ext" / "optimisation_set.star").is_file():
+                _sh("subtomo", "simulate", "--out", str(root), "--preset", "benchmark",
+                    "--map", str(full), "--map", str(partial), "--species-fraction", "0.5",
+                    "--species-fraction", "0.5", "--particles", "200", "--tomograms", "2",
+                    "--pixel-size", "5", "--box", "64", "--snr", str(snr), "--seed",
+                    str(seed))  # fmt: skip
+                _sh("subtomo", "extract", "--particles", "particles.star", "--tomograms",
+                    "tomograms.star", "--b", "64", "--o", "ext", "--device", "cpu",
+                    cwd=root)  # fmt: skip
+                _sh("subtomo", "reconstruct", "--ios", "ext/optimisation_set.star", "--o",
+                    "rec", cwd=root)  # fmt: skip
+            with contextlib.chdir(root):
+                out = "K2"
+                if not list(Path(out).glob(f"run_it{args.iter:03d}_data.star")):
+                    run(Class3DParams(
+                        ios="ext/optimisation_set.star", ref=("rec/merged.mrc",), K=2,
+                        iter=args.iter, skip_align=True, ini_high=60.0, random_seed=seed,
+                        device=args.device, output_dir=out,
+                    ))  # fmt: skip
+                curve = [_purity(p) for p in sorted(Path(out).glob("run_it*_data.star"))[1:]]
+                print(f"SNR {snr:g} seed {seed}: purity {curve[-1]:.2f} (per iteration "
+                      f"{' '.join(f'{v:.2f}' for v in curve)})", flush=True)  # fmt: skip
+                summary.setdefault(snr, []).append(curve[-1])
+    for snr, values in summary.items():
+        print(f"SNR {snr:g}: mean purity {np.mean(values):.2f} over {len(values)} seeds "
+              f"({', '.join(f'{v:.2f}' for v in values)})")  # fmt: skip
+
+
 def bars(args) -> None:
     """The parts of ``--bars`` (align, k2, k4 or all)."""
     given = args.iter
@@ -244,6 +303,9 @@ def bars(args) -> None:
         if args.bars in (f"k{k}", "all"):
             args.iter = given or 25
             bar_classes(args, k)
+    if args.bars in ("hard", "all"):
+        args.iter = given or 25
+        bar_hard(args)
 
 
 def main() -> None:
@@ -254,8 +316,11 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--relion-bin", default=None)
-    p.add_argument("--bars", nargs="?", const="all", choices=("all", "align", "k2", "k4"),
+    p.add_argument("--bars", nargs="?", const="all",
+                   choices=("all", "align", "k2", "k4", "hard"),
                    help="measure the quality bars instead (all or one part)")  # fmt: skip
+    p.add_argument("--snrs", type=float, nargs="+", default=[0.05, 0.01, 0.003, 0.001])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args()
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)

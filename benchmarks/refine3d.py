@@ -97,15 +97,22 @@ def _fsc05_angst(a: torch.Tensor, b: torch.Tensor, px: float, mask=None) -> floa
     return a.shape[-1] * px / max(shell, 1e-9)
 
 
-def _pose_errors(truth: ParticleSet, run: ParticleSet, sym: str) -> tuple[float, float]:
-    """Median angular error (deg, modulo the point group) and median position error (Å,
-    particle centres ``C - A_sub o``) of ``run`` against ``truth``."""
+def _pose_errors(truth: ParticleSet, run: ParticleSet, sym: str) -> tuple[float, float, float]:
+    """Median angular error (deg, modulo the point group), the same after removing the
+    common rotation of the map's frame against the truth's (a refinement may settle in a
+    slightly rotated frame; every particle then carries that rotation), and median position
+    error (Å, particle centres ``C - A_sub o``) of ``run`` against ``truth``."""
     order = {n: i for i, n in enumerate(truth.particles["rlnTomoParticleName"])}
     idx = [order[n] for n in run.particles["rlnTomoParticleName"]]
     a_true = truth.particle_matrices()[idx].double()
     a_run = run.particle_matrices().double()
     ops = symmetry_matrices(sym).double()  # the map equals itself under A -> A S
-    err = torch.stack([rotation_angle_deg(a_run, a_true @ s) for s in ops]).amin(0)
+    errs = torch.stack([rotation_angle_deg(a_run, a_true @ s) for s in ops])
+    err, best = errs.amin(0), errs.argmin(0)
+    a_true = a_true @ ops[best]  # the symmetry copy each particle is closest to
+    u, _, vt = torch.linalg.svd((a_true.transpose(-1, -2) @ a_run).mean(0))
+    frame = u @ vt  # the closest rotation to the mean of A_true^T A_run
+    err_frame = rotation_angle_deg(a_run, a_true @ frame)
 
     def centres(p: ParticleSet, rows) -> torch.Tensor:
         c = p.centered_coordinates_angst()[rows].double()
@@ -113,7 +120,7 @@ def _pose_errors(truth: ParticleSet, run: ParticleSet, sym: str) -> tuple[float,
         return c - (p.subtomogram_matrices()[rows].double() @ o[..., None])[..., 0]
 
     dist = (centres(run, slice(None)) - centres(truth, idx)).norm(dim=-1)
-    return float(err.median()), float(dist.median())
+    return float(err.median()), float(err_frame.median()), float(dist.median())
 
 
 def _evaluate(root: Path, run_dir: Path, box: int, px: float, sym: str) -> dict[str, float]:
@@ -128,18 +135,20 @@ def _evaluate(root: Path, run_dir: Path, box: int, px: float, sym: str) -> dict[
     out = {"gold_standard_angst": box * px / max(gold, 1e-9)}
     for it in sorted(run_dir.glob("run_it*_data.star")):
         tag = it.name[len("run_") : -len("_data.star")]
-        ang, pos = _pose_errors(t, ParticleSet.read(it), sym)
+        ang, ang_frame, pos = _pose_errors(t, ParticleSet.read(it), sym)
         maps = [run_dir / f"run_{tag}_half{h}_class001.mrc" for h in (1, 2)]
-        line = f"median angle {ang:.2f} deg, position {pos:.2f} Å"
+        line = f"median angle {ang:.2f} deg ({ang_frame:.2f} in the map's frame), "
+        line += f"position {pos:.2f} Å"
         if all(m.is_file() for m in maps):
             avg = 0.5 * (read_mrc(maps[0])[0] + read_mrc(maps[1])[0])
             line += f", FSC 0.5 vs truth (masked) {_fsc05_angst(avg, ref, px, mask):.1f} Å"
         print(f"  {tag}: {line}")
-    ang, pos = _pose_errors(t, ParticleSet.read(run_dir / "run_data.star"), sym)
+    ang, ang_frame, pos = _pose_errors(t, ParticleSet.read(run_dir / "run_data.star"), sym)
     out.update({
         "fsc_truth_0.5_masked_angst": _fsc05_angst(final, ref, px, mask),
         "fsc_truth_0.5_unmasked_angst": _fsc05_angst(final, ref, px),
         "median_angle_error_deg": ang,
+        "median_angle_error_in_map_frame_deg": ang_frame,
         "median_position_error_angst": pos,
     })  # fmt: skip
     plain = run_dir.parent / f"{run_dir.name}_reconstruct"
