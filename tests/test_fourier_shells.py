@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from subtomo.fourier import fsc_maps, radial_average, rfft_centered, shell_index
+from subtomo.fourier import (
+    fsc_maps,
+    fsc_threshold_shell,
+    radial_average,
+    rfft_centered,
+    shell_index,
+    ssnr_resolution_shell,
+)
 
 
 def _numpy_fsc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -42,3 +49,19 @@ def test_shells_and_radial_average():
     x[16, 16] = 1.0  # a centred delta: flat spectrum
     spectrum = rfft_centered(x, 2).abs()
     np.testing.assert_allclose(radial_average(spectrum, (32, 32)).numpy(), 1.0, atol=1e-6)
+
+
+def test_the_two_resolution_rules():
+    """RELION's SSNR rule (first shell > 0 with SSNR < 1, minus one; a rise above 1 more
+    than 3 shells later counts; the best class wins) and the FSC threshold rule (last shell
+    before the first drop below 0.143) read the same curve differently."""
+    ssnr = torch.tensor([9.0, 5.0, 2.0, 0.5, 0.2, 0.1, 0.1, 0.1, 0.1])
+    assert ssnr_resolution_shell(ssnr) == 2
+    assert fsc_threshold_shell(ssnr) == 4  # the same curve read as an FSC
+    late = ssnr.clone()
+    late[6] = 1.5  # 4 shells after shell 2: counts
+    assert ssnr_resolution_shell(late) == 6
+    near = ssnr.clone()
+    near[5] = 1.5  # only 3 shells after: ignored
+    assert ssnr_resolution_shell(near) == 2
+    assert ssnr_resolution_shell(torch.stack([ssnr, late])) == 6

@@ -14,7 +14,9 @@ import torch
 
 from subtomo.fourier import (
     bfactor_weights,
+    crossing_shell,
     fsc,
+    fsc_threshold_shell,
     irfft_centered,
     radius_grid,
     rfft_centered,
@@ -25,13 +27,11 @@ from subtomo.jobs.postprocess import PostprocessParams, run
 from subtomo.postprocess import (
     PostprocessOptions,
     corrected_fsc,
-    crossing_shell,
     fit_guinier,
     fsc_weights,
     guinier_curve,
     postprocess,
     randomize_phases_beyond,
-    resolution_shell,
 )
 
 N, NOISE, TRUE_B = 64, 0.04, 300.0
@@ -68,12 +68,12 @@ def test_corrected_fsc_formula():
     assert out[6] == pytest.approx(0.1 / 0.9)
 
 
-def test_resolution_shell_and_interpolated_crossing():
+def test_fsc_threshold_shell_and_interpolated_crossing():
     """The last shell before the first drop below 0.143, and the linear crossing."""
     curve = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.1, 0.3, 0.0])
-    assert resolution_shell(curve) == 3
+    assert fsc_threshold_shell(curve) == 3
     assert crossing_shell(curve) == pytest.approx(3 + (0.2 - 0.143) / 0.1)
-    assert resolution_shell(torch.ones(5)) == 4
+    assert fsc_threshold_shell(torch.ones(5)) == 4
 
 
 def test_randomized_phases_keep_amplitudes(device):

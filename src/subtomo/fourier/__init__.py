@@ -8,6 +8,13 @@ from subtomo.fourier.filters import (
     lowpass_map,
     lowpass_weights,
 )
+from subtomo.fourier.resolution import (
+    FSC_THRESHOLD,
+    crossing_shell,
+    crossing_shells,
+    fsc_threshold_shell,
+    ssnr_resolution_shell,
+)
 from subtomo.fourier.shells import (
     fsc,
     fsc_maps,
@@ -27,13 +34,17 @@ from subtomo.fourier.slices import (
 )
 
 __all__ = [
+    "FSC_THRESHOLD",
     "bfactor_weights",
+    "crossing_shell",
+    "crossing_shells",
     "extract_slices",
     "extract_volumes",
     "fftfreq_grid",
     "filter_shell",
     "fsc",
     "fsc_maps",
+    "fsc_threshold_shell",
     "highpass_weights",
     "insert_slices",
     "insert_volumes",
@@ -48,5 +59,6 @@ __all__ = [
     "rfft_shape",
     "shell_index",
     "shell_resolution_angst",
+    "ssnr_resolution_shell",
     "trilinear_sinc2",
 ]

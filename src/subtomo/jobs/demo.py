@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from subtomo.errors import InputError
-from subtomo.fourier import fsc_maps, lowpass_map
+from subtomo.fourier import crossing_shell, fsc_maps, lowpass_map
 from subtomo.io import read_mrc, read_star
 from subtomo.jobs.class3d import Class3DParams
 from subtomo.jobs.class3d import run as run_class3d
@@ -55,7 +55,6 @@ from subtomo.jobs.select import run as run_select
 from subtomo.jobs.simulate import SimulateJob
 from subtomo.jobs.simulate import run as run_simulate
 from subtomo.masks import soft_sphere, suggest_threshold
-from subtomo.postprocess import crossing_shell
 from subtomo.report.job_report import write_project_report
 from subtomo.report.plots import plot_fsc, plot_series
 from subtomo.simulate import SimulationParams

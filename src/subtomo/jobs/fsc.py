@@ -15,9 +15,8 @@ import pandas as pd
 
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
-from subtomo.fourier import fsc_maps
+from subtomo.fourier import crossing_shell, fsc_maps, fsc_threshold_shell
 from subtomo.io import map_pixel_size, read_mrc, require_varying, write_star
-from subtomo.postprocess import crossing_shell, resolution_shell
 from subtomo.report import plot_fsc
 
 __all__ = ["FscParams", "FscResult", "run"]
@@ -73,7 +72,7 @@ def run(params: FscParams) -> FscResult:
     ang = np.where(i > 0, n * px / np.maximum(i, 1), 999.0)
     crossings = {}
     for t in params.thresholds:
-        shell = resolution_shell(curve, t)
+        shell = fsc_threshold_shell(curve, t)
         cross = crossing_shell(curve, t)
         crossings[t] = (
             n * px / shell if shell > 0 else 999.0,

@@ -29,6 +29,7 @@ import torch
 from subtomo.data import ParticleSet, pixel_size_of
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
+from subtomo.fourier import ssnr_resolution_shell
 from subtomo.io import map_pixel_size, read_mrc, write_mrc
 from subtomo.jobs.jobdir import run_job
 from subtomo.jobs.reconstruct import load_inputs
@@ -39,7 +40,6 @@ from subtomo.ml.autorefine import (
     HalfSetIteration,
     auto_refine,
 )
-from subtomo.ml.engine import resolution_shell
 from subtomo.ml.greyscale import fit_reference_scale
 from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
 from subtomo.ml.starfiles import (
@@ -328,7 +328,7 @@ class _Writer:
         final = state.converged and it.models[0] is it.models[1]
         files = IterationFiles(self.directory, None if final else model.iteration)
         px, n = model.pixel_size, model.box
-        shell = resolution_shell(it.ssnr)
+        shell = ssnr_resolution_shell(it.ssnr)
         self.history.append(n * px / shell)
         log.info(
             "Iteration %d: resolution %.1f Å, image size %d, HEALPix order %d%s, "

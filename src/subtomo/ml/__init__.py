@@ -15,7 +15,6 @@ from subtomo.ml.engine import (
     expectation_pass,
     iterate,
     maximise,
-    resolution_shell,
 )
 from subtomo.ml.estep import EStepResult, expectation, score_batch
 from subtomo.ml.likelihood import centred_data, pose_scores, projected_shifts_px
@@ -47,7 +46,6 @@ __all__ = [
     "pose_scores",
     "projected_shifts_px",
     "reference_tau2",
-    "resolution_shell",
     "score_batch",
     "translation_grid",
 ]

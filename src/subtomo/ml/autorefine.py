@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from subtomo.fourier import fsc_maps, irfft_centered, lowpass_map, radius_grid, rfft_centered
+from subtomo.fourier.resolution import ssnr_resolution_shell
 from subtomo.geometry import euler_to_matrix, matrix_to_euler, rotation_angle_deg
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.masks import automatic_mask
@@ -37,7 +38,6 @@ from subtomo.ml.engine import (
     expectation_pass,
     maximise,
     particle_sphere,
-    resolution_shell,
 )
 from subtomo.ml.likelihood import projected_shifts_px
 from subtomo.ml.model import MLModel
@@ -336,15 +336,15 @@ def current_image_size(
     ``fsc``/``ssnr`` ``(n//2+1,)``. When ``mean_pmax > 0.1`` and the FSC at the current limit
     (shell ``previous_size // 2 - 1``, the last one reconstructed) exceeds 0.2, the size grows
     by 25% of the box; otherwise it
-    is ``2 (shell + incr)`` with the resolution shell of :func:`~subtomo.ml.engine.
-    resolution_shell` and ``incr = max(incr_size, shell(FSC < 0.143) - shell(FSC < 0.5) + 5)``.
+    is ``2 (shell + incr)`` with the resolution shell of :func:`~subtomo.fourier.resolution.
+    ssnr_resolution_shell` and ``incr = max(incr_size, shell(FSC < 0.143) - shell(FSC < 0.5) + 5)``.
     Even, at most ``box``.
     """
     limit = min(previous_size // 2 - 1, fsc.shape[-1] - 1)
     if mean_pmax > 0.1 and float(fsc[limit]) > 0.2:
         size = previous_size + 2 * math.ceil(box / 8)
     else:
-        shell = resolution_shell(ssnr)
+        shell = ssnr_resolution_shell(ssnr)
         incr = max(incr_size, _first_below(fsc, 0.143) - _first_below(fsc, 0.5) + 5)
         size = 2 * (shell + incr)
     return min(box, size)
@@ -641,7 +641,7 @@ def gold_standard_iteration(
         return HalfSetIteration(
             (model, model), tuple(results), fsc, ssnr, tau2, half_maps, mean_pmax, loglik
         )
-    previous = resolution_shell(models[0].ssnr) if models[0].ssnr is not None else 1
+    previous = ssnr_resolution_shell(models[0].ssnr) if models[0].ssnr is not None else 1
     shell = join_shell(n, px, low_resol_join_angst, n * px / max(previous, 1))
     join_low_resolution(acc1, acc2, shell)
     size = current_image_size(fsc, ssnr, n, models[0].current_size, incr_size, mean_pmax)
@@ -783,7 +783,7 @@ def auto_refine(
             generator=torch.Generator().manual_seed(params.seed + it.models[0].iteration),
         )
         n, px = it.models[0].box, it.models[0].pixel_size
-        shell = resolution_shell(it.ssnr)
+        shell = ssnr_resolution_shell(it.ssnr)
         state = update_auto_sampling(
             state,
             options,

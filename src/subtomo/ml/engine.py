@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from subtomo.fourier.resolution import ssnr_resolution_shell
 from subtomo.geometry.orientations import orientation_grid
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.masks import soft_sphere
@@ -40,7 +41,6 @@ __all__ = [
     "iterate",
     "maximise",
     "particle_sphere",
-    "resolution_shell",
     "solvent_mask",
 ]
 
@@ -233,24 +233,6 @@ def solvent_mask(
     return particle_sphere(params, box, pixel_size, device)
 
 
-def resolution_shell(ssnr: torch.Tensor) -> int:
-    """RELION's current resolution shell: the first shell > 0 where SSNR < 1, minus one.
-
-    ``ssnr`` ``(..., S)``; the best (highest) over leading dims. If the SSNR rises above 1
-    again more than 3 shells later, that later shell counts (§7.2).
-    """
-    s = ssnr.reshape(-1, ssnr.shape[-1])
-    best = 1
-    for row in s:
-        below = (row[1:] < 1).nonzero()
-        shell = int(below[0]) if below.numel() else row.shape[0] - 1
-        above = (row[shell + 4 :] >= 1).nonzero()
-        if above.numel():
-            shell = int(above[-1]) + shell + 4
-        best = max(best, shell)
-    return best
-
-
 def maximise(
     model: MLModel,
     sums: MStepSums,
@@ -306,7 +288,7 @@ def maximise(
     if sampling.align and float(sums.offset_weight) > 0 and sampling.offset_range_angst > 0:
         sigma_off = math.sqrt(float(sums.offset2) / (3 * float(sums.offset_weight)))
         sigma_off = max(sigma_off, 0.5 * sampling.offset_step_angst)
-    shell = resolution_shell(ssnr_new)
+    shell = ssnr_resolution_shell(ssnr_new)
     size = min(n, 2 * (shell + params.incr_size))
     return dataclasses.replace(
         model,

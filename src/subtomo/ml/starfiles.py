@@ -27,9 +27,9 @@ import torch
 
 from subtomo.data import ParticleSet, relative_to_cwd
 from subtomo.errors import InputError
+from subtomo.fourier.resolution import ssnr_resolution_shell
 from subtomo.geometry import matrix_to_euler
 from subtomo.io import atomic_path, write_star
-from subtomo.ml.engine import resolution_shell
 from subtomo.ml.loader import ParticleState
 from subtomo.ml.model import MLModel
 from subtomo.ml.sampling import Sampling
@@ -201,7 +201,7 @@ def write_model_star(
     ssnr = model.ssnr if model.ssnr is not None else torch.zeros(k, n // 2 + 1)
     ssnr = ssnr.double().cpu()
     has_ssnr = bool((ssnr > 0).any())
-    current_res = resolution_shell(ssnr) / (n * px) if has_ssnr else 0.0
+    current_res = ssnr_resolution_shell(ssnr) / (n * px) if has_ssnr else 0.0
     local = sampling.align and sampling.local_sigma_deg is not None
     sigma_ang = float(sampling.local_sigma_deg) if local else 0.0
     general = {

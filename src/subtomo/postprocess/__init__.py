@@ -1,14 +1,12 @@
 """Post-processing: solvent-corrected FSC, resolution, sharpening and local resolution."""
 
+# the FSC read-out lives in subtomo.fourier.resolution; these names stay importable here
+from subtomo.fourier.resolution import FSC_THRESHOLD, crossing_shell, crossing_shells
 from subtomo.postprocess.fsc_correction import (
-    FSC_THRESHOLD,
     corrected_fsc,
-    crossing_shell,
-    crossing_shells,
     particle_fraction_fsc,
     randomize_phases_beyond,
     randomize_shell,
-    resolution_shell,
 )
 from subtomo.postprocess.localres import (
     LocalResOptions,
@@ -49,7 +47,6 @@ __all__ = [
     "postprocess",
     "randomize_phases_beyond",
     "randomize_shell",
-    "resolution_shell",
     "sample_points",
     "solvent_fraction",
 ]

@@ -1,8 +1,8 @@
-"""Solvent-mask correction of the FSC by phase randomisation, and resolution read-out.
+"""Solvent-mask correction of the FSC by phase randomisation.
 
 Conventions (relion5-conventions section 8): shells are ``round(|k|)`` in Fourier pixels of
 an ``N``-box, shell ``i`` is ``N * px / i`` Å. FSC curves are 1D tensors over shells
-``0..N//2``.
+``0..N//2``. The resolution read-out from an FSC is :mod:`subtomo.fourier.resolution`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,11 @@ import torch
 from subtomo.fourier import radius_grid
 
 __all__ = [
-    "FSC_THRESHOLD",
     "corrected_fsc",
-    "crossing_shell",
-    "crossing_shells",
     "particle_fraction_fsc",
     "randomize_phases_beyond",
     "randomize_shell",
-    "resolution_shell",
 ]
-
-FSC_THRESHOLD = 0.143
 
 
 def randomize_phases_beyond(
@@ -79,39 +73,3 @@ def corrected_fsc(
 def particle_fraction_fsc(fsc_unmasked: torch.Tensor, fraction: float) -> torch.Tensor:
     """Box-to-particle-volume corrected FSC ``f FSC / (f FSC + 1 - FSC)`` (RELION/cisTEM)."""
     return fraction * fsc_unmasked / (fraction * fsc_unmasked + 1.0 - fsc_unmasked)
-
-
-def resolution_shell(fsc_curve: torch.Tensor, threshold: float = FSC_THRESHOLD) -> int:
-    """Last shell before the FSC first drops below ``threshold`` (0 if shell 0 is below;
-    the last shell if it never drops)."""
-    below = torch.nonzero(fsc_curve < threshold)
-    if below.numel() == 0:
-        return fsc_curve.shape[-1] - 1
-    return max(int(below[0]) - 1, 0)
-
-
-def crossing_shells(fsc_curves: torch.Tensor, threshold: float = FSC_THRESHOLD) -> torch.Tensor:
-    """Fractional shell where each FSC ``(..., n)`` first drops below ``threshold``: linear
-    interpolation between the last shell above and the first below (the last shell if it
-    never drops, 0 if shell 0 is already below). Returns float64 ``(...)``."""
-    curves = fsc_curves.double()
-    n = curves.shape[-1]
-    below = curves < threshold
-    first = torch.where(
-        below.any(-1),
-        below.double().argmax(-1),
-        torch.full_like(below[..., 0], n, dtype=torch.long),
-    )
-    last_above = (first - 1).clamp(min=0)
-    nxt = first.clamp(max=n - 1)
-    a = curves.gather(-1, last_above[..., None])[..., 0]
-    b = curves.gather(-1, nxt[..., None])[..., 0]
-    frac = torch.where(a > b, (a - threshold) / (a - b).clamp(min=1e-12), torch.zeros_like(a))
-    out = last_above.double() + frac.clamp(0.0, 1.0)
-    out = torch.where(first >= n, torch.full_like(out, n - 1), out)
-    return torch.where(first == 0, torch.zeros_like(out), out)
-
-
-def crossing_shell(fsc_curve: torch.Tensor, threshold: float = FSC_THRESHOLD) -> float:
-    """:func:`crossing_shells` of one curve, as a float."""
-    return float(crossing_shells(fsc_curve, threshold))

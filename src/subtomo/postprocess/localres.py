@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from subtomo.fourier import (
     bfactor_weights,
+    crossing_shells,
     filter_shell,
     fsc,
     irfft_centered,
@@ -31,11 +32,7 @@ from subtomo.fourier import (
     shell_index,
 )
 from subtomo.masks import soft_sphere, squared_distance_to
-from subtomo.postprocess.fsc_correction import (
-    corrected_fsc,
-    crossing_shells,
-    randomize_phases_beyond,
-)
+from subtomo.postprocess.fsc_correction import corrected_fsc, randomize_phases_beyond
 from subtomo.postprocess.sharpen import fsc_weights
 
 __all__ = ["LocalResOptions", "LocalResResult", "local_resolution", "sample_points"]

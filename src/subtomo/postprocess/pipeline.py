@@ -14,21 +14,21 @@ import numpy as np
 import torch
 
 from subtomo.fourier import (
+    FSC_THRESHOLD,
     bfactor_weights,
+    crossing_shell,
     fsc,
+    fsc_threshold_shell,
     irfft_centered,
     lowpass_weights,
     rfft_centered,
     shell_index,
 )
 from subtomo.postprocess.fsc_correction import (
-    FSC_THRESHOLD,
     corrected_fsc,
-    crossing_shell,
     particle_fraction_fsc,
     randomize_phases_beyond,
     randomize_shell,
-    resolution_shell,
 )
 from subtomo.postprocess.sharpen import (
     GuinierFit,
@@ -251,8 +251,8 @@ def postprocess(
             solvent_fraction=frac,
             used_mask=True,
         )
-        res_i = resolution_shell(fsc_true)
-        unmasked_i = resolution_shell(fsc_unmasked)
+        res_i = fsc_threshold_shell(fsc_true)
+        unmasked_i = fsc_threshold_shell(fsc_unmasked)
         if unmasked_i > res_i and not opt.force_mask:
             warnings.append(
                 "the unmasked FSC extends beyond the solvent-corrected FSC; using the unmasked "
@@ -267,7 +267,7 @@ def postprocess(
                 "use a softer, less featureful mask"
             )
 
-    res_i = resolution_shell(fsc_true)
+    res_i = fsc_threshold_shell(fsc_true)
     zero = float(fsc_true[0]) < FSC_THRESHOLD
     cross = crossing_shell(fsc_true)
     res_shell = 999.0 if zero or res_i == 0 else n * pixel_size / res_i

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from subtomo.fourier import fsc_maps
+from subtomo.fourier import crossing_shell, fsc_maps
 from subtomo.io import read_mrc, read_star
 from subtomo.jobs.jobdir import Job, job_lineage, read_pipeline
-from subtomo.postprocess import crossing_shell
 from subtomo.report.html import write_html_report
 from subtomo.report.plots import (
     plot_angular_distribution,
