@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 from subtomo.cli.main import app
 from subtomo.io import read_mrc
 from subtomo.jobs.demo import DemoParams, run
-from subtomo.jobs.jobdir import read_pipeline
-from subtomo.report.job_report import REPORT
+from subtomo.project import REPORT, read_pipeline
 from test_report_browser import CHROMIUM, check_in_browser, embedded_pngs
 
 

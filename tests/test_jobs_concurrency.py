@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from subtomo.cli.main import run_cli
-from subtomo.jobs.jobdir import KILLED, PROCESS, job_status, read_pipeline
+from subtomo.project import KILLED, PROCESS, job_status, read_pipeline
 
 # Each process imports everything first, says it is ready, then waits for the file "go", so
 # that all jobs reach their registration together; then it runs the real entry point.
@@ -63,7 +63,7 @@ def test_jobs_started_together_get_their_own_folder_entry_and_status(tmp_path: P
 
 _SLEEPING_JOB = """
 import time
-from subtomo.jobs.jobdir import run_job
+from subtomo.project import run_job
 with run_job("Sleep", {"seconds": 120}, project_dir="."):
     time.sleep(120)
 """

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import starfile
 
-from subtomo.jobs.jobdir import job_lineage, read_pipeline, run_job
+from subtomo.project import job_lineage, read_pipeline, run_job
 
 
 @dataclasses.dataclass

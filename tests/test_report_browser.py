@@ -19,8 +19,7 @@ import torch
 
 from subtomo.fourier import irfft_centered, rfft_centered, shell_index
 from subtomo.io import write_mrc, write_star
-from subtomo.jobs.jobdir import run_job
-from subtomo.report.job_report import REPORT, write_job_report, write_project_report
+from subtomo.project import REPORT, run_job, write_job_report, write_project_report
 from subtomo.report.plots import view_histogram
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

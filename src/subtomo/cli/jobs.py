@@ -14,7 +14,7 @@ def command(
 ) -> None:
     """List jobs of the project (default_pipeline.star) with status and input jobs; a job
     whose process is gone without an exit marker shows as "Failed (killed?)"."""
-    from subtomo.jobs.jobdir import job_lineage, job_status, read_pipeline
+    from subtomo.project import job_lineage, job_status, read_pipeline
 
     tables = read_pipeline(project)
     if "pipeline_processes" not in tables:

@@ -30,7 +30,6 @@ from subtomo.errors import InputError
 from subtomo.geometry import rotation_angle_deg
 from subtomo.geometry.orientations import orientation_grid
 from subtomo.io import read_mrc, write_mrc
-from subtomo.jobs.jobdir import run_job
 from subtomo.jobs.reconstruct import load_inputs
 from subtomo.ml import (
     EngineParams,
@@ -52,6 +51,7 @@ from subtomo.ml.starfiles import (
     write_optimiser_star,
     write_sampling_star,
 )
+from subtomo.project import run_job
 from subtomo.report import plot_central_slices, write_html_report
 from subtomo.report.plots import plot_class_progress
 

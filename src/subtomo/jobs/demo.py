@@ -41,7 +41,6 @@ from subtomo.jobs.class3d import Class3DParams
 from subtomo.jobs.class3d import run as run_class3d
 from subtomo.jobs.extract import ExtractParams
 from subtomo.jobs.extract import run as run_extract
-from subtomo.jobs.jobdir import next_job_dir
 from subtomo.jobs.mask import MaskParams
 from subtomo.jobs.mask import run as run_mask
 from subtomo.jobs.postprocess import PostprocessParams
@@ -55,7 +54,7 @@ from subtomo.jobs.select import run as run_select
 from subtomo.jobs.simulate import SimulateJob
 from subtomo.jobs.simulate import run as run_simulate
 from subtomo.masks import soft_sphere, suggest_threshold
-from subtomo.report.job_report import write_project_report
+from subtomo.project import next_job_dir, write_project_report
 from subtomo.report.plots import plot_fsc, plot_series
 from subtomo.simulate import SimulationParams
 

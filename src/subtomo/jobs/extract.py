@@ -32,8 +32,8 @@ from subtomo.errors import InputError
 from subtomo.fourier import irfft_centered
 from subtomo.geometry import matrix_to_euler
 from subtomo.io import format_vector, write_mrc
-from subtomo.jobs.jobdir import run_job
 from subtomo.jobs.reconstruct import load_inputs, series_geometry
+from subtomo.project import run_job, write_job_report
 from subtomo.reconstruct.extraction import circle_crop, cone_weights, splat_slices
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
 from subtomo.reconstruct.particles import (
@@ -42,7 +42,6 @@ from subtomo.reconstruct.particles import (
     premultiply_filter,
     visible_frames,
 )
-from subtomo.report.job_report import write_job_report
 
 __all__ = ["ExtractParams", "run"]
 

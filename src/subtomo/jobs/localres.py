@@ -16,11 +16,10 @@ import pandas as pd
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.io import write_mrc, write_star
-from subtomo.jobs.jobdir import run_job
 from subtomo.jobs.postprocess import load_half_maps
 from subtomo.postprocess import LocalResOptions, LocalResResult, local_resolution
+from subtomo.project import run_job, write_job_report
 from subtomo.report import plot_central_slices, plot_histogram
-from subtomo.report.job_report import write_job_report
 
 __all__ = ["LocalResParams", "run"]
 

@@ -16,10 +16,9 @@ from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.fourier import lowpass_map
 from subtomo.io import map_pixel_size, read_mrc, write_mrc
-from subtomo.jobs.jobdir import run_job
 from subtomo.masks import crown_mask, cylinder_mask, mask_from_map, suggest_threshold
+from subtomo.project import run_job, write_job_report
 from subtomo.report import plot_central_slices
-from subtomo.report.job_report import write_job_report
 
 __all__ = ["MaskParams", "run"]
 

@@ -30,10 +30,9 @@ from subtomo.io import (
     write_mrc,
     write_star,
 )
-from subtomo.jobs.jobdir import run_job
 from subtomo.postprocess import PostprocessOptions, PostprocessResult, postprocess
+from subtomo.project import run_job, write_job_report
 from subtomo.report import plot_central_slices, plot_fsc, plot_guinier, write_html_report
-from subtomo.report.job_report import write_job_report
 
 __all__ = ["HalfMaps", "PostprocessParams", "load_half_maps", "read_mtf", "run"]
 

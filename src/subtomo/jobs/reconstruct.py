@@ -35,7 +35,7 @@ from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.io import read_mrc, write_mrc
-from subtomo.jobs.jobdir import run_job
+from subtomo.project import run_job, write_job_report
 from subtomo.reconstruct import FourierAccumulator, reconstruct
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
 from subtomo.reconstruct.particles import (
@@ -46,7 +46,6 @@ from subtomo.reconstruct.particles import (
     particle_geometry,
     visible_frames,
 )
-from subtomo.report.job_report import write_job_report
 
 __all__ = ["ReconstructParams", "load_inputs", "run", "series_geometry"]
 

@@ -31,7 +31,6 @@ from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.fourier import ssnr_resolution_shell
 from subtomo.io import map_pixel_size, read_mrc, write_mrc
-from subtomo.jobs.jobdir import run_job
 from subtomo.jobs.reconstruct import load_inputs
 from subtomo.ml import EngineParams, MLModel, ParticleResults, initial_sigma2
 from subtomo.ml.autorefine import (
@@ -51,7 +50,7 @@ from subtomo.ml.starfiles import (
     write_optimiser_star,
     write_sampling_star,
 )
-from subtomo.report.job_report import write_job_report
+from subtomo.project import run_job, write_job_report
 from subtomo.report.plots import plot_series
 
 __all__ = ["Refine3DParams", "run"]

@@ -12,8 +12,7 @@ import numpy as np
 from subtomo.data import ParticleSet, TomogramSet, require_particles
 from subtomo.errors import InputError
 from subtomo.io import numeric_column
-from subtomo.jobs.jobdir import run_job
-from subtomo.report.job_report import write_job_report
+from subtomo.project import run_job, write_job_report
 from subtomo.subsets import duplicate_keep_mask, random_half_sets
 
 log = logging.getLogger("subtomo")

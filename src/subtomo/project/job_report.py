@@ -25,7 +25,8 @@ import pandas as pd
 
 from subtomo.fourier import crossing_shell, fsc_maps
 from subtomo.io import read_mrc, read_star
-from subtomo.jobs.jobdir import Job, job_lineage, read_pipeline
+from subtomo.project.job import Job
+from subtomo.project.pipeline import job_lineage, read_pipeline
 from subtomo.report.html import write_html_report
 from subtomo.report.plots import (
     plot_angular_distribution,

@@ -1,0 +1,41 @@
+"""The project: job directories, the pipeline (``default_pipeline.star``) and job reports.
+
+Below the jobs (every job runs inside :func:`run_job` and ends with
+:func:`write_job_report`), above the algorithms and :mod:`subtomo.report`, whose plots and
+HTML pages it uses and which never import it back.
+"""
+
+from subtomo.project.job import Job
+from subtomo.project.job_report import (
+    REPORT,
+    half_map_fsc,
+    write_job_report,
+    write_project_report,
+)
+from subtomo.project.jobdir import FAILURE, KILLED, PROCESS, SUCCESS, job_status, run_job
+from subtomo.project.pipeline import (
+    PIPELINE,
+    job_lineage,
+    next_job_dir,
+    pipeline_lock,
+    read_pipeline,
+)
+
+__all__ = [
+    "FAILURE",
+    "KILLED",
+    "PIPELINE",
+    "PROCESS",
+    "REPORT",
+    "SUCCESS",
+    "Job",
+    "half_map_fsc",
+    "job_lineage",
+    "job_status",
+    "next_job_dir",
+    "pipeline_lock",
+    "read_pipeline",
+    "run_job",
+    "write_job_report",
+    "write_project_report",
+]
