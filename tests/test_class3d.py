@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from subtomo.cli.main import app
-from subtomo.data import ParticleSet
+from subtomo.data import ParticleSet, read_particle_inputs
 from subtomo.errors import InputError
 from subtomo.fourier import fsc_maps
 from subtomo.geometry import euler_to_matrix, rotation_angle_deg
@@ -23,7 +23,6 @@ from subtomo.io import read_mrc, write_mrc
 from subtomo.jobs.class3d import Class3DParams, run
 from subtomo.jobs.extract import ExtractParams
 from subtomo.jobs.extract import run as run_extract
-from subtomo.jobs.reconstruct import load_inputs
 from subtomo.ml import EngineParams, MLModel, Sampling, expectation_pass, initial_sigma2
 from subtomo.ml.loader import ParticleState, StackLoader
 from subtomo.ml.starfiles import load_checkpoint
@@ -99,7 +98,7 @@ def test_loader_batches_are_the_engines_model_of_the_stacks(mixture, monkeypatch
     particle to its true species with certainty; a wrong tilt rotation, CTF, grey scale or
     stack/tilt bookkeeping in the loader would mix them up."""
     monkeypatch.chdir(mixture)
-    parts, tomos, _, _ = load_inputs("ext/optimisation_set.star", None, None, None)
+    parts, tomos, _, _ = read_particle_inputs("ext/optimisation_set.star", None, None)
     loader = StackLoader(parts, tomos, batch_size=25)
     state = ParticleState.from_particles(parts, 2)
     refs = torch.stack(
@@ -120,7 +119,7 @@ def test_warptools_stacks_read_like_relion_stacks(mixture, monkeypatch, tmp_path
     """A stack holding every tilt (WarpTools, invisible tilts blank) gives the same batch as
     RELION's stack of the visible tilts only; the visible tilts must be picked in order."""
     monkeypatch.chdir(mixture)
-    parts, tomos, _, _ = load_inputs("ext/optimisation_set.star", None, None, None)
+    parts, tomos, _, _ = read_particle_inputs("ext/optimisation_set.star", None, None)
     sub = parts.subset([0, 1])
     table = sub.particles
     n_tilts = tomos[table["rlnTomoName"].iloc[0]].n_tilts

@@ -613,7 +613,7 @@ def _map_cases() -> list[Case]:
             Case(f"fsc-{side}-nan", fsc(first, nan), ("map.mrc", nonfinite)),
             Case(f"fsc-{side}-inf", fsc(first, inf), ("map.mrc", nonfinite)),
             Case(f"fsc-{side}-zeros", fsc(first, zeros), ("zeros.mrc", "every value", "is 0")),
-            Case(f"fsc-{side}-2d", fsc(first, image2d), ("equal cubes",)),
+            Case(f"fsc-{side}-2d", fsc(first, image2d), ("map.mrc", "expected a cubic 3D map")),
         ]
     cases += [
         Case("fsc-negative-voxel", fsc(True, negative_voxel), ("half1.mrc", "voxel size -10 Å")),
@@ -631,7 +631,8 @@ def _map_cases() -> list[Case]:
                  ("half1.mrc", "voxel size -10 Å in the header")),
             Case(f"{command}-no-voxel", post(command, no_voxel),
                  ("half1.mrc", "no voxel size in the header", "--angpix")),
-            Case(f"{command}-size-mismatch", post(command, tiny), ("half maps differ in size",)),
+            Case(f"{command}-size-mismatch", post(command, tiny),
+                 ("half2.mrc", "32x32x32 voxels, which differs from half map 1 (8x8x8)")),
         ]
     cases += [
         Case("postprocess-tiny-half-maps", lambda p, d: [
@@ -689,20 +690,42 @@ def _refinement_cases() -> list[Case]:
     def small(p: Path, d: Path) -> Path:
         return _map(d / "ref.mrc", np.ones((16, 16, 16)))
 
+    def other_voxel(p: Path, d: Path) -> Path:
+        return _revoxeled(p, d, 10.5, "ref.mrc")
+
+    def mask_over_one(p: Path, d: Path) -> Path:
+        return _map(d / "mask.mrc", np.full((32, 32, 32), 1.01))
+
+    def mask_other_voxel(p: Path, d: Path) -> Path:
+        return _map(d / "mask.mrc", np.ones((32, 32, 32)), 10.01)
+
     nonfinite = "values are NaN or infinite"
-    return [
+    cases = [
         Case("refine3d-ref-nan", refine(nan), ("ref.mrc", nonfinite)),
         Case("refine3d-ref-inf", refine(inf), ("ref.mrc", nonfinite)),
         Case("refine3d-ref-negative-voxel", refine(negative_voxel),
              ("ref.mrc", "voxel size -10 Å in the header")),
-        Case("refine3d-ref-wrong-box", refine(small), ("ref.mrc", "box is 32")),
+        Case("refine3d-ref-wrong-box", refine(small),
+             ("ref.mrc", "16x16x16 voxels, which differs from the particles' rlnImageSize")),
         Case("refine3d-mask-nan", refine(nan_mask, "--solvent_mask"), ("mask.mrc", nonfinite)),
         Case("class3d-ref-nan", class3d(nan), ("ref.mrc", nonfinite)),
         Case("class3d-ref-inf", class3d(inf), ("ref.mrc", nonfinite)),
         Case("class3d-ref-negative-voxel", class3d(negative_voxel),
-             ("ref.mrc", "pixel size -10 Å")),
+             ("ref.mrc", "voxel size -10 Å in the header")),
         Case("class3d-mask-nan", class3d(nan_mask, "--solvent_mask"), ("mask.mrc", nonfinite)),
     ]
+    # one rule for both jobs: pixel sizes agree to 0.001 Å, mask values lie in [0, 1]
+    other_px = "voxel size 10.5 Å in the header; the particles' pixel size is 10 Å"
+    mask_px = "voxel size 10.01 Å in the header; the particles' pixel size is 10 Å"
+    for command, job in (("refine3d", refine), ("class3d", class3d)):
+        cases += [
+            Case(f"{command}-ref-other-voxel", job(other_voxel), ("ref.mrc", other_px)),
+            Case(f"{command}-mask-above-one", job(mask_over_one, "--solvent_mask"),
+                 ("mask.mrc", "mask values must lie in [0, 1], found 1.01..1.01")),
+            Case(f"{command}-mask-other-voxel", job(mask_other_voxel, "--solvent_mask"),
+                 ("mask.mrc", mask_px)),
+        ]
+    return cases
 
 
 def _cli_cases() -> list[Case]:

@@ -1,5 +1,13 @@
 """Typed views of RELION 5 tomogram, particle, optimisation-set and trajectory files."""
 
+from subtomo.data.inputs import read_particle_inputs
+from subtomo.data.maps import (
+    MASK_TOLERANCE,
+    PIXEL_SIZE_TOLERANCE_ANGST,
+    HalfMaps,
+    read_half_maps,
+    read_map_checked,
+)
 from subtomo.data.optimisation_set import OptimisationSet
 from subtomo.data.particles import ParticleSet, pixel_size_of, stack_image_indices
 from subtomo.data.paths import relative_to_cwd, resolve_path, strip_image_name
@@ -14,6 +22,9 @@ from subtomo.data.trajectories import Trajectories
 from subtomo.data.validate import require_box_fits, require_particles, validate_particles
 
 __all__ = [
+    "MASK_TOLERANCE",
+    "PIXEL_SIZE_TOLERANCE_ANGST",
+    "HalfMaps",
     "OptimisationSet",
     "ParticleSet",
     "TiltSeries",
@@ -21,6 +32,9 @@ __all__ = [
     "Trajectories",
     "pixel_size_of",
     "prefetched_tilt_images",
+    "read_half_maps",
+    "read_map_checked",
+    "read_particle_inputs",
     "read_tilt",
     "relative_to_cwd",
     "require_box_fits",

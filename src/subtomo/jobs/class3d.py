@@ -24,13 +24,18 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from subtomo.data import OptimisationSet, ParticleSet, relative_to_cwd
+from subtomo.data import (
+    OptimisationSet,
+    ParticleSet,
+    read_map_checked,
+    read_particle_inputs,
+    relative_to_cwd,
+)
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.geometry import rotation_angle_deg
 from subtomo.geometry.orientations import orientation_grid
-from subtomo.io import read_mrc, write_mrc
-from subtomo.jobs.reconstruct import load_inputs
+from subtomo.io import write_mrc
 from subtomo.ml import (
     EngineParams,
     MLModel,
@@ -132,21 +137,13 @@ def _sampling(params: Class3DParams, px: float) -> Sampling:
     )
 
 
-def _read_map(path: str, box: int, px: float, what: str) -> torch.Tensor:
-    """A reference or mask checked against the particles: finite values, box =
-    rlnImageSize, pixel size within 1e-3 Å of rlnImagePixelSize."""
-    volume, voxel = read_mrc(path, finite=True)
-    if volume.ndim != 3 or tuple(volume.shape) != (box, box, box):
-        raise InputError(
-            f"{what} is {'x'.join(map(str, volume.shape[::-1]))} voxels; the particles' "
-            f"rlnImageSize is {box}",
-            file=path,
-        )
-    if abs(voxel - px) > 1e-3:
-        raise InputError(
-            f"{what} has pixel size {voxel:g} Å; the particles' rlnImagePixelSize is {px:g} Å",
-            file=path,
-        )
+def _read_map(path: str, box: int, px: float, what: str, mask: bool = False) -> torch.Tensor:
+    """A reference or mask for particles of box ``box`` at ``px`` Å/pixel, checked
+    (:func:`~subtomo.data.read_map_checked`: finite, that box, that pixel size)."""
+    volume, _ = read_map_checked(
+        path, what=what, pixel_size=px, shape=(box, box, box),
+        against="the particles' rlnImageSize", mask=mask,
+    )  # fmt: skip
     return volume
 
 
@@ -249,7 +246,7 @@ def run(params: Class3DParams) -> dict[str, str]:
     if params.K < 1 or params.iter < 1:
         raise InputError(f"--K and --iter must be >= 1 (got {params.K}, {params.iter})")
     device = resolve_device(params.device)
-    parts, tomos, _, opt = load_inputs(
+    parts, tomos, _, opt = read_particle_inputs(
         params.ios, params.particles, params.tomograms, params.trajectories
     )
     inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
@@ -262,7 +259,7 @@ def run(params: Class3DParams) -> dict[str, str]:
         box, px = probe.box, probe.pixel_size
         mask = None
         if params.solvent_mask:
-            mask = _read_map(params.solvent_mask, box, px, "the solvent mask")
+            mask = _read_map(params.solvent_mask, box, px, "the solvent mask", mask=True)
             opt.reference_mask = Path(params.solvent_mask)
         sampling = _sampling(params, px)
         engine = _engine_params(params, box, px, mask)

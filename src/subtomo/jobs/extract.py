@@ -24,6 +24,7 @@ from subtomo.data import (
     TiltSeries,
     TomogramSet,
     prefetched_tilt_images,
+    read_particle_inputs,
     relative_to_cwd,
     require_box_fits,
 )
@@ -32,7 +33,6 @@ from subtomo.errors import InputError
 from subtomo.fourier import irfft_centered
 from subtomo.geometry import matrix_to_euler
 from subtomo.io import format_vector, write_mrc
-from subtomo.jobs.reconstruct import load_inputs, series_geometry
 from subtomo.project import run_job, write_job_report
 from subtomo.reconstruct.extraction import circle_crop, cone_weights, splat_slices
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
@@ -40,6 +40,7 @@ from subtomo.reconstruct.particles import (
     ctf_of_tilt_series,
     extract_slices,
     premultiply_filter,
+    series_geometry,
     visible_frames,
 )
 
@@ -231,7 +232,7 @@ def _check_box(params: ExtractParams, parts: ParticleSet, tomos: TomogramSet) ->
 def run(params: ExtractParams) -> dict[str, str]:
     """Run the job; returns ``{output path: RELION node type}``."""
     device = resolve_device(params.device)
-    parts, tomos, motion, opt = load_inputs(
+    parts, tomos, motion, opt = read_particle_inputs(
         params.ios, params.particles, params.tomograms, params.trajectories
     )
     _check_box(params, parts, tomos)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from subtomo.data import read_map_checked
 from subtomo.device import resolve_device
-from subtomo.errors import InputError
 from subtomo.fourier import crossing_shell, fsc_maps, fsc_threshold_shell
-from subtomo.io import map_pixel_size, read_mrc, require_varying, write_star
+from subtomo.io import write_star
 from subtomo.report import plot_fsc
 
 __all__ = ["FscParams", "FscResult", "run"]
@@ -50,22 +50,20 @@ class FscResult:
 def run(params: FscParams) -> FscResult:
     """Compute, write and return the FSC."""
     device = resolve_device(params.device)
-    m1, px1 = read_mrc(params.map1, device=device, finite=True)
-    m2, _ = read_mrc(params.map2, device=device, finite=True)
-    if m1.shape != m2.shape or m1.ndim != 3 or len(set(m1.shape)) != 1:
-        raise InputError(
-            f"maps must be equal cubes: {tuple(m1.shape)} vs {tuple(m2.shape)}", file=params.map2
-        )
-    require_varying(m1, params.map1)
-    require_varying(m2, params.map2)
+    m1, px = read_map_checked(
+        params.map1, what="map 1", device=device, angpix=params.angpix, cubic=True,
+        varying=True,
+    )  # fmt: skip
+    m2, _ = read_map_checked(
+        params.map2, what="map 2", device=device, angpix=px, cubic=True, shape=m1.shape,
+        against="map 1", varying=True,
+    )  # fmt: skip
     mask = None
     if params.mask:
-        mask, _ = read_mrc(params.mask, device=device, finite=True)
-        if mask.shape != m1.shape:
-            raise InputError(
-                f"mask shape {tuple(mask.shape)} differs from the maps'", file=params.mask
-            )
-    px = map_pixel_size(px1, params.angpix, params.map1)
+        mask, _ = read_map_checked(
+            params.mask, what="the mask", device=device, angpix=px, shape=m1.shape,
+            against="the maps",
+        )  # fmt: skip
     curve = fsc_maps(m1, m2, mask).double().cpu()
     n = m1.shape[-1]
     i = np.arange(curve.numel())

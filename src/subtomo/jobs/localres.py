@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from subtomo.data import read_half_maps
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.io import write_mrc, write_star
-from subtomo.jobs.postprocess import load_half_maps
 from subtomo.postprocess import LocalResOptions, LocalResResult, local_resolution
 from subtomo.project import run_job, write_job_report
 from subtomo.report import plot_central_slices, plot_histogram
@@ -51,7 +51,7 @@ class LocalResParams:
 def run(params: LocalResParams) -> LocalResResult:
     """Run the job; returns the local-resolution result."""
     device = resolve_device(params.device)
-    maps = load_half_maps(params.i, params.i2, params.ios, params.mask, params.angpix, device)
+    maps = read_half_maps(params.i, params.i2, params.ios, params.mask, params.angpix, device)
     if params.locres_sampling <= 0:
         raise InputError(f"--locres-sampling must be positive, got {params.locres_sampling}")
     options = LocalResOptions(

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from subtomo.data import read_map_checked
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.fourier import lowpass_map
-from subtomo.io import map_pixel_size, read_mrc, write_mrc
+from subtomo.io import write_mrc
 from subtomo.masks import crown_mask, cylinder_mask, mask_from_map, suggest_threshold
 from subtomo.project import run_job, write_job_report
 from subtomo.report import plot_central_slices
@@ -92,15 +93,16 @@ def _read_maps(
     combine it with, checked before the job starts."""
     if not params.i:
         raise InputError("give an input map with --i (or --denovo)")
-    volume, header_px = read_mrc(params.i, device=device, finite=True)
-    px = map_pixel_size(header_px, params.angpix, params.i, required=params.lowpass > 0)
+    volume, px = read_map_checked(
+        params.i, what="--i", device=device, angpix=params.angpix,
+        pixel_required=params.lowpass > 0,
+    )  # fmt: skip
     other = None
     for path in given.values():
-        other, _ = read_mrc(path, device=device, finite=True)
-        if other.shape != volume.shape:
-            raise InputError(
-                f"shape {tuple(other.shape)} differs from --i {tuple(volume.shape)}", file=path
-            )
+        other, _ = read_map_checked(
+            path, what="the map", device=device, angpix=px, pixel_required=False,
+            shape=volume.shape, against="--i",
+        )  # fmt: skip
     return volume, px, other
 
 

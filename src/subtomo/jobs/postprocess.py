@@ -15,18 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from subtomo.data import OptimisationSet
+from subtomo.data import HalfMaps, read_half_maps
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.io import (
-    map_pixel_size,
     numeric_column,
-    read_mrc,
     read_star,
     require_block,
-    require_varying,
     write_mrc,
     write_star,
 )
@@ -34,7 +30,7 @@ from subtomo.postprocess import PostprocessOptions, PostprocessResult, postproce
 from subtomo.project import run_job, write_job_report
 from subtomo.report import plot_central_slices, plot_fsc, plot_guinier, write_html_report
 
-__all__ = ["HalfMaps", "PostprocessParams", "load_half_maps", "read_mtf", "run"]
+__all__ = ["PostprocessParams", "read_mtf", "run"]
 
 log = logging.getLogger("subtomo")
 
@@ -66,77 +62,6 @@ class PostprocessParams:
     o: str | None = None  # --o output directory (default PostProcess/jobNNN/)
     project_dir: str = "."
     device: str = "auto"
-
-
-@dataclass
-class HalfMaps:
-    """Two half maps (zyx), an optional mask, the pixel size (Å) and where they came from."""
-
-    half1: torch.Tensor
-    half2: torch.Tensor
-    mask: torch.Tensor | None
-    pixel_size: float
-    path1: Path
-    path2: Path
-    mask_path: Path | None
-    optimisation_set: OptimisationSet | None
-
-
-def _other_half(path: Path) -> Path:
-    name = path.name
-    if "half1" not in name:
-        raise InputError("cannot derive half 2 (no 'half1' in the name); give --i2", file=path)
-    return path.with_name(name.replace("half1", "half2"))
-
-
-def load_half_maps(
-    i: str | None,
-    i2: str | None,
-    ios: str | None,
-    mask: str | None,
-    angpix: float,
-    device: torch.device,
-) -> HalfMaps:
-    """Read the half maps (``--i/--i2`` or the optimisation set's reference maps) and mask."""
-    oset = None
-    if ios:
-        oset = OptimisationSet.read(ios)
-        if oset.reference_map1 is None or oset.reference_map2 is None:
-            raise InputError("no rlnTomoReferenceMap1File/Map2File", file=ios, block="")
-        p1, p2 = Path(oset.reference_map1), Path(oset.reference_map2)
-        if mask is None and oset.reference_mask is not None:
-            mask = str(oset.reference_mask)
-    elif i:
-        p1 = Path(i)
-        p2 = Path(i2) if i2 else _other_half(p1)
-    else:
-        raise InputError("give the half maps with --i (and --i2) or --ios")
-    h1, px1 = read_mrc(p1, device=device, finite=True)
-    h2, _ = read_mrc(p2, device=device, finite=True)
-    require_varying(h1, p1)
-    require_varying(h2, p2)
-    if h1.shape != h2.shape:
-        raise InputError(
-            f"half maps differ in size: {tuple(h1.shape)} vs {tuple(h2.shape)}", file=p2
-        )
-    if h1.ndim != 3 or len(set(h1.shape)) != 1:
-        raise InputError(f"expected a cubic 3D map, found shape {tuple(h1.shape)}", file=p1)
-    px = map_pixel_size(px1, angpix, p1)
-    m = None
-    mpath = Path(mask) if mask else None
-    if mpath is not None:
-        m, _ = read_mrc(mpath, device=device, finite=True)
-        if m.shape != h1.shape:
-            raise InputError(
-                f"mask shape {tuple(m.shape)} differs from the half maps' {tuple(h1.shape)}",
-                file=mpath,
-            )
-        if float(m.min()) < -1e-6 or float(m.max()) > 1 + 1e-6:
-            raise InputError(
-                f"mask values must lie in [0, 1], found {float(m.min()):g}..{float(m.max()):g}",
-                file=mpath,
-            )
-    return HalfMaps(h1, h2, m, px, p1, p2, mpath, oset)
 
 
 def read_mtf(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +154,7 @@ def _fit_range(res: PostprocessResult, lowres: float) -> tuple[float, float]:
 def run(params: PostprocessParams) -> PostprocessResult:
     """Run the job; returns the result (the files are in the job directory)."""
     device = resolve_device(params.device)
-    maps = load_half_maps(params.i, params.i2, params.ios, params.mask, params.angpix, device)
+    maps = read_half_maps(params.i, params.i2, params.ios, params.mask, params.angpix, device)
     mtf = read_mtf(params.mtf) if params.mtf else (None, None)
     if params.auto_bfac and params.adhoc_bfac != 0:
         raise InputError("give either --auto-bfac or --adhoc-bfac, not both")

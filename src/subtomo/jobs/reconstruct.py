@@ -12,24 +12,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from rich.progress import Progress
 
 from subtomo.data import (
-    OptimisationSet,
     ParticleSet,
     TiltSeries,
     TomogramSet,
     Trajectories,
     pixel_size_of,
     prefetched_tilt_images,
+    read_particle_inputs,
     require_box_fits,
-    require_particles,
     stack_image_indices,
-    validate_particles,
 )
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
@@ -39,15 +36,14 @@ from subtomo.project import run_job, write_job_report
 from subtomo.reconstruct import FourierAccumulator, reconstruct
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
 from subtomo.reconstruct.particles import (
-    ParticleGeometry,
     ctf_of_tilt_series,
     insert_stacks,
     insert_tilt_series,
-    particle_geometry,
+    series_geometry,
     visible_frames,
 )
 
-__all__ = ["ReconstructParams", "load_inputs", "run", "series_geometry"]
+__all__ = ["ReconstructParams", "run"]
 
 log = logging.getLogger("subtomo")
 
@@ -75,52 +71,6 @@ class ReconstructParams:
     device: str = "auto"
     output_dir: str | None = None  # --o
     project_dir: str = "."
-
-
-def load_inputs(
-    ios: str | None, particles: str | None, tomograms: str | None, trajectories: str | None
-) -> tuple[ParticleSet, TomogramSet, Trajectories | None, OptimisationSet]:
-    """Particles, tomograms and trajectories of an optimisation set and/or direct entries.
-
-    Direct entries override those of the optimisation set (RELION's ``--p/--t/--mot``).
-    """
-    opt = OptimisationSet.read(ios) if ios else OptimisationSet()
-    for name, value in (
-        ("particles", particles),
-        ("tomograms", tomograms),
-        ("trajectories", trajectories),
-    ):
-        if value:
-            setattr(opt, name, Path(value))
-    if opt.particles is None or opt.tomograms is None:
-        raise InputError("give --ios or both --particles and --tomograms", file=ios)
-    tomos = TomogramSet.read(opt.tomograms)
-    parts = ParticleSet.read(opt.particles, tomograms=tomos)
-    require_particles(parts)
-    validate_particles(parts, tomos, check_files=False)
-    motion = Trajectories.read(opt.trajectories) if opt.trajectories else None
-    return parts, tomos, motion, opt
-
-
-def series_geometry(
-    parts: ParticleSet,
-    series: TiltSeries,
-    motion: Trajectories | None,
-    image_size: tuple[int, int] | None = None,
-) -> ParticleGeometry:
-    """:class:`ParticleGeometry` of the particles of ``parts`` (all in ``series``)."""
-    names = parts.particles["rlnTomoParticleName"].astype(str).tolist()
-    traj = None if motion is None else motion.displacements_angst(names, series.n_tilts)
-    return particle_geometry(
-        parts.centered_coordinates_angst(),
-        parts.origins_angst(),
-        parts.subtomogram_matrices(),
-        parts.particle_matrices(),
-        series.projection_matrices(image_size),
-        series.pixel_size,
-        series.tomogram_size,
-        traj,
-    )
 
 
 def _by_tomogram(parts: ParticleSet) -> Iterator[tuple[str, np.ndarray]]:
@@ -269,7 +219,7 @@ def run(params: ReconstructParams) -> dict[str, str]:
     """Run the job; returns ``{output path: RELION node type}``."""
 
     device = resolve_device(params.device)
-    parts, tomos, motion, opt = load_inputs(
+    parts, tomos, motion, opt = read_particle_inputs(
         params.ios, params.particles, params.tomograms, params.trajectories
     )
     use_stacks, box, binning, pixel = _sampling(params, parts, tomos)

@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from subtomo.data import ParticleSet, pixel_size_of
+from subtomo.data import ParticleSet, pixel_size_of, read_map_checked, read_particle_inputs
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.fourier import ssnr_resolution_shell
-from subtomo.io import map_pixel_size, read_mrc, write_mrc
-from subtomo.jobs.reconstruct import load_inputs
+from subtomo.io import write_mrc
 from subtomo.ml import EngineParams, MLModel, ParticleResults, initial_sigma2
 from subtomo.ml.autorefine import (
     AutoRefineState,
@@ -126,32 +125,26 @@ def _references(params: Refine3DParams, box: int, pixel: float) -> list[torch.Te
     if "half1" in paths[0].name:
         paths.append(paths[0].with_name(paths[0].name.replace("half1", "half2")))
         log.info("Half-map references: %s and %s", *paths)
-    maps = []
-    for p in paths:
-        vol, header_vox = read_mrc(p, finite=True)
-        if tuple(vol.shape) != (box, box, box):
-            raise InputError(f"reference is {tuple(vol.shape)}, the particles' box is {box}",
-                             file=p)  # fmt: skip
-        vox = map_pixel_size(header_vox, -1.0, p, required=False, option=None)
-        if vox > 0 and abs(vox - pixel) > 0.01 * pixel:
-            log.warning("reference pixel size %.3f Å differs from the particles' %.3f Å",
-                        vox, pixel)  # fmt: skip
-        maps.append(vol.float())
+    maps = [
+        read_map_checked(
+            p, what="the reference", pixel_size=pixel, shape=(box, box, box),
+            against="the particles' rlnImageSize",
+        )[0]
+        for p in paths
+    ]  # fmt: skip
     return maps if len(maps) == 2 else maps * 2
 
 
-def _mask(params: Refine3DParams, box: int) -> torch.Tensor | None:
+def _mask(params: Refine3DParams, box: int, pixel: float) -> torch.Tensor | None:
     if not params.solvent_mask:
         if params.solvent_correct_fsc:
             raise InputError("--solvent_correct_fsc needs --solvent_mask")
         return None
-    mask, _ = read_mrc(params.solvent_mask, finite=True)
-    if tuple(mask.shape) != (box, box, box):
-        raise InputError(f"mask is {tuple(mask.shape)}, the particles' box is {box}",
-                         file=params.solvent_mask)  # fmt: skip
-    if float(mask.min()) < -1e-3 or float(mask.max()) > 1 + 1e-3:
-        raise InputError("mask values must lie in [0, 1]", file=params.solvent_mask)
-    return mask.float()
+    mask, _ = read_map_checked(
+        params.solvent_mask, what="the solvent mask", pixel_size=pixel, shape=(box, box, box),
+        against="the particles' rlnImageSize", mask=True,
+    )  # fmt: skip
+    return mask
 
 
 def _options(params: Refine3DParams, box: int, pixel: float) -> AutoSamplingOptions:
@@ -208,11 +201,11 @@ def run(params: Refine3DParams) -> dict[str, str]:
         params, **{k: v for k, v in _DEFAULTS.items() if getattr(params, k) is None}
     )
     device = resolve_device(params.device)
-    parts, tomos, _, opt = load_inputs(params.ios, params.particles, params.tomograms, None)
+    parts, tomos, _, opt = read_particle_inputs(params.ios, params.particles, params.tomograms)
     subsets = _halves(parts, params.random_seed)
     pixel = pixel_size_of(parts)
     box = int(parts.image_size()[0])
-    mask = _mask(params, box)
+    mask = _mask(params, box, pixel)
     engine = EngineParams(
         particle_diameter_angst=_diameter(params, box, pixel),
         zero_mask=params.zero_mask,

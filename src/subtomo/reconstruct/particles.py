@@ -14,6 +14,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from subtomo.geometry import project_particles, tomogram_centre_px
 from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, phase_ramp
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
 
+if TYPE_CHECKING:
+    from subtomo.data import ParticleSet, TiltSeries, Trajectories
+
 __all__ = [
     "ParticleGeometry",
     "TiltSeriesCtf",
@@ -39,6 +43,7 @@ __all__ = [
     "insert_tilt_series",
     "particle_geometry",
     "premultiply_filter",
+    "series_geometry",
     "visible_frames",
 ]
 
@@ -148,6 +153,27 @@ def particle_geometry(
         a_sub=a_sub,
         a_part=torch.as_tensor(a_part, dtype=torch.float64),
         tilt_rotations=projection[:, :3, :3].double(),
+    )
+
+
+def series_geometry(
+    parts: ParticleSet,
+    series: TiltSeries,
+    motion: Trajectories | None,
+    image_size: tuple[int, int] | None = None,
+) -> ParticleGeometry:
+    """:class:`ParticleGeometry` of the particles of ``parts`` (all in ``series``)."""
+    names = parts.particles["rlnTomoParticleName"].astype(str).tolist()
+    traj = None if motion is None else motion.displacements_angst(names, series.n_tilts)
+    return particle_geometry(
+        parts.centered_coordinates_angst(),
+        parts.origins_angst(),
+        parts.subtomogram_matrices(),
+        parts.particle_matrices(),
+        series.projection_matrices(image_size),
+        series.pixel_size,
+        series.tomogram_size,
+        traj,
     )
 
 
