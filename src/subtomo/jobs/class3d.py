@@ -49,14 +49,13 @@ from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
 from subtomo.ml.starfiles import (
     IterationFiles,
     estimated_resolution_angst,
-    load_checkpoint,
     save_checkpoint,
     write_data_star,
     write_model_star,
     write_optimiser_star,
     write_sampling_star,
 )
-from subtomo.project import run_job
+from subtomo.project import resolve_options, run_job
 from subtomo.report import plot_central_slices, write_html_report
 from subtomo.report.plots import plot_class_progress
 
@@ -64,8 +63,9 @@ __all__ = ["Class3DParams", "run"]
 
 log = logging.getLogger("subtomo")
 
-#: Options a ``--continue`` may change; all others come from the checkpoint.
-_CONTINUE_OVERRIDES = ("iter", "device", "memory_gb", "cache_gb", "continue_from")
+#: Options a ``--continue`` may change (when given); all others come from the checkpoint.
+_CONTINUE_OVERRIDES = ("iter", "device", "memory_gb", "cache_gb", "output_dir", "continue_from")
+_DEFAULTS = {"iter": 25, "memory_gb": 2.0, "cache_gb": 2.0}
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Class3DParams:
     ini_high: float = 60.0  # --ini_high, Å (<= 0: no initial low-pass)
     solvent_mask: str | None = None  # --solvent_mask
     K: int = 1  # --K
-    iter: int = 25  # --iter
+    iter: int | None = None  # --iter (None: 25, or the stored value on --continue)
     tau2_fudge: float = 1.0  # --tau2_fudge (RELION's tomography GUI default)
     particle_diameter: float = -1.0  # --particle_diameter, Å (<= 0: the box)
     zero_mask: bool = False  # --zero_mask
@@ -98,8 +98,8 @@ class Class3DParams:
     pad: float = 2.0  # --pad
     random_seed: int = 0  # --random_seed
     continue_from: str | None = None  # --continue <job directory | run_itNNN_optimiser.star>
-    memory_gb: float = 2.0  # E-step memory per batch
-    cache_gb: float = 2.0  # keep the rfft'd stacks in memory when they fit
+    memory_gb: float | None = None  # E-step memory per batch (None: 2 GB / stored)
+    cache_gb: float | None = None  # keep the rfft'd stacks in memory when they fit (2 GB)
     max_slices: int = 4096
     device: str = "auto"
     output_dir: str | None = None  # --o
@@ -218,18 +218,6 @@ def _write_iteration(
     write_optimiser_star(files.optimiser, files, optimiser)
 
 
-def _resumed(params: Class3DParams) -> tuple[Class3DParams, IterationFiles, dict[str, Any]]:
-    """The stored options (with the few a continue may change) and the checkpoint."""
-    files = IterationFiles.resume_point(params.continue_from)
-    checkpoint = load_checkpoint(files.checkpoint)
-    stored = dict(checkpoint["params"])
-    stored["ref"] = tuple(stored["ref"])
-    for name in _CONTINUE_OVERRIDES:
-        stored[name] = getattr(params, name)
-    stored["output_dir"] = str(files.directory)
-    return Class3DParams(**stored), files, checkpoint
-
-
 def _initial_size(params: Class3DParams, box: int, px: float) -> int:
     """The first iteration's image size: 2 (shell of ``--ini_high`` + ``--incr_size``), as
     RELION (the full box without an initial low-pass)."""
@@ -240,9 +228,7 @@ def _initial_size(params: Class3DParams, box: int, px: float) -> int:
 
 def run(params: Class3DParams) -> dict[str, str]:
     """Run (or continue) the job; returns ``{output path: RELION node type}``."""
-    checkpoint = None
-    if params.continue_from:
-        params, _, checkpoint = _resumed(params)
+    params, checkpoint = resolve_options(params, _CONTINUE_OVERRIDES, _DEFAULTS)
     if params.K < 1 or params.iter < 1:
         raise InputError(f"--K and --iter must be >= 1 (got {params.K}, {params.iter})")
     device = resolve_device(params.device)

@@ -42,14 +42,13 @@ from subtomo.ml.greyscale import fit_reference_scale
 from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
 from subtomo.ml.starfiles import (
     IterationFiles,
-    load_checkpoint,
     save_checkpoint,
     write_data_star,
     write_model_star,
     write_optimiser_star,
     write_sampling_star,
 )
-from subtomo.project import run_job, write_job_report
+from subtomo.project import resolve_options, run_job, write_job_report
 from subtomo.report.plots import plot_series
 
 __all__ = ["Refine3DParams", "run"]
@@ -175,31 +174,9 @@ _CONTINUE_OVERRIDES = ("max_iter", "memory_gb", "device", "output_dir", "continu
 _DEFAULTS = {"max_iter": 50, "memory_gb": 2.0}
 
 
-def _resumed(params: Refine3DParams) -> tuple[Refine3DParams, dict]:
-    """The options stored in the checkpoint of the iteration to continue after (those of
-    ``_CONTINUE_OVERRIDES`` that are given replace theirs; ``--o`` defaults to that job's
-    directory) and the checkpoint."""
-    files = IterationFiles.resume_point(params.continue_from)
-    ck = load_checkpoint(files.checkpoint)
-    if "params" not in ck:
-        raise InputError("checkpoint without the job's options", file=files.checkpoint)
-    stored = dict(ck["params"])
-    stored["output_dir"] = str(files.directory)
-    for name in _CONTINUE_OVERRIDES:
-        if getattr(params, name) is not None:
-            stored[name] = getattr(params, name)
-    log.info("Continuing after iteration %d of %s", files.iteration, files.directory)
-    return Refine3DParams(**stored), ck
-
-
 def run(params: Refine3DParams) -> dict[str, str]:
     """Run (or continue) the job; returns ``{output path: RELION node type}``."""
-    ck = None
-    if params.continue_from:
-        params, ck = _resumed(params)
-    params = dataclasses.replace(
-        params, **{k: v for k, v in _DEFAULTS.items() if getattr(params, k) is None}
-    )
+    params, ck = resolve_options(params, _CONTINUE_OVERRIDES, _DEFAULTS)
     device = resolve_device(params.device)
     parts, tomos, _, opt = read_particle_inputs(params.ios, params.particles, params.tomograms)
     subsets = _halves(parts, params.random_seed)

@@ -20,6 +20,7 @@ from subtomo.project.pipeline import (
     pipeline_lock,
     read_pipeline,
 )
+from subtomo.project.resume import resolve_options
 
 __all__ = [
     "FAILURE",
@@ -35,6 +36,7 @@ __all__ = [
     "next_job_dir",
     "pipeline_lock",
     "read_pipeline",
+    "resolve_options",
     "run_job",
     "write_job_report",
     "write_project_report",
