@@ -5,6 +5,10 @@ Fourier arrays are torch's *unshifted rfft* layout (``torch.fft.rfftn``): the or
 the last axis holds x = 0..N/2, the other axes wrap (index i >= N/2 means i - N), exactly
 RELION's FFTW half-complex layout. ``rfft_centered`` moves the real-space centre to the
 Fourier origin first, so a centred object has real, non-oscillating low frequencies.
+
+Why not ``torch_grid_utils.fftfreq_grid``: evaluated with torch-grid-utils 0.6, it returns
+frequency vectors in array-axis order (z, y, x) and in float32 only, where subtomo's geometry
+and CTF take xyz vectors and the CTF evaluates its phase in float64 (:mod:`subtomo.ctf.ctf`).
 """
 
 from __future__ import annotations

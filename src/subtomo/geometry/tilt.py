@@ -11,6 +11,11 @@ with active right-handed rotations, ``s_f = (rlnTomoXShiftAngst, rlnTomoYShiftAn
 ``c_img = (w//2, h//2, 0)`` and ``c_spec = (W//2, H//2, D//2)`` for a tilt image of ``w x h``
 and a bin-1 tomogram of ``W x H x D``. ``P_f @ [p; 1]`` gives the image position ``(u, v)`` of
 tomogram point ``p`` (decentred pixels); its third component is used only as depth.
+
+Why not ``torch_affine_utils``' ``Rx``/``Ry``/``Rz``/``T``: evaluated with torch-affine-utils
+0.6, they cast angles and shifts to float32, while these matrices keep the float64 of the
+STAR tables, as RELION computes them (float32 rounding moves a point ~10⁴ pixels from the
+centre by ~10⁻³ pixel).
 """
 
 from __future__ import annotations

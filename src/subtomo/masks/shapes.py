@@ -2,6 +2,10 @@
 
 Volumes are zyx with the centre at index ``N//2``; ``center`` offsets are xyz pixels from
 it (RELION's ``--center_x/y/z``). Radii and widths are pixels. Edges are raised cosines.
+
+Why not ``torch_grid_utils.sphere``: evaluated with torch-grid-utils 0.6, its soft edge is a
+quarter cosine ``cos(π/2 · d/w)`` of a scipy distance transform computed on the CPU, not
+RELION's raised cosine ``½ + ½ cos(π · d/w)`` evaluated on the mask's device.
 """
 
 from __future__ import annotations

@@ -12,6 +12,13 @@ The chain for one tilt image and many particles is::
         -> * (-CTF * dose) -> (2D stacks: / bin) -> circle_crop in real space
 
 ``splat_slices`` scatters such slices into RELION-4 style 3D pseudo-subtomograms (§5.4).
+
+Why not ``torch_subpixel_crop.subpixel_crop_2d``: evaluated with torch-subpixel-crop 0.6, it
+fills pixels outside the image with zeros where RELION repeats the edge pixel, rounds a
+half-pixel position to even (``torch.round``) where RELION takes ``floor(u + 0.5)``, and wants
+the same number of positions on every image, while the visible (particle, tilt) pairs here
+are ragged; its sub-pixel Fourier shift is the :func:`phase_ramp` applied here in the same
+rfft that bins and premultiplies.
 """
 
 from __future__ import annotations
