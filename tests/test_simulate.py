@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from subtomo.cli.main import app
 from subtomo.ctf import ctf_2d, particle_defocus
-from subtomo.data import ParticleSet, TomogramSet, tilt_images
+from subtomo.data import ParticleSet, TomogramSet, read_mtf, tilt_images
 from subtomo.geometry import (
     euler_to_matrix,
     particle_positions_px,
@@ -22,7 +22,6 @@ from subtomo.geometry import (
 )
 from subtomo.io import read_mrc, write_mrc
 from subtomo.io.mdoc import read_mdoc
-from subtomo.jobs.simulate import read_mtf
 from subtomo.simulate import SimulationParams, simulate
 from subtomo.simulate import imaging as imaging_module
 from subtomo.simulate.maps import particle_radius_px

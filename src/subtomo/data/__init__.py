@@ -8,6 +8,7 @@ from subtomo.data.maps import (
     read_half_maps,
     read_map_checked,
 )
+from subtomo.data.mtf import read_mtf
 from subtomo.data.optimisation_set import OptimisationSet
 from subtomo.data.particles import ParticleSet, pixel_size_of, stack_image_indices
 from subtomo.data.paths import relative_to_cwd, resolve_path, strip_image_name
@@ -34,6 +35,7 @@ __all__ = [
     "prefetched_tilt_images",
     "read_half_maps",
     "read_map_checked",
+    "read_mtf",
     "read_particle_inputs",
     "read_tilt",
     "relative_to_cwd",

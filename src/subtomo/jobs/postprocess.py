@@ -16,13 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from subtomo.data import HalfMaps, read_half_maps
+from subtomo.data import HalfMaps, read_half_maps, read_mtf
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.io import (
-    numeric_column,
-    read_star,
-    require_block,
     write_mrc,
     write_star,
 )
@@ -30,7 +27,7 @@ from subtomo.postprocess import PostprocessOptions, PostprocessResult, postproce
 from subtomo.project import run_job, write_job_report
 from subtomo.report import plot_central_slices, plot_fsc, plot_guinier, write_html_report
 
-__all__ = ["PostprocessParams", "read_mtf", "run"]
+__all__ = ["PostprocessParams", "run"]
 
 log = logging.getLogger("subtomo")
 
@@ -62,29 +59,6 @@ class PostprocessParams:
     o: str | None = None  # --o output directory (default PostProcess/jobNNN/)
     project_dir: str = "."
     device: str = "auto"
-
-
-def read_mtf(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(rlnResolutionInversePixel, rlnMtfValue) of a RELION MTF STAR file, checked."""
-    blocks = read_star(path)
-    name = next(iter(blocks))
-    table = require_block(blocks, name, path)
-    freq = numeric_column(table, "rlnResolutionInversePixel", path, name)
-    value = numeric_column(table, "rlnMtfValue", path, name)
-    bad = np.flatnonzero(value < 1e-10)
-    if bad.size:
-        raise InputError(
-            "MTF values must be positive",
-            file=path,
-            block=name,
-            column="rlnMtfValue",
-            row=int(bad[0]) + 1,
-        )
-    if np.any(np.diff(freq) <= 0):
-        raise InputError(
-            "resolutions must increase", file=path, block=name, column="rlnResolutionInversePixel"
-        )
-    return freq, value
 
 
 def _star_tables(res: PostprocessResult, maps: HalfMaps, job_files: dict[str, str]) -> dict:

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from subtomo import __version__
-from subtomo.data import ParticleSet, TomogramSet
+from subtomo.data import ParticleSet, TomogramSet, read_mtf
 from subtomo.errors import InputError
-from subtomo.io import numeric_column, read_mrc, read_star, write_mrc
+from subtomo.io import read_mrc, write_mrc
 from subtomo.io.mdoc import write_mdoc
 from subtomo.simulate import SimulationParams, Species, simulate
 
@@ -68,15 +68,6 @@ def read_species(paths: tuple[str, ...]) -> list[Species]:
         seen.add(name)
         species.append(Species(name=name, volume=volume, voxel_size=voxel))
     return species
-
-
-def read_mtf(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A RELION MTF STAR file: (rlnResolutionInversePixel, rlnMtfValue)."""
-    blocks = read_star(path)
-    name, table = next(iter(blocks.items()))
-    freq = numeric_column(table, "rlnResolutionInversePixel", path, name)
-    value = numeric_column(table, "rlnMtfValue", path, name)
-    return np.asarray(freq, dtype=np.float64), np.asarray(value, dtype=np.float64)
 
 
 def run(job: SimulateJob) -> dict[str, str]:
