@@ -19,7 +19,8 @@ layer  name            packages
                        and trajectory files, maps and masks read and checked
 2      primitives      ``geometry``, ``ctf``, ``fourier``, ``masks``
 1      files           ``io``: STAR, MRC and mdoc readers and writers
-0      base            ``errors``, ``device`` and the ``subtomo`` package itself
+0      base            ``errors``, ``device``, ``_lazy`` (names of a package loaded on
+                       first use) and the ``subtomo`` package itself
 =====  ==============  ============================================================
 
 Two choices differ from DESIGN.md's table, which puts ``data`` and ``io`` in one layer below
@@ -53,7 +54,7 @@ LAYERS = {
     "data": 3,
     **dict.fromkeys(("geometry", "ctf", "fourier", "masks"), 2),
     "io": 1,
-    **dict.fromkeys(("errors", "device", ""), 0),
+    **dict.fromkeys(("errors", "device", "_lazy", ""), 0),
 }
 
 #: Job modules allowed to import other job modules.

@@ -26,7 +26,6 @@ import pandas as pd
 from subtomo.io import atomic_path, write_star
 from subtomo.project.job import Job
 from subtomo.project.pipeline import next_job_dir, pipeline_lock, register_job
-from subtomo.report.plots import import_in_background
 
 __all__ = ["FAILURE", "KILLED", "PROCESS", "SUCCESS", "job_status", "run_job"]
 
@@ -137,6 +136,8 @@ def run_job(
     )
     log.info("# command: %s", " ".join(sys.argv))
     outputs: dict[str, str] = {}
+    from subtomo.report.plots import import_in_background  # torch: not for `subtomo jobs`
+
     import_in_background()  # the report's plotting library, ready when the job ends
     try:
         yield job, outputs
