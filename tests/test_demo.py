@@ -117,4 +117,4 @@ def test_demo_refuses_a_used_directory(tmp_path):
     from subtomo.errors import InputError
 
     with pytest.raises(InputError, match="new or empty directory"):
-        run(DemoParams(out=tmp_path / "proj", quick=True))
+        run(DemoParams(output_dir=tmp_path / "proj", quick=True))

@@ -72,8 +72,8 @@ def test_localres_job_writes_maps_and_histogram(two_region_halves, tmp_path):
     res = run(
         LocalResParams(
             i=str(tmp_path / "h_half1.mrc"), mask=str(tmp_path / "mask.mrc"),
-            locres_sampling=16, locres_randomize_at=30, o=str(out), project_dir=str(tmp_path),
-            device="cpu",
+            locres_sampling=16, locres_randomize_at=30, output_dir=str(out),
+            project_dir=str(tmp_path), device="cpu",
         )
     )  # fmt: skip
     for name in ["relion_locres.mrc", "relion_locres_filtered.mrc", "relion_locres.star",

@@ -130,7 +130,7 @@ def test_postprocess_job_writes_relion_files(halves, tmp_path):
     res = run(
         PostprocessParams(
             ios=str(tmp_path / "run_optimisation_set.star"), mask=str(d / "mask.mrc"),
-            autob_lowres=40, autob_highres=22, o=str(out), project_dir=str(tmp_path),
+            autob_lowres=40, autob_highres=22, output_dir=str(out), project_dir=str(tmp_path),
             device="cpu",
         )
     )  # fmt: skip
@@ -251,7 +251,7 @@ def test_bad_mask_is_reported_with_its_file(halves, tmp_path):
             PostprocessParams(
                 i=str(d / "run_half1.mrc"),
                 mask=str(tmp_path / "bad.mrc"),
-                o=str(tmp_path / "o"),
+                output_dir=str(tmp_path / "o"),
                 project_dir=str(tmp_path),
                 device="cpu",
             )

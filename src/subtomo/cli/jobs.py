@@ -1,4 +1,4 @@
-"""``subtomo jobs``: list the project's jobs, their status and lineage."""
+"""``subtomo jobs``: list the project's jobs, their status and lineage (no torch)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from rich.table import Table
 def command(
     project: Path = typer.Option(Path("."), "--project", help="Project directory."),
 ) -> None:
-    """List jobs of the project (default_pipeline.star) with status and input jobs; a job
-    whose process is gone without an exit marker shows as "Failed (killed?)"."""
+    """List the jobs of ``default_pipeline.star``: status and input jobs."""
     from subtomo.project import job_lineage, job_status, read_pipeline
 
     tables = read_pipeline(project)

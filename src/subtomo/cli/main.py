@@ -1,9 +1,12 @@
 """The ``subtomo`` command: one subcommand per job type.
 
 This layer parses options (named like RELION's GUI fields) and prints; the work happens in
-``subtomo.jobs``. Every failure ends with one line on stderr naming the file or option and
-the cause, and a non-zero exit status: 1 for bad input, unreadable or unwritable files and
-internal errors, 2 for usage errors, 130 when interrupted. ``--debug`` (or
+``subtomo.jobs``. The commands are listed in :mod:`subtomo.cli.commands` and built from the
+jobs' parameter dataclasses when used (:mod:`subtomo.cli.build`).
+
+Every failure ends with one line on stderr naming the file or option and the cause, and a
+non-zero exit status: 1 for bad input, unreadable or unwritable files and internal errors, 2
+for usage errors, 130 when interrupted. ``--debug`` (or
 ``SUBTOMO_DEBUG=1``) prints the traceback before that line.
 """
 
@@ -24,7 +27,8 @@ from rich.markup import escape
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from subtomo import __version__
-from subtomo.cli.options import finite_numbers
+from subtomo.cli.build import LazyGroup
+from subtomo.cli.commands import COMMANDS
 from subtomo.errors import InputError
 
 # PyTorch's CPU threads (GNU OpenMP) spin while they wait by default: on cores shared with other
@@ -32,7 +36,13 @@ from subtomo.errors import InputError
 # torch is imported (the job modules import it lazily); an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+class _Commands(LazyGroup):
+    table = COMMANDS
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="subtomo",
     help="Subtomogram averaging for cryo-ET on PyTorch, with RELION 5 files.",
     no_args_is_help=True,
@@ -64,39 +74,6 @@ def _root(
     if not any(isinstance(h, RichHandler) for h in log.handlers):
         log.addHandler(RichHandler(console=err_console, show_path=False, show_time=False))
         log.setLevel(logging.INFO)
-
-
-# Subcommands: one module per job type under subtomo.cli, each exposing ``command``.
-from subtomo.cli import class3d as _class3d  # noqa: E402
-from subtomo.cli import demo as _demo  # noqa: E402
-from subtomo.cli import extract as _extract  # noqa: E402
-from subtomo.cli import fsc as _fsc  # noqa: E402
-from subtomo.cli import jobs as _jobs  # noqa: E402
-from subtomo.cli import localres as _localres  # noqa: E402
-from subtomo.cli import mask as _mask  # noqa: E402
-from subtomo.cli import postprocess as _postprocess  # noqa: E402
-from subtomo.cli import reconstruct as _reconstruct  # noqa: E402
-from subtomo.cli import refine3d as _refine3d  # noqa: E402
-from subtomo.cli import select as _select  # noqa: E402
-from subtomo.cli import simulate as _simulate  # noqa: E402
-from subtomo.cli import star as _star  # noqa: E402
-
-for _name, _module in (
-    ("jobs", _jobs),
-    ("select", _select),
-    ("extract", _extract),
-    ("reconstruct", _reconstruct),
-    ("simulate", _simulate),
-    ("mask", _mask),
-    ("postprocess", _postprocess),
-    ("localres", _localres),
-    ("fsc", _fsc),
-    ("refine3d", _refine3d),
-    ("class3d", _class3d),
-    ("demo", _demo),
-):
-    app.command(_name)(finite_numbers(_module.command))
-app.add_typer(_star.app, name="star")
 
 
 def _fail(exc: BaseException, message: str, code: int) -> int:

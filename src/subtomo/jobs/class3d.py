@@ -56,6 +56,14 @@ from subtomo.ml.starfiles import (
     write_sampling_star,
 )
 from subtomo.project import resolve_options, run_job
+from subtomo.project.options import (
+    ParticleInputs,
+    continue_option,
+    option,
+    output_dir_option,
+    resumable,
+    resumable_defaults,
+)
 from subtomo.report import plot_central_slices, write_html_report
 from subtomo.report.plots import plot_class_progress
 
@@ -63,47 +71,64 @@ __all__ = ["Class3DParams", "run"]
 
 log = logging.getLogger("subtomo")
 
-#: Options a ``--continue`` may change (when given); all others come from the checkpoint.
-_CONTINUE_OVERRIDES = ("iter", "device", "memory_gb", "cache_gb", "output_dir", "continue_from")
-_DEFAULTS = {"iter": 25, "memory_gb": 2.0, "cache_gb": 2.0}
-
 
 @dataclass
-class Class3DParams:
+class Class3DParams(ParticleInputs):
     """Options of "3D classification" (RELION GUI field / program flag names)."""
 
-    ios: str | None = None  # --ios
-    particles: str | None = None  # --p
-    tomograms: str | None = None  # --t
-    trajectories: str | None = None  # --mot
-    ref: tuple[str, ...] = ()  # --ref: one map (perturbed into K classes) or K maps
-    ref_correct_greyscale: bool = False  # "Ref. map is on absolute greyscale?"
-    ini_high: float = 60.0  # --ini_high, Å (<= 0: no initial low-pass)
-    solvent_mask: str | None = None  # --solvent_mask
-    K: int = 1  # --K
-    iter: int | None = None  # --iter (None: 25, or the stored value on --continue)
-    tau2_fudge: float = 1.0  # --tau2_fudge (RELION's tomography GUI default)
-    particle_diameter: float = -1.0  # --particle_diameter, Å (<= 0: the box)
-    zero_mask: bool = False  # --zero_mask
-    flatten_solvent: bool = True  # --flatten_solvent
-    sym: str = "C1"  # --sym
-    skip_align: bool = False  # --skip_align: classification without alignment
-    healpix_order: int = 2  # --healpix_order (7.5 deg)
-    offset_range: float = 5.0  # --offset_range, pixels
-    offset_step: float = 1.0  # --offset_step, pixels
-    sigma_ang: float = -1.0  # --sigma_ang, deg: > 0 means local searches
-    oversampling: int = 1  # --oversampling
-    strict_highres_exp: float = -1.0  # --strict_highres_exp, Å (<= 0: no limit)
-    adaptive_fraction: float = 0.999  # --adaptive_fraction
-    pad: float = 2.0  # --pad
-    random_seed: int = 0  # --random_seed
-    continue_from: str | None = None  # --continue <job directory | run_itNNN_optimiser.star>
-    memory_gb: float | None = None  # E-step memory per batch (None: 2 GB / stored)
-    cache_gb: float | None = None  # keep the rfft'd stacks in memory when they fit (2 GB)
-    max_slices: int = 4096
-    device: str = "auto"
-    output_dir: str | None = None  # --o
+    ref: tuple[str, ...] = option(
+        (), "--ref", help="Reference map: one (perturbed into K classes) or one per class."
+    )
+    ref_correct_greyscale: bool = option(
+        False, "--ref_correct_greyscale", help="Reference is on the absolute grey scale."
+    )
+    ini_high: float = option(60.0, "--ini_high", help="Initial low-pass; <= 0: none.", unit="Å")
+    solvent_mask: str | None = option(None, "--solvent_mask", help="Reference mask (MRC).")
+    K: int = option(1, "--K", "--classes", help="Number of classes.")
+    iter: int | None = resumable(25, "--iter", help="Number of iterations")
+    tau2_fudge: float = option(1.0, "--tau2_fudge", help="Regularisation parameter T.")
+    particle_diameter: float = option(
+        -1.0, "--particle_diameter", help="Mask diameter; <= 0: the box.", unit="Å"
+    )
+    zero_mask: bool = option(False, "--zero_mask", help="Zeros outside the mask.")
+    flatten_solvent: bool = option(
+        True, "--flatten_solvent/--no_flatten_solvent", help="Mask the references."
+    )
+    sym: str = option("C1", "--sym", help="Point-group symmetry.")
+    skip_align: bool = option(
+        False, "--skip_align", "--no-align", help="Classification without alignment."
+    )
+    healpix_order: int = option(2, "--healpix_order", help="Angular sampling (HEALPix order).")
+    offset_range: float = option(5.0, "--offset_range", help="Offset range.", unit="px")
+    offset_step: float = option(1.0, "--offset_step", help="Offset step.", unit="px")
+    sigma_ang: float = option(
+        -1.0, "--sigma_ang", help="Local searches: prior sigma; <= 0: global.", unit="deg"
+    )
+    oversampling: int = option(1, "--oversampling", help="Adaptive oversampling order (0 or 1).")
+    strict_highres_exp: float = option(
+        -1.0, "--strict_highres_exp", help="Limit the E-step resolution; <= 0: none.", unit="Å"
+    )
+    adaptive_fraction: float = option(
+        0.999, "--adaptive_fraction", help="Fraction of the probability mass oversampled."
+    )
+    pad: float = option(2.0, "--pad", help="Padding factor.")
+    random_seed: int = option(0, "--random_seed", help="Random seed.")
+    continue_from: str | None = continue_option()
+    memory_gb: float | None = resumable(
+        2.0, "--memory-gb", help="E-step memory per batch", unit="GB"
+    )
+    cache_gb: float | None = resumable(
+        2.0, "--cache-gb", help="Keep the stacks in memory up to this", unit="GB"
+    )
+    max_slices: int = 4096  # reference slices computed at once (not on the command line)
+    device: str | None = resumable("auto", "--device", help="auto | cpu | cuda[:N]")
+    output_dir: str | None = output_dir_option()
     project_dir: str = "."
+
+
+#: Options a ``--continue`` may change (when given); all others come from the checkpoint.
+_DEFAULTS = resumable_defaults(Class3DParams)
+_CONTINUE_OVERRIDES = (*_DEFAULTS, "output_dir", "continue_from")
 
 
 def _engine_params(params: Class3DParams, box: int, px: float, mask) -> EngineParams:

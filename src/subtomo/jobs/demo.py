@@ -55,6 +55,7 @@ from subtomo.jobs.simulate import SimulateJob
 from subtomo.jobs.simulate import run as run_simulate
 from subtomo.masks import soft_sphere, suggest_threshold
 from subtomo.project import next_job_dir, write_project_report
+from subtomo.project.options import device_option, option
 from subtomo.report.plots import plot_fsc, plot_series
 from subtomo.simulate import SimulationParams
 
@@ -81,17 +82,27 @@ class DemoParams:
     embedded 70S and 50S ribosomes). ``pose_error_deg`` / ``shift_error_px``: σ of the picked
     poses' errors (a template-matching result). ``quick``: the small :data:`QUICK` variant.
     ``align``: run the alignment steps (Class3D with local searches, Refine3D); without
-    them the selected particles are reconstructed at their picked poses.
+    them the selected particles are reconstructed at their picked poses. ``verbose``: the
+    command line shows every job's log (the demo itself does not use it).
     """
 
-    out: Path = Path("demo_project")
-    quick: bool = False
-    maps: tuple[str, ...] = ()
-    pose_error_deg: float = 5.0
-    shift_error_px: float = 1.0
-    align: bool = True
-    seed: int = 0
-    device: str = "auto"
+    output_dir: Path = option(Path("demo_project"), "--o", "--out", help="New project directory.")
+    quick: bool = option(False, "--quick", help="A tiny variant (one small tomogram).")
+    maps: tuple[str, ...] = option(
+        (), "--map", help="Species map (MRC): the first is the target, more are junk."
+    )
+    pose_error_deg: float = option(
+        5.0, "--pose-error-deg", help="σ of the picked poses.", unit="deg"
+    )
+    shift_error_px: float = option(
+        1.0, "--shift-error-px", help="σ of the picked shifts.", unit="px"
+    )
+    align: bool = option(
+        True, "--align/--no-align", help="Class3D local searches and Refine3D (or skip them)."
+    )
+    seed: int = option(0, "--seed", help="Random seed of the simulation.")
+    device: str = device_option()
+    verbose: bool = option(False, "--verbose", help="Show every job's log.")
 
 
 @dataclass
@@ -347,7 +358,7 @@ class _Demo:
                 ini_threshold=threshold,
                 extend_inimask=2.0,
                 width_soft_edge=5.0,
-                o=str(directory),
+                output_dir=str(directory),
                 device=self.params.device,
             )
         )
@@ -393,7 +404,7 @@ class _Demo:
                 i=self.halves[0],
                 i2=self.halves[1],
                 mask=self.mask,
-                o=str(directory),
+                output_dir=str(directory),
                 auto_bfac=False,
                 device=self.params.device,
             )
@@ -421,10 +432,11 @@ class _Demo:
 
 
 def run(params: DemoParams, echo: Callable[[str], None] = log.info) -> DemoResult:
-    """Simulate and run the tutorial path in ``params.out``; returns every step's result."""
-    out = Path(params.out).resolve()
+    """Simulate and run the tutorial path in ``params.output_dir``; returns every step's
+    result."""
+    out = Path(params.output_dir).resolve()
     if out.exists() and any(out.iterdir()):
-        raise InputError("the demo needs a new or empty directory; choose another --out", file=out)
+        raise InputError("the demo needs a new or empty directory; choose another --o", file=out)
     out.mkdir(parents=True, exist_ok=True)
     demo = _Demo(params, echo)
     with contextlib.chdir(out):

@@ -34,6 +34,7 @@ from subtomo.fourier import irfft_centered
 from subtomo.geometry import matrix_to_euler
 from subtomo.io import format_vector, write_mrc
 from subtomo.project import run_job, write_job_report
+from subtomo.project.options import ParticleInputs, device_option, option, output_dir_option
 from subtomo.reconstruct.extraction import circle_crop, cone_weights, splat_slices
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
 from subtomo.reconstruct.particles import (
@@ -50,31 +51,35 @@ log = logging.getLogger("subtomo")
 
 
 @dataclass
-class ExtractParams:
+class ExtractParams(ParticleInputs):
     """Options of "Extract subtomos" (RELION GUI field / program flag names)."""
 
-    ios: str | None = None  # --ios
-    particles: str | None = None  # --p
-    tomograms: str | None = None  # --t
-    trajectories: str | None = None  # --mot
-    box: int = 64  # --b, binned pixels
-    crop: int = -1  # --crop (default: box)
-    binning: float = 1.0  # --bin
-    stack2d: bool = True  # --stack2d (2D stacks; else 3D pseudo-subtomograms)
-    float16: bool = True  # --float16
-    max_dose: float = -1.0  # --max_dose (<= 0: no limit)
-    min_frames: int = 1  # --min_frames
-    apply_offsets: bool = True  # not --dont_apply_offsets
-    apply_orientations: bool = False  # --apply_orientations
-    cone_weight: bool = False  # --cone_weight (3D only)
-    cone_angle: float = 10.0  # --cone_angle
-    cone_sig0: float = 2.0  # --cone_sig0
-    no_ctf: bool = False  # --no_ctf
-    no_ic: bool = False  # --no_ic (keep contrast)
-    no_circle_crop: bool = False  # --no_circle_crop
-    batch_size: int = 1024
-    device: str = "auto"
-    output_dir: str | None = None  # --o
+    box: int = option(64, "--box", "--b", help="Box size (binned).", unit="px")
+    crop: int = option(-1, "--crop", help="Cropped box size (binned); <= 0: the box.", unit="px")
+    binning: float = option(1.0, "--bin", help="Binning factor (real-valued).")
+    stack2d: bool = option(True, "--stack2d/--3d", help="2D stacks or 3D pseudo-subtomograms.")
+    float16: bool = option(True, "--float16/--float32", help="Half-precision MRC.")
+    max_dose: float = option(
+        -1.0, "--max_dose", help="Drop tilts above this dose; <= 0: none.", unit="e/Å²"
+    )
+    min_frames: int = option(1, "--min_frames", help="Minimum visible tilts.")
+    apply_offsets: bool = option(
+        True, "--apply_offsets/--dont_apply_offsets", help="Fold origins into coordinates."
+    )
+    apply_orientations: bool = option(
+        False, "--apply_orientations", help="Fold the particle angles into the subtomograms."
+    )
+    cone_weight: bool = option(False, "--cone_weight", help="Cone weighting (3D only).")
+    cone_angle: float = option(10.0, "--cone_angle", help="Angle of the weighted cone.", unit="deg")
+    cone_sig0: float = option(
+        2.0, "--cone_sig0", help="Cone width at the origin.", unit="Fourier px"
+    )
+    no_ctf: bool = option(False, "--no_ctf", help="Do not premultiply with the CTF.")
+    no_ic: bool = option(False, "--no_ic", help="Do not invert contrast.")
+    no_circle_crop: bool = option(False, "--no_circle_crop", help="No circular crop.")
+    batch_size: int = option(1024, "--batch", help="Tilt images per batch.")
+    device: str = device_option()
+    output_dir: str | None = output_dir_option()
     project_dir: str = "."
 
 

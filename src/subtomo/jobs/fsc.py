@@ -1,7 +1,7 @@
 """FSC between any two maps (e.g. a half map and the truth): table, crossings and a plot.
 
 Not a pipeline job: prints the curve and its 0.5 / 0.143 crossings and writes
-``<o>.star`` (data_fsc with RELION's labels) and ``<o>.png``.
+``<output_prefix>.star`` (data_fsc with RELION's labels) and ``<output_prefix>.png``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from subtomo.data import read_map_checked
 from subtomo.device import resolve_device
 from subtomo.fourier import crossing_shell, fsc_maps, fsc_threshold_shell
 from subtomo.io import write_star
+from subtomo.project.options import argument, device_option, option
 from subtomo.report import plot_fsc
 
 __all__ = ["FscParams", "FscResult", "run"]
@@ -26,15 +27,17 @@ log = logging.getLogger("subtomo")
 
 @dataclass
 class FscParams:
-    """Two maps, an optional mask, the pixel size (Å; <= 0: from the header), output prefix."""
+    """Two maps, an optional mask, the pixel size and where to write the curve."""
 
-    map1: str
-    map2: str
-    mask: str | None = None
-    angpix: float = -1.0
-    o: str = "fsc"
+    map1: str = argument(help="First map.")
+    map2: str = argument(help="Second map.")
+    mask: str | None = option(None, "--mask", help="Mask applied to both maps.")
+    angpix: float = option(-1.0, "--angpix", help="Pixel size; <= 0: the header's.", unit="Å")
+    output_prefix: str = option(
+        "fsc", "--o", help="Output prefix of the .star and .png (a file name, not a job)."
+    )
     thresholds: list[float] = field(default_factory=lambda: [0.5, 0.143])
-    device: str = "auto"
+    device: str = device_option()
 
 
 @dataclass
@@ -76,7 +79,7 @@ def run(params: FscParams) -> FscResult:
             n * px / shell if shell > 0 else 999.0,
             n * px / cross if cross > 0 else 999.0,
         )
-    out = Path(params.o)
+    out = Path(params.output_prefix)
     table = pd.DataFrame(
         {
             "rlnSpectralIndex": i,

@@ -19,6 +19,7 @@ from subtomo.errors import InputError
 from subtomo.io import write_mrc, write_star
 from subtomo.postprocess import LocalResOptions, LocalResResult, local_resolution
 from subtomo.project import run_job, write_job_report
+from subtomo.project.options import device_option, option, output_dir_option
 from subtomo.report import plot_central_slices, plot_histogram
 
 __all__ = ["LocalResParams", "run"]
@@ -28,24 +29,36 @@ log = logging.getLogger("subtomo")
 
 @dataclass
 class LocalResParams:
-    """Options of "Local resolution" (RELION flags, Å)."""
+    """Options of "Local resolution" (relion_postprocess --locres flags)."""
 
-    i: str | None = None  # --i half map 1
-    i2: str | None = None  # --i2
-    ios: str | None = None  # --ios
-    mask: str | None = None  # --mask (sample points whose window reaches into it)
-    angpix: float = -1.0  # --angpix
-    locres_sampling: float = 25.0  # --locres_sampling
-    locres_maskrad: float = -1.0  # --locres_maskrad (default 0.5 * sampling)
-    locres_edgwidth: float = -1.0  # --locres_edgwidth (default sampling)
-    locres_randomize_at: float = 25.0  # --locres_randomize_at
-    locres_minres: float = 50.0  # --locres_minres
-    adhoc_bfac: float = -100.0  # --adhoc_bfac for the filtered map (RELION GUI default)
-    batch_size: int = 32
-    random_seed: int = 0
-    o: str | None = None
+    i: str | None = option(None, "--i", help="Half map 1.")
+    i2: str | None = option(None, "--i2", help="Half map 2 (default: --i with half1 -> half2).")
+    ios: str | None = option(None, "--ios", help="Optimisation set with the half maps.")
+    mask: str | None = option(
+        None, "--mask", help="Mask: sample only where the windows reach into it."
+    )
+    angpix: float = option(-1.0, "--angpix", help="Pixel size; <= 0: the header's.", unit="Å")
+    locres_sampling: float = option(25.0, "--locres_sampling", help="Sampling distance.", unit="Å")
+    locres_maskrad: float = option(
+        -1.0, "--locres_maskrad", help="Window radius; <= 0: half the sampling.", unit="Å"
+    )
+    locres_edgwidth: float = option(
+        -1.0, "--locres_edgwidth", help="Window edge width; <= 0: the sampling.", unit="Å"
+    )
+    locres_randomize_at: float = option(
+        25.0, "--locres_randomize_at", help="Randomise phases beyond this resolution.", unit="Å"
+    )
+    locres_minres: float = option(
+        50.0, "--locres_minres", help="Lowest resolution reported.", unit="Å"
+    )
+    adhoc_bfac: float = option(
+        -100.0, "--adhoc_bfac", help="B-factor of the filtered map.", unit="Å²"
+    )
+    batch_size: int = option(32, "--batch", help="Windows per batch.")
+    random_seed: int = option(0, "--random_seed", help="Random seed.")
+    output_dir: str | None = output_dir_option()
     project_dir: str = "."
-    device: str = "auto"
+    device: str = device_option()
 
 
 def run(params: LocalResParams) -> LocalResResult:
@@ -68,7 +81,11 @@ def run(params: LocalResParams) -> LocalResResult:
     if maps.mask_path:
         inputs[str(maps.mask_path)] = "Mask3D.mrc"
     with run_job(
-        "LocalRes", params, output_dir=params.o, project_dir=params.project_dir, inputs=inputs
+        "LocalRes",
+        params,
+        output_dir=params.output_dir,
+        project_dir=params.project_dir,
+        inputs=inputs,
     ) as (job, outputs):
         res = local_resolution(maps.half1, maps.half2, maps.pixel_size, maps.mask, options)
         px = maps.pixel_size

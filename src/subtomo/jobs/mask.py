@@ -19,6 +19,7 @@ from subtomo.fourier import lowpass_map
 from subtomo.io import write_mrc
 from subtomo.masks import crown_mask, cylinder_mask, mask_from_map, suggest_threshold
 from subtomo.project import run_job, write_job_report
+from subtomo.project.options import device_option, option, output_dir_option
 from subtomo.report import plot_central_slices
 
 __all__ = ["MaskParams", "run"]
@@ -28,30 +29,38 @@ log = logging.getLogger("subtomo")
 
 @dataclass
 class MaskParams:
-    """Options of "Mask creation" (RELION flags; lengths in pixels unless marked Å)."""
+    """Options of "Mask creation" (relion_mask_create flags)."""
 
-    i: str | None = None  # --i input map
-    lowpass: float = -1.0  # --lowpass (Å; <= 0: none)
-    angpix: float = -1.0  # --angpix (<= 0: from the header)
-    ini_threshold: float = 0.01  # --ini_threshold
-    extend_inimask: float = 0.0  # --extend_inimask (negative shrinks)
-    width_soft_edge: float = 0.0  # --width_soft_edge
-    invert: bool = False  # --invert
-    and_map: str | None = None  # --and
-    or_map: str | None = None  # --or
-    and_not_map: str | None = None  # --and_not
-    or_not_map: str | None = None  # --or_not
-    denovo: bool = False  # --denovo
-    box_size: int = -1  # --box_size
-    inner_radius: float = 0.0  # --inner_radius
-    outer_radius: float = 99999.0  # --outer_radius
-    height: float = 0.0  # cylinder height along z (0: a sphere/shell)
-    center_x: float = 0.0  # --center_x
-    center_y: float = 0.0  # --center_y
-    center_z: float = 0.0  # --center_z
-    o: str | None = None  # output directory (default MaskCreate/jobNNN/)
+    i: str | None = option(None, "--i", help="Input map to threshold.")
+    lowpass: float = option(
+        -1.0, "--lowpass", help="Low-pass before thresholding; <= 0: none.", unit="Å"
+    )
+    angpix: float = option(-1.0, "--angpix", help="Pixel size; <= 0: the header's.", unit="Å")
+    ini_threshold: float = option(0.01, "--ini_threshold", help="Binarisation threshold.")
+    extend_inimask: float = option(
+        0.0, "--extend_inimask", "--extend", help="Extend; negative shrinks.", unit="px"
+    )
+    width_soft_edge: float = option(
+        0.0, "--width_soft_edge", "--soft-edge", help="Raised-cosine edge width.", unit="px"
+    )
+    invert: bool = option(False, "--invert", help="Invert the final mask.")
+    and_map: str | None = option(None, "--and", help="AND: both maps above the threshold.")
+    or_map: str | None = option(None, "--or", help="OR: either map above the threshold.")
+    and_not_map: str | None = option(None, "--and_not", help="Input above AND this map below.")
+    or_not_map: str | None = option(None, "--or_not", help="Input above OR this map below.")
+    denovo: bool = option(False, "--denovo", help="Make a sphere, shell or cylinder de novo.")
+    box_size: int = option(-1, "--box_size", help="De novo box.", unit="px")
+    inner_radius: float = option(0.0, "--inner_radius", help="De novo inner radius.", unit="px")
+    outer_radius: float = option(99999.0, "--outer_radius", help="De novo outer radius.", unit="px")
+    height: float = option(
+        0.0, "--height", help="Cylinder height along z; 0: a sphere or shell.", unit="px"
+    )
+    center_x: float = option(0.0, "--center_x", help="De novo centre x from N//2.", unit="px")
+    center_y: float = option(0.0, "--center_y", help="De novo centre y from N//2.", unit="px")
+    center_z: float = option(0.0, "--center_z", help="De novo centre z from N//2.", unit="px")
+    output_dir: str | None = output_dir_option()
     project_dir: str = "."
-    device: str = "auto"
+    device: str = device_option()
 
 
 def _denovo(p: MaskParams, device: torch.device) -> torch.Tensor:
@@ -148,7 +157,11 @@ def run(params: MaskParams) -> torch.Tensor:
         volume, px, other = _read_maps(params, given, device)
     inputs = {p: "DensityMap.mrc" for p in [params.i, *given.values()] if p}
     with run_job(
-        "MaskCreate", params, output_dir=params.o, project_dir=params.project_dir, inputs=inputs
+        "MaskCreate",
+        params,
+        output_dir=params.output_dir,
+        project_dir=params.project_dir,
+        inputs=inputs,
     ) as (job, outputs):
         if volume is None:
             mask = _denovo(params, device)

@@ -25,6 +25,7 @@ from subtomo.io import (
 )
 from subtomo.postprocess import PostprocessOptions, PostprocessResult, postprocess
 from subtomo.project import run_job, write_job_report
+from subtomo.project.options import device_option, option, output_dir_option
 from subtomo.report import plot_central_slices, plot_fsc, plot_guinier, write_html_report
 
 __all__ = ["PostprocessParams", "run"]
@@ -34,31 +35,57 @@ log = logging.getLogger("subtomo")
 
 @dataclass
 class PostprocessParams:
-    """Options of "Post-processing" (RELION program flags)."""
+    """Options of "Post-processing" (relion_postprocess flags)."""
 
-    i: str | None = None  # --i half map 1
-    i2: str | None = None  # --i2 (default: --i with half1 -> half2)
-    ios: str | None = None  # --ios optimisation set (half maps, mask)
-    mask: str | None = None  # --mask
-    angpix: float = -1.0  # --angpix (<= 0: from the header)
-    auto_bfac: bool = True  # --auto_bfac
-    autob_lowres: float = 10.0  # --autob_lowres
-    autob_highres: float = 0.0  # --autob_highres
-    adhoc_bfac: float = 0.0  # --adhoc_bfac
-    mtf: str | None = None  # --mtf
-    mtf_angpix: float = -1.0  # --mtf_angpix
-    skip_fsc_weighting: bool = False  # --skip_fsc_weighting
-    low_pass: float = -1.0  # --low_pass (0 off, negative: at the final resolution)
-    randomize_at_fsc: float = 0.8  # --randomize_at_fsc
-    randomize_at_angst: float = -1.0  # --randomize_at_A
-    force_mask: bool = False  # --force_mask
-    filter_edge_width: int = 2  # --filter_edge_width
-    interpolate: bool = False  # rlnFinalResolution at the interpolated 0.143 crossing
-    half_maps: bool = False  # --half_maps
-    random_seed: int = 0  # --random_seed
-    o: str | None = None  # --o output directory (default PostProcess/jobNNN/)
+    i: str | None = option(None, "--i", help="Half map 1.")
+    i2: str | None = option(None, "--i2", help="Half map 2 (default: --i with half1 -> half2).")
+    ios: str | None = option(None, "--ios", help="Optimisation set with the half maps (and mask).")
+    mask: str | None = option(None, "--mask", help="Solvent mask (values in [0, 1]).")
+    angpix: float = option(-1.0, "--angpix", help="Pixel size; <= 0: the header's.", unit="Å")
+    auto_bfac: bool | None = option(
+        None, "--auto_bfac/--no_auto_bfac", help="Guinier-fit B (default: unless --adhoc_bfac)."
+    )
+    autob_lowres: float = option(
+        10.0, "--autob_lowres", help="Guinier fit from this resolution.", unit="Å"
+    )
+    autob_highres: float = option(
+        0.0, "--autob_highres", help="Guinier fit up to this resolution; 0: Nyquist.", unit="Å"
+    )
+    adhoc_bfac: float = option(
+        0.0, "--adhoc_bfac", help="User B-factor; turns --auto_bfac off.", unit="Å²"
+    )
+    mtf: str | None = option(None, "--mtf", help="Detector MTF STAR file.")
+    mtf_angpix: float = option(
+        -1.0, "--mtf_angpix", help="Detector pixel size of the MTF.", unit="Å"
+    )
+    skip_fsc_weighting: bool = option(False, "--skip_fsc_weighting", help="No FSC weighting.")
+    low_pass: float = option(
+        -1.0, "--low_pass", help="Low-pass; 0: off; negative: at the final resolution.", unit="Å"
+    )
+    randomize_at_fsc: float = option(
+        0.8, "--randomize_at_fsc", help="Randomise phases from where the FSC falls below this."
+    )
+    randomize_at_angst: float = option(
+        -1.0, "--randomize_at_A", help="Randomise phases from this resolution (instead).", unit="Å"
+    )
+    force_mask: bool = option(
+        False, "--force_mask", help="Keep the masked FSC where the unmasked one goes further."
+    )
+    filter_edge_width: int = option(
+        2, "--filter_edge_width", help="Low-pass edge width.", unit="shells"
+    )
+    interpolate: bool = option(
+        False, "--interpolate", help="Report the interpolated 0.143 crossing."
+    )
+    half_maps: bool = option(False, "--half_maps", help="Also filter and write each half map.")
+    random_seed: int = option(0, "--random_seed", help="Random seed.")
+    output_dir: str | None = output_dir_option()
     project_dir: str = "."
-    device: str = "auto"
+    device: str = device_option()
+
+    def __post_init__(self) -> None:
+        if self.auto_bfac is None:  # not given: fit unless a B-factor is
+            self.auto_bfac = self.adhoc_bfac == 0
 
 
 def _star_tables(res: PostprocessResult, maps: HalfMaps, job_files: dict[str, str]) -> dict:
@@ -154,7 +181,11 @@ def run(params: PostprocessParams) -> PostprocessResult:
     if maps.mask_path:
         inputs[str(maps.mask_path)] = "Mask3D.mrc"
     with run_job(
-        "PostProcess", params, output_dir=params.o, project_dir=params.project_dir, inputs=inputs
+        "PostProcess",
+        params,
+        output_dir=params.output_dir,
+        project_dir=params.project_dir,
+        inputs=inputs,
     ) as (job, outputs):
         log.info(" + half maps: %s, %s (%.4g Å/px)", maps.path1, maps.path2, maps.pixel_size)
         try:

@@ -33,6 +33,7 @@ from subtomo.errors import InputError
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.io import read_mrc, write_mrc
 from subtomo.project import run_job, write_job_report
+from subtomo.project.options import ParticleInputs, device_option, option, output_dir_option
 from subtomo.reconstruct import FourierAccumulator, reconstruct
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
 from subtomo.reconstruct.particles import (
@@ -49,27 +50,25 @@ log = logging.getLogger("subtomo")
 
 
 @dataclass
-class ReconstructParams:
+class ReconstructParams(ParticleInputs):
     """Options of "Reconstruct particle" (RELION GUI field / program flag names)."""
 
-    ios: str | None = None  # --ios optimisation set
-    particles: str | None = None  # --p
-    tomograms: str | None = None  # --t
-    trajectories: str | None = None  # --mot
-    box: int = 0  # --b, binned pixels (0: the stacks' rlnImageSize)
-    crop: int = -1  # --crop
-    binning: float = 0.0  # --bin (0: the stacks' rlnTomoSubtomogramBinning, else 1)
-    sym: str = "C1"  # --sym
-    snr: float = -1.0  # --SNR; <= 0 uses RELION's heuristic
-    taper: float = 10.0  # --taper
-    no_ctf: bool = False  # --no_ctf
-    no_circle_crop: bool = False  # --no_circle_crop (pre-crop of tilt-series patches)
-    cutoff_fract: float = 0.01  # --cutoff_fract
-    source: str = "auto"  # auto | tilt_series | stacks
+    box: int = option(0, "--box", "--b", help="Box size (binned); 0: the stacks' size.", unit="px")
+    crop: int = option(-1, "--crop", help="Cropped box size (binned).", unit="px")
+    binning: float = option(0.0, "--bin", help="Binning factor; 0: the stacks' binning (else 1).")
+    sym: str = option("C1", "--sym", help="Point-group symmetry.")
+    snr: float = option(-1.0, "--SNR", help="Wiener SNR; <= 0: RELION's heuristic.")
+    taper: float = option(10.0, "--taper", help="Taper width.", unit="voxels")
+    no_ctf: bool = option(False, "--no_ctf", help="Do not apply the CTF.")
+    no_circle_crop: bool = option(
+        False, "--no_circle_crop", help="No circular pre-crop of tilt-series patches."
+    )
+    cutoff_fract: float = option(0.01, "--cutoff_fract", help="Dose cut-off fraction.")
+    source: str = option("auto", "--from", help="auto | tilt_series | stacks.")
     padding: float = 1.0  # Fourier oversampling (RELION's reconstruct_particle: none)
-    batch_size: int = 1024
-    device: str = "auto"
-    output_dir: str | None = None  # --o
+    batch_size: int = option(1024, "--batch", help="Tilt images per batch.")
+    device: str = device_option()
+    output_dir: str | None = output_dir_option()
     project_dir: str = "."
 
 

@@ -49,6 +49,13 @@ from subtomo.ml.starfiles import (
     write_sampling_star,
 )
 from subtomo.project import resolve_options, run_job, write_job_report
+from subtomo.project.options import (
+    continue_option,
+    option,
+    output_dir_option,
+    resumable,
+    resumable_defaults,
+)
 from subtomo.report.plots import plot_series
 
 __all__ = ["Refine3DParams", "run"]
@@ -60,38 +67,62 @@ log = logging.getLogger("subtomo")
 class Refine3DParams:
     """Options of "3D auto-refine" (RELION GUI fields / relion_refine flags)."""
 
-    ios: str | None = None  # --ios
-    particles: str | None = None  # --i
-    tomograms: str | None = None  # --t
-    ref: str | None = None  # --ref ("*half1*": each half its own reference)
-    ref_correct_greyscale: bool = False  # "Ref. map is on absolute greyscale?"
-    ini_high: float = 60.0  # --ini_high (Å); <= 0: no filter
-    solvent_mask: str | None = None  # --solvent_mask
-    solvent_correct_fsc: bool = False  # --solvent_correct_fsc
-    sym: str = "C1"  # --sym
-    particle_diameter: float = 0.0  # --particle_diameter (Å); 0: 0.9 of the box
-    zero_mask: bool = True  # --zero_mask
-    tau2_fudge: float = 1.0  # --tau2_fudge
-    healpix_order: int = 2  # --healpix_order ("Initial angular sampling")
-    offset_range: float = 5.0  # --offset_range (pixels)
-    offset_step: float = 1.0  # --offset_step (pixels)
-    auto_local_healpix_order: int = 4  # --auto_local_healpix_order
-    sigma_ang: float = -1.0  # --sigma_ang (deg; > 0: local searches from the start)
-    oversampling: int = 1  # --oversampling
-    sigma_tilt: float = -1.0  # --sigma_tilt (deg; <= 0 off)
-    sigma_psi: float = -1.0  # --sigma_psi
-    auto_ignore_angles: bool = False  # --auto_ignore_angles
-    auto_resol_angles: bool = False  # --auto_resol_angles
-    low_resol_join_halves: float = 40.0  # --low_resol_join_halves (Å)
-    strict_highres_exp: float = -1.0  # --strict_highres_exp (Å)
-    incr_size: int = 10  # --incr_size
-    max_iter: int | None = None  # cap on iterations before the final one (None: 50 / stored)
-    pad: float = 2.0  # --pad
-    random_seed: int = 0  # --random_seed
-    memory_gb: float | None = None  # batch size from this budget (None: 2 GB / stored)
-    device: str = "auto"
-    continue_from: str | None = None  # --continue <job directory | run_itNNN_optimiser.star>
-    output_dir: str | None = None  # --o
+    ios: str | None = option(None, "--ios", help="Input optimisation set.")
+    particles: str | None = option(None, "--particles", "--i", help="particles.star (2D stacks).")
+    tomograms: str | None = option(None, "--tomograms", "--t", help="tomograms.star.")
+    ref: str | None = option(
+        None, "--ref", help="Reference map (*half1*: its *half2* is the second half's)."
+    )
+    ref_correct_greyscale: bool = option(
+        False, "--ref_correct_greyscale", help="Reference map is on absolute greyscale."
+    )
+    ini_high: float = option(
+        60.0, "--ini_high", help="Initial low-pass filter; <= 0: none.", unit="Å"
+    )
+    solvent_mask: str | None = option(None, "--solvent_mask", help="Reference mask (MRC).")
+    solvent_correct_fsc: bool = option(
+        False, "--solvent_correct_fsc", help="Use solvent-flattened FSCs."
+    )
+    sym: str = option("C1", "--sym", help="Symmetry (C, D, T, O, I).")
+    particle_diameter: float = option(
+        0.0, "--particle_diameter", help="Mask diameter; 0: 0.9 of the box.", unit="Å"
+    )
+    zero_mask: bool = option(True, "--zero_mask/--no_zero_mask", help="Mask with zeros.")
+    tau2_fudge: float = option(1.0, "--tau2_fudge", help="Regularisation parameter T.")
+    healpix_order: int = option(2, "--healpix_order", help="Initial HEALPix order.")
+    offset_range: float = option(5.0, "--offset_range", help="Initial offset range.", unit="px")
+    offset_step: float = option(1.0, "--offset_step", help="Initial offset step.", unit="px")
+    auto_local_healpix_order: int = option(
+        4, "--auto_local_healpix_order", help="Local searches from this HEALPix order."
+    )
+    sigma_ang: float = option(
+        -1.0, "--sigma_ang", help="> 0: local searches from the start, this wide.", unit="deg"
+    )
+    oversampling: int = option(1, "--oversampling", help="Adaptive oversampling order.")
+    sigma_tilt: float = option(
+        -1.0, "--sigma_tilt", help="Tilt prior width; <= 0: off.", unit="deg"
+    )
+    sigma_psi: float = option(-1.0, "--sigma_psi", help="Psi prior width; <= 0: off.", unit="deg")
+    auto_ignore_angles: bool = option(
+        False, "--auto_ignore_angles", help="Finer sampling and convergence without stable angles."
+    )
+    auto_resol_angles: bool = option(
+        False, "--auto_resol_angles", help="Finer sampling as soon as the resolution needs it."
+    )
+    low_resol_join_halves: float = option(
+        40.0, "--low_resol_join_halves", help="Join the halves below this resolution.", unit="Å"
+    )
+    strict_highres_exp: float = option(
+        -1.0, "--strict_highres_exp", help="Limit the E-step resolution; <= 0: none.", unit="Å"
+    )
+    incr_size: int = 10  # --incr_size (not on the command line)
+    max_iter: int | None = resumable(50, "--iter", help="Iterations at most before the final one")
+    pad: float = option(2.0, "--pad", help="Padding factor.")
+    random_seed: int = option(0, "--random_seed", help="Random seed.")
+    memory_gb: float | None = resumable(2.0, "--memory-gb", help="Memory budget", unit="GB")
+    device: str | None = resumable("auto", "--device", help="auto | cpu | cuda[:N]")
+    continue_from: str | None = continue_option()
+    output_dir: str | None = output_dir_option()
     project_dir: str = "."
 
 
@@ -170,8 +201,8 @@ def _diameter(params: Refine3DParams, box: int, pixel: float) -> float:
 
 
 #: Options a ``--continue`` may change (when given); all others come from the checkpoint.
-_CONTINUE_OVERRIDES = ("max_iter", "memory_gb", "device", "output_dir", "continue_from")
-_DEFAULTS = {"max_iter": 50, "memory_gb": 2.0}
+_DEFAULTS = resumable_defaults(Refine3DParams)
+_CONTINUE_OVERRIDES = (*_DEFAULTS, "output_dir", "continue_from")
 
 
 def run(params: Refine3DParams) -> dict[str, str]:

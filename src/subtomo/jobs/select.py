@@ -13,26 +13,49 @@ from subtomo.data import ParticleSet, TomogramSet, require_particles
 from subtomo.errors import InputError
 from subtomo.io import numeric_column
 from subtomo.project import run_job, write_job_report
+from subtomo.project.options import option, output_dir_option
 from subtomo.subsets import duplicate_keep_mask, random_half_sets
 
 log = logging.getLogger("subtomo")
 
-__all__ = ["SelectParams", "run"]
+__all__ = ["SelectParams", "class_numbers", "run"]
+
+
+def class_numbers(text: str) -> tuple[int, ...]:
+    """``"1,3"`` -> ``(1, 3)``; ``ValueError`` unless every entry is a class number >= 1."""
+    entries = [c for c in text.replace(" ", "").split(",") if c]
+    if not all(c.isdigit() and int(c) >= 1 for c in entries):
+        raise ValueError(f"expected class numbers >= 1 like 1,3, found {text!r}")
+    return tuple(int(c) for c in entries)
 
 
 @dataclasses.dataclass
 class SelectParams:
-    """Parameters, named after RELION's Subset selection fields."""
+    """Options of "Subset selection" (named after RELION's fields)."""
 
-    input: Path  # a particles/_data.star, or an _optimiser.star of any iteration
-    classes: tuple[int, ...] = ()  # keep these rlnClassNumber values (empty: all)
-    min_pmax: float | None = None  # keep rlnMaxValueProbDistribution >= this
-    min_loglike: float | None = None  # keep rlnLogLikeliContribution >= this
-    remove_duplicates_angst: float | None = None  # minimum inter-particle distance, Å
-    tomograms: Path | None = None  # only needed for legacy pixel coordinates
-    random_halves: bool = False  # (re)assign rlnRandomSubset at random
-    seed: int = 0
-    output_dir: Path | None = None
+    input: Path = option(
+        ..., "--i", help="particles.star, a _data.star or an _optimiser.star of any iteration."
+    )
+    classes: tuple[int, ...] = option(
+        (), "--classes", help="Class numbers to keep, e.g. 1,3 (default: all).", parse=class_numbers
+    )
+    min_pmax: float | None = option(
+        None, "--min-pmax", help="Keep rlnMaxValueProbDistribution >= this."
+    )
+    min_loglike: float | None = option(
+        None, "--min-loglike", help="Keep rlnLogLikeliContribution >= this."
+    )
+    remove_duplicates_angst: float | None = option(
+        None, "--remove-duplicates", help="Remove particles closer than this distance.", unit="Å"
+    )
+    tomograms: Path | None = option(
+        None, "--tomograms", help="tomograms.star (for legacy pixel coordinates)."
+    )
+    random_halves: bool = option(
+        False, "--random-halves", help="Reassign rlnRandomSubset at random."
+    )
+    seed: int = option(0, "--seed", help="Random seed of --random-halves.")
+    output_dir: Path | None = output_dir_option()
     project_dir: Path = Path(".")
 
 
@@ -61,7 +84,7 @@ def _keep(params: SelectParams, particles: ParticleSet) -> np.ndarray:
                 block="particles",
                 column="rlnClassNumber",
             )
-    for option, column, minimum in (
+    for flag, column, minimum in (
         ("--min-pmax", "rlnMaxValueProbDistribution", params.min_pmax),
         ("--min-loglike", "rlnLogLikeliContribution", params.min_loglike),
     ):
@@ -72,7 +95,7 @@ def _keep(params: SelectParams, particles: ParticleSet) -> np.ndarray:
         )
         if not keep.any():
             raise InputError(
-                f"no particle left at {option} {minimum:g}",
+                f"no particle left at {flag} {minimum:g}",
                 file=particles.source,
                 block="particles",
                 column=column,

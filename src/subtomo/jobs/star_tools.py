@@ -1,9 +1,15 @@
 """Particle and tomogram set edits behind ``subtomo star`` (like ``relion_star_handler``).
 
-Each tool reads RELION 5 files, returns a new set and never modifies its input.
+Each tool reads RELION 5 files, returns a new set and never modifies its input. Each
+command's options are a dataclass (:class:`RecentreParams`, ...) and its ``*_files`` function
+reads the input files, runs the tool and writes the result.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,14 +18,26 @@ import torch
 from subtomo.data import ParticleSet, TomogramSet
 from subtomo.errors import InputError
 from subtomo.geometry import matrix_to_euler
+from subtomo.io import read_star
+from subtomo.project.options import argument, option
 from subtomo.subsets import recentred_origins
 
 __all__ = [
+    "ApplyOrientationsParams",
+    "CombineParams",
+    "ConvertParams",
+    "PrintParams",
+    "RecentreParams",
     "apply_orientations",
+    "apply_orientations_files",
+    "combine_files",
     "combine_particles",
     "combine_tomograms",
+    "convert_files",
     "convert_to_centred",
+    "print_table",
     "recentre",
+    "recentre_files",
 ]
 
 _ORIGINS = [f"rlnOrigin{a}Angst" for a in "XYZ"]
@@ -129,3 +147,115 @@ def combine_tomograms(sets: list[TomogramSet]) -> TomogramSet:
     tables = [s.global_table for s in sets]
     tilts = {series.name: series.tilts for s in sets for series in s}
     return TomogramSet.from_tables(pd.concat(tables, ignore_index=True), tilts)
+
+
+def _input(help: str = "Input particles.star.") -> Any:
+    return option(..., "--i", help=help)
+
+
+def _output(help: str = "Output particles.star.") -> Any:
+    return option(..., "--o", help=help)
+
+
+def _legacy_tomograms() -> Any:
+    return option(None, "--tomograms", help="tomograms.star (for legacy pixel coordinates).")
+
+
+@dataclass
+class RecentreParams:
+    """Options of ``subtomo star recentre``."""
+
+    input: Path = _input()
+    output_file: Path = _output()
+    center_x: float = option(0.0, "--center-x", help="X in the reference box.", unit="px")
+    center_y: float = option(0.0, "--center-y", help="Y in the reference box.", unit="px")
+    center_z: float = option(0.0, "--center-z", help="Z in the reference box.", unit="px")
+
+
+def recentre_files(params: RecentreParams) -> ParticleSet:
+    """:func:`recentre` from and to files; returns the written set."""
+    point = (params.center_x, params.center_y, params.center_z)
+    out = recentre(ParticleSet.read(params.input), point)
+    out.write(params.output_file)
+    return out
+
+
+@dataclass
+class ApplyOrientationsParams:
+    """Options of ``subtomo star apply-orientations``."""
+
+    input: Path = _input()
+    output_file: Path = _output()
+    tomograms: Path | None = _legacy_tomograms()
+
+
+def apply_orientations_files(params: ApplyOrientationsParams) -> ParticleSet:
+    """:func:`apply_orientations` from and to files; returns the written set."""
+    tomograms = TomogramSet.read(params.tomograms) if params.tomograms else None
+    out = apply_orientations(ParticleSet.read(params.input, tomograms), tomograms)
+    out.write(params.output_file)
+    return out
+
+
+@dataclass
+class ConvertParams:
+    """Options of ``subtomo star convert``."""
+
+    input: Path = _input("RELION-4/Warp particles.star (pixel coordinates).")
+    tomograms: Path = option(..., "--tomograms", help="tomograms.star.")
+    output_file: Path = _output("Output RELION 5 particles.star.")
+
+
+def convert_files(params: ConvertParams) -> ParticleSet:
+    """:func:`convert_to_centred` from and to files; returns the written set."""
+    tomograms = TomogramSet.read(params.tomograms)
+    out = convert_to_centred(ParticleSet.read(params.input, tomograms), tomograms)
+    out.write(params.output_file)
+    return out
+
+
+@dataclass
+class CombineParams:
+    """Options of ``subtomo star combine``."""
+
+    inputs: tuple[Path, ...] = argument(help="particles.star or tomograms.star files.")
+    output_file: Path = _output("Output file.")
+    tomograms: bool = option(False, "--tomograms", help="The inputs are tomograms.star.")
+
+
+def combine_files(params: CombineParams) -> ParticleSet | TomogramSet:
+    """:func:`combine_particles` (or :func:`combine_tomograms`) from and to files; returns
+    the written set."""
+    if params.tomograms:
+        out: ParticleSet | TomogramSet = combine_tomograms(
+            [TomogramSet.read(p) for p in params.inputs]
+        )
+    else:
+        out = combine_particles([ParticleSet.read(p) for p in params.inputs])
+    out.write(params.output_file)
+    return out
+
+
+@dataclass
+class PrintParams:
+    """Options of ``subtomo star print``."""
+
+    file: Path = argument(help="STAR file.")
+    block: str = argument(help="Block name without data_, e.g. particles.")
+    columns: tuple[str, ...] = argument((), help="Columns (default: all).")
+
+
+def print_table(params: PrintParams) -> pd.DataFrame | dict[str, Any]:
+    """The block (a key-value block as a dict) or its ``columns``, checked to exist."""
+    blocks = read_star(params.file)
+    if params.block not in blocks:
+        raise InputError(
+            f"no block data_{params.block} (has: {', '.join(blocks)})", file=params.file
+        )
+    data = blocks[params.block]
+    if isinstance(data, dict):
+        return data
+    for column in params.columns:
+        if column not in data.columns:
+            raise InputError("no such column", file=params.file, block=params.block, column=column)
+    return data[list(params.columns)] if params.columns else data

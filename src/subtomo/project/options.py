@@ -1,0 +1,158 @@
+"""A job's options, declared once: each field of its parameter dataclass carries its flags,
+help text, unit and default.
+
+A job module writes::
+
+    @dataclass
+    class MaskParams:
+        lowpass: float = option(-1.0, "--lowpass", help="Low-pass; <= 0: none.", unit="Å")
+        output_dir: str | None = output_dir_option()
+
+and ``subtomo.cli`` turns the dataclass into a command (:func:`subtomo.cli.build.job_command`):
+one option per field declared here, named by its flags, shown with its help, unit and default,
+the values passed to the dataclass by field name. Fields declared without :func:`option`
+(e.g. ``project_dir``) are Python-only. The Python API is the plain dataclass:
+``MaskParams(lowpass=20)``.
+
+Flags: RELION's spelling first (``--ini_threshold``), then other spellings (``--extend`` for
+``--extend_inimask``); the command line takes ``-`` and ``_`` in option names alike
+(``--ini-threshold``), so hyphenated forms need not be declared. A boolean may name both
+forms, ``"--zero_mask/--no_zero_mask"``.
+
+An option left out on the command line is not passed, so the field's default applies; a
+default of ``None`` therefore means "not given" and lets the job decide. An option a
+``--continue`` may change is declared with :func:`resumable`: left out, it keeps the stored
+value on a continue and takes its default on a new run (:func:`resumable_defaults`, used with
+``subtomo.project.resolve_options``). This module imports neither typer nor torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "OPTION",
+    "RESUMABLE",
+    "Option",
+    "ParticleInputs",
+    "argument",
+    "continue_option",
+    "device_option",
+    "option",
+    "options_of",
+    "output_dir_option",
+    "resumable",
+    "resumable_defaults",
+]
+
+#: Key of a field's metadata that holds its :class:`Option`.
+OPTION = "subtomo.option"
+#: Key of a field's metadata that holds the default of a :func:`resumable` option.
+RESUMABLE = "subtomo.resumable"
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one field appears on the command line.
+
+    ``flags``: the spellings (``("--particles", "--p")``; ``"--on/--off"`` for a boolean
+    with a negative form), empty for a positional argument. ``unit``: shown with
+    the value's type (``<float Å>``). ``parse``: turns the command-line text into the field's
+    value (a ``ValueError`` is a usage error naming the option); without it, the field's type
+    does.
+    """
+
+    flags: tuple[str, ...]
+    help: str
+    unit: str | None = None
+    parse: Callable[[str], Any] | None = None
+
+    @property
+    def is_argument(self) -> bool:
+        return not self.flags
+
+
+def _field(default: Any, meta: Option, **metadata: Any) -> Any:
+    metadata = {OPTION: meta, **metadata}
+    if default is ...:  # required
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def option(
+    default: Any,
+    *flags: str,
+    help: str,
+    unit: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+) -> Any:
+    """A dataclass field that is a command-line option (``default=...``: required)."""
+    if not flags:
+        raise ValueError("an option needs at least one flag")
+    return _field(default, Option(flags, help, unit, parse))
+
+
+def argument(default: Any = ..., *, help: str, parse: Callable[[str], Any] | None = None) -> Any:
+    """A dataclass field that is a positional command-line argument (``...``: required)."""
+    return _field(default, Option((), help, None, parse))
+
+
+def resumable(default: Any, *flags: str, help: str, unit: str | None = None) -> Any:
+    """An option a ``--continue`` may change: ``None`` until resolved, then the given value,
+    else the stored one on a continue, else ``default``."""
+    text = f"{help} (default {default}; on --continue the stored value)."
+    return _field(None, Option(flags, text, unit), **{RESUMABLE: default})
+
+
+def resumable_defaults(params_type: type) -> dict[str, Any]:
+    """``{field: default}`` of the :func:`resumable` options of a parameter dataclass."""
+    return {
+        f.name: f.metadata[RESUMABLE]
+        for f in dataclasses.fields(params_type)
+        if RESUMABLE in f.metadata
+    }
+
+
+def output_dir_option(
+    help: str = "Output directory (default: the next <JobType>/jobNNN/ of the project).",
+    *aliases: str,
+) -> Any:
+    """``output_dir`` of every job: ``--o`` (and ``aliases``), ``None`` = the job decides."""
+    return option(None, "--o", *aliases, help=help)
+
+
+def device_option() -> Any:
+    """``device`` of every job that computes: ``--device``."""
+    return option("auto", "--device", help="auto | cpu | cuda[:N].")
+
+
+def continue_option() -> Any:
+    """``continue_from`` of an iterative job: ``--continue``."""
+    return option(
+        None, "--continue",
+        help="Resume a job: its directory or a run_itNNN_optimiser.star; options left out "
+        "keep the values it ran with.",
+    )  # fmt: skip
+
+
+@dataclass
+class ParticleInputs:
+    """The particles a job reads: an optimisation set (``--ios``) or the files it names.
+
+    A job's parameter dataclass inherits these as its first options (``class
+    ExtractParams(ParticleInputs)``)."""
+
+    ios: str | None = option(None, "--ios", help="Input optimisation set.")
+    particles: str | None = option(None, "--particles", "--p", help="particles.star.")
+    tomograms: str | None = option(None, "--tomograms", "--t", help="tomograms.star.")
+    trajectories: str | None = option(None, "--trajectories", "--mot", help="motion.star.")
+
+
+def options_of(params_type: type) -> Iterator[tuple[dataclasses.Field, Option]]:
+    """The command-line fields of a parameter dataclass, in declaration order."""
+    for f in dataclasses.fields(params_type):
+        if OPTION in f.metadata:
+            yield f, f.metadata[OPTION]
