@@ -1,10 +1,11 @@
 """CTF and dose weighting in RELION's conventions, on 2D rfft grids (unshifted layout)."""
 
-from subtomo.ctf.ctf import ctf_2d, electron_wavelength_angstrom, particle_defocus
+from subtomo.ctf.ctf import ctf_2d, ctf_phase, electron_wavelength_angstrom, particle_defocus
 from subtomo.ctf.dose import dose_cutoff_mask, dose_weights
 
 __all__ = [
     "ctf_2d",
+    "ctf_phase",
     "dose_cutoff_mask",
     "dose_weights",
     "electron_wavelength_angstrom",

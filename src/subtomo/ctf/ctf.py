@@ -22,7 +22,7 @@ import torch
 
 from subtomo.ctf._params import Param, as_float64, frequency_grid_2d, resolve_device
 
-__all__ = ["ctf_2d", "electron_wavelength_angstrom", "particle_defocus"]
+__all__ = ["ctf_2d", "ctf_phase", "electron_wavelength_angstrom", "particle_defocus"]
 
 
 def electron_wavelength_angstrom(voltage_kv: Param) -> torch.Tensor:
@@ -75,23 +75,59 @@ def ctf_2d(
     dev = resolve_device(*params, device=device)
     u, v, alpha, kv, cs, q0, px, phi, b, s = as_float64(*params, device=dev)  # (..., 1, 1)
     kx, ky = frequency_grid_2d(image_size, dev)  # cycles/pixel, (h, w')
-    theta = torch.atan2(ky, kx)
+    gamma = ctf_phase(kx / px, ky / px, u, v, alpha, kv, cs, q0, phase_shift_deg=phi)
     k2 = (kx**2 + ky**2) / px**2  # (..., h, w') in 1/Å²
-    lam = electron_wavelength_angstrom(kv)
-    defocus = 0.5 * (u + v) + 0.5 * (u - v) * torch.cos(2.0 * (theta - torch.deg2rad(alpha)))
-    amplitude_phase = torch.atan(q0 / torch.sqrt(1.0 - q0**2))
-    gamma = (
-        -math.pi * lam * defocus * k2
-        + 0.5 * math.pi * (cs * 1e7) * lam**3 * k2**2
-        - torch.deg2rad(phi)
-        - amplitude_phase
-    )
     ctf = -torch.sin(gamma)
     if ignore_until_first_peak:
         ctf = torch.where(gamma.abs() < 0.5 * math.pi, torch.ones_like(ctf), ctf)
     ctf = ctf * torch.exp(-0.25 * b * k2) * s
     ctf = torch.where(ctf.abs() < 1e-8, torch.full_like(ctf, 1e-8), ctf)
     return ctf.to(torch.float32)
+
+
+def ctf_phase(
+    kx: torch.Tensor,
+    ky: torch.Tensor,
+    defocus_u_angst: Param,
+    defocus_v_angst: Param,
+    defocus_angle_deg: Param,
+    voltage_kv: Param,
+    cs_mm: Param,
+    amplitude_contrast: Param,
+    *,
+    phase_shift_deg: Param = 0.0,
+) -> torch.Tensor:
+    """RELION's CTF phase γ (radians, float64) at frequencies ``(kx, ky)`` in cycles/Å.
+
+    ``γ = -π λ Δf(θ) |k|² + (π/2) Cs λ³ |k|⁴ - φ - atan(Q0/√(1-Q0²))`` with
+    ``Δf(θ) = U cos²(θ-α) + V sin²(θ-α)`` (§1.5); ``CTF = -sin γ``. Frequencies and
+    parameters broadcast against each other (any layout: a grid, a list of pixels, a batch
+    of candidate defoci against shared frequencies); units as in :func:`ctf_2d`.
+    """
+    kx, ky = torch.as_tensor(kx, dtype=torch.float64), torch.as_tensor(ky, dtype=torch.float64)
+    u, v, alpha, kv, cs, q0, phi = (
+        torch.as_tensor(p, dtype=torch.float64, device=kx.device)
+        for p in (
+            defocus_u_angst,
+            defocus_v_angst,
+            defocus_angle_deg,
+            voltage_kv,
+            cs_mm,
+            amplitude_contrast,
+            phase_shift_deg,
+        )
+    )
+    theta = torch.atan2(ky, kx)
+    k2 = kx**2 + ky**2
+    lam = electron_wavelength_angstrom(kv)
+    defocus = 0.5 * (u + v) + 0.5 * (u - v) * torch.cos(2.0 * (theta - torch.deg2rad(alpha)))
+    amplitude_phase = torch.atan(q0 / torch.sqrt(1.0 - q0**2))
+    return (
+        -math.pi * lam * defocus * k2
+        + 0.5 * math.pi * (cs * 1e7) * lam**3 * k2**2
+        - torch.deg2rad(phi)
+        - amplitude_phase
+    )
 
 
 def particle_defocus(
