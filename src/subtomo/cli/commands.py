@@ -98,6 +98,14 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "List jobs of the project (default_pipeline.star) with status and input jobs; a job "
         'whose process is gone without an exit marker shows as "Failed (killed?)".',
     ),
+    "import": JobCommand(
+        "subtomo.jobs.importtomo", "ImportTomoParams",
+        "Import tilt series: movies or tilt images + mdoc -> RELION 5 tilt-series tables.",
+    ),
+    "motioncorr": JobCommand(
+        "subtomo.jobs.motioncorr", "MotionCorrParams",
+        "Motion correction: align and sum each tilt movie (gain, binning, even/odd sums).",
+    ),
     "select": JobCommand(
         "subtomo.jobs.select", "SelectParams",
         "Subset selection: keep classes, threshold Pmax/log-likelihood, remove duplicates.",

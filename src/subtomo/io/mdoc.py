@@ -23,7 +23,17 @@ from subtomo.io.files import read_utf8, require_file
 
 __all__ = ["MdocTiltSeries", "read_mdoc", "write_mdoc"]
 
-_DATE_FORMATS = ("%d-%b-%y  %H:%M:%S", "%d-%b-%Y  %H:%M:%S", "%d-%b-%y %H:%M:%S")
+#: SerialEM's DateTime forms, then Tomo5's (ISO-like, 4-digit years).
+_DATE_FORMATS = (
+    "%d-%b-%y  %H:%M:%S",
+    "%d-%b-%Y  %H:%M:%S",
+    "%d-%b-%y %H:%M:%S",
+    "%d-%b-%Y %H:%M:%S",
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%b-%d %H:%M:%S",
+    "%d.%m.%Y %H:%M:%S",
+)
 
 
 @dataclass(frozen=True)
@@ -166,13 +176,15 @@ def write_mdoc(
     image_file: str | None = None,
     image_size: tuple[int, int] | None = None,
     tilt_axis_angle_deg: float | None = None,
+    frames_per_tilt: int | None = None,
 ) -> None:
     """Write a SerialEM-style tilt-series mdoc, one ``[ZValue = i]`` per tilt, atomically.
 
     The arrays are in acquisition order (image i of the stack = i-th exposure).
     ``exposure_dose`` is e/Å² per tilt (one value for all, or one per tilt). ``defocus_um``
     uses SerialEM's sign (negative = underfocus). ``tilt_axis_angle_deg`` is written in the
-    title line as SerialEM does ("Tilt axis angle = ...") and as RotationAngle.
+    title line as SerialEM does ("Tilt axis angle = ...") and as RotationAngle;
+    ``frames_per_tilt`` as NumSubFrames (the movies named by ``sub_frame_paths``).
     """
     angles = np.asarray(tilt_angles_deg, dtype=np.float64)
     n = len(angles)
@@ -206,6 +218,8 @@ def write_mdoc(
             lines.append(f"RotationAngle = {tilt_axis_angle_deg:g}")
         if sub_frame_paths is not None:
             lines.append(f"SubFramePath = {sub_frame_paths[i]}")
+        if frames_per_tilt is not None:
+            lines.append(f"NumSubFrames = {frames_per_tilt}")
         if date_times is not None:
             lines.append(f"DateTime = {date_times[i].strftime(_DATE_FORMATS[0])}")
         lines.append("")

@@ -8,9 +8,16 @@ to it)::
     tilt_series/<tomo>.star                            per-tilt table (data_<tomo>), angle order
     tomograms.star                                     data_global
     <tomo>.mdoc                                        SerialEM-style, acquisition order
+    frames/<tomo>_<k:03d>_<angle:.1f>.mrc|tif          with --movie-frames: one movie per tilt
+    gain.mrc, motion_truth.star [, motion_truth_local.npz]   the movies' gain and true motion
     particles.star, particles_picked.star              true and perturbed poses (+ optics)
     truth.mrc [, truth_<species>.mrc]                  maps as used, tilt-series pixel size
     simulation.json                                    every parameter, the seed, the species
+
+With ``--movie-frames N`` each tilt image (normalised) is also the specimen of a counting
+movie of N frames (:mod:`subtomo.simulate.movies`): drift, optional local deformation, a
+gain pattern and Poisson noise at the tilt's dose; the mdoc then lists the movies
+(SubFramePath, NumSubFrames, DateTime in acquisition order), ready for ``subtomo import``.
 
 This is the start of a project (like data from the microscope), not a job of one, so no job
 directory or pipeline entry is written.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 from collections.abc import Callable
@@ -28,14 +36,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from subtomo import __version__
 from subtomo.data import ParticleSet, TomogramSet, read_mtf
 from subtomo.errors import InputError
-from subtomo.io import read_mrc, write_mrc
+from subtomo.io import read_mrc, write_mrc, write_star
 from subtomo.io.mdoc import write_mdoc
+from subtomo.io.movies import unorient_gain, write_movie
 from subtomo.project.options import option
 from subtomo.simulate import SimulationParams, Species, simulate
+from subtomo.simulate.movies import (
+    MovieOptions,
+    drift_trajectory,
+    gain_pattern,
+    local_deformation,
+    simulate_movie,
+)
 
 __all__ = ["SimulateJob", "SimulateParams", "parse_tomogram_size", "run"]
 
@@ -44,10 +61,12 @@ log = logging.getLogger("subtomo")
 
 @dataclass
 class SimulateJob:
-    """The output directory (project directory) and the simulation parameters."""
+    """The output directory (project directory), the simulation parameters and the movies'
+    (``None``: no movies)."""
 
     out: Path
     simulation: SimulationParams = field(default_factory=SimulationParams)
+    movies: MovieOptions | None = None
 
 
 def parse_tomogram_size(text: str) -> tuple[int, int, int]:
@@ -113,18 +132,42 @@ class SimulateParams:
     seed: int | None = _preset("--seed", help="Random seed")
     batch_size: int | None = _preset("--batch", help="Patches rendered at once")
     device: str | None = _preset("--device", help="auto | cpu | cuda[:N]")
+    movie_frames: int = option(0, "--movie-frames", help="Frames of a movie per tilt; 0: none.")
+    movie_drift: float = option(4.0, "--movie-drift", help="Drift per movie", unit="px")
+    movie_local: float = option(
+        0.0, "--movie-local", help="Local deformation at the last frame", unit="px"
+    )
+    movie_gain: float = option(0.1, "--movie-gain", help="Relative spread of the gain pattern.")
+    movie_gain_rot: int = option(
+        0, "--movie-gain-rot", help="Write the gain so that --gain_rot N restores it."
+    )
+    movie_gain_flip: int = option(
+        0, "--movie-gain-flip", help="Write the gain so that --gain_flip N restores it."
+    )
+    movie_contrast: float = option(
+        0.1, "--movie-contrast", help="Contrast of the specimen in the frames."
+    )
+    movie_format: str = option("mrc", "--movie-format", help="mrc | tiff")
 
     def job(self) -> SimulateJob:
         """The preset with the options given."""
         changes = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("output_dir", "preset")
+            if f.name not in ("output_dir", "preset") and not f.name.startswith("movie_")
         }
         if self.maps and self.species_fraction is None:
             changes["species_fraction"] = ()  # own maps: equal shares, not the preset's
         simulation = SimulationParams.from_preset(self.preset, **changes)
-        return SimulateJob(out=Path(self.output_dir), simulation=simulation)
+        movies = None
+        if self.movie_frames > 0:
+            movies = MovieOptions(
+                n_frames=self.movie_frames, drift_px=self.movie_drift,
+                local_px=self.movie_local, gain_spread=self.movie_gain,
+                gain_rotation=self.movie_gain_rot, gain_flip=self.movie_gain_flip,
+                contrast=self.movie_contrast, file_format=self.movie_format,
+            )  # fmt: skip
+        return SimulateJob(out=Path(self.output_dir), simulation=simulation, movies=movies)
 
 
 def _species_name(path: Path) -> str:
@@ -150,6 +193,56 @@ def read_species(paths: tuple[str, ...]) -> list[Species]:
     return species
 
 
+def _write_movies(
+    options: MovieOptions, name: str, images, angles: np.ndarray, order: np.ndarray,
+    pixel_size: float, dose: float, sensitivity: np.ndarray, rng: np.random.Generator,
+    truth: dict[str, list],
+) -> list[str]:  # fmt: skip
+    """One movie per tilt image (table row order) under ``frames/``; the true motion of
+    each into ``truth`` (``{movie: [shifts (t, 2), deformation or None]}``); returns the
+    movie file names."""
+    suffix = ".tif" if options.file_format == "tiff" else ".mrc"
+    names = []
+    for k, angle, image in zip(order, angles, images, strict=True):
+        file = f"frames/{name}_{k + 1:03d}_{angle:.1f}{suffix}"
+        specimen = image.cpu().double()
+        specimen = ((specimen - specimen.mean()) / specimen.std().clamp_min(1e-12)).float()
+        shifts = drift_trajectory(options.n_frames, options.drift_px, rng)
+        local = (
+            local_deformation(options.n_frames, options.local_px, rng)
+            if options.local_px > 0
+            else None
+        )
+        movie = simulate_movie(
+            specimen, pixel_size=pixel_size, dose=dose, n_frames=options.n_frames,
+            shifts=shifts, contrast=options.contrast, sensitivity=sensitivity,
+            deformation=local, rng=rng,
+        )  # fmt: skip
+        write_movie(file, movie.frames.numpy(), pixel_size)
+        truth[file] = [shifts, local]
+        names.append(Path(file).name)
+    return names
+
+
+def _write_motion_truth(truth: dict[str, list]) -> None:
+    """``motion_truth.star`` (true whole-frame shifts, RELION's motion columns, movie px) and
+    ``motion_truth_local.npz`` (``{movie: (t, 2, gh, gw)}`` xy px) when there is any."""
+    rows = [
+        {
+            "rlnMicrographMovieName": movie,
+            "rlnMicrographFrameNumber": i + 1,
+            "rlnMicrographShiftX": float(s[0]),
+            "rlnMicrographShiftY": float(s[1]),
+        }
+        for movie, (shifts, _) in truth.items()
+        for i, s in enumerate(shifts)
+    ]
+    write_star("motion_truth.star", {"motion_truth": pd.DataFrame(rows)})
+    local = {movie: field for movie, (_, field) in truth.items() if field is not None}
+    if local:
+        np.savez("motion_truth_local.npz", **local)
+
+
 def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
     """Simulate and write everything; returns ``{path relative to out: RELION node type}``."""
     if isinstance(job, SimulateParams):
@@ -163,7 +256,15 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
     px = params.pixel_size
     outputs: dict[str, str] = {}
     tilt_tables = {}
+    rng = np.random.default_rng(params.seed)
+    truth: dict[str, list] = {}
+    sensitivity = None
     with contextlib.chdir(out):
+        if job.movies is not None:
+            w, h = params.tomogram_size[:2]
+            sensitivity = gain_pattern((h, w), rng, job.movies.gain_spread)
+            gain = unorient_gain(1.0 / sensitivity, job.movies.gain_rotation, job.movies.gain_flip)
+            write_mrc("gain.mrc", gain, px)
         for name, images in sim.tilt_series():
             table = sim.tilt_tables[name].copy()
             order = sim.acquisition_order[name]
@@ -178,6 +279,21 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
             tilt_tables[name] = table
             acquired = np.argsort(order)
             defocus_um = 0.5e-4 * (table["rlnDefocusU"] + table["rlnDefocusV"]).to_numpy()
+            sub_frames = [Path(files[i]).name for i in acquired]
+            movie_extras = {}
+            if job.movies is not None:
+                movies = _write_movies(
+                    job.movies, name, images, angles, order, px, params.dose_per_tilt,
+                    sensitivity, rng, truth,
+                )  # fmt: skip
+                sub_frames = [movies[i] for i in acquired]
+                start = datetime.datetime(2026, 1, 1, 9, 0, 0)
+                movie_extras = {
+                    "date_times": [
+                        start + datetime.timedelta(minutes=k) for k in range(len(order))
+                    ],
+                    "frames_per_tilt": job.movies.n_frames,
+                }
             write_mdoc(
                 f"{name}.mdoc",
                 angles[acquired],
@@ -185,12 +301,15 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
                 px,
                 params.voltage,
                 defocus_um=-defocus_um[acquired],  # SerialEM: negative = underfocus
-                sub_frame_paths=[Path(files[i]).name for i in acquired],
+                sub_frame_paths=sub_frames,
                 image_size=(images.shape[-1], images.shape[-2]),
                 tilt_axis_angle_deg=params.tilt_axis_deg,
+                **movie_extras,
             )
             log.info("wrote %d tilt images of %s", len(files), name)
             del images
+        if job.movies is not None:
+            _write_motion_truth(truth)
         TomogramSet.from_tables(sim.global_table, tilt_tables).write(
             "tomograms.star", "tilt_series"
         )

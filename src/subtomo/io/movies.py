@@ -1,0 +1,191 @@
+"""Detector movies (MRC, TIFF) and gain references, read frame by frame.
+
+Frames are ``(y, x)`` arrays as stored (MRC: section order; TIFF: one page per frame, row 0
+first), returned as float32. A movie is opened once for its header (frame count, size,
+pixel size) and then streamed in batches of frames, so memory holds one batch, not the
+movie. Unreadable, truncated or inconsistent files raise :class:`~subtomo.errors.InputError`
+naming the file.
+
+Gain references follow RELION/MotionCor2: the frames are **multiplied** by the gain; the
+gain is first rotated by ``rotation`` × 90° clockwise (as displayed with row 0 at the top,
+``--gain_rot``) and then flipped (``--gain_flip``: 0 none, 1 upside down = flip y,
+2 left-right = flip x).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from subtomo.errors import InputError
+from subtomo.io.atomic import atomic_path
+from subtomo.io.files import require_file
+from subtomo.io.mrc import read_mrc, read_mrc_header, write_mrc
+
+__all__ = [
+    "MOVIE_SUFFIXES",
+    "MovieHeader",
+    "orient_gain",
+    "read_gain",
+    "read_movie_frames",
+    "read_movie_header",
+    "unorient_gain",
+    "write_movie",
+]
+
+#: File endings read as movies (case-insensitive).
+MOVIE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class MovieHeader:
+    """What a movie holds: ``n_frames`` frames of ``shape`` = (h, w) pixels; ``pixel_size``
+    in Å from the header (0: not recorded, as in most TIFFs)."""
+
+    path: Path
+    n_frames: int
+    shape: tuple[int, int]
+    pixel_size: float
+
+
+def _is_tiff(path: Path) -> bool:
+    return path.suffix.lower() in (".tif", ".tiff")
+
+
+def _tiff_error(path: Path, exc: Exception) -> InputError:
+    return InputError(f"not a readable TIFF movie ({type(exc).__name__}: {exc})", file=path)
+
+
+def read_movie_header(path: str | os.PathLike) -> MovieHeader:
+    """Frame count, frame size and pixel size of an MRC or TIFF movie (the MRC data are
+    checked to be complete; every TIFF page must have the first page's size)."""
+    path = require_file(path)
+    if path.suffix.lower() not in MOVIE_SUFFIXES:
+        raise InputError(
+            f"unknown movie format {path.suffix!r}, expected one of {', '.join(MOVIE_SUFFIXES)}",
+            file=path,
+        )
+    if not _is_tiff(path):
+        header = read_mrc_header(path)
+        nz, ny, nx = header.shape
+        return MovieHeader(path, nz, (ny, nx), header.voxel_size)
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            shapes = {tuple(page.shape) for page in tif.pages}
+            n = len(tif.pages)
+            end = max(
+                (
+                    o + c
+                    for page in tif.pages
+                    for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)
+                ),
+                default=0,
+            )
+    except Exception as exc:  # tifffile raises many types on damaged files
+        raise _tiff_error(path, exc) from None
+    size = path.stat().st_size
+    if end > size:
+        raise InputError(f"truncated TIFF movie: {size} bytes, its frames need {end}", file=path)
+    if n == 0 or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise InputError(f"TIFF pages are not frames of one 2D size: {sorted(shapes)}", file=path)
+    ny, nx = next(iter(shapes))
+    return MovieHeader(path, n, (int(ny), int(nx)), 0.0)
+
+
+def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[np.ndarray]:
+    """The frames of a movie as float32 ``(b, h, w)`` batches of at most ``batch`` frames,
+    read from disk as they are asked for (MRC memory-mapped, TIFF page by page)."""
+    path = header.path
+    if _is_tiff(path):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                for start in range(0, header.n_frames, batch):
+                    stop = min(start + batch, header.n_frames)
+                    yield np.stack(
+                        [tif.pages[i].asarray().astype(np.float32) for i in range(start, stop)]
+                    )
+        except InputError:
+            raise
+        except Exception as exc:
+            raise _tiff_error(path, exc) from None
+        return
+    import mrcfile
+
+    with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
+        data = mrc.data if mrc.data.ndim == 3 else mrc.data[None]
+        for start in range(0, header.n_frames, batch):
+            yield np.asarray(data[start : start + batch], dtype=np.float32)
+
+
+def orient_gain(gain: np.ndarray, rotation: int = 0, flip: int = 0) -> np.ndarray:
+    """``gain`` rotated by ``rotation`` × 90° clockwise, then flipped (0 none, 1 flip y,
+    2 flip x) - RELION's ``--gain_rot`` / ``--gain_flip``."""
+    if flip not in (0, 1, 2):
+        raise ValueError(f"gain flip must be 0, 1 or 2, got {flip}")
+    out = np.rot90(gain, k=-(rotation % 4))
+    if flip == 1:
+        out = out[::-1]
+    elif flip == 2:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def unorient_gain(gain: np.ndarray, rotation: int = 0, flip: int = 0) -> np.ndarray:
+    """The inverse of :func:`orient_gain`: the file that ``--gain_rot rotation --gain_flip
+    flip`` turn into ``gain``."""
+    out = gain[::-1] if flip == 1 else gain[:, ::-1] if flip == 2 else gain
+    return np.ascontiguousarray(np.rot90(out, k=rotation % 4))
+
+
+def write_movie(path: str | os.PathLike, frames: np.ndarray, pixel_size: float) -> None:
+    """Write counts ``(t, h, w)`` atomically: ``.tif``/``.tiff`` as one 8-bit (16-bit when a
+    count exceeds 255) page per frame, otherwise a float16 MRC stack (exact for counts up
+    to 2048) with the pixel size (Å)."""
+    path = Path(path)
+    if not _is_tiff(path):
+        write_mrc(path, frames, pixel_size, float16=True, is_stack=True)
+        return
+    import tifffile
+
+    dtype = np.uint8 if frames.max() <= 255 else np.uint16
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, np.asarray(frames).astype(dtype), photometric="minisblack")
+
+
+def read_gain(
+    path: str | os.PathLike, shape: tuple[int, int], rotation: int = 0, flip: int = 0
+) -> np.ndarray:
+    """The gain reference (MRC or TIFF, one image) oriented for frames of ``shape`` (h, w);
+    ``InputError`` when it is not one 2D image of that shape or has non-finite values."""
+    path = require_file(path)
+    if _is_tiff(path):
+        import tifffile
+
+        try:
+            gain = tifffile.imread(path).astype(np.float32)
+        except Exception as exc:
+            raise _tiff_error(path, exc) from None
+    else:
+        gain = read_mrc(path)[0].numpy()
+    if gain.ndim == 3 and gain.shape[0] == 1:
+        gain = gain[0]
+    if gain.ndim != 2:
+        raise InputError(f"gain reference has shape {gain.shape}, expected one image", file=path)
+    gain = orient_gain(gain, rotation, flip)
+    if gain.shape != tuple(shape):
+        raise InputError(
+            f"gain reference is {gain.shape[1]} x {gain.shape[0]} px after --gain_rot "
+            f"{rotation} / --gain_flip {flip}; the movies are {shape[1]} x {shape[0]} px",
+            file=path,
+        )
+    if not np.isfinite(gain).all():
+        raise InputError("gain reference has NaN or infinite values", file=path)
+    return gain

@@ -1,0 +1,366 @@
+"""Motion correction (``subtomo motioncorr``, RELION 5's "Motion correction" job, tomo mode).
+
+For every tilt movie of an imported tilt-series set (``Import/jobNNN/tilt_series.star``):
+frames are read from disk in batches, multiplied by the gain reference, Fourier transformed
+and kept as spectra (memory: one movie); the whole-frame drift is estimated
+(:func:`subtomo.tilt.motion.align_frames`); the aligned frames are summed (optionally dose
+weighted within the tilt), Fourier-cropped by ``--bin_factor`` and written. Files in
+``MotionCorr/jobNNN/``, named as RELION names them (the movie path without its extension,
+every ``.`` replaced by ``_``):
+
+- ``<root>.mrc``: the aligned sum (pixel size = movie pixel × bin factor);
+- ``<root>.star``: ``data_general`` and ``data_global_shift`` (rlnMicrographShiftX/Y in
+  unbinned movie pixels, frame 1 = 0), as ``relion_run_motioncorr`` writes them;
+- ``<root>_EVN.mrc`` / ``<root>_ODD.mrc`` (``--even_odd_split``): sums of the frames with
+  0-based even / odd index, aligned, not dose weighted;
+- ``corrected_tilt_series.star`` and ``tilt_series/<name>.star``: the input tables, rows in
+  pre-exposure order, with rlnMicrographName, rlnMicrographMetadata,
+  [rlnMicrographNameEven/Odd] and rlnAccumMotionTotal/Early/Late (movie pixels; the
+  early/late split at 4 e/Å² with RELION's tomo-mode dose rate of 1 e/Å² per frame unless
+  ``--dose_per_frame`` is given); rlnTomoTiltSeriesPixelSize = movie pixel × bin factor;
+- ``motion.png`` (accumulated motion per tilt) and ``report.html``.
+
+Dose weighting (``--dose_weighting``, off as in RELION's tomo mode, where the later jobs
+weight each tilt by its pre-exposure) uses the frames' dose *within* the tilt only, so the
+tilt's pre-exposure is not applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import Progress
+
+from subtomo.ctf import dose_weights
+from subtomo.data import TomogramSet
+from subtomo.device import resolve_device
+from subtomo.errors import InputError
+from subtomo.io import read_star, write_mrc, write_star
+from subtomo.io.movies import MovieHeader, read_gain, read_movie_frames, read_movie_header
+from subtomo.project import run_job, write_job_report
+from subtomo.project.options import device_option, option, output_dir_option
+from subtomo.report.plots import plot_series
+from subtomo.tilt.motion import (
+    accumulated_motion,
+    align_frames,
+    crop_shape,
+    fourier_crop,
+    shifted_sum,
+)
+
+__all__ = ["MotionCorrParams", "correct_movie", "output_root", "run"]
+
+log = logging.getLogger("subtomo")
+
+NODE_TYPE = "TomogramGroupMetadata.star.relion.tomo.motioncorr"
+
+
+@dataclass
+class MotionCorrParams:
+    """Options of "Motion correction" (RELION program flag names)."""
+
+    input_star: str = option(..., "--i", help="Imported tilt series (tilt_series.star).")
+    bin_factor: float = option(1.0, "--bin_factor", help="Fourier-crop the sums by this factor.")
+    bfactor: float = option(150.0, "--bfactor", help="B-factor for the alignment.", unit="Å²")
+    align_angpix: float = option(
+        2.5, "--align_angpix", help="Align on frequencies up to this pixel size's Nyquist.",
+        unit="Å",
+    )  # fmt: skip
+    max_iter: int = option(10, "--max_iter", help="Most alignment iterations per movie.")
+    gain_ref: str = option("", "--gain_ref", help="Gain reference (MRC/TIFF), multiplied.")
+    gain_rot: int = option(0, "--gain_rot", help="Rotate the gain by n x 90° clockwise.")
+    gain_flip: int = option(
+        0, "--gain_flip", help="Then flip it: 0 no, 1 upside down, 2 left-right."
+    )
+    dose_weighting: bool = option(
+        False, "--dose_weighting", help="Weight the frames by their dose within the tilt."
+    )
+    dose_per_frame: float = option(
+        -1.0, "--dose_per_frame",
+        help="Dose per frame; <= 0: from the pre-exposures (weighting), 1 (accumulated motion).",
+        unit="e/Å²",
+    )  # fmt: skip
+    even_odd_split: bool = option(
+        False, "--even_odd_split", help="Also write sums of the even and odd frames."
+    )
+    float16: bool = option(False, "--float16/--float32", help="Half-precision sums.")
+    batch: int = option(4, "--batch", help="Frames read and transformed at once.")
+    device: str = device_option()
+    output_dir: str | None = output_dir_option()
+    project_dir: str = "."
+
+
+def output_root(movie: str) -> str:
+    """RELION's name of a movie's outputs: the path without its extension, ``.`` -> ``_``
+    (``frames/TS_01_000_0.0.tif`` -> ``frames/TS_01_000_0_0``)."""
+    path = Path(movie)
+    stem = path.with_suffix("").as_posix().lstrip("/")
+    return stem.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class CorrectedMovie:
+    """The sums (real ``(h', w')`` float32 on the CPU), the shifts ``(t, 2)`` px and the
+    alignment iterations of one movie."""
+
+    total: torch.Tensor
+    even: torch.Tensor | None
+    odd: torch.Tensor | None
+    shifts: np.ndarray
+    iterations: int
+
+
+def correct_movie(
+    header: MovieHeader,
+    gain: torch.Tensor | None,
+    params: MotionCorrParams,
+    pixel_size: float,
+    dose_per_frame: float | None,
+    device: torch.device,
+) -> CorrectedMovie:
+    """Align and sum one movie (frames streamed from disk; spectra of one movie in memory)."""
+    spectra = torch.empty(
+        (header.n_frames, header.shape[0], header.shape[1] // 2 + 1),
+        dtype=torch.complex64,
+        device=device,
+    )
+    start = 0
+    for frames in read_movie_frames(header, params.batch):
+        batch = torch.from_numpy(frames).to(device)
+        if gain is not None:
+            batch *= gain
+        spectra[start : start + len(batch)] = torch.fft.rfft2(batch)
+        start += len(batch)
+    alignment = align_frames(
+        spectra, pixel_size, bfactor=params.bfactor, align_pixel_size=params.align_angpix,
+        max_iterations=params.max_iter,
+    )  # fmt: skip
+    shifts = alignment.shifts.to(torch.float32)
+    out_shape = crop_shape(header.shape, params.bin_factor)
+
+    def image(spectrum: torch.Tensor) -> torch.Tensor:
+        return torch.fft.irfft2(fourier_crop(spectrum, out_shape), s=out_shape).cpu()
+
+    weights = None
+    if params.dose_weighting and dose_per_frame is not None:
+        doses = dose_per_frame * torch.arange(header.n_frames, device=device, dtype=torch.float64)
+        weights = dose_weights(doses[:, None, None], pixel_size, header.shape, device=device)
+    total = image(shifted_sum(spectra, shifts, weights))
+    even = odd = None
+    if params.even_odd_split:
+        even = image(shifted_sum(spectra[0::2], shifts[0::2]))
+        odd = image(shifted_sum(spectra[1::2], shifts[1::2]))
+    return CorrectedMovie(total, even, odd, alignment.shifts.cpu().numpy(), alignment.iterations)
+
+
+def _motion_star(
+    path: Path, header: MovieHeader, movie: str, params: MotionCorrParams, row: pd.Series,
+    pixel_size: float, voltage: float, shifts: np.ndarray, dose_rate: float,
+) -> None:  # fmt: skip
+    """RELION's per-movie motion file (``Micrograph::write``): data_general and
+    data_global_shift."""
+    general: dict[str, object] = {
+        "rlnImageSizeX": header.shape[1],
+        "rlnImageSizeY": header.shape[0],
+        "rlnImageSizeZ": header.n_frames,
+        "rlnMicrographMovieName": movie,
+    }
+    if params.gain_ref:
+        general["rlnMicrographGainName"] = params.gain_ref
+    general |= {
+        "rlnMicrographBinning": float(params.bin_factor),
+        "rlnMicrographOriginalPixelSize": pixel_size,
+        "rlnMicrographDoseRate": dose_rate,
+        "rlnMicrographPreExposure": float(row["rlnMicrographPreExposure"]),
+        "rlnVoltage": voltage,
+        "rlnMicrographStartFrame": 1,
+        "rlnMotionModelVersion": 0,
+    }
+    shift_table = pd.DataFrame(
+        {
+            "rlnMicrographFrameNumber": np.arange(1, len(shifts) + 1),
+            "rlnMicrographShiftX": shifts[:, 0].astype(np.float64),
+            "rlnMicrographShiftY": shifts[:, 1].astype(np.float64),
+        }
+    )
+    write_star(path, {"general": general, "global_shift": shift_table})
+
+
+def read_motion_star(path: str | Path) -> tuple[dict, np.ndarray]:
+    """``(data_general, shifts (t, 2) xy movie px)`` of a per-movie motion STAR file."""
+    blocks = read_star(path)
+    shift = blocks.get("global_shift")
+    if shift is None or "general" not in blocks:
+        raise InputError("not a motion file: no data_general / data_global_shift", file=path)
+    return dict(blocks["general"]), shift[["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy()
+
+
+def _tilt_doses(tilts: pd.DataFrame) -> np.ndarray:
+    """Dose of each tilt (e/Å²): the next pre-exposure in time minus its own; the last tilt
+    gets the median of the others (0 when unknown)."""
+    pre = tilts["rlnMicrographPreExposure"].to_numpy(np.float64)
+    order = np.argsort(pre, kind="stable")
+    steps = np.diff(pre[order])
+    doses = np.empty(len(pre))
+    doses[order[:-1]] = steps
+    doses[order[-1]] = float(np.median(steps)) if len(steps) else 0.0
+    return doses
+
+
+@dataclass(frozen=True)
+class _Work:
+    """Checked inputs of one tilt series."""
+
+    name: str
+    tilts: pd.DataFrame  # pre-exposure order
+    headers: list[MovieHeader]
+    pixel_size: float
+    voltage: float
+
+
+def _check_inputs(
+    params: MotionCorrParams, tomos: TomogramSet
+) -> tuple[list[_Work], np.ndarray | None]:
+    """Every movie present, complete and of the frame count its table says; one frame size;
+    the gain of that size. ``InputError`` naming the file otherwise."""
+    if params.bin_factor < 1:
+        raise InputError(f"--bin_factor {params.bin_factor:g} must be >= 1")
+    work, shapes = [], {}
+    for series in tomos:
+        tilts = series.tilts
+        source = series.tilt_file
+        if "rlnMicrographMovieName" not in tilts.columns:
+            raise InputError(
+                "missing required column (import movies, not motion-corrected images)",
+                file=source, block=series.name, column="rlnMicrographMovieName",
+            )  # fmt: skip
+        tilts = tilts.sort_values("rlnMicrographPreExposure", kind="stable").reset_index(drop=True)
+        headers = []
+        for i, movie in enumerate(tilts["rlnMicrographMovieName"].astype(str)):
+            header = read_movie_header(movie)
+            if "rlnTomoTiltMovieFrameCount" in tilts.columns:
+                expected = int(tilts["rlnTomoTiltMovieFrameCount"].iloc[i])
+                if expected != header.n_frames:
+                    raise InputError(
+                        f"{header.n_frames} frames, but {source} lists {expected}", file=movie
+                    )
+            shapes.setdefault(header.shape, movie)
+            headers.append(header)
+        row = series.row
+        px = float(row.get("rlnMicrographOriginalPixelSize", np.nan))
+        if not px > 0:
+            raise InputError(
+                "missing or non-positive rlnMicrographOriginalPixelSize",
+                file=tomos.source, block="global",
+            )  # fmt: skip
+        work.append(_Work(series.name, tilts, headers, px, float(row.get("rlnVoltage", 300.0))))
+    if len(shapes) > 1:
+        (a, first), (b, second) = list(shapes.items())[:2]
+        raise InputError(
+            f"frames are {b[1]} x {b[0]} px, but {first} has {a[1]} x {a[0]}", file=second
+        )
+    gain = None
+    if params.gain_ref and work:
+        gain = read_gain(params.gain_ref, next(iter(shapes)), params.gain_rot, params.gain_flip)
+    return work, gain
+
+
+def run(params: MotionCorrParams) -> dict[str, str]:
+    """Run the job; returns ``{output path: RELION node type}``."""
+    device = resolve_device(params.device)
+    tomos = TomogramSet.read(params.input_star)
+    work, gain_np = _check_inputs(params, tomos)
+    gain = None if gain_np is None else torch.from_numpy(gain_np).to(device)
+    n_movies = sum(len(w.headers) for w in work)
+    inputs = {params.input_star: "TomogramGroupMetadata.star.relion.tomo.import"}
+    with run_job(
+        "MotionCorr", params, output_dir=params.output_dir, project_dir=params.project_dir,
+        inputs=inputs,
+    ) as (job, outputs):  # fmt: skip
+        tables, plot_curves, labels = {}, {}, []
+        with Progress(transient=True) as bar:
+            task = bar.add_task("aligning movies", total=n_movies)
+            for item in work:
+                tables[item.name] = _correct_series(params, job, item, gain, device, bar, task)
+                plot_curves[item.name] = tables[item.name]["rlnAccumMotionTotal"].tolist()
+                labels = [f"{a:g}" for a in tables[item.name]["rlnTomoNominalStageTiltAngle"]]
+        global_table = tomos.global_table.copy()
+        px_out = global_table["rlnMicrographOriginalPixelSize"].astype(float) * params.bin_factor
+        global_table = global_table.drop(
+            columns=["rlnTomoTiltSeriesPixelSize", "rlnMicrographPixelSize"], errors="ignore"
+        )
+        at = list(global_table.columns).index("rlnMicrographOriginalPixelSize") + 1
+        global_table.insert(at, "rlnTomoTiltSeriesPixelSize", px_out.to_numpy())
+        star = job.path("corrected_tilt_series.star")
+        TomogramSet.from_tables(global_table, tables).write(star, job.path("tilt_series"))
+        outputs[job.alias + "corrected_tilt_series.star"] = NODE_TYPE
+        if len(plot_curves) == 1 and labels:
+            plot_series(
+                job.path("motion.png"), labels, plot_curves, xlabel="tilt (deg), dose order",
+                ylabel="accumulated motion (px)", title="whole-frame motion per tilt",
+            )  # fmt: skip
+        log.info("Motion-corrected %d movies of %d tilt series", n_movies, len(work))
+        write_job_report(job, outputs)
+    return outputs
+
+
+def _correct_series(
+    params: MotionCorrParams, job, item: _Work, gain: torch.Tensor | None,
+    device: torch.device, bar: Progress, task,
+) -> pd.DataFrame:  # fmt: skip
+    """Correct every movie of one series; its per-tilt table with the new columns."""
+    tilts = item.tilts.copy()
+    frame_dose = None
+    if params.dose_per_frame > 0:
+        frame_dose = np.full(len(tilts), params.dose_per_frame)
+    elif params.dose_weighting:
+        frame_dose = _tilt_doses(tilts) / np.array([h.n_frames for h in item.headers])
+        if not (frame_dose > 0).all():
+            raise InputError(
+                "--dose_weighting needs --dose_per_frame: the pre-exposures give no dose",
+                file=params.input_star,
+            )
+    rate = params.dose_per_frame if params.dose_per_frame > 0 else 1.0
+    names, metas, evens, odds, motion = [], [], [], [], []
+    for i, header in enumerate(item.headers):
+        movie = str(tilts["rlnMicrographMovieName"].iloc[i])
+        root = job.path(output_root(movie))
+        root.parent.mkdir(parents=True, exist_ok=True)
+        dose = None if frame_dose is None else float(frame_dose[i])
+        result = correct_movie(header, gain, params, item.pixel_size, dose, device)
+        px_out = item.pixel_size * params.bin_factor
+        files = {"": result.total, "_EVN": result.even, "_ODD": result.odd}
+        for suffix, sum_image in files.items():
+            if sum_image is not None:
+                path = root.with_name(root.name + suffix + ".mrc")
+                write_mrc(path, sum_image, px_out, float16=params.float16)
+        _motion_star(
+            root.with_suffix(".star"), header, movie, params, tilts.iloc[i], item.pixel_size,
+            item.voltage, result.shifts, rate,
+        )  # fmt: skip
+        alias = job.alias + output_root(movie)
+        names.append(alias + ".mrc")
+        metas.append(alias + ".star")
+        evens.append(alias + "_EVN.mrc")
+        odds.append(alias + "_ODD.mrc")
+        pre = float(tilts["rlnMicrographPreExposure"].iloc[i])
+        motion.append(accumulated_motion(result.shifts, pre, rate))
+        log.info(
+            "%s: %d frames, drift %.2f px in %d iterations", movie, header.n_frames,
+            motion[-1][0], result.iterations,
+        )  # fmt: skip
+        bar.advance(task)
+    tilts["rlnMicrographName"] = names
+    tilts["rlnMicrographMetadata"] = metas
+    if params.even_odd_split:
+        tilts["rlnMicrographNameEven"] = evens
+        tilts["rlnMicrographNameOdd"] = odds
+    values = np.array(motion)
+    for k, column in enumerate(("Total", "Early", "Late")):
+        tilts[f"rlnAccumMotion{column}"] = values[:, k]
+    return tilts
