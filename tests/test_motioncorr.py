@@ -205,3 +205,20 @@ def test_motioncorr_bad_input(capsys):
     movie.unlink()
     message = _motioncorr_error(capsys)
     assert "not found" in message and str(movie) in message
+
+
+@pytest.mark.parametrize("name", ["movie.tif", "movie.mrc"])
+def test_movie_round_trip_and_truncation(name):
+    """Frames written and read back unchanged (TIFF rows flipped both ways, as RELION reads
+    TIFF); a truncated file is an InputError naming it."""
+    from subtomo.io.movies import read_movie_frames, read_movie_header, write_movie
+
+    frames = np.random.default_rng(0).poisson(3.0, size=(5, 12, 10)).astype(np.float32)
+    write_movie(name, frames, 1.5)
+    header = read_movie_header(name)
+    assert (header.n_frames, header.shape) == (5, (12, 10))
+    np.testing.assert_array_equal(np.concatenate(list(read_movie_frames(header, 2))), frames)
+    data = Path(name).read_bytes()
+    Path(name).write_bytes(data[: len(data) - 30] if name.endswith("mrc") else data[:300])
+    with pytest.raises(InputError, match=name):
+        read_movie_header(name)

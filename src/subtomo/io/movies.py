@@ -1,10 +1,12 @@
 """Detector movies (MRC, TIFF) and gain references, read frame by frame.
 
-Frames are ``(y, x)`` arrays as stored (MRC: section order; TIFF: one page per frame, row 0
-first), returned as float32. A movie is opened once for its header (frame count, size,
-pixel size) and then streamed in batches of frames, so memory holds one batch, not the
-movie. Unreadable, truncated or inconsistent files raise :class:`~subtomo.errors.InputError`
-naming the file.
+Frames are ``(y, x)`` float32 arrays in MRC row order. TIFF pages (one per frame) are
+flipped upside down on reading, as RELION reads them (TIFF's row 0 is the top of the image,
+MRC's the bottom; ``relion_run_motioncorr`` gives the same shifts for a TIFF and an MRC
+movie only with this flip), and on writing. A movie is opened once for its header (frame
+count, size, pixel size) and then streamed in batches of frames, so memory holds one batch,
+not the movie. Unreadable, truncated or inconsistent files raise
+:class:`~subtomo.errors.InputError` naming the file.
 
 Gain references follow RELION/MotionCor2: the frames are **multiplied** by the gain; the
 gain is first rotated by ``rotation`` × 90° clockwise (as displayed with row 0 at the top,
@@ -110,7 +112,10 @@ def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[np.ndarra
                 for start in range(0, header.n_frames, batch):
                     stop = min(start + batch, header.n_frames)
                     yield np.stack(
-                        [tif.pages[i].asarray().astype(np.float32) for i in range(start, stop)]
+                        [
+                            tif.pages[i].asarray()[::-1].astype(np.float32)
+                            for i in range(start, stop)
+                        ]
                     )
         except InputError:
             raise
@@ -147,8 +152,8 @@ def unorient_gain(gain: np.ndarray, rotation: int = 0, flip: int = 0) -> np.ndar
 
 def write_movie(path: str | os.PathLike, frames: np.ndarray, pixel_size: float) -> None:
     """Write counts ``(t, h, w)`` atomically: ``.tif``/``.tiff`` as one 8-bit (16-bit when a
-    count exceeds 255) page per frame, otherwise a float16 MRC stack (exact for counts up
-    to 2048) with the pixel size (Å)."""
+    count exceeds 255) page per frame (rows flipped, as they are read back), otherwise a
+    float16 MRC stack (exact for counts up to 2048) with the pixel size (Å)."""
     path = Path(path)
     if not _is_tiff(path):
         write_mrc(path, frames, pixel_size, float16=True, is_stack=True)
@@ -157,7 +162,8 @@ def write_movie(path: str | os.PathLike, frames: np.ndarray, pixel_size: float) 
 
     dtype = np.uint8 if frames.max() <= 255 else np.uint16
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, np.asarray(frames).astype(dtype), photometric="minisblack")
+        pages = np.ascontiguousarray(np.asarray(frames)[:, ::-1]).astype(dtype)
+        tifffile.imwrite(tmp, pages, photometric="minisblack")
 
 
 def read_gain(
@@ -170,7 +176,7 @@ def read_gain(
         import tifffile
 
         try:
-            gain = tifffile.imread(path).astype(np.float32)
+            gain = tifffile.imread(path)[..., ::-1, :].astype(np.float32)
         except Exception as exc:
             raise _tiff_error(path, exc) from None
     else:

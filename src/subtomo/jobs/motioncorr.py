@@ -10,7 +10,8 @@ every ``.`` replaced by ``_``):
 
 - ``<root>.mrc``: the aligned sum (pixel size = movie pixel × bin factor);
 - ``<root>.star``: ``data_general`` and ``data_global_shift`` (rlnMicrographShiftX/Y in
-  unbinned movie pixels, frame 1 = 0), as ``relion_run_motioncorr`` writes them;
+  unbinned movie pixels, frame 1 = 0, RELION's sign: the shift that aligns each frame), as
+  ``relion_run_motioncorr`` writes them;
 - ``<root>_EVN.mrc`` / ``<root>_ODD.mrc`` (``--even_odd_split``): sums of the frames with
   0-based even / odd index, aligned, not dose weighted;
 - ``corrected_tilt_series.star`` and ``tilt_series/<name>.star``: the input tables, rows in
@@ -184,15 +185,16 @@ def _motion_star(
     shift_table = pd.DataFrame(
         {
             "rlnMicrographFrameNumber": np.arange(1, len(shifts) + 1),
-            "rlnMicrographShiftX": shifts[:, 0].astype(np.float64),
-            "rlnMicrographShiftY": shifts[:, 1].astype(np.float64),
+            "rlnMicrographShiftX": -shifts[:, 0].astype(np.float64),  # RELION: -s
+            "rlnMicrographShiftY": -shifts[:, 1].astype(np.float64),
         }
     )
     write_star(path, {"general": general, "global_shift": shift_table})
 
 
 def read_motion_star(path: str | Path) -> tuple[dict, np.ndarray]:
-    """``(data_general, shifts (t, 2) xy movie px)`` of a per-movie motion STAR file."""
+    """``(data_general, shifts (t, 2) xy movie px)`` of a per-movie motion STAR file, the
+    shifts as written (RELION's: the correction ``-s``, :mod:`subtomo.tilt.motion`)."""
     blocks = read_star(path)
     shift = blocks.get("global_shift")
     if shift is None or "general" not in blocks:

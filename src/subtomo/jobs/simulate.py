@@ -225,14 +225,15 @@ def _write_movies(
 
 
 def _write_motion_truth(truth: dict[str, list]) -> None:
-    """``motion_truth.star`` (true whole-frame shifts, RELION's motion columns, movie px) and
+    """``motion_truth.star`` (true whole-frame shifts as RELION writes them: the correction
+    ``-s``, movie px, :mod:`subtomo.tilt.motion`) and
     ``motion_truth_local.npz`` (``{movie: (t, 2, gh, gw)}`` xy px) when there is any."""
     rows = [
         {
             "rlnMicrographMovieName": movie,
             "rlnMicrographFrameNumber": i + 1,
-            "rlnMicrographShiftX": float(s[0]),
-            "rlnMicrographShiftY": float(s[1]),
+            "rlnMicrographShiftX": -float(s[0]),  # RELION's sign: the correction
+            "rlnMicrographShiftY": -float(s[1]),
         }
         for movie, (shifts, _) in truth.items()
         for i, s in enumerate(shifts)

@@ -5,9 +5,10 @@ Conventions:
 - Frames are ``(t, h, w)`` real images, their spectra ``(t, h, w//2+1)`` in the unshifted
   rfft layout (``torch.fft.rfft2``, backward norm).
 - A frame's **shift** ``s = (sx, sy)`` in movie pixels is where its content sits relative to
-  the first frame: frame ``i`` at ``x + s_i`` shows what frame 0 shows at ``x``. This is
-  what RELION writes as ``rlnMicrographShiftX/Y`` (frame 1 = 0); aligning moves each frame
-  by ``-s_i``.
+  the first frame: frame ``i`` at ``x + s_i`` shows what frame 0 shows at ``x``; aligning
+  moves each frame by ``-s_i``. RELION writes that correction, ``-s``, as
+  ``rlnMicrographShiftX/Y`` (measured with ``relion_run_motioncorr --use_own`` 3.1 on
+  simulated MRC movies), frame 1 = 0.
 - Shifting an image by ``+s`` multiplies its spectrum by ``exp(-2πi k·s)`` (k in cycles/px).
 
 The estimate is the iterative scheme of RELION's own implementation and MotionCor2:
