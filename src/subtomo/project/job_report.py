@@ -181,18 +181,26 @@ def _resolve(project_dir: Path, path: str) -> Path:
     return p if p.is_absolute() else project_dir / p
 
 
-def write_job_report(job: Job, outputs: Mapping[str, str]) -> Path:
+def write_job_report(
+    job: Job,
+    outputs: Mapping[str, str],
+    *,
+    summary: Mapping[str, object] | None = None,
+    tables: Mapping[str, Sequence[Mapping[str, object]]] | None = None,
+) -> Path:
     """Write ``<job dir>/report.html`` from the job's ``outputs`` ({path: RELION node type})
-    and the files in its directory; returns the path."""
+    and the files in its directory, plus the job's own ``summary`` lines and ``tables``
+    ({caption: rows}); returns the path."""
     directory = job.directory
     files = {_resolve(job.project_dir, p): kind for p, kind in outputs.items()}
-    summary: dict[str, object] = {
+    lines: dict[str, object] = {
         "job": job.alias,
         "type": job.job_type,
         "written": datetime.datetime.now().isoformat(timespec="seconds"),
         "outputs": ", ".join(p.name for p in files) or "none",
+        **(summary or {}),
     }
-    fragments: list[str] = []
+    fragments = [_html_table(rows, caption) for caption, rows in (tables or {}).items()]
     own = sorted(directory.glob("*.png"))
     images: list[Path] = []
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -200,7 +208,7 @@ def write_job_report(job: Job, outputs: Mapping[str, str]) -> Path:
         halves = sorted(p for p, kind in files.items() if kind.endswith(".halfmap"))
         if len(halves) == 2:
             freq, curve, res = half_map_fsc(*halves)
-            summary["gold-standard resolution (unmasked FSC 0.143)"] = f"{res:.1f} Å"
+            lines["gold-standard resolution (unmasked FSC 0.143)"] = f"{res:.1f} Å"
             images.append(
                 plot_fsc(
                     tmp / "half_map_fsc.png",
@@ -212,7 +220,7 @@ def write_job_report(job: Job, outputs: Mapping[str, str]) -> Path:
             )
         for path, kind in files.items():
             if kind.startswith("ParticleGroupMetadata"):
-                _particles_section(path, tmp, summary, fragments, images)
+                _particles_section(path, tmp, lines, fragments, images)
             elif kind.startswith(_MAP_TYPES) and not kind.endswith(".halfmap"):
                 if not (directory / f"{path.stem}_slices.png").exists():
                     volume, _ = read_mrc(path)
@@ -221,12 +229,12 @@ def write_job_report(job: Job, outputs: Mapping[str, str]) -> Path:
                             tmp / f"{path.stem}_slices.png", volume, title=path.name
                         )
                     )
-        _iteration_section(directory, tmp, summary, images)
+        _iteration_section(directory, tmp, lines, images)
         fragments.append(_parameters(directory))
         return write_html_report(
             directory / REPORT,
             f"subtomo {job.job_type}: {job.alias}",
-            summary,
+            lines,
             [*images, *own],
             fragments=fragments,
         )

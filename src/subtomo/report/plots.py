@@ -27,7 +27,9 @@ __all__ = [
     "plot_fsc",
     "plot_guinier",
     "plot_histogram",
+    "plot_images",
     "plot_series",
+    "plot_xy",
     "view_histogram",
 ]
 
@@ -256,4 +258,55 @@ def plot_class_progress(
     bottom.plot(it[ok], res[ok], "o-", color="black", lw=1.2)
     bottom.set_xlabel("iteration")
     bottom.set_ylabel("current resolution (Å)")
+    return _save(fig, path)
+
+
+def plot_xy(
+    path: str | os.PathLike,
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    invert_y: bool = False,
+    lines: bool = True,
+) -> Path:
+    """Curves ``{label: (x, y)}`` against a numeric x axis (markers, joined when ``lines``);
+    NaN leaves a gap; ``invert_y`` puts small values (Å) at the top."""
+    fig, ax = _subplots(figsize=(7, 3.8))
+    for name, (x, y) in curves.items():
+        ax.plot(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), marker="o",
+                ms=4, lw=1.2 if lines else 0, label=name)  # fmt: skip
+    if invert_y:
+        ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_images(
+    path: str | os.PathLike,
+    images: Mapping[str, torch.Tensor | np.ndarray],
+    *,
+    title: str = "",
+    columns: int = 4,
+    cmap: str = "gray",
+) -> Path:
+    """2D images ``{caption: (h, w)}`` in a grid, each scaled to its 0.5-99.5 percentiles."""
+    n = max(1, len(images))
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig, axes = _subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (name, image) in zip(axes.flat, images.items(), strict=False):
+        a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        lo, hi = np.percentile(a, [0.5, 99.5])
+        ax.imshow(a, cmap=cmap, origin="lower", vmin=lo, vmax=hi)
+        ax.set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
