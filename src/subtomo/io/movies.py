@@ -1,6 +1,6 @@
 """Detector movies (MRC, TIFF) and gain references, read frame by frame.
 
-Frames are ``(y, x)`` float32 arrays in MRC row order. TIFF pages (one per frame) are
+Frames are ``(y, x)`` in MRC row order. TIFF pages (one per frame) are
 flipped upside down on reading, as RELION reads them (TIFF's row 0 is the top of the image,
 MRC's the bottom; ``relion_run_motioncorr`` gives the same shifts for a TIFF and an MRC
 movie only with this flip), and on writing. A movie is opened once for its header (frame
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from subtomo.errors import InputError
 from subtomo.io.atomic import atomic_path
@@ -100,9 +101,10 @@ def read_movie_header(path: str | os.PathLike) -> MovieHeader:
     return MovieHeader(path, n, (int(ny), int(nx)), 0.0)
 
 
-def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[np.ndarray]:
-    """The frames of a movie as float32 ``(b, h, w)`` batches of at most ``batch`` frames,
-    read from disk as they are asked for (MRC memory-mapped, TIFF page by page)."""
+def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[torch.Tensor]:
+    """The frames of a movie as ``(b, h, w)`` CPU tensors of at most ``batch`` frames, in the
+    file's own dtype (counts are often 8-bit: convert on the compute device), read from disk
+    as they are asked for (MRC memory-mapped, TIFF page by page; TIFF rows flipped)."""
     path = header.path
     if _is_tiff(path):
         import tifffile
@@ -111,12 +113,8 @@ def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[np.ndarra
             with tifffile.TiffFile(path) as tif:
                 for start in range(0, header.n_frames, batch):
                     stop = min(start + batch, header.n_frames)
-                    yield np.stack(
-                        [
-                            tif.pages[i].asarray()[::-1].astype(np.float32)
-                            for i in range(start, stop)
-                        ]
-                    )
+                    pages = np.stack([tif.pages[j].asarray() for j in range(start, stop)])
+                    yield torch.from_numpy(pages).flip(-2)
         except InputError:
             raise
         except Exception as exc:
@@ -127,7 +125,8 @@ def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[np.ndarra
     with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
         data = mrc.data if mrc.data.ndim == 3 else mrc.data[None]
         for start in range(0, header.n_frames, batch):
-            yield np.asarray(data[start : start + batch], dtype=np.float32)
+            frames = np.array(data[start : start + batch])
+            yield torch.from_numpy(frames.astype(frames.dtype.newbyteorder("="), copy=False))
 
 
 def orient_gain(gain: np.ndarray, rotation: int = 0, flip: int = 0) -> np.ndarray:

@@ -69,7 +69,7 @@ class MotionCorrParams:
     bin_factor: float = option(1.0, "--bin_factor", help="Fourier-crop the sums by this factor.")
     bfactor: float = option(150.0, "--bfactor", help="B-factor for the alignment.", unit="Å²")
     align_angpix: float = option(
-        2.5, "--align_angpix", help="Align on frequencies up to this pixel size's Nyquist.",
+        4.0, "--align_angpix", help="Align on frequencies up to this pixel size's Nyquist.",
         unit="Å",
     )  # fmt: skip
     max_iter: int = option(10, "--max_iter", help="Most alignment iterations per movie.")
@@ -132,7 +132,7 @@ def correct_movie(
     )
     start = 0
     for frames in read_movie_frames(header, params.batch):
-        batch = torch.from_numpy(frames).to(device)
+        batch = frames.to(device).to(torch.float32)
         if gain is not None:
             batch *= gain
         spectra[start : start + len(batch)] = torch.fft.rfft2(batch)
@@ -151,11 +151,16 @@ def correct_movie(
     if params.dose_weighting and dose_per_frame is not None:
         doses = dose_per_frame * torch.arange(header.n_frames, device=device, dtype=torch.float64)
         weights = dose_weights(doses[:, None, None], pixel_size, header.shape, device=device)
-    total = image(shifted_sum(spectra, shifts, weights))
-    even = odd = None
+    even = odd = total_sum = None
     if params.even_odd_split:
-        even = image(shifted_sum(spectra[0::2], shifts[0::2]))
-        odd = image(shifted_sum(spectra[1::2], shifts[1::2]))
+        even_sum = shifted_sum(spectra[0::2], shifts[0::2])
+        odd_sum = shifted_sum(spectra[1::2], shifts[1::2])
+        even, odd = image(even_sum), image(odd_sum)
+        if weights is None:
+            total_sum = even_sum + odd_sum
+    if total_sum is None:
+        total_sum = shifted_sum(spectra, shifts, weights)
+    total = image(total_sum)
     return CorrectedMovie(total, even, odd, alignment.shifts.cpu().numpy(), alignment.iterations)
 
 

@@ -97,26 +97,40 @@ def _bfactor_weights(shape: tuple[int, int], pixel_size: float, bfactor: float, 
 
 
 def _dft_matrices(n: int, centres: torch.Tensor, offsets: torch.Tensor, rfft: bool) -> torch.Tensor:
-    """``exp(2πi k r / n)`` for r = centre + offset, ``(b, p, k)`` (rfft: k = 0..n//2)."""
-    k = (
-        torch.fft.rfftfreq(n, device=centres.device, dtype=torch.float64) * n
-        if rfft
-        else torch.fft.fftfreq(n, device=centres.device, dtype=torch.float64) * n
-    )
-    r = centres.to(torch.float64)[:, None] + offsets[None, :]  # (b, p)
-    return torch.exp(2j * math.pi * r[:, :, None] * k[None, None, :] / n)
+    """``exp(2πi k r / n)`` for r = centre + offset, ``(b, p, k)`` (rfft: k = 0..n//2), as
+    the product of a per-centre and a per-offset factor (two small ``exp`` calls)."""
+    freq = torch.fft.rfftfreq if rfft else torch.fft.fftfreq
+    k = freq(n, device=centres.device, dtype=torch.float64) * n
+    by_centre = torch.exp(2j * math.pi * centres.to(torch.float64)[:, None] * k / n)  # (b, k)
+    by_offset = torch.exp(2j * math.pi * offsets[:, None] * k / n)  # (p, k)
+    return by_centre[:, None, :] * by_offset[None, :, :]
 
 
-def _peaks(cross: torch.Tensor, shape: tuple[int, int], upsample: int) -> torch.Tensor:
+def _peaks(
+    cross: torch.Tensor, shape: tuple[int, int], upsample: int, around: torch.Tensor | None
+) -> torch.Tensor:
     """Sub-pixel peak positions ``(b, 2)`` xy (grid pixels, in (-n/2, n/2]) of the cross-
-    correlations whose rfft spectra are ``cross`` ``(b, h, w//2+1)``."""
+    correlations whose rfft spectra are ``cross`` ``(b, h, w//2+1)``.
+
+    The correlation is evaluated by matrix DFT on a ``1/upsample`` grid pixel lattice, ±1
+    grid pixel around its integer maximum (inverse FFT), or ±2 around ``around`` ``(b, 2)``
+    (a previous estimate; no inverse FFT); a maximum on the lattice's edge falls back to the
+    inverse FFT. The last step is a parabola through the best lattice point's neighbours.
+    """
     h, w = shape
-    image = torch.fft.irfft2(cross, s=shape)  # (b, h, w)
-    flat = image.flatten(1).argmax(dim=1)
-    iy = (flat // w + h // 2) % h - h // 2  # wrapped to -h/2 .. h/2-1
-    ix = (flat % w + w // 2) % w - w // 2
-    steps = torch.arange(-upsample, upsample + 1, device=cross.device, dtype=torch.float64)
-    offsets = steps / upsample  # ±1 grid pixel around the integer peak
+    if around is None:
+        image = torch.fft.irfft2(cross, s=shape)  # (b, h, w)
+        flat = image.flatten(1).argmax(dim=1)
+        iy = (flat // w + h // 2) % h - h // 2  # wrapped to -h/2 .. h/2-1
+        ix = (flat % w + w // 2) % w - w // 2
+        reach = 1
+    else:
+        ix, iy = around.round().long().unbind(dim=1)
+        reach = 2
+    steps = torch.arange(
+        -reach * upsample, reach * upsample + 1, device=cross.device, dtype=torch.float64
+    )
+    offsets = steps / upsample
     ey = _dft_matrices(h, iy, offsets, rfft=False)  # (b, p, h)
     ex = _dft_matrices(w, ix, offsets, rfft=True)  # (b, p, w')
     # Hermitian symmetry: columns 1..w/2-1 stand for two frequencies each
@@ -127,9 +141,11 @@ def _peaks(cross: torch.Tensor, shape: tuple[int, int], upsample: int) -> torch.
     p = len(offsets)
     best = fine.flatten(1).argmax(dim=1)
     by, bx = best // p, best % p
+    if around is not None and bool(((by % (p - 1) == 0) | (bx % (p - 1) == 0)).any()):
+        return _peaks(cross, shape, upsample, None)
 
     def parabola(values: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        """Vertex offset (in fine steps) of the parabola through i-1, i, i+1."""
+        """Vertex offset (in lattice steps) of the parabola through i-1, i, i+1."""
         i = i.clamp(1, p - 2)
         rows = torch.arange(len(i), device=values.device)
         a, b, c = values[rows, i - 1], values[rows, i], values[rows, i + 1]
@@ -143,46 +159,77 @@ def _peaks(cross: torch.Tensor, shape: tuple[int, int], upsample: int) -> torch.
     return torch.stack([x, y], dim=1)
 
 
+def _refine(
+    spectra: torch.Tensor,
+    pixel_size: float,
+    grid_pixel_size: float,
+    bfactor: float,
+    shifts: torch.Tensor,
+    max_iterations: int,
+    tolerance: float,
+    upsample: int,
+    *,
+    searched: bool,
+) -> FrameAlignment:
+    """Iterate the alignment from ``shifts`` on the grid Fourier-cropped to
+    ``grid_pixel_size`` (Å); ``searched``: ``shifts`` are already near the peaks, so no
+    iteration needs a full inverse FFT of the correlations."""
+    shape = (spectra.shape[-2], 2 * (spectra.shape[-1] - 1))
+    small = crop_shape(shape, max(1.0, grid_pixel_size / pixel_size))
+    scale = torch.tensor(
+        [shape[1] / small[1], shape[0] / small[0]], dtype=torch.float64, device=spectra.device
+    )  # movie px per grid px, xy
+    weights = _bfactor_weights(small, pixel_size * shape[0] / small[0], bfactor, spectra.device)
+    cropped = fourier_crop(spectra, small) * weights  # (t, h', w')
+    change = math.inf
+    iteration = 0
+    while iteration < max_iterations and change > tolerance:
+        iteration += 1
+        aligned = cropped * phase_ramp(small, -shifts / scale)
+        reference = aligned.sum(dim=0)[None] - aligned  # (t, h', w'): all frames but its own
+        guess = shifts / scale if searched or iteration > 1 else None
+        new = _peaks(reference.conj_physical() * cropped, small, upsample, guess) * scale
+        new = new - new[:1]
+        change = float((new - shifts).norm(dim=1).max())
+        shifts = new
+    return FrameAlignment(shifts=shifts, iterations=iteration, last_change=change)
+
+
 def align_frames(
     spectra: torch.Tensor,
     pixel_size: float,
     *,
     bfactor: float = 150.0,
-    align_pixel_size: float = 2.5,
+    align_pixel_size: float = 4.0,
     max_iterations: int = 10,
     tolerance: float = 0.02,
-    upsample: int = 20,
+    upsample: int = 10,
 ) -> FrameAlignment:
     """Whole-frame shifts of the frames whose rfft spectra are ``spectra`` ``(t, h, w//2+1)``.
 
     ``pixel_size`` (Å) is the frames'; correlations use frequencies up to the Nyquist of
     ``align_pixel_size`` (Å, Fourier crop; not below the frames' own), weighted by
     ``exp(-bfactor |k|²/4)``. Iterates until the largest shift change is below
-    ``tolerance`` pixels or ``max_iterations`` is reached. Shifts are in movie pixels,
-    frame 0 = 0 (module docstring for the sign).
+    ``tolerance`` pixels or ``max_iterations`` is reached, first on a grid of twice that
+    pixel size (to 0.25 px; 4x fewer pixels), then on the full one. Shifts are in movie
+    pixels, frame 0 = 0 (module docstring for the sign).
     """
-    t = spectra.shape[0]
-    shape = (spectra.shape[-2], 2 * (spectra.shape[-1] - 1))
-    factor = max(1.0, align_pixel_size / pixel_size)
-    small = crop_shape(shape, factor)
-    scale = torch.tensor(
-        [shape[1] / small[1], shape[0] / small[0]], dtype=torch.float64, device=spectra.device
-    )  # movie px per grid px, xy
-    weights = _bfactor_weights(small, pixel_size * shape[0] / small[0], bfactor, spectra.device)
-    cropped = fourier_crop(spectra, small) * weights  # (t, h', w')
-    shifts = torch.zeros(t, 2, dtype=torch.float64, device=spectra.device)
-    change = math.inf
-    iteration = 0
-    while iteration < max_iterations and change > tolerance and t > 1:
-        iteration += 1
-        aligned = cropped * phase_ramp(small, -shifts / scale)
-        total = aligned.sum(dim=0)
-        reference = total[None] - aligned  # (t, h', w'): every frame but its own
-        new = _peaks(reference.conj() * cropped, small, upsample) * scale
-        new = new - new[:1]
-        change = float((new - shifts).norm(dim=1).max())
-        shifts = new
-    return FrameAlignment(shifts=shifts, iterations=iteration, last_change=change)
+    shifts = torch.zeros(spectra.shape[0], 2, dtype=torch.float64, device=spectra.device)
+    if spectra.shape[0] < 2:
+        return FrameAlignment(shifts=shifts, iterations=0, last_change=0.0)
+    coarse = None
+    if 2 * align_pixel_size > 1.5 * pixel_size:
+        coarse = _refine(
+            spectra, pixel_size, 2 * align_pixel_size, bfactor, shifts, max_iterations,
+            max(tolerance, 0.25), upsample, searched=False,
+        )  # fmt: skip
+        shifts = coarse.shifts
+    fine = _refine(
+        spectra, pixel_size, align_pixel_size, bfactor, shifts, max_iterations, tolerance,
+        upsample, searched=coarse is not None,
+    )  # fmt: skip
+    used = fine.iterations + (coarse.iterations if coarse is not None else 0)
+    return FrameAlignment(shifts=fine.shifts, iterations=used, last_change=fine.last_change)
 
 
 def shifted_sum(

@@ -1,0 +1,181 @@
+"""Accuracy, throughput and peak memory of ``subtomo motioncorr`` against the truth and peers.
+
+Simulates counting movies (:mod:`subtomo.simulate.movies`: 3 e/Å² per tilt in ``--frames``
+frames at 1.35 Å/px, 10 % specimen contrast, a gain pattern, ~5 px decelerating drift),
+written as 8-bit TIFF with an mdoc and a gain reference, imports them (``subtomo import``)
+and runs, each as its own process on the same threads:
+
+- ``subtomo motioncorr`` (the job: streaming, gain, alignment, sums, STAR files);
+- ``relion_run_motioncorr --use_own`` (RELION 3.1's CPU implementation, Debian package), when
+  installed and ``--relion``;
+- teamtomo's ``torch_motion_correction.estimate_global_motion`` on the gain-corrected frames
+  (in-process, alignment only), when installed and ``--tmc``.
+
+Prints per tool the RMS error of the frame shifts against the truth (movie px, mean and worst
+movie), frames per second of the whole command (start-up included) and peak memory (RSS).
+
+    python benchmarks/motioncorr.py --size 512 --movies 8 --relion --tmc
+    python benchmarks/motioncorr.py --size 4096 --movies 2 --relion
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from subtomo.io import read_star, write_mdoc, write_mrc, write_star
+from subtomo.io.movies import read_gain, read_movie_frames, read_movie_header, write_movie
+from subtomo.jobs.motioncorr import output_root, read_motion_star
+from subtomo.simulate.movies import (
+    drift_trajectory,
+    gain_pattern,
+    simulate_movie,
+    specimen_texture,
+)
+
+PIXEL_SIZE = 1.35  # Å
+DOSE = 3.0  # e/Å² per tilt
+
+
+def make_movies(size: int, n_movies: int, n_frames: int, seed: int) -> dict[str, np.ndarray]:
+    """Movies, gain.mrc and ts.mdoc in the working directory; ``{movie: RELION-sign truth}``."""
+    rng = np.random.default_rng(seed)
+    sensitivity = gain_pattern((size, size), rng)
+    write_mrc("gain.mrc", 1.0 / sensitivity, PIXEL_SIZE)
+    truth, names = {}, []
+    for i in range(n_movies):
+        shifts = drift_trajectory(n_frames, 5.0, rng)
+        movie = simulate_movie(
+            specimen_texture((size, size), PIXEL_SIZE, rng), pixel_size=PIXEL_SIZE, dose=DOSE,
+            n_frames=n_frames, shifts=shifts, sensitivity=sensitivity, rng=rng,
+        )  # fmt: skip
+        name = f"frames/ts_{i + 1:03d}_{3.0 * i:.1f}.tif"
+        write_movie(name, movie.frames.numpy(), PIXEL_SIZE)
+        truth[name] = -shifts  # RELION writes the correction
+        names.append(Path(name).name)
+    start = datetime(2026, 1, 1, 9, 0, 0)
+    write_mdoc(
+        "ts.mdoc", 3.0 * np.arange(n_movies), DOSE, PIXEL_SIZE, 300, sub_frame_paths=names,
+        date_times=[start + timedelta(minutes=i) for i in range(n_movies)],
+        frames_per_tilt=n_frames,
+    )  # fmt: skip
+    return truth
+
+
+def timed(argv: list[str], threads: int) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB, GNU time's %M: measured from the command's exec, not
+    from a fork of this process) of one command run as its own process."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    done = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", *argv], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed: {done.stderr[-2000:]}")
+    return wall, int(done.stderr.strip().splitlines()[-1]) / 1024
+
+
+def rms_errors(truth: dict[str, np.ndarray], estimates: dict[str, np.ndarray]) -> np.ndarray:
+    return np.array(
+        [np.sqrt(((estimates[m] - t) ** 2).sum(axis=1).mean()) for m, t in truth.items()]
+    )
+
+
+SUBTOMO = [sys.executable, "-c", "from subtomo.cli.main import main; main()"]
+
+
+def run_subtomo(truth: dict, threads: int) -> dict:
+    argv = [*SUBTOMO, "motioncorr", "--i", "Import/job001/tilt_series.star",
+            "--gain_ref", "gain.mrc", "--device", "cpu"]  # fmt: skip
+    wall, rss = timed(argv, threads)
+    job = sorted(Path("MotionCorr").iterdir())[-1]
+    estimates = {m: read_motion_star(job / (output_root(m) + ".star"))[1] for m in truth}
+    return {"wall": wall, "rss": rss, "errors": rms_errors(truth, estimates)}
+
+
+def run_relion(truth: dict, threads: int) -> dict:
+    optics = pd.DataFrame({
+        "rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
+        "rlnMicrographOriginalPixelSize": [PIXEL_SIZE], "rlnVoltage": [300.0],
+        "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+    })  # fmt: skip
+    movies = pd.DataFrame({"rlnMicrographMovieName": list(truth), "rlnOpticsGroup": 1})
+    write_star("movies.star", {"optics": optics, "movies": movies})
+    argv = ["relion_run_motioncorr", "--i", "movies.star", "--o", "RelionMC/", "--use_own",
+            "--j", str(threads), "--gainref", "gain.mrc", "--bfactor", "150"]  # fmt: skip
+    wall, rss = timed(argv, threads)
+    estimates = {}
+    for movie in truth:
+        shifts = read_star(Path("RelionMC") / (output_root(movie) + ".star"))["global_shift"]
+        estimates[movie] = shifts[["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy()
+    return {"wall": wall, "rss": rss, "errors": rms_errors(truth, estimates)}
+
+
+def run_tmc(truth: dict, threads: int) -> dict:
+    """teamtomo's global estimate (in-process; integer-pixel peaks, one reference frame)."""
+    from torch_motion_correction import estimate_global_motion
+
+    torch.set_num_threads(threads)
+    estimates, start = {}, time.perf_counter()
+    for movie in truth:
+        header = read_movie_header(movie)
+        gain = torch.from_numpy(read_gain("gain.mrc", header.shape))
+        frames = torch.cat(list(read_movie_frames(header))).float() * gain
+        field = estimate_global_motion(frames, PIXEL_SIZE)
+        yx = field.data[:, :, 0, 0].T.double().numpy() / PIXEL_SIZE  # (t, yx) Å -> px
+        shifts = yx[:, ::-1] - yx[:1, ::-1]
+        estimates[movie] = -shifts
+    wall = time.perf_counter() - start
+    return {"wall": wall, "rss": float("nan"), "errors": rms_errors(truth, estimates)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512, help="frame size (px), square")
+    parser.add_argument("--movies", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--relion", action="store_true", help="also relion_run_motioncorr")
+    parser.add_argument("--tmc", action="store_true", help="also torch-motion-correction")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        truth = make_movies(args.size, args.movies, args.frames, args.seed)
+        subprocess.run(
+            [*SUBTOMO, "import", "--movies", "frames/*.tif", "--mdocs", "ts.mdoc"],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        results = {"subtomo motioncorr": run_subtomo(truth, args.threads)}
+        if args.relion:
+            results["relion_run_motioncorr --use_own"] = run_relion(truth, args.threads)
+        if args.tmc:
+            results["torch-motion-correction (align only)"] = run_tmc(truth, args.threads)
+    frames = args.movies * args.frames
+    print(
+        f"{args.movies} movies of {args.frames} frames, {args.size}x{args.size} px at "
+        f"{PIXEL_SIZE} Å/px, {DOSE} e/Å² per movie, {args.threads} threads"
+    )
+    print(f"{'tool':38s} {'RMS err px':>10s} {'worst':>6s} {'frames/s':>9s} {'peak MiB':>9s}")
+    for name, r in results.items():
+        print(
+            f"{name:38s} {r['errors'].mean():10.3f} {r['errors'].max():6.3f} "
+            f"{frames / r['wall']:9.2f} {r['rss']:9.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
