@@ -123,6 +123,10 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "subtomo.jobs.simulate", "SimulateParams",
         "Simulate tilt series of known particles, with RELION 5 STAR files (ground truth).",
     ),
+    "ctffind": JobCommand(
+        "subtomo.jobs.ctffind", "CtfFindParams",
+        "CTF estimation per tilt: defocus, astigmatism, fit resolution, thickness and hand.",
+    ),
     "mask": JobCommand(
         "subtomo.jobs.mask", "MaskParams",
         "Mask creation: low-pass, threshold, extend, soft edge (or de novo shapes).",
