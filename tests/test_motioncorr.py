@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -223,3 +224,22 @@ def test_movie_round_trip_and_truncation(name):
     Path(name).write_bytes(data[: len(data) - 30] if name.endswith("mrc") else data[:300])
     with pytest.raises(InputError, match=name):
         read_movie_header(name)
+
+
+def test_only_do_unfinished_redoes_missing_movies():
+    """A second run into the same directory keeps finished movies (their motion STAR read
+    back) and corrects the one whose outputs are gone; the tables come out the same."""
+    _simulated_project()
+    argv = ["motioncorr", "--i", "Import/job001/tilt_series.star", "--gain_ref", "gain.mrc",
+            "--gain_rot", "1", "--gain_flip", "2"]  # fmt: skip
+    assert cli.run_cli(argv) == 0
+    job = Path("MotionCorr/job002")
+    first = TomogramSet.read(job / "corrected_tilt_series.star")["TS_01"].tilts
+    gone = sorted((job / "frames").glob("*.mrc"))[1]
+    kept = sorted((job / "frames").glob("*.mrc"))[0]
+    stamp = kept.stat().st_mtime_ns
+    gone.unlink()
+    assert cli.run_cli([*argv, "--o", str(job), "--only_do_unfinished"]) == 0
+    assert gone.is_file() and kept.stat().st_mtime_ns == stamp
+    again = TomogramSet.read(job / "corrected_tilt_series.star")["TS_01"].tilts
+    pd.testing.assert_frame_equal(again, first, atol=1e-6)

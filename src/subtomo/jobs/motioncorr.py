@@ -91,6 +91,10 @@ class MotionCorrParams:
     )
     float16: bool = option(False, "--float16/--float32", help="Half-precision sums.")
     batch: int = option(4, "--batch", help="Frames read and transformed at once.")
+    only_do_unfinished: bool = option(
+        False, "--only_do_unfinished",
+        help="With --o of an earlier run: keep the movies it finished (motion STAR written).",
+    )  # fmt: skip
     device: str = device_option()
     output_dir: str | None = output_dir_option()
     project_dir: str = "."
@@ -338,28 +342,34 @@ def _correct_series(
         movie = str(tilts["rlnMicrographMovieName"].iloc[i])
         root = job.path(output_root(movie))
         root.parent.mkdir(parents=True, exist_ok=True)
-        dose = None if frame_dose is None else float(frame_dose[i])
-        result = correct_movie(header, gain, params, item.pixel_size, dose, device)
-        px_out = item.pixel_size * params.bin_factor
-        files = {"": result.total, "_EVN": result.even, "_ODD": result.odd}
-        for suffix, sum_image in files.items():
-            if sum_image is not None:
-                path = root.with_name(root.name + suffix + ".mrc")
+        suffixes = ("", "_EVN", "_ODD") if params.even_odd_split else ("",)
+        done = [root.with_name(root.name + suffix + ".mrc") for suffix in suffixes]
+        if params.only_do_unfinished and all(
+            p.is_file() for p in [*done, root.with_suffix(".star")]
+        ):
+            shifts, iterations = -read_motion_star(root.with_suffix(".star"))[1], 0
+        else:
+            dose = None if frame_dose is None else float(frame_dose[i])
+            result = correct_movie(header, gain, params, item.pixel_size, dose, device)
+            px_out = item.pixel_size * params.bin_factor
+            for path, sum_image in zip(done, (result.total, result.even, result.odd), strict=False):
                 write_mrc(path, sum_image, px_out, float16=params.float16)
-        _motion_star(
-            root.with_suffix(".star"), header, movie, params, tilts.iloc[i], item.pixel_size,
-            item.voltage, result.shifts, rate,
-        )  # fmt: skip
+            # written last: its presence marks the movie done (--only_do_unfinished)
+            _motion_star(
+                root.with_suffix(".star"), header, movie, params, tilts.iloc[i],
+                item.pixel_size, item.voltage, result.shifts, rate,
+            )  # fmt: skip
+            shifts, iterations = result.shifts, result.iterations
         alias = job.alias + output_root(movie)
         names.append(alias + ".mrc")
         metas.append(alias + ".star")
         evens.append(alias + "_EVN.mrc")
         odds.append(alias + "_ODD.mrc")
         pre = float(tilts["rlnMicrographPreExposure"].iloc[i])
-        motion.append(accumulated_motion(result.shifts, pre, rate))
+        motion.append(accumulated_motion(shifts, pre, rate))
         log.info(
             "%s: %d frames, drift %.2f px in %d iterations", movie, header.n_frames,
-            motion[-1][0], result.iterations,
+            motion[-1][0], iterations,
         )  # fmt: skip
         bar.advance(task)
     tilts["rlnMicrographName"] = names
