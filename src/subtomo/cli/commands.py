@@ -127,6 +127,14 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "subtomo.jobs.ctffind", "CtfFindParams",
         "CTF estimation per tilt: defocus, astigmatism, fit resolution, thickness and hand.",
     ),
+    "erase-xrays": JobCommand(
+        "subtomo.jobs.erase_xrays", "EraseXraysParams",
+        "Erase hot pixels and X-ray hits in tilt images with local-statistics noise.",
+    ),
+    "exclude-tilts": JobCommand(
+        "subtomo.jobs.exclude_tilts", "ExcludeTiltsParams",
+        "Exclude tilt images by rule (dark, CTF fit resolution, drift, a list).",
+    ),
     "mask": JobCommand(
         "subtomo.jobs.mask", "MaskParams",
         "Mask creation: low-pass, threshold, extend, soft edge (or de novo shapes).",
