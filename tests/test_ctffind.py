@@ -22,7 +22,7 @@ def project(tmp_path_factory) -> Path:
     and the -30° tilt blank (constant)."""
     out = tmp_path_factory.mktemp("ctffind")
     series = detector_series(
-        params=DetectorParams(thickness_nm=150.0, hand=-1, dark_tilts=(0,)),
+        params=DetectorParams(thickness_nm=150.0, hand=-1, contrast=3.0, dark_tilts=(0,)),
         tilt_step=30.0, astigmatism_um=0.08, seed=2,
     )  # fmt: skip
     series.images[1] = 12.0  # -30°: a blank image

@@ -6,9 +6,11 @@ mid-plane is the tilt-series specimen plane. Its image is a Gaussian field whose
 spectrum is what a stack of independent thin layers through the slab gives: the mean over
 ``layers`` depths of RELION's ``CTF²`` (:func:`subtomo.ctf.ctf_2d`), each layer at the central
 defocus plus its height times :func:`subtomo.tilt.slab_depth_factor` (``1/cos θ``), times an
-envelope ``exp(-B |k|²/2)`` (``B`` on the amplitude, as rlnCtfBfactor). The layers' spread of
-defocus gives the thickness nodes of Thon rings (Elferich et al. 2024); the CTF estimator
-models the same with a sinc, so the two are independent. Across a tilted image the defocus
+envelope ``exp(-B |k|²/2)`` (``B`` on the amplitude, as rlnCtfBfactor). The layers sit at
+the midpoints of ``layers`` equal slices of the slab, whose mean of ``cos(2π λ z |k|²)`` has
+the zeros of the continuous slab's sinc (up to ``λ T |k|² = layers``): the thickness nodes
+of Thon rings (Elferich et al. 2024). The CTF estimator models them with a sinc, so the two
+are independent. Across a tilted image the defocus
 changes as ``hand · px · g · (u, v)`` (:func:`subtomo.tilt.depth_gradient`, §1.4): the field is
 rendered at defocus nodes ``node_step`` Å apart from one white noise and blended linearly
 per pixel, so the rings move across the image with the right hand.
@@ -63,7 +65,7 @@ class DetectorParams:
     contrast: float = 1.0
     bfactor: float = 40.0
     dose_per_px: float = 12.0
-    layers: int = 7
+    layers: int = 9
     node_step_angst: float = 200.0
     hot_pixels: int = 0
     xrays: int = 0
@@ -91,7 +93,7 @@ def sample_background(
     rotations = table_rotations(tilts)
     gradient = depth_gradient(rotations) * params.hand * pixel_size  # (t, 2) Å per px
     spread = params.thickness_nm * 10.0 * slab_depth_factor(rotations)  # (t,) Å
-    heights = torch.linspace(-0.5, 0.5, params.layers + 2, dtype=torch.float64)[1:-1]
+    heights = (torch.arange(params.layers, dtype=torch.float64) + 0.5) / params.layers - 0.5
     y, x = torch.meshgrid(
         torch.arange(h, dtype=torch.float64) - h // 2,
         torch.arange(w, dtype=torch.float64) - w // 2,

@@ -232,10 +232,8 @@ class _Fitter:
         search: CtfSearch,
         pixel_size: float,
     ) -> None:
-        # Defocus spread inside one tile along the gradient: the power of a Hann-windowed
-        # tile weighs its pixels by sin⁴, whose spread is that of a uniform 0.49 box wide.
-        self.blur = 0.49 * pixel_size * float(spectra.gradient.norm()) * search.box
         self.grid, self.search = grid, search
+        self.spread = pixel_size * spectra.gradient  # (2,) Å of defocus per tile pixel
         self.voltage, self.cs, self.q0 = optics
         self.lam = float(electron_wavelength_angstrom(self.voltage))
         self.power, self.all_counts = spectra.power, spectra.counts  # (K, A, R)
@@ -249,17 +247,30 @@ class _Fitter:
         self.fit = self.s <= search.res_max**-2
         self.low = self.fit & (self.s <= max(search.res_max, 10.0) ** -2)
         self.data = torch.zeros_like(self.counts)
+        self.tile_damping = self.in_tile(self.s)
+
+    def in_tile(self, s: torch.Tensor) -> torch.Tensor:
+        """Damping of the rings by the defocus gradient inside one tile, ``(len(s),)``: the
+        mean of ``cos(2π λ δ s)`` over the tile's pixels weighted by the Hann window squared
+        (what a pixel adds to the power), δ the pixel's defocus offset from the tile centre
+        (exact for a linear gradient; the sine part vanishes by symmetry)."""
+        n = min(self.search.box, 64)
+        x = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # tile fraction, subsampled
+        w = torch.sin(math.pi * x) ** 4  # Hann² along one axis
+        r = (x - 0.5) * self.search.box
+        offset = (self.spread[0] * r[None, :] + self.spread[1] * r[:, None]).flatten()  # Å
+        weight = (w[:, None] * w[None, :]).flatten()
+        phase = 2 * math.pi * self.lam * offset[:, None] * s[None, :]
+        return (weight[:, None] * torch.cos(phase)).sum(0) / weight.sum()
 
     # --- model -------------------------------------------------------------------------
     def model(self, m: torch.Tensor, p: torch.Tensor, q: torch.Tensor, phase: torch.Tensor,
               thickness: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """``-sinc(λ t s) sinc(λ b s) cos 2γ`` (normalised sinc, ``b`` the in-tile spread) on
-        the polar bins; parameters ``(...)`` broadcast to ``(..., A, R)``."""
+        """``-sinc(λ t s) D(s) cos 2γ`` (normalised sinc; ``D`` the in-tile damping, see
+        :meth:`in_tile`) on the polar bins; parameters ``(...)`` broadcast to ``(..., A, R)``."""
         gamma = self._gamma(m, p, q, phase)
         e = (..., None, None)
-        damping = torch.sinc(self.lam * thickness[e] * self.s) * torch.sinc(
-            self.lam * self.blur * self.s
-        )
+        damping = torch.sinc(self.lam * thickness[e] * self.s) * self.tile_damping
         return -damping * torch.cos(2 * gamma)
 
     def correlation(
@@ -374,7 +385,7 @@ class _Fitter:
     ) -> torch.Tensor:
         """``-χ²`` for each candidate thickness along the beam (Å) ``(n,)``: the signed ring
         amplitude of every band (data against the undamped model) fitted by
-        ``a · exp(-b s) · sinc(λ t s) · sinc(λ blur s)``, ``a`` by least squares and ``b`` on a
+        ``a · exp(-b s) · sinc(λ t s) · D(s)``, ``a`` by least squares and ``b`` on a
         grid. The free envelope keeps the signal's fall-off with resolution from passing for
         thickness: only the nodes and sign flips of the rings decide."""
         m, p, q, phase = (torch.tensor(v, dtype=torch.float64) for v in mpq)
@@ -394,7 +405,7 @@ class _Fitter:
         decay = torch.linspace(0.0, 60.0 / float(s_band[-1]), 31, dtype=torch.float64)  # b in Å²
         shape = (
             torch.sinc(self.lam * thickness[:, None, None] * s_band)
-            * torch.sinc(self.lam * self.blur * s_band)
+            * self.in_tile(s_band)
             * torch.exp(-decay[None, :, None] * s_band)
         )  # (n_t, n_b, bands)
         a = (weight * amplitude * shape).sum(-1) / (weight * shape**2).sum(-1).clamp(min=1e-30)
@@ -439,7 +450,7 @@ class _Fitter:
         lo = self.search.res_min**-2
         period = 1.0 / (self.lam * max(float(m), 1000.0))
         band = ((s - lo) / period).floor()
-        node = (torch.sinc(self.lam * t * s) * torch.sinc(self.lam * self.blur * s)).abs() < 0.3
+        node = (torch.sinc(self.lam * t * s) * self.tile_damping).abs() < 0.3
         weight = self.counts
         num = torch.zeros(int(band.max()) + 1, dtype=torch.float64)
         dd, mm_ = torch.zeros_like(num), torch.zeros_like(num)
