@@ -46,11 +46,13 @@ from subtomo.io.movies import MovieHeader, read_gain, read_movie_frames, read_mo
 from subtomo.project import run_job, write_job_report
 from subtomo.project.options import device_option, option, output_dir_option
 from subtomo.report.plots import plot_series
+from subtomo.tilt.local_motion import fit_motion_model, local_shifts, patch_residuals, unwarp
 from subtomo.tilt.motion import (
     accumulated_motion,
     align_frames,
     crop_shape,
     fourier_crop,
+    phase_ramp,
     shifted_sum,
 )
 
@@ -86,6 +88,8 @@ class MotionCorrParams:
         help="Dose per frame; <= 0: from the pre-exposures (weighting), 1 (accumulated motion).",
         unit="e/Å²",
     )  # fmt: skip
+    patch_x: int = option(1, "--patch_x", help="Patches in x for local motion; 1 x 1: none.")
+    patch_y: int = option(1, "--patch_y", help="Patches in y for local motion.")
     even_odd_split: bool = option(
         False, "--even_odd_split", help="Also write sums of the even and odd frames."
     )
@@ -110,14 +114,16 @@ def output_root(movie: str) -> str:
 
 @dataclass(frozen=True)
 class CorrectedMovie:
-    """The sums (real ``(h', w')`` float32 on the CPU), the shifts ``(t, 2)`` px and the
-    alignment iterations of one movie."""
+    """The sums (real ``(h', w')`` float32 on the CPU), the shifts ``(t, 2)`` px, the
+    alignment iterations and the local motion model's 36 coefficients (``None`` without
+    patches) of one movie."""
 
     total: torch.Tensor
     even: torch.Tensor | None
     odd: torch.Tensor | None
     shifts: np.ndarray
     iterations: int
+    coefficients: np.ndarray | None = None
 
 
 def correct_movie(
@@ -146,6 +152,20 @@ def correct_movie(
         max_iterations=params.max_iter,
     )  # fmt: skip
     shifts = alignment.shifts.to(torch.float32)
+    coefficients = None
+    if params.patch_x * params.patch_y > 1:
+        residuals, centres = patch_residuals(
+            spectra, alignment.shifts, pixel_size, (params.patch_x, params.patch_y),
+            align_pixel_size=params.align_angpix, bfactor=params.bfactor,
+        )  # fmt: skip
+        coefficients, used = fit_motion_model(residuals, centres)
+        log.info("%s: local motion from %d of %d patches", header.path, int(used.sum()), len(used))
+        for i in range(header.n_frames):  # spectra of the frames with all motion undone
+            ramp = phase_ramp(header.shape, -shifts[i : i + 1])[0]
+            aligned = torch.fft.irfft2(spectra[i] * ramp, s=header.shape)
+            field = local_shifts(coefficients, i, header.shape).to(aligned.dtype)
+            spectra[i] = torch.fft.rfft2(unwarp(aligned, field))
+        shifts = torch.zeros_like(shifts)
     out_shape = crop_shape(header.shape, params.bin_factor)
 
     def image(spectrum: torch.Tensor) -> torch.Tensor:
@@ -165,15 +185,20 @@ def correct_movie(
     if total_sum is None:
         total_sum = shifted_sum(spectra, shifts, weights)
     total = image(total_sum)
-    return CorrectedMovie(total, even, odd, alignment.shifts.cpu().numpy(), alignment.iterations)
+    return CorrectedMovie(
+        total, even, odd, alignment.shifts.cpu().numpy(), alignment.iterations,
+        None if coefficients is None else coefficients.numpy(),
+    )  # fmt: skip
 
 
 def _motion_star(
     path: Path, header: MovieHeader, movie: str, params: MotionCorrParams, row: pd.Series,
     pixel_size: float, voltage: float, shifts: np.ndarray, dose_rate: float,
+    coefficients: np.ndarray | None,
 ) -> None:  # fmt: skip
-    """RELION's per-movie motion file (``Micrograph::write``): data_general and
-    data_global_shift."""
+    """RELION's per-movie motion file (``Micrograph::write``): data_general,
+    data_global_shift and, with patches, data_local_motion_model (the 36 coefficients of
+    the correction, :mod:`subtomo.tilt.local_motion`)."""
     general: dict[str, object] = {
         "rlnImageSizeX": header.shape[1],
         "rlnImageSizeY": header.shape[0],
@@ -189,7 +214,7 @@ def _motion_star(
         "rlnMicrographPreExposure": float(row["rlnMicrographPreExposure"]),
         "rlnVoltage": voltage,
         "rlnMicrographStartFrame": 1,
-        "rlnMotionModelVersion": 0,
+        "rlnMotionModelVersion": 0 if coefficients is None else 1,
     }
     shift_table = pd.DataFrame(
         {
@@ -198,7 +223,12 @@ def _motion_star(
             "rlnMicrographShiftY": -shifts[:, 1].astype(np.float64),
         }
     )
-    write_star(path, {"general": general, "global_shift": shift_table})
+    blocks: dict[str, object] = {"general": general, "global_shift": shift_table}
+    if coefficients is not None:
+        blocks["local_motion_model"] = pd.DataFrame(
+            {"rlnMotionModelCoeffsIdx": np.arange(36), "rlnMotionModelCoeff": -coefficients}
+        )
+    write_star(path, blocks)
 
 
 def read_motion_star(path: str | Path) -> tuple[dict, np.ndarray]:
@@ -357,7 +387,7 @@ def _correct_series(
             # written last: its presence marks the movie done (--only_do_unfinished)
             _motion_star(
                 root.with_suffix(".star"), header, movie, params, tilts.iloc[i],
-                item.pixel_size, item.voltage, result.shifts, rate,
+                item.pixel_size, item.voltage, result.shifts, rate, result.coefficients,
             )  # fmt: skip
             shifts, iterations = result.shifts, result.iterations
         alias = job.alias + output_root(movie)

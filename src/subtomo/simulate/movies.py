@@ -83,15 +83,21 @@ def drift_trajectory(
 
 
 def local_deformation(
-    n_frames: int, amplitude_px: float, rng: np.random.Generator, grid: int = 3
+    n_frames: int, amplitude_px: float, rng: np.random.Generator, grid: int = 9
 ) -> np.ndarray:
-    """A smooth deformation ``(t, 2, grid, grid)`` xy px: at each of ``grid`` x ``grid``
-    control points a shift growing linearly with the frame index to a random vector of
-    size ``amplitude_px`` at the last frame (0 at frame 0)."""
-    end = rng.normal(0.0, amplitude_px / math.sqrt(2.0), size=(2, grid, grid))
-    end -= end.mean(axis=(1, 2), keepdims=True)  # no net shift: that is the drift's part
+    """A smooth deformation ``(t, 2, grid, grid)`` xy px sampled on a grid spanning the frame
+    (corners included): per axis a random quadratic field of the normalised position
+    (x, x², y, y², xy; mean over the frame removed - that part is drift), of RMS
+    ``amplitude_px`` at the last frame, growing linearly from 0 at frame 0 (as a specimen
+    domes under the beam)."""
+    u = np.linspace(-0.5, 0.5, grid)
+    y, x = np.meshgrid(u, u, indexing="ij")
+    terms = np.stack([x, x * x, y, y * y, x * y])  # (5, g, g)
+    field = np.einsum("at,tij->aij", rng.normal(size=(2, 5)), terms)
+    field -= field.mean(axis=(1, 2), keepdims=True)
+    field *= amplitude_px / max(float(np.sqrt((field**2).sum(axis=0).mean())), 1e-12)
     time = np.arange(n_frames, dtype=np.float64) / max(n_frames - 1, 1)
-    return time[:, None, None, None] * end[None]
+    return time[:, None, None, None] * field[None]
 
 
 def gain_pattern(

@@ -107,7 +107,11 @@ def _dft_matrices(n: int, centres: torch.Tensor, offsets: torch.Tensor, rfft: bo
 
 
 def _peaks(
-    cross: torch.Tensor, shape: tuple[int, int], upsample: int, around: torch.Tensor | None
+    cross: torch.Tensor,
+    shape: tuple[int, int],
+    upsample: int,
+    around: torch.Tensor | None,
+    max_shift: float | None = None,
 ) -> torch.Tensor:
     """Sub-pixel peak positions ``(b, 2)`` xy (grid pixels, in (-n/2, n/2]) of the cross-
     correlations whose rfft spectra are ``cross`` ``(b, h, w//2+1)``.
@@ -116,10 +120,15 @@ def _peaks(
     grid pixel around its integer maximum (inverse FFT), or ±2 around ``around`` ``(b, 2)``
     (a previous estimate; no inverse FFT); a maximum on the lattice's edge falls back to the
     inverse FFT. The last step is a parabola through the best lattice point's neighbours.
+    ``max_shift`` (grid px): the integer maximum is searched within that radius only.
     """
     h, w = shape
     if around is None:
         image = torch.fft.irfft2(cross, s=shape)  # (b, h, w)
+        if max_shift is not None:
+            ry = torch.fft.fftfreq(h, 1 / h, device=cross.device)[:, None]
+            rx = torch.fft.fftfreq(w, 1 / w, device=cross.device)[None, :]
+            image = image.masked_fill(rx**2 + ry**2 > max_shift**2, -torch.inf)
         flat = image.flatten(1).argmax(dim=1)
         iy = (flat // w + h // 2) % h - h // 2  # wrapped to -h/2 .. h/2-1
         ix = (flat % w + w // 2) % w - w // 2
@@ -142,7 +151,7 @@ def _peaks(
     best = fine.flatten(1).argmax(dim=1)
     by, bx = best // p, best % p
     if around is not None and bool(((by % (p - 1) == 0) | (bx % (p - 1) == 0)).any()):
-        return _peaks(cross, shape, upsample, None)
+        return _peaks(cross, shape, upsample, None, max_shift)
 
     def parabola(values: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         """Vertex offset (in lattice steps) of the parabola through i-1, i, i+1."""
@@ -170,6 +179,7 @@ def _refine(
     upsample: int,
     *,
     searched: bool,
+    max_shift: float | None = None,
 ) -> FrameAlignment:
     """Iterate the alignment from ``shifts`` on the grid Fourier-cropped to
     ``grid_pixel_size`` (Å); ``searched``: ``shifts`` are already near the peaks, so no
@@ -188,7 +198,8 @@ def _refine(
         aligned = cropped * phase_ramp(small, -shifts / scale)
         reference = aligned.sum(dim=0)[None] - aligned  # (t, h', w'): all frames but its own
         guess = shifts / scale if searched or iteration > 1 else None
-        new = _peaks(reference.conj_physical() * cropped, small, upsample, guess) * scale
+        limit = None if max_shift is None else max_shift / float(scale.min())
+        new = _peaks(reference.conj_physical() * cropped, small, upsample, guess, limit) * scale
         new = new - new[:1]
         change = float((new - shifts).norm(dim=1).max())
         shifts = new
@@ -204,6 +215,7 @@ def align_frames(
     max_iterations: int = 10,
     tolerance: float = 0.02,
     upsample: int = 10,
+    max_shift: float | None = None,
 ) -> FrameAlignment:
     """Whole-frame shifts of the frames whose rfft spectra are ``spectra`` ``(t, h, w//2+1)``.
 
@@ -212,7 +224,8 @@ def align_frames(
     ``exp(-bfactor |k|²/4)``. Iterates until the largest shift change is below
     ``tolerance`` pixels or ``max_iterations`` is reached, first on a grid of twice that
     pixel size (to 0.25 px; 4x fewer pixels), then on the full one. Shifts are in movie
-    pixels, frame 0 = 0 (module docstring for the sign).
+    pixels, frame 0 = 0 (module docstring for the sign). ``max_shift`` (movie px) bounds
+    each frame's shift from the aligned sum (patches of an already aligned movie).
     """
     shifts = torch.zeros(spectra.shape[0], 2, dtype=torch.float64, device=spectra.device)
     if spectra.shape[0] < 2:
@@ -221,12 +234,12 @@ def align_frames(
     if 2 * align_pixel_size > 1.5 * pixel_size:
         coarse = _refine(
             spectra, pixel_size, 2 * align_pixel_size, bfactor, shifts, max_iterations,
-            max(tolerance, 0.25), upsample, searched=False,
+            max(tolerance, 0.25), upsample, searched=False, max_shift=max_shift,
         )  # fmt: skip
         shifts = coarse.shifts
     fine = _refine(
         spectra, pixel_size, align_pixel_size, bfactor, shifts, max_iterations, tolerance,
-        upsample, searched=coarse is not None,
+        upsample, searched=coarse is not None, max_shift=max_shift,
     )  # fmt: skip
     used = fine.iterations + (coarse.iterations if coarse is not None else 0)
     return FrameAlignment(shifts=fine.shifts, iterations=used, last_change=fine.last_change)
