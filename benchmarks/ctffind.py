@@ -81,7 +81,7 @@ def main() -> None:
             clean += int((~truth).sum())
             for _, d in s.defects[s.defects["tilt"] == f].iterrows():
                 total += 1
-                found += bool(moved[int(d["y"]), int(d["x"])])
+                found += bool(moved[int(d["subtomoY"]), int(d["subtomoX"])])
     print(f"defocus median |error|: {np.median(zero):.0f} Å at 0° (bar 100), "
           f"{np.median(high):.0f} Å at |tilt| >= 55° (bar 300)")  # fmt: skip
     print(f"astigmatism angle median |error| (U - V >= 500 Å): {np.median(angle_err):.1f}° "

@@ -47,7 +47,7 @@ def test_erase_finds_defects_and_leaves_clean_pixels(project) -> None:
         # a defect is found when every one of its pixels was replaced
         t = int(row["tilt"])
         total += 1
-        found += bool(changed[t, int(row["y"]), int(row["x"])])
+        found += bool(changed[t, int(row["subtomoY"]), int(row["subtomoX"])])
     assert found >= 0.99 * total, (found, total)
     # erased pixels look like their surroundings: within 6 σ of the local counts
     assert float(images[~series.defect_mask].max()) < 100

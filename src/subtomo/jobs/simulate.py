@@ -10,6 +10,8 @@ to it)::
     <tomo>.mdoc                                        SerialEM-style, acquisition order
     frames/<tomo>_<k:03d>_<angle:.1f>.mrc|tif          with --movie-frames: one movie per tilt
     gain.mrc, motion_truth.star [, motion_truth_local.npz]   the movies' gain and true motion
+    detector_truth.star, defects.star                 with --ice-thickness/--hot-pixels/--xrays/
+                                                      --dark-tilt: the detector's truth
     particles.star, particles_picked.star              true and perturbed poses (+ optics)
     truth.mrc [, truth_<species>.mrc]                  maps as used, tilt-series pixel size
     simulation.json                                    every parameter, the seed, the species
@@ -46,6 +48,7 @@ from subtomo.io.mdoc import write_mdoc
 from subtomo.io.movies import unorient_gain, write_movie
 from subtomo.project.options import option
 from subtomo.simulate import SimulationParams, Species, simulate
+from subtomo.simulate.detector import DetectorParams, apply_detector, truth_tables
 from subtomo.simulate.movies import (
     MovieOptions,
     drift_trajectory,
@@ -67,6 +70,7 @@ class SimulateJob:
     out: Path
     simulation: SimulationParams = field(default_factory=SimulationParams)
     movies: MovieOptions | None = None
+    detector: DetectorParams | None = None
 
 
 def parse_tomogram_size(text: str) -> tuple[int, int, int]:
@@ -148,13 +152,22 @@ class SimulateParams:
         0.1, "--movie-contrast", help="Contrast of the specimen in the frames."
     )
     movie_format: str = option("mrc", "--movie-format", help="mrc | tiff")
+    detector_thickness: float = option(
+        0.0, "--ice-thickness", help="Sample slab whose Thon rings are added; 0: none.", unit="nm"
+    )
+    detector_hot_pixels: int = option(0, "--hot-pixels", help="Hot pixels per tilt image.")
+    detector_xrays: int = option(0, "--xrays", help="X-ray streaks per tilt image.")
+    detector_dark_tilts: tuple[int, ...] = option(
+        (), "--dark-tilt", help="0-based row (tilt order) of a dark tilt; repeat."
+    )
 
     def job(self) -> SimulateJob:
         """The preset with the options given."""
         changes = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("output_dir", "preset") and not f.name.startswith("movie_")
+            if f.name not in ("output_dir", "preset")
+            and not f.name.startswith(("movie_", "detector_"))
         }
         if self.maps and self.species_fraction is None:
             changes["species_fraction"] = ()  # own maps: equal shares, not the preset's
@@ -167,7 +180,16 @@ class SimulateParams:
                 gain_rotation=self.movie_gain_rot, gain_flip=self.movie_gain_flip,
                 contrast=self.movie_contrast, file_format=self.movie_format,
             )  # fmt: skip
-        return SimulateJob(out=Path(self.output_dir), simulation=simulation, movies=movies)
+        detector = None  # subtomo.simulate.detector: sample background, defects, dark tilts
+        if self.detector_thickness > 0 or self.detector_hot_pixels or self.detector_xrays or (
+                self.detector_dark_tilts):  # fmt: skip
+            detector = DetectorParams(
+                thickness_nm=self.detector_thickness, contrast=1.0 if self.detector_thickness
+                else 0.0, hot_pixels=self.detector_hot_pixels, xrays=self.detector_xrays,
+                dark_tilts=tuple(self.detector_dark_tilts),
+            )  # fmt: skip
+        return SimulateJob(out=Path(self.output_dir), simulation=simulation, movies=movies,
+                           detector=detector)  # fmt: skip
 
 
 def _species_name(path: Path) -> str:
@@ -259,6 +281,7 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
     tilt_tables = {}
     rng = np.random.default_rng(params.seed)
     truth: dict[str, list] = {}
+    detector_truth: list[tuple[pd.DataFrame, pd.DataFrame]] = []
     sensitivity = None
     with contextlib.chdir(out):
         if job.movies is not None:
@@ -274,6 +297,11 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
                 f"tilt_series/{name}/{name}_{k + 1:03d}_{a:.1f}.mrc"
                 for k, a in zip(order, angles, strict=True)
             ]
+            if job.detector is not None:
+                optics = (params.voltage, params.cs, params.amplitude_contrast)
+                images, _, defects = apply_detector(
+                    images, table, optics, px, job.detector, rng)  # fmt: skip
+                detector_truth.append(truth_tables(name, files, table, job.detector, defects))
             for file, image in zip(files, images, strict=True):
                 write_mrc(file, image, px)
             table.insert(0, "rlnMicrographName", files)
@@ -311,6 +339,10 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
             del images
         if job.movies is not None:
             _write_motion_truth(truth)
+        if detector_truth:
+            tilt_truth, defects = zip(*detector_truth, strict=True)
+            write_star("detector_truth.star", {"tilts": pd.concat(tilt_truth, ignore_index=True)})
+            write_star("defects.star", {"defects": pd.concat(defects, ignore_index=True)})
         TomogramSet.from_tables(sim.global_table, tilt_tables).write(
             "tomograms.star", "tilt_series"
         )

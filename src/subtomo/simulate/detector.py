@@ -47,8 +47,10 @@ __all__ = [
     "DetectorParams",
     "DetectorSeries",
     "add_defects",
+    "apply_detector",
     "detector_series",
     "sample_background",
+    "truth_tables",
     "write_detector_series",
 ]
 
@@ -151,17 +153,17 @@ def _streak(
 
 
 def add_defects(
-    images: torch.Tensor, params: DetectorParams, rng: np.random.Generator
+    images: torch.Tensor, params: DetectorParams, rng: np.random.Generator, sigma: float
 ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
-    """Hot pixels and X-ray hits added to counted ``images`` ``(t, h, w)``.
+    """Hot pixels and X-ray hits added to ``images`` ``(t, h, w)`` whose noise is ``sigma``.
 
     Returns the images, the defect mask ``(t, h, w)`` bool and one row per defect (tilt row
-    0-based, kind, first pixel x/y, pixels, amplitude in noise σ).
+    0-based, then subtomoDefectKind, subtomoX/Y of its first pixel, subtomoPixels and
+    subtomoPeakSigma, its amplitude in noise σ).
     """
     t, h, w = images.shape
     images = images.clone()
     mask = torch.zeros(t, h, w, dtype=torch.bool)
-    sigma = math.sqrt(params.dose_per_px)
     hot = rng.choice(h * w, size=params.hot_pixels, replace=False)
     hot_amp = rng.uniform(*params.defect_sigma, size=params.hot_pixels)
     rows = []
@@ -176,10 +178,59 @@ def add_defects(
             images[f, yt, xt] += float(amp * sigma)
             mask[f, yt, xt] = True
             rows.append((f, kind, int(xs[0]), int(ys[0]), len(ys), float(amp)))
-    table = pd.DataFrame(rows, columns=["tilt", "kind", "x", "y", "pixels", "sigma"]).astype(
-        {"tilt": int, "x": int, "y": int, "pixels": int}
+    columns = ["tilt", "subtomoDefectKind", "subtomoX", "subtomoY", "subtomoPixels",
+               "subtomoPeakSigma"]  # fmt: skip
+    table = pd.DataFrame(rows, columns=columns).astype(
+        {"tilt": int, "subtomoX": int, "subtomoY": int, "subtomoPixels": int}
     )
     return images, mask, table
+
+
+def apply_detector(
+    images: torch.Tensor,
+    tilts: pd.DataFrame,
+    optics: tuple[float, float, float],
+    pixel_size: float,
+    params: DetectorParams,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
+    """Add the sample background, defects and dark tilts to rendered tilt images
+    ``(t, h, w)`` whose noise σ is their standard deviation (``subtomo simulate``): the
+    background at ``contrast`` times that noise's power, defects in units of it, dark rows
+    scaled by ``dark_fraction``. Returns images, defect mask and defects
+    (:func:`add_defects`)."""
+    sigma = float(images.std())
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    w, h = images.shape[-1], images.shape[-2]
+    background = sample_background((w, h), pixel_size, optics, tilts, params, generator)
+    images = images.cpu() + sigma * math.sqrt(params.dose_per_px) * background
+    images[list(params.dark_tilts)] *= params.dark_fraction
+    return add_defects(images, params, rng, sigma)
+
+
+def truth_tables(
+    name: str, files: list[str], tilts: pd.DataFrame, params: DetectorParams,
+    defects: pd.DataFrame,
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """``(per-tilt truth, defects)`` of one series for ``detector_truth.star`` and
+    ``defects.star``: per tilt the true central CTF, hand, slab thickness, dark flag and defect
+    count; per defect its image, kind, first pixel, size and amplitude."""
+    counts = defects.groupby("tilt").size()
+    per_tilt = pd.DataFrame({
+        "rlnTomoName": name,
+        "rlnMicrographName": files,
+        "rlnTomoNominalStageTiltAngle": tilts["rlnTomoNominalStageTiltAngle"].to_numpy(),
+        "rlnDefocusU": tilts["rlnDefocusU"].to_numpy(),
+        "rlnDefocusV": tilts["rlnDefocusV"].to_numpy(),
+        "rlnDefocusAngle": tilts["rlnDefocusAngle"].to_numpy(),
+        "rlnTomoHand": params.hand,
+        "subtomoSampleThicknessNm": params.thickness_nm,
+        "subtomoDark": [int(f in params.dark_tilts) for f in range(len(files))],
+        "subtomoDefects": [int(counts.get(f, 0)) for f in range(len(files))],
+    })  # fmt: skip
+    table = defects.copy()
+    table.insert(0, "rlnMicrographName", [files[f] for f in table["tilt"]])
+    return per_tilt, table.drop(columns="tilt")
 
 
 @dataclass
@@ -188,8 +239,8 @@ class DetectorSeries:
 
     ``global_row`` / ``tilts``: RELION 5 tables (tilts in ascending angle; the central CTF in
     rlnDefocusU/V/Angle is the truth, as is ``global_row["rlnTomoHand"]``); ``images``
-    ``(t, h, w)`` float32 counts; ``defect_mask`` and ``defects`` the injected defects;
-    ``dark`` the dark rows.
+    ``(t, h, w)`` float32 counts; ``defect_mask`` and ``defects`` the injected defects
+    (the dark rows are ``params.dark_tilts``).
     """
 
     name: str
@@ -199,7 +250,6 @@ class DetectorSeries:
     params: DetectorParams
     defect_mask: torch.Tensor
     defects: pd.DataFrame = field(repr=False)
-    dark: tuple[int, ...] = ()
 
 
 def detector_series(
@@ -243,7 +293,7 @@ def detector_series(
     dose = torch.full((t, 1, 1), params.dose_per_px)
     dose[list(params.dark_tilts)] *= params.dark_fraction
     images = torch.poisson((dose * (1 + background)).clamp(min=0), generator=generator)
-    images, mask, defects = add_defects(images, params, rng)
+    images, mask, defects = add_defects(images, params, rng, math.sqrt(params.dose_per_px))
     w, h = image_size
     global_row = {
         "rlnTomoName": name,
@@ -258,8 +308,7 @@ def detector_series(
         "rlnTomoSizeZ": 2 * round(params.thickness_nm * 5 / pixel_size + 1),
         "rlnTomoImportFractionalDose": 3.0,
     }
-    return DetectorSeries(name, global_row, tilts, images, params, mask, defects,
-                          tuple(params.dark_tilts))  # fmt: skip
+    return DetectorSeries(name, global_row, tilts, images, params, mask, defects)
 
 
 def write_detector_series(
@@ -293,22 +342,9 @@ def _write_series(series: list[DetectorSeries], hand_written: int | None) -> Pat
         if hand_written is not None:
             row["rlnTomoHand"] = hand_written
         rows.append(row)
-        n_defects = s.defects.groupby("tilt").size()
-        truth_rows.append(pd.DataFrame({
-            "rlnTomoName": s.name,
-            "rlnMicrographName": names,
-            "rlnTomoNominalStageTiltAngle": s.tilts["rlnTomoNominalStageTiltAngle"],
-            "rlnDefocusU": s.tilts["rlnDefocusU"],
-            "rlnDefocusV": s.tilts["rlnDefocusV"],
-            "rlnDefocusAngle": s.tilts["rlnDefocusAngle"],
-            "rlnTomoHand": s.global_row["rlnTomoHand"],
-            "subtomoSampleThicknessNm": s.params.thickness_nm,
-            "subtomoDark": [int(f in s.dark) for f in range(len(names))],
-            "subtomoDefects": [int(n_defects.get(f, 0)) for f in range(len(names))],
-        }))  # fmt: skip
-        defects = s.defects.copy()
-        defects.insert(0, "rlnMicrographName", [names[f] for f in defects["tilt"]])
-        defect_tables.append(defects.drop(columns="tilt"))
+        per_tilt, defects = truth_tables(s.name, names, s.tilts, s.params, s.defects)
+        truth_rows.append(per_tilt)
+        defect_tables.append(defects)
     TomogramSet.from_tables(pd.DataFrame(rows), tables).write("tomograms.star", "tilt_series")
     write_star("detector_truth.star",
                {"tilts": pd.concat(truth_rows, ignore_index=True)})  # fmt: skip
