@@ -113,8 +113,11 @@ def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[torch.Ten
             with tifffile.TiffFile(path) as tif:
                 for start in range(0, header.n_frames, batch):
                     stop = min(start + batch, header.n_frames)
-                    pages = np.stack([tif.pages[j].asarray() for j in range(start, stop)])
-                    yield torch.from_numpy(pages).flip(-2)
+                    first = tif.pages[start].asarray()
+                    pages = np.empty((stop - start, *first.shape), dtype=first.dtype)
+                    for j in range(start, stop):
+                        pages[j - start] = (first if j == start else tif.pages[j].asarray())[::-1]
+                    yield torch.from_numpy(pages)
         except InputError:
             raise
         except Exception as exc:

@@ -146,7 +146,8 @@ def _peaks(
     col = torch.full((w // 2 + 1,), 2.0, dtype=torch.float64, device=cross.device)
     col[0] = 1.0
     col[-1] = 1.0 if w % 2 == 0 else 2.0
-    fine = (ey @ cross.to(torch.complex128) @ (ex * col).transpose(1, 2)).real  # (b, p, p)
+    ey, ex = ey.to(torch.complex64), (ex * col).to(torch.complex64)
+    fine = (ey @ cross @ ex.transpose(1, 2)).real.double()  # (b, p, p)
     p = len(offsets)
     best = fine.flatten(1).argmax(dim=1)
     by, bx = best // p, best % p
