@@ -5,7 +5,8 @@ found in every tilt image and filled with local-statistics noise, like IMOD's cc
 RELION 5 has no such job; its outputs follow the other tilt-series jobs: the erased images
 ``<name>/<micrograph>.mrc``, ``erased_tilt_series.star`` (global) with
 ``tilt_series/<name>.star`` naming them in rlnMicrographName (every other column kept), and
-``defects.star`` (one row per defect: tilt series, image, x, y, pixels, peak in σ), with a plot
+``defects.star`` (one row per defect: tilt series, image, x, y, pixels, peak above the
+image median in σ), with a plot
 of defects per tilt and ``report.html``.
 """
 
@@ -27,7 +28,7 @@ from subtomo.io import read_mrc_header, write_mrc, write_star
 from subtomo.project import run_job, write_job_report
 from subtomo.project.options import device_option, option, output_dir_option
 from subtomo.report.plots import plot_xy
-from subtomo.tilt.xrays import erase_defects, find_defects, median_filter, robust_sigma
+from subtomo.tilt.xrays import erase_defects, find_defects, robust_sigma
 
 __all__ = ["EraseXraysParams", "run"]
 
@@ -50,16 +51,15 @@ class EraseXraysParams:
     project_dir: str = "."
 
 
-def _defects(
-    image: torch.Tensor, mask: torch.Tensor, size: int
-) -> list[tuple[int, int, int, float]]:
-    """(x, y, pixels, peak σ) of each 8-connected defect of ``mask``."""
+def _defects(image: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int, int, float]]:
+    """(x, y, pixels, peak over the image median in σ) of each 8-connected defect."""
     labels, n = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3)))
     if n == 0:
         return []
-    residual = (image.float() - median_filter(image, size)).cpu().numpy()
-    sigma = max(robust_sigma(torch.from_numpy(residual)), 1e-30)
-    peaks = ndimage.maximum(residual, labels, index=np.arange(1, n + 1)) / sigma
+    values = image.float().cpu()
+    sigma = max(robust_sigma(values - values.median()), 1e-30)
+    excess = (values - values.median()).numpy() / sigma
+    peaks = ndimage.maximum(excess, labels, index=np.arange(1, n + 1))
     where = ndimage.find_objects(labels)
     sizes = np.bincount(labels.ravel())[1:]
     return [(int(w[1].start), int(w[0].start), int(c), float(p))
@@ -94,7 +94,7 @@ def run(params: EraseXraysParams) -> dict[str, str]:
                 for f, path in enumerate(paths[series.name]):
                     image = read_tilt(series, f, device=device)
                     mask = find_defects(image, params.threshold, params.grow, params.size)
-                    found = _defects(image, mask, params.size)
+                    found = _defects(image, mask)
                     counts.append(len(found))
                     rows += [(series.name, path.name, *d) for d in found]
                     out = job.path(f"{series.name}/{path.name}")
