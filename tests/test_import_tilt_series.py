@@ -68,6 +68,7 @@ def test_real_serialem_mdoc_imports_and_round_trips(shared_data):
     }
     blocks = read_star("Import/job001/tilt_series.star")
     assert list(blocks["global"].columns) == IMPORT_GLOBAL_COLUMNS
+    assert Path("Import/job001/tilt_scheme.png").is_file()
     assert blocks["global"]["rlnMicrographOriginalPixelSize"].iloc[0] == pytest.approx(1.35)
     assert blocks["global"]["rlnTomoHand"].iloc[0] == -1
     tilts = TomogramSet.read("Import/job001/tilt_series.star")["TS_01"].tilts

@@ -42,6 +42,7 @@ from subtomo.io.movies import read_movie_header
 from subtomo.io.mrc import read_mrc_header
 from subtomo.project import run_job, write_job_report
 from subtomo.project.options import option, output_dir_option
+from subtomo.report.plots import plot_series
 
 __all__ = ["ImportTomoParams", "base_name", "import_tilt_series", "run"]
 
@@ -289,6 +290,16 @@ def run(params: ImportTomoParams) -> dict[str, str]:
         TomogramSet.from_tables(global_table, tables).write(star, job.path("tilt_series"))
         n_tilts = sum(len(t) for t in tables.values())
         log.info("Imported %d tilt series (%d tilts)", len(tables), n_tilts)
+        longest = max(len(t) for t in tables.values())
+        curves = {
+            name: [*t["rlnTomoNominalStageTiltAngle"], *[np.nan] * (longest - len(t))]
+            for name, t in list(tables.items())[:8]
+        }
+        plot_series(
+            job.path("tilt_scheme.png"), [str(k + 1) for k in range(longest)], curves,
+            xlabel="acquisition order (mdoc DateTime)", ylabel="tilt angle (deg)",
+            title="tilt scheme (first 8 series)",
+        )  # fmt: skip
         outputs[job.alias + "tilt_series.star"] = NODE_TYPE
         write_job_report(job, outputs)
     return outputs
