@@ -291,3 +291,36 @@ def test_motioncorr_with_patches_writes_the_local_model():
         even, _ = read_mrc(row["rlnMicrographNameEven"])
         odd, _ = read_mrc(row["rlnMicrographNameOdd"])
         torch.testing.assert_close(even + odd, total, atol=1e-2, rtol=1e-4)
+
+
+def test_dose_weighting_keeps_the_mean_and_the_noise_power():
+    """--dose_weighting: the weighted sum of a movie of pure counting noise has the mean and,
+    at every frequency band, the noise power of the plain sum (the weights are scaled by
+    sqrt(t / Σw²)); a specimen's lowest frequencies (weights ~1) are the plain sum's."""
+    from subtomo.io.movies import read_movie_header, write_movie
+    from subtomo.jobs.motioncorr import MotionCorrParams, correct_movie
+
+    rng = np.random.default_rng(4)
+    for contrast in (0.0, 0.3):
+        movie = simulate_movie(
+            specimen_texture((128, 128), 1.0, rng, resolution=3.0), pixel_size=1.0, dose=40.0,
+            n_frames=8, shifts=np.zeros((8, 2)), contrast=contrast, rng=rng,
+        )  # fmt: skip
+        write_movie("m.mrc", movie.frames.numpy(), 1.0)
+        header = read_movie_header("m.mrc")
+        sums = [
+            correct_movie(
+                header, None, MotionCorrParams(input_star="-", dose_weighting=weighted), 1.0,
+                5.0, torch.device("cpu"),
+            ).total
+            for weighted in (False, True)
+        ]  # fmt: skip
+        plain, weighted = (torch.fft.rfft2(image).abs() for image in sums)
+        assert float(weighted[0, 0]) == pytest.approx(float(plain[0, 0]), rel=1e-5)
+        if contrast == 0:
+            for band in (slice(1, 20), slice(20, 45), slice(45, 65)):
+                ratio = weighted[:, band].pow(2).sum() / plain[:, band].pow(2).sum()
+                assert 0.85 < float(ratio) < 1.15, (band, float(ratio))
+        else:
+            low = weighted[:2, :2].sum() / plain[:2, :2].sum()
+            assert float(low) == pytest.approx(1.0, abs=0.02)

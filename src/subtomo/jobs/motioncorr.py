@@ -174,7 +174,7 @@ def correct_movie(
     weights = None
     if params.dose_weighting and dose_per_frame is not None:
         doses = dose_per_frame * torch.arange(header.n_frames, device=device, dtype=torch.float64)
-        weights = dose_weights(doses[:, None, None], pixel_size, header.shape, device=device)
+        weights = dose_weights(doses, pixel_size, header.shape, device=device)  # (t, h, w')
     even = odd = total_sum = None
     if params.even_odd_split:
         even_sum = shifted_sum(spectra[0::2], shifts[0::2])

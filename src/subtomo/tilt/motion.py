@@ -252,12 +252,13 @@ def shifted_sum(
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Σ_i w_i F_i exp(+2πi k·s_i)``: the frames aligned (moved by ``-s_i``) and summed,
-    ``(h, w//2+1)``. ``weights`` ``(t, h, w//2+1)`` (dose weights) are normalised so that
-    their sum over frames is ``t`` at every frequency: with equal weights this is the plain
-    sum, and the mean count of the sum is unchanged."""
+    ``(h, w//2+1)``. ``weights`` ``(t, h, w//2+1)`` (dose weights) are scaled by
+    ``sqrt(t / Σ w²)`` at each frequency (Grant & Grigorieff 2015): the noise power of the
+    weighted sum is that of the plain sum, which it equals where all weights are 1 (the
+    mean count)."""
     shape = (spectra.shape[-2], 2 * (spectra.shape[-1] - 1))
     total = torch.zeros_like(spectra[0])
-    norm = None if weights is None else len(spectra) / weights.sum(dim=0).clamp_min(1e-12)
+    norm = None if weights is None else (len(spectra) / weights.square().sum(dim=0)).sqrt()
     for i in range(len(spectra)):
         term = spectra[i] * phase_ramp(shape, -shifts[i : i + 1])[0]
         if weights is not None:
