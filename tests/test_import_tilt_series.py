@@ -15,7 +15,7 @@ import pytest
 from subtomo.cli import main as cli
 from subtomo.data import TomogramSet
 from subtomo.errors import InputError
-from subtomo.io import read_mdoc, read_star, write_mdoc
+from subtomo.io import read_mdoc, read_star, write_mdoc, write_mrc
 from subtomo.io.movies import write_movie
 from subtomo.jobs.importtomo import ImportTomoParams, base_name, run
 
@@ -177,3 +177,21 @@ def test_bad_pattern_and_options(capsys):
     )
     with pytest.raises(InputError):
         run(ImportTomoParams(movie_files="frames/*.mrc", mdoc_files="none*.mdoc"))
+
+
+def test_motion_corrected_tilt_images():
+    """--images_are_motion_corrected: single tilt images, rlnMicrographName and
+    rlnTomoTiltSeriesPixelSize, no movie columns (RELION's import of corrected images)."""
+    _dose_symmetric_project()
+    for movie in Path("frames").glob("*.mrc"):
+        write_mrc(movie, np.ones((8, 8), np.float32), 2.0)
+    run(
+        ImportTomoParams(
+            movie_files="frames/*.mrc", mdoc_files="*.mdoc", images_are_motion_corrected=True
+        )
+    )
+    tomos = TomogramSet.read("Import/job001/tilt_series.star")
+    assert tomos.global_table["rlnTomoTiltSeriesPixelSize"].iloc[0] == pytest.approx(2.0)
+    tilts = tomos["ts"].tilts
+    assert "rlnMicrographMovieName" not in tilts.columns
+    assert tilts["rlnMicrographName"].tolist()[:2] == ["frames/ts_0.0.mrc", "frames/ts_3.0.mrc"]
