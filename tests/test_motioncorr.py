@@ -198,6 +198,9 @@ def test_motioncorr_bad_input(capsys):
     capsys.readouterr()
     write_mrc("small_gain.mrc", np.ones((100, 100), np.float32), 10.0)
     assert "small_gain.mrc" in _motioncorr_error(capsys, "--gain_ref", "small_gain.mrc")
+    assert "--gain_flip 3" in _motioncorr_error(
+        capsys, "--gain_ref", "gain.mrc", "--gain_flip", "3"
+    )
     movie = sorted(Path("frames").glob("*.mrc"))[2]
     data = movie.read_bytes()
     movie.write_bytes(data[: len(data) // 2])

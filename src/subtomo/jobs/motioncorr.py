@@ -271,6 +271,10 @@ def _check_inputs(
     the gain of that size. ``InputError`` naming the file otherwise."""
     if params.bin_factor < 1:
         raise InputError(f"--bin_factor {params.bin_factor:g} must be >= 1")
+    if params.gain_flip not in (0, 1, 2):
+        raise InputError(f"--gain_flip {params.gain_flip} must be 0, 1 or 2")
+    if min(params.patch_x, params.patch_y, params.batch, params.max_iter) < 1:
+        raise InputError("--patch_x, --patch_y, --batch and --max_iter must be >= 1")
     work, shapes = [], {}
     for series in tomos:
         tilts = series.tilts
