@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,3 +82,14 @@ def test_exclude_tilts_by_rule(project) -> None:
     assert reasons[60.0] == "listed by the user"
     assert "dropped tilts" in report and "listed by the user" in report
     assert header.columns[-1] == "rlnTomoTiltSeriesStarFile"
+
+
+def test_dark_rule_for_counts_and_normalised_images() -> None:
+    """Counts: a tilt with a fifth of the dose is dark by its mean; normalised (zero-mean)
+    images: by its standard deviation; a constant image is blank."""
+    from subtomo.tilt.exclusion import by_intensity
+
+    means, stds = [12.0, 12.1, 2.4, 11.9, 12.0], [3.5, 3.5, 1.5, 3.4, 0.0]
+    assert list(by_intensity(np.array(means), np.array(stds), 0.3)) == [2, 4]
+    zero_mean = by_intensity(np.array([0.1, -0.2, 0.0, 0.05]), np.array([30.0, 31, 0.6, 29]), 0.3)
+    assert list(zero_mean) == [2] and zero_mean[2].startswith("dark: standard deviation")

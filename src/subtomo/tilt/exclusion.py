@@ -4,8 +4,9 @@ Each rule looks at one per-tilt table (and, for dark images, the images' mean co
 returns ``{row: reason}``; :func:`exclusions` joins them (a tilt dropped by several rules
 lists every reason).
 
-* **dark**: a mean below ``dark_fraction`` of the series' median mean (a closed valve, a grid
-  bar, a missed exposure), or a constant image (**blank**).
+* **dark**: a mean (of counts; the standard deviation of normalised images) below
+  ``dark_fraction`` of the series' median (a closed valve, a grid bar, a missed exposure), or
+  a constant image (**blank**).
 * **CTF**: rlnCtfMaxResolution worse (larger) than ``max_resolution`` Å (``subtomo ctffind``
   writes 999 where it found no Thon rings).
 * **drift**: rlnAccumMotionTotal above ``max_motion`` (RELION's unit: unbinned movie pixels).
@@ -23,14 +24,19 @@ __all__ = ["by_ctf_resolution", "by_intensity", "by_list", "by_motion", "exclusi
 
 
 def by_intensity(means: np.ndarray, stds: np.ndarray, dark_fraction: float) -> dict[int, str]:
-    """Rows whose image is constant (blank) or darker than ``dark_fraction`` x the median."""
+    """Rows whose image is constant (blank) or dark: for counts (series median mean more than
+    3 x its median standard deviation) a mean below ``dark_fraction`` x the median mean, for
+    images without an offset (normalised, zero mean) a standard deviation below
+    ``dark_fraction`` x the median one."""
     out: dict[int, str] = {}
-    median = float(np.median(means))
-    for f, (mean, std) in enumerate(zip(means, stds, strict=True)):
+    counts = float(np.median(means)) > 3 * float(np.median(stds))
+    values, what = (means, "mean") if counts else (stds, "standard deviation")
+    median = float(np.median(values))
+    for f, (value, std) in enumerate(zip(values, stds, strict=True)):
         if std == 0:
             out[f] = "blank image (constant)"
-        elif dark_fraction > 0 and mean < dark_fraction * median:
-            out[f] = f"dark: mean {mean:.3g} < {dark_fraction:g} x series median {median:.3g}"
+        elif dark_fraction > 0 and value < dark_fraction * median:
+            out[f] = f"dark: {what} {value:.3g} < {dark_fraction:g} x series median {median:.3g}"
     return out
 
 
