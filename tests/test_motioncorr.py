@@ -278,7 +278,7 @@ def test_local_motion_model_recovers_the_simulated_deformation():
 def test_motioncorr_with_patches_writes_the_local_model():
     """--patch_x/--patch_y: rlnMotionModelVersion 1 and data_local_motion_model (36
     coefficients, RELION's order) in every motion STAR; EVN + ODD is still the sum."""
-    _simulated_project("--movie-local", "2")
+    _simulated_project("--movie-local", "2", "--tilt-range", "6")  # 3 tilts
     argv = ["motioncorr", "--i", "Import/job001/tilt_series.star", "--gain_ref", "gain.mrc",
             "--gain_rot", "1", "--gain_flip", "2", "--patch_x", "2", "--patch_y", "2",
             "--even_odd_split"]  # fmt: skip
