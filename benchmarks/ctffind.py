@@ -85,7 +85,8 @@ def main() -> None:
     print(f"defocus median |error|: {np.median(zero):.0f} Å at 0° (bar 100), "
           f"{np.median(high):.0f} Å at |tilt| >= 55° (bar 300)")  # fmt: skip
     print(f"astigmatism angle median |error| (U - V >= 500 Å): {np.median(angle_err):.1f}° "
-          f"(bar 10), max {np.max(angle_err):.1f}°")  # fmt: skip
+          f"(bar 10), {np.mean(np.array(angle_err) <= 10) * 100:.0f} % of tilts within 10°, "
+          f"max {np.max(angle_err):.1f}°")  # fmt: skip
     print(
         f"X-rays: {found}/{total} defects found ({100 * found / total:.2f} %, bar 99), "
         f"{changed} of {clean} clean pixels changed ({100 * changed / clean:.4f} %, bar 0.01)"

@@ -502,15 +502,23 @@ def fit_tilt(
     fitter.normalise(mpq[0])
     slope, offsets = float("nan"), zeros
     if len(spectra.position) > 2:
-        span = 1.5 * pixel_size * float(spectra.gradient.norm()) * float(
-            spectra.position.abs().max()) + 200.0  # fmt: skip
-        x = spectra.position - spectra.position.mean()
         for _ in range(2):  # strips' defoci, then (m, p, q) with the strips at those offsets
-            deltas = fitter.strip_defoci(mpq, 0.0, span)
-            slope = float((x * (deltas - deltas.mean())).sum() / (x**2).sum())
+            slope = _strip_slope(fitter, mpq, 0.0, spectra, pixel_size)
             offsets = slope * spectra.position
             mpq = fitter.refine(mpq, 0.0, offsets)
     return _result(fitter, mpq, 0.0, offsets, slope), fitter, mpq
+
+
+def _strip_slope(fitter: _Fitter, mpq, thickness: float, spectra: TiltSpectra,
+                 pixel_size: float) -> float:  # fmt: skip
+    """Defocus slope along the gradient (Å per px): the strips' defoci (at ``thickness``
+    along the beam, Å) regressed on their positions; NaN with fewer than 3 strips."""
+    if len(spectra.position) < 3:
+        return float("nan")
+    span = pixel_size * float(spectra.gradient.norm()) * float(spectra.position.abs().max())
+    deltas = fitter.strip_defoci(mpq, thickness, 1.5 * span + 200.0)
+    x = spectra.position - spectra.position.mean()
+    return float((x * (deltas - deltas.mean())).sum() / (x**2).sum())
 
 
 def _result(fitter: _Fitter, mpq, thickness: float, offsets: torch.Tensor, slope: float) -> CtfFit:
@@ -630,19 +638,25 @@ def estimate_series(
     usable = np.array([r is not None and abs(float(np.degrees(np.arccos(min(1.0, 1 / float(
         factors[f])))))) >= 15.0 for f, r in enumerate(first)])  # fmt: skip
     slopes = np.array([r[0].slope if r is not None else np.nan for r in first])
-    hand, beta, error = series_hand(slopes, gradients.numpy(), pixel_size, usable)
-    hand_slope = float(hand) if hand else 0.0
-    offsets = [strip_offsets(r[3].position, r[3].gradient, pixel_size, hand_slope)
-               if r is not None else None for r in first]  # fmt: skip
     thickness_nm = float("nan")
-    if search.thickness and any(r is not None for r in first):
-        candidates = np.arange(0.0, search.thickness_max_nm + 1e-6, 5.0)
+    candidates = np.arange(0.0, search.thickness_max_nm + 1e-6, 5.0)
+    fitted = search.thickness and any(r is not None for r in first)
+    for _ in range(2 if fitted else 0):  # the gradient and the thickness inform each other
+        hand = series_hand(slopes, gradients.numpy(), pixel_size, usable)[0]
         scores = np.full((n, len(candidates)), np.nan)
         for f, r in enumerate(first):
             if r is not None:
+                offsets = strip_offsets(r[3].position, r[3].gradient, pixel_size, float(hand))
                 along_beam = torch.tensor(candidates * 10.0 * float(factors[f]))
-                scores[f] = r[1].thickness_scores(r[2], along_beam, offsets[f]).numpy()
+                scores[f] = r[1].thickness_scores(r[2], along_beam, offsets).numpy()
         thickness_nm = series_thickness(scores, candidates)
+        slopes = np.array([
+            _strip_slope(r[1], r[2], thickness_nm * 10.0 * float(factors[f]), r[3], pixel_size)
+            if r is not None else np.nan for f, r in enumerate(first)
+        ])  # fmt: skip
+    hand, beta, error = series_hand(slopes, gradients.numpy(), pixel_size, usable)
+    offsets = [strip_offsets(r[3].position, r[3].gradient, pixel_size, float(hand))
+               if r is not None else None for r in first]  # fmt: skip
     fits: list[CtfFit | None] = []
     diagnostics: list[torch.Tensor | None] = []
     for f, r in enumerate(first):
@@ -651,7 +665,7 @@ def estimate_series(
             diagnostics.append(None)
             continue
         along = 0.0 if math.isnan(thickness_nm) else thickness_nm * 10.0 * float(factors[f])
-        fit, mpq = refine_central(r[1], r[2], along, offsets[f], r[0].slope)
+        fit, mpq = refine_central(r[1], r[2], along, offsets[f], float(slopes[f]))
         fits.append(fit)
         diagnostics.append(diagnostic_image(r[1], r[3], mpq, along, pixel_size, search.box))
     return SeriesFit(fits, hand, beta, error, thickness_nm, diagnostics)
