@@ -19,11 +19,15 @@ sign between them. Steps, for each tilt:
 3. **Astigmatism**: ``Δf(θ) = m + p cos 2θ + q sin 2θ`` (U, V = m ± √(p²+q²), angle
    ½ atan2(q, p)); a grid over (m, p, q) to 10 Å (below the first thickness node), then
    L-BFGS of the correlation (torch autograd) over the fit range.
-4. **Thickness**: the sinc factor's ``t`` on a grid, for a whole series at once
-   (``t_f = T · slab_depth_factor_f``): :func:`series_thickness`.
-5. **Gradient and hand**: the mean defocus of each strip (others fixed); the slope of defocus
-   against the strip's position along the gradient, per tilt, against ``px · |g_f|``: the
-   regression coefficient is ``hand · rlnTomoDefocusSlope`` (:func:`series_hand`).
+4. **Gradient**: the mean defocus of each strip (the rest fixed), regressed on the strips'
+   positions along the gradient: the tilt's defocus slope (Å/px). The rings of one tile are
+   also damped by the gradient inside it, modelled exactly (:meth:`_Fitter.in_tile`).
+5. **Thickness and hand** (whole series): the signed ring amplitude of every Thon ring
+   fitted by ``a · exp(-b s) · sinc(λ t_f s)``, ``t_f = T · slab_depth_factor_f``, with a free
+   envelope per tilt so that only nodes and sign flips decide ``T``
+   (:func:`series_thickness`); the slopes against ``px · |g_f|`` give the regression
+   coefficient ``hand · rlnTomoDefocusSlope`` (:func:`series_hand`). The strips' defoci are
+   refitted at the thickness found and both are estimated again (twice).
 6. **Central defocus**: (m, p, q) refined on all strips jointly, each strip's model at its
    defocus offset ``hand · px · g · (u, v)`` (Thon rings of a tilted image do not blur).
 7. **Fit resolution**: correlation per Thon ring (averaged over 3 rings); the fit resolution
@@ -353,11 +357,11 @@ class _Fitter:
 
     def refine(self, start: tuple[float, float, float, float], thickness: float,
                offsets: torch.Tensor) -> tuple[float, float, float, float]:  # fmt: skip
-        """L-BFGS of (m, p, q[, phase]) maximising :meth:`joint_score`."""
-        x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        """L-BFGS of (m, p, q[, phase]) maximising :meth:`joint_score`; steps of 100 Å (and
+        10°) are one unit of the optimised variables."""
+        base = torch.tensor(start, dtype=torch.float64)
         scale = torch.tensor([100.0, 100.0, 100.0, 10.0], dtype=torch.float64)
         free = torch.tensor([1.0, 1.0, 1.0, float(self.search.phase_shift)], dtype=torch.float64)
-        base = x.detach().clone()
         y = torch.zeros(4, dtype=torch.float64, requires_grad=True)
         optimiser = torch.optim.LBFGS([y], lr=1, max_iter=20, line_search_fn="strong_wolfe")
         t = torch.tensor(thickness, dtype=torch.float64)
@@ -371,7 +375,6 @@ class _Fitter:
 
         optimiser.step(closure)
         v = (base + y * scale * free).detach()
-        del x
         return float(v[0]), float(v[1]), float(v[2]), float(v[3])
 
     def _bands(self, m: float) -> torch.Tensor:
