@@ -26,8 +26,8 @@ sign between them. Steps, for each tilt:
    fitted by ``a · exp(-b s) · sinc(λ t_f s)``, ``t_f = T · slab_depth_factor_f``, with a free
    envelope per tilt so that only nodes and sign flips decide ``T``
    (:func:`series_thickness`); the slopes against ``px · |g_f|`` give the regression
-   coefficient ``hand · rlnTomoDefocusSlope`` (:func:`series_hand`). The strips' defoci are
-   refitted at the thickness found and both are estimated again (twice).
+   coefficient ``hand · rlnTomoDefocusSlope`` (:func:`series_hand`). Defocus and the strips'
+   defoci are refitted at the thickness found and both are estimated again (twice).
 6. **Central defocus**: (m, p, q) refined on all strips jointly, each strip's model at its
    defocus offset ``hand · px · g · (u, v)`` (Thon rings of a tilted image do not blur).
 7. **Fit resolution**: correlation per Thon ring (averaged over 3 rings); the fit resolution
@@ -653,10 +653,13 @@ def estimate_series(
                 along_beam = torch.tensor(candidates * 10.0 * float(factors[f]))
                 scores[f] = r[1].thickness_scores(r[2], along_beam, offsets).numpy()
         thickness_nm = series_thickness(scores, candidates)
-        slopes = np.array([
-            _strip_slope(r[1], r[2], thickness_nm * 10.0 * float(factors[f]), r[3], pixel_size)
-            if r is not None else np.nan for f, r in enumerate(first)
-        ])  # fmt: skip
+        for f, r in enumerate(first):  # defocus and slope at the thickness found
+            if r is not None:
+                along = thickness_nm * 10.0 * float(factors[f])
+                offsets = strip_offsets(r[3].position, r[3].gradient, pixel_size, float(hand))
+                mpq = r[1].refine(r[2], along, offsets)
+                first[f] = (r[0], r[1], mpq, r[3])
+                slopes[f] = _strip_slope(r[1], mpq, along, r[3], pixel_size)
     hand, beta, error = series_hand(slopes, gradients.numpy(), pixel_size, usable)
     offsets = [strip_offsets(r[3].position, r[3].gradient, pixel_size, float(hand))
                if r is not None else None for r in first]  # fmt: skip
