@@ -61,9 +61,10 @@ def test_exclude_tilts_by_rule(project) -> None:
         table = read_star(star)["TS_01"]
         table["rlnCtfMaxResolution"] = [8.0, 999.0, 7.0, 12.0, 6.0]  # -60 .. +60
         write_star(star, {"TS_01": table})
-        exclude(ExcludeTiltsParams(i="tomograms.star", max_resolution=10.0,
-                                   exclude=("TS_01:60",)))  # fmt: skip
         job = Path("ExcludeTiltImages/job002")
+        exclude(ExcludeTiltsParams(i="tomograms.star", max_resolution=10.0, output_dir=str(job),
+                                   exclude=("TS_01:60",)))  # fmt: skip
+
         kept = read_star(job / "tilt_series/TS_01.star")["TS_01"]
         dropped = read_star(job / "excluded_tilts.star")["excluded"]
         report = (job / "report.html").read_text()
@@ -86,10 +87,17 @@ def test_exclude_tilts_by_rule(project) -> None:
 
 def test_dark_rule_for_counts_and_normalised_images() -> None:
     """Counts: a tilt with a fifth of the dose is dark by its mean; normalised (zero-mean)
-    images: by its standard deviation; a constant image is blank."""
+    images: by their robust noise (hot pixels left a dark tilt's standard deviation high); a
+    constant image is blank."""
     from subtomo.tilt.exclusion import by_intensity
 
-    means, stds = [12.0, 12.1, 2.4, 11.9, 12.0], [3.5, 3.5, 1.5, 3.4, 0.0]
-    assert list(by_intensity(np.array(means), np.array(stds), 0.3)) == [2, 4]
-    zero_mean = by_intensity(np.array([0.1, -0.2, 0.0, 0.05]), np.array([30.0, 31, 0.6, 29]), 0.3)
-    assert list(zero_mean) == [2] and zero_mean[2].startswith("dark: standard deviation")
+    blank_or_dark = by_intensity(
+        np.array([12.0, 12.1, 2.4, 11.9, 12.0]), np.array([3.5, 3.5, 1.5, 3.4, 0.0]),
+        np.array([3.5, 3.5, 1.5, 3.4, 0.0]), np.zeros(5), 0.3,
+    )  # fmt: skip
+    assert list(blank_or_dark) == [2, 4] and blank_or_dark[2].startswith("dark: mean")
+    normalised = by_intensity(
+        np.array([0.1, -0.2, 0.0, 0.05]), np.array([30.0, 31, 9.0, 29]),
+        np.array([30.0, 31, 0.6, 29]), np.array([-90.0, -95, -3, -88]), 0.3,
+    )  # fmt: skip
+    assert list(normalised) == [2] and normalised[2].startswith("dark: noise")

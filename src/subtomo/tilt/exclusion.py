@@ -4,7 +4,7 @@ Each rule looks at one per-tilt table (and, for dark images, the images' mean co
 returns ``{row: reason}``; :func:`exclusions` joins them (a tilt dropped by several rules
 lists every reason).
 
-* **dark**: a mean (of counts; the standard deviation of normalised images) below
+* **dark**: a mean (of counts; the robust noise of normalised images) below
   ``dark_fraction`` of the series' median (a closed valve, a grid bar, a missed exposure), or
   a constant image (**blank**).
 * **CTF**: rlnCtfMaxResolution worse (larger) than ``max_resolution`` Å (``subtomo ctffind``
@@ -23,14 +23,17 @@ import pandas as pd
 __all__ = ["by_ctf_resolution", "by_intensity", "by_list", "by_motion", "exclusions"]
 
 
-def by_intensity(means: np.ndarray, stds: np.ndarray, dark_fraction: float) -> dict[int, str]:
-    """Rows whose image is constant (blank) or dark: for counts (series median mean more than
-    3 x its median standard deviation) a mean below ``dark_fraction`` x the median mean, for
-    images without an offset (normalised, zero mean) a standard deviation below
-    ``dark_fraction`` x the median one."""
+def by_intensity(
+    means: np.ndarray, stds: np.ndarray, spreads: np.ndarray, minima: np.ndarray,
+    dark_fraction: float,
+) -> dict[int, str]:  # fmt: skip
+    """Rows whose image is constant (``stds`` 0: blank) or dark. Counts (no negative pixel in
+    the series): a mean below ``dark_fraction`` x the series median; normalised images
+    (negative values): a robust spread (1.4826 MAD, blind to hot pixels) below
+    ``dark_fraction`` x the median spread."""
     out: dict[int, str] = {}
-    counts = float(np.median(means)) > 3 * float(np.median(stds))
-    values, what = (means, "mean") if counts else (stds, "standard deviation")
+    counts = bool(np.all(minima >= 0)) and float(np.median(means)) > 0
+    values, what = (means, "mean") if counts else (spreads, "noise (1.4826 MAD)")
     median = float(np.median(values))
     for f, (value, std) in enumerate(zip(values, stds, strict=True)):
         if std == 0:
