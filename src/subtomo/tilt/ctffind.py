@@ -210,7 +210,8 @@ def _moving_average(x: torch.Tensor, width: int) -> torch.Tensor:
 @dataclass
 class CtfFit:
     """One tilt's fit: defoci U >= V (Å, underfocus positive), angle of U from image x (deg,
-    (-90, 90]), phase shift (deg), thickness along the beam (Å), the fitted defocus slope
+    (-90, 90]), phase shift (deg, in [0, 180): a power spectrum cannot tell φ
+    from φ + 180°), thickness along the beam (Å), the fitted defocus slope
     along the gradient (Å per px, NaN for one strip), fit resolution (Å), figure of merit,
     and whether Thon rings were found (``signal``)."""
 
