@@ -284,9 +284,10 @@ def bar_hard(args) -> None:
                         iter=args.iter, skip_align=True, ini_high=60.0, random_seed=seed,
                         device=args.device, output_dir=out,
                     ))  # fmt: skip
-                curve = [_purity(p) for p in sorted(Path(out).glob("run_it*_data.star"))[1:]]
-                print(f"SNR {snr:g} seed {seed}: purity {curve[-1]:.2f} (per iteration "
-                      f"{' '.join(f'{v:.2f}' for v in curve)})", flush=True)  # fmt: skip
+                start, *curve = [_purity(p) for p in sorted(Path(out).glob("run_it*_data.star"))]
+                print(f"SNR {snr:g} seed {seed}: purity {curve[-1]:.2f} (initial classes "
+                      f"{start:.2f}; per iteration {' '.join(f'{v:.2f}' for v in curve)})",
+                      flush=True)  # fmt: skip
                 summary.setdefault(snr, []).append(curve[-1])
     for snr, values in summary.items():
         print(f"SNR {snr:g}: mean purity {np.mean(values):.2f} over {len(values)} seeds "

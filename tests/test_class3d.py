@@ -23,8 +23,16 @@ from subtomo.io import read_mrc, write_mrc
 from subtomo.jobs.class3d import Class3DParams, run
 from subtomo.jobs.extract import ExtractParams
 from subtomo.jobs.extract import run as run_extract
+from subtomo.masks import soft_sphere
 from subtomo.ml import EngineParams, MLModel, Sampling, expectation_pass, initial_sigma2
+from subtomo.ml.batch import fourier_points
+from subtomo.ml.engine import maximise, self_term_scores
+from subtomo.ml.estep import score_batch, slice_matrices
+from subtomo.ml.images import mask_images
 from subtomo.ml.loader import ParticleState, StackLoader
+from subtomo.ml.projector import Projector
+from subtomo.ml.sampling import pose_grid
+from subtomo.ml.seeding import pca_classes
 from subtomo.ml.starfiles import load_checkpoint
 
 PX = 20.0
@@ -292,3 +300,72 @@ def test_bad_inputs_give_clear_errors(mixture, classification, monkeypatch, tmp_
     shutil.copy("Class3D/job010/run_it001_optimiser.star", tmp_path / "run_it001_optimiser.star")
     err = _error(mixture, continue_from=str(tmp_path / "run_it001_optimiser.star"))
     assert "checkpoint" in str(err)
+
+
+def _mixture_model(mixture: Path, batch_size: int):
+    parts, tomos, _, _ = read_particle_inputs("ext/optimisation_set.star", None, None)
+    loader = StackLoader(parts, tomos, batch_size=batch_size)
+    state = ParticleState.from_particles(parts, 2)
+    sigma2 = initial_sigma2(loader.batches(state), 1, BOX)
+    mix = read_mrc(mixture / "mix.mrc")[0]
+    return parts, loader, state, sigma2, mix
+
+
+def test_pca_classes_split_the_species(mixture, monkeypatch) -> None:
+    """The first iteration's classes from the principal component of the particles' 60 Å
+    residuals against the average map already separate the species (random subsets: ~50%)."""
+    monkeypatch.chdir(mixture)
+    parts, loader, state, sigma2, mix = _mixture_model(mixture, 25)
+    classes = pca_classes(mix, sigma2, lambda: loader.batches(state), len(parts), 2, 60.0)
+    agree = float(np.mean(classes.numpy() == _is_50s(parts.particles)))
+    assert max(agree, 1 - agree) >= 0.9
+
+
+def test_self_term_is_the_particles_own_contribution(mixture, monkeypatch) -> None:
+    """The leave-one-out score change of :func:`self_term_scores` equals the change of a
+    particle's own-class score between a reference built with it and one built without it
+    (the first six particles, left out of class 1's M-step), to 25% on average; the other
+    class's scores do not move."""
+    monkeypatch.chdir(mixture)
+    parts, loader, state, sigma2, mix = _mixture_model(mixture, 6)
+    state.classes = torch.arange(len(parts)) % 2
+    state.classes[:6] = 0
+    model = MLModel.initial(torch.stack([mix, mix]), sigma2, PX, current_size=BOX)
+    params = EngineParams(particle_diameter_angst=0.8 * BOX * PX, seeded_classes=True)
+    sampling = Sampling(align=False)
+    models = []
+    for skip in (0, 1):
+        batches = list(loader.batches(state))[skip:]
+        sums, _ = expectation_pass(model, batches, sampling, params)
+        models.append(maximise(model, sums, params, sampling))
+    batches = list(loader.batches(state))
+    points = fourier_points(BOX, BOX // 2, "cpu")
+    changes, predicted = [], []
+    mask = soft_sphere((BOX, BOX), 0.4 * BOX, 5.0)
+    for batch in batches:
+        s2 = sigma2[batch.optics_group]
+        masked = mask_images(
+            batch.data, batch.ctf2, s2, mask, zero_mask=False, generator=torch.Generator()
+        )
+        data, ctf2 = points.gather(masked), points.gather(batch.ctf2)
+        inv_s2 = (1 / s2[:, points.shell]).float()
+        poses = pose_grid(sampling, batch, 10.0, None)
+        s_with, s_without = (
+            score_batch(Projector(m.references), data, ctf2, inv_s2, batch.tilt_rotations,
+                        poses, points, PX)[:, :, 0, 0]
+            for m in models
+        )  # fmt: skip
+        changes.append(s_without - s_with)
+        mats = slice_matrices(batch.tilt_rotations, poses.rotations)[:, 0]
+        predicted.append(self_term_scores(
+            Projector(models[0].references), data, ctf2, inv_s2, mats, points, batch.classes,
+            models[0].self_denominator,
+        ))  # fmt: skip
+    change, predicted = torch.cat(changes), torch.cat(predicted)
+    left_out = torch.arange(len(parts)) < 6
+    kept = ~left_out & (state.classes == 0)
+    # the kept particles of class 1 see only the signal that left with the six
+    own = change[left_out, 0].mean() - change[kept, 0].mean()
+    assert float(own / predicted[left_out, 0].mean()) == pytest.approx(1.0, abs=0.25)
+    assert float(own.abs()) > 10 * float(change[left_out, 1].abs().mean())
+    assert torch.all(predicted[:, 1][state.classes == 0] == 0)

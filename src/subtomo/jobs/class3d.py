@@ -46,6 +46,7 @@ from subtomo.ml import (
 )
 from subtomo.ml.greyscale import fit_reference_scale
 from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
+from subtomo.ml.seeding import pca_classes
 from subtomo.ml.starfiles import (
     IterationFiles,
     estimated_resolution_angst,
@@ -113,6 +114,21 @@ class Class3DParams(ParticleInputs):
     )
     pad: float = option(2.0, "--pad", help="Padding factor.")
     random_seed: int = option(0, "--random_seed", help="Random seed.")
+    class_init: str = option(
+        "pca", "--class_init",
+        help="How one reference becomes K classes in iteration 1: 'pca' (k-means on the "
+        "leading principal components of the particles' low-resolution residuals against "
+        "it) or 'random' (RELION's random subsets).",
+    )  # fmt: skip
+    init_res: float = option(
+        50.0, "--init_res", help="Resolution of the residuals that --class_init pca compares.",
+        unit="Å",
+    )  # fmt: skip
+    leave_one_out: bool = option(
+        True, "--leave_one_out/--no_leave_one_out",
+        help="Without alignment: score each particle against its class's reference without "
+        "its own contribution (otherwise, at low SNR, no particle ever changes class).",
+    )  # fmt: skip
     continue_from: str | None = continue_option()
     memory_gb: float | None = resumable(
         2.0, "--memory-gb", help="E-step memory per batch", unit="GB"
@@ -147,7 +163,14 @@ def _engine_params(params: Class3DParams, box: int, px: float, mask) -> EnginePa
         random_class_init=len(params.ref) == 1,
         seed=params.random_seed,
         max_slices=params.max_slices,
+        seeded_classes=_pca_init(params),
+        leave_one_out=params.leave_one_out,
     )
+
+
+def _pca_init(params: Class3DParams) -> bool:
+    """Whether iteration 1 takes its classes from :func:`subtomo.ml.seeding.pca_classes`."""
+    return params.class_init == "pca" and len(params.ref) == 1 and params.K > 1
 
 
 def _sampling(params: Class3DParams, px: float) -> Sampling:
@@ -256,6 +279,10 @@ def run(params: Class3DParams) -> dict[str, str]:
     params, checkpoint = resolve_options(params, _CONTINUE_OVERRIDES, _DEFAULTS)
     if params.K < 1 or params.iter < 1:
         raise InputError(f"--K and --iter must be >= 1 (got {params.K}, {params.iter})")
+    if params.class_init not in ("pca", "random"):
+        raise InputError(f"--class_init must be 'pca' or 'random' (got {params.class_init!r})")
+    if not params.init_res > 0:
+        raise InputError(f"--init_res must be > 0 Å (got {params.init_res})")
     device = resolve_device(params.device)
     parts, tomos, _, opt = read_particle_inputs(
         params.ios, params.particles, params.tomograms, params.trajectories
@@ -323,6 +350,14 @@ def run(params: Class3DParams) -> dict[str, str]:
                 sigma_offset_angst=max(params.offset_range * px, 10.0),
                 ini_high_angst=params.ini_high if params.ini_high > 0 else None,
             )  # fmt: skip
+            if engine.seeded_classes:
+                log.info("Initial classes: k-means on the principal components of the "
+                         "residuals to %g Å", params.init_res)  # fmt: skip
+                state.classes = pca_classes(
+                    refs[0], sigma2, lambda: loader.batches(state), len(parts), params.K,
+                    params.init_res, padding=params.pad, seed=params.random_seed,
+                    device=device,
+                )  # fmt: skip
             history = [_history_entry(model)]
             changes = {
                 "rlnChangesOptimalOrientations": 999.0,

@@ -26,8 +26,9 @@ from subtomo.geometry.orientations import orientation_grid
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.masks import soft_sphere
 from subtomo.ml.batch import FourierPoints, ParticleBatch, fourier_points
-from subtomo.ml.estep import EStepResult, expectation, score_batch
+from subtomo.ml.estep import EStepResult, expectation, score_batch, slice_matrices
 from subtomo.ml.images import mask_images
+from subtomo.ml.likelihood import centred_data
 from subtomo.ml.model import MLModel, reference_tau2
 from subtomo.ml.mstep import MStepSums, accumulate, weight_spectrum
 from subtomo.ml.projector import Projector
@@ -41,6 +42,7 @@ __all__ = [
     "iterate",
     "maximise",
     "particle_sphere",
+    "self_term_scores",
     "solvent_mask",
 ]
 
@@ -57,6 +59,10 @@ class EngineParams:
     ``flatten_solvent``), ``random_class_init``: in the first iteration with K > 1 each
     particle goes to one random class in the M-step (RELION's random initial subsets),
     ``seed`` (``--random_seed``), ``max_slices``: reference slices computed at once.
+    ``seeded_classes``: the first iteration takes each particle's class from the batch
+    (``batch.classes``, e.g. from :func:`subtomo.ml.seeding.pca_classes`) instead of a random
+    one. ``leave_one_out``: without alignment, a particle's score for the class it was in
+    leaves out its own contribution to that class's reference (:func:`self_term_scores`).
     """
 
     particle_diameter_angst: float
@@ -71,6 +77,8 @@ class EngineParams:
     random_class_init: bool = True
     seed: int = 0
     max_slices: int = 4096
+    seeded_classes: bool = False
+    leave_one_out: bool = False
 
 
 @dataclass
@@ -115,10 +123,15 @@ def _batch_results(batch: ParticleBatch, poses: PoseGrid, res: EStepResult) -> P
     )
 
 
-def _random_classes(res: EStepResult, generator: torch.Generator) -> EStepResult:
-    """Move each particle's pose weights to one random class (first-iteration seeding)."""
+def _initial_classes(
+    res: EStepResult, classes: torch.Tensor | None, generator: torch.Generator
+) -> EStepResult:
+    """Move each particle's pose weights to one class: ``classes`` ``(b,)`` or random ones
+    (first-iteration seeding)."""
     b, k = res.weights.shape[:2]
-    cls = torch.randint(k, (b,), generator=generator).to(res.weights.device)
+    if classes is None:
+        classes = torch.randint(k, (b,), generator=generator)
+    cls = classes.to(res.weights.device)
     merged = res.weights.sum(1)  # (b, J, T)
     w = torch.zeros_like(res.weights)
     w[torch.arange(b, device=w.device), cls] = merged
@@ -143,12 +156,63 @@ def _posterior(
     log_class_priors: torch.Tensor,
     poses: PoseGrid,
     adaptive_fraction: float,
+    self_term: torch.Tensor | None = None,
 ) -> EStepResult:
-    """Scores and posterior of one batch (``data``/``ctf2`` ``(b, f, K)`` at ``points``)."""
+    """Scores and posterior of one batch (``data``/``ctf2`` ``(b, f, K)`` at ``points``);
+    ``self_term`` ``(b, C)`` is added to every pose of a class (leave-one-out)."""
     scores = score_batch(
         projector, data, ctf2, inv_sigma2, tilt_rotations, poses, points, pixel_size
     )
+    if self_term is not None:
+        scores += self_term[:, :, None, None].to(scores)
     return expectation(scores, log_class_priors, poses, adaptive_fraction)
+
+
+SELF_OVERLAP = 0.78
+"""kappa: the part of one Fourier component inserted into a reference that its slice reads
+back at the same point (trilinear insertion and interpolation, gridding correction, crop and
+solvent mask), measured against references rebuilt without the particle
+(``tests/test_class3d.py::test_self_term_is_the_particles_own_contribution``)."""
+
+
+def self_term_scores(
+    projector: Projector,
+    data: torch.Tensor,
+    ctf2: torch.Tensor,
+    inv_sigma2: torch.Tensor,
+    matrices: torch.Tensor,
+    points: FourierPoints,
+    own_class: torch.Tensor,
+    denominator: torch.Tensor,
+) -> torch.Tensor:
+    """Score changes ``(b, C)`` that leave each particle out of its own class's reference.
+
+    A particle's data ``Y`` went into the reference of its class ``c`` (``own_class``) with
+    weight one; its projection there holds ``Delta = kappa Y / (sigma2 (Wbar_c + 1/(T
+    tau2_c)))`` of it (``denominator`` ``(C, n//2+1)``, per shell; kappa
+    :data:`SELF_OVERLAP`). Scoring against ``P - Delta`` instead of ``P`` changes the score
+    ``Re(Y* P)/sigma2 - CTF2 |P|^2 / (2 sigma2)`` by the returned amount (zero for the other
+    classes). Without it, each particle's own noise in its class's reference outweighs the
+    difference between the species at low SNR, and no particle ever changes class.
+    ``data`` ``(b, f, K)`` centred premultiplied data, ``ctf2`` ``(b, f, K)``,
+    ``inv_sigma2`` ``(b, K)``, ``matrices`` ``(b, f, 3, 3)``.
+    """
+    b = data.shape[0]
+    out = torch.zeros(b, projector.n_classes, dtype=torch.float64, device=data.device)
+    y2 = data.abs() ** 2
+    inv = inv_sigma2.double()[:, None, :]
+    for c in range(projector.n_classes):
+        own = own_class == c
+        if not bool(own.any()):
+            continue
+        den = denominator[c].to(data.device)[points.shell]
+        a = torch.where(den > 0, SELF_OVERLAP / den.clamp(min=1e-300), 0.0)[None, None] * inv
+        p = projector.slices(c, matrices[own], points).to(data.dtype)
+        cross = (p.conj() * data[own]).real
+        w = ctf2[own] * inv[own]
+        change = -a[own] * y2[own] * inv[own] + w * a[own] * cross - 0.5 * w * a[own] ** 2 * y2[own]
+        out[own, c] = change.sum((1, 2))
+    return out
 
 
 def expectation_pass(
@@ -178,6 +242,12 @@ def expectation_pass(
     log_prior = torch.log(model.class_priors.to(device).clamp(min=1e-300))
     sums = MStepSums.empty(model.n_classes, sigma2.shape[0], n, params.padding, device)
     parts = []
+    leave_one_out = (
+        params.leave_one_out
+        and not sampling.align
+        and model.n_classes > 1
+        and model.self_denominator is not None
+    )
     for batch in batches:
         batch = batch.to(device)
         gen = _generator(params, model.iteration, batch)
@@ -190,12 +260,20 @@ def expectation_pass(
         inv_s2 = (1.0 / s2[:, points_e.shell]).to(ctf2_e.dtype)
 
         args = (projector, data_e, ctf2_e, inv_s2, batch.tilt_rotations, points_e, px, log_prior)
-        res = _posterior(*args, poses, params.adaptive_fraction)
+        self_term = None
+        if leave_one_out:
+            centred = centred_data(data_e, batch.tilt_rotations, poses.offsets, points_e, px)
+            mats = slice_matrices(batch.tilt_rotations, poses.rotations)[:, 0]
+            self_term = self_term_scores(
+                projector, centred[:, 0], ctf2_e, inv_s2, mats, points_e, batch.classes,
+                model.self_denominator,
+            )  # fmt: skip
+        res = _posterior(*args, poses, params.adaptive_fraction, self_term)
         if sampling.align and sampling.oversampling > 0:
             poses = oversample(sampling, batch, poses, res.weights, model.sigma_offset_angst)
             res = _posterior(*args, poses, params.adaptive_fraction)
         if params.random_class_init and model.iteration == 0 and model.n_classes > 1:
-            res = _random_classes(res, gen)
+            res = _initial_classes(res, batch.classes if params.seeded_classes else None, gen)
         accumulate(
             sums,
             batch,
@@ -264,6 +342,7 @@ def maximise(
     refs = model.references.clone()
     ssnr_new = torch.zeros(model.n_classes, n // 2 + 1, dtype=torch.float64)
     weight = torch.zeros(model.n_classes, n // 2 + 1, dtype=torch.float64)
+    denominator = torch.zeros_like(weight)
     for c, acc in enumerate(sums.accumulators):
         if float(sums.class_weight[c]) <= 0:
             continue
@@ -274,6 +353,10 @@ def maximise(
         )
         weight[c] = weight_spectrum(acc).cpu()
         ssnr_new[c] = params.tau2_fudge * tau2_used[c].cpu() * weight[c]
+        t2 = params.tau2_fudge * tau2_used[c].cpu()
+        # shells without data or prior power are zero in the reference: no particle there
+        used = (t2 > 0) & (weight[c] > 0)
+        denominator[c] = torch.where(used, weight[c] + 1 / t2.clamp(min=1e-300), 0.0)
     if params.flatten_solvent:
         refs = refs * solvent_mask(params, n, model.pixel_size, refs.device).to(refs)
     if ssnr is not None:
@@ -300,6 +383,7 @@ def maximise(
         current_size=size,
         iteration=model.iteration + 1,
         ssnr=ssnr_new,
+        self_denominator=denominator,
     )
 
 

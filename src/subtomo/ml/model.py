@@ -44,6 +44,10 @@ class MLModel:
         Number of completed iterations.
     ssnr:
         ``(K, n//2+1)`` ``rlnSsnrMap`` of the last M-step (zeros before the first).
+    self_denominator:
+        ``(K, n//2+1)`` ``Wbar + 1/(T tau2)`` per shell of the last M-step's reconstructions
+        (mean weight of one voxel plus the prior term; ``None`` before the first): how much
+        one particle's data weigh in its class's reference (leave-one-out scores).
     """
 
     references: torch.Tensor
@@ -55,6 +59,7 @@ class MLModel:
     current_size: int
     iteration: int = 0
     ssnr: torch.Tensor | None = None
+    self_denominator: torch.Tensor | None = None
 
     @property
     def n_classes(self) -> int:
