@@ -135,6 +135,14 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "subtomo.jobs.exclude_tilts", "ExcludeTiltsParams",
         "Exclude tilt images by rule (dark, CTF fit resolution, drift, a list).",
     ),
+    "import-alignment": JobCommand(
+        "subtomo.jobs.import_alignment", "ImportAlignmentParams",
+        "Import IMOD (.xf/.tlt) or AreTomo (.aln) tilt-series alignments as RELION 5 columns.",
+    ),
+    "export-alignment": JobCommand(
+        "subtomo.jobs.export_alignment", "ExportAlignmentParams",
+        "Export a tomograms.star's alignment as IMOD .xf/.tlt or AreTomo .aln files.",
+    ),
     "mask": JobCommand(
         "subtomo.jobs.mask", "MaskParams",
         "Mask creation: low-pass, threshold, extend, soft edge (or de novo shapes).",

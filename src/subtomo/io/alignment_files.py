@@ -1,0 +1,206 @@
+"""IMOD/etomo and AreTomo alignment files, read and written as numbers (no geometry here).
+
+* IMOD ``.xf``: one line ``A11 A12 A21 A22 DX DY`` per view (DX, DY in pixels of the raw stack);
+  ``.tlt``/``.rawtlt``/``.xtilt``: one angle (degrees) per line; ``tilt.com``/``newst.com``:
+  ``KEY value ...`` lines (``$`` command lines and ``#`` comments skipped); ``.edf``:
+  ``key=value``.
+* AreTomo/AreTomo3 ``.aln``: ``#`` header lines (``RawSize = w h n``, ``NumPatches``,
+  ``DarkFrame = i j tilt``, ``AlphaOffset``, ``BetaOffset``, ``Thickness``), ten numbers per
+  global row (SEC ROT GMAG TX TY SMEAN SFIT SCALE BASE TILT, TX/TY in pixels) and, after
+  ``# Local Alignment``, seven numbers per patch row (read, not used by RELION).
+
+We parse these ourselves rather than with the ``alnfile``/``etomofiles`` packages: measured
+on ``../shared/data/formats``, alnfile 0.1.1 rejects a real AreTomo 1.3 file without
+``AlphaOffset`` and does not return the dark frames, and etomofiles 0.1.2 needs the ``.st``
+stack beside the ``.xf``. Every reader raises :class:`~subtomo.errors.InputError` naming the
+file and line; writers replace the file atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from subtomo.errors import InputError
+from subtomo.io.atomic import atomic_path
+from subtomo.io.files import read_utf8, require_file
+
+__all__ = [
+    "ALN_COLUMNS",
+    "AlnFile",
+    "read_aln",
+    "read_angles",
+    "read_edf",
+    "read_imod_com",
+    "read_xf",
+    "write_aln",
+    "write_angles",
+    "write_xf",
+]
+
+ALN_COLUMNS = ("SEC", "ROT", "GMAG", "TX", "TY", "SMEAN", "SFIT", "SCALE", "BASE", "TILT")
+
+
+def _numbers(path: Path, line_no: int, text: str, count: int | None) -> list[float]:
+    try:
+        values = [float(t) for t in text.split()]
+    except ValueError:
+        values = []
+    if (
+        not values
+        or (count is not None and len(values) != count)
+        or not np.all(np.isfinite(values))
+    ):
+        what = f"{count} numbers" if count is not None else "numbers"
+        raise InputError(f"line {line_no}: expected {what}, found {text.strip()!r}", file=path)
+    return values
+
+
+def _data_lines(path: str | os.PathLike) -> tuple[Path, list[tuple[int, str]]]:
+    path = require_file(path)
+    lines = [(k + 1, s) for k, s in enumerate(read_utf8(path).splitlines()) if s.strip()]
+    return path, lines
+
+
+def read_xf(path: str | os.PathLike) -> np.ndarray:
+    """``(n, 2, 3)`` float64: per view ``[[A11, A12, DX], [A21, A22, DY]]``."""
+    path, lines = _data_lines(path)
+    rows = [_numbers(path, k, s, 6) for k, s in lines]
+    if not rows:
+        raise InputError("no transforms (empty file)", file=path)
+    a = np.array(rows)
+    return np.stack([a[:, [0, 1, 4]], a[:, [2, 3, 5]]], axis=1)
+
+
+def write_xf(path: str | os.PathLike, xf: np.ndarray) -> None:
+    """Write ``(n, 2, 3)`` transforms in IMOD's layout (``%12.7f`` matrix, ``%12.3f`` shifts)."""
+    xf = np.asarray(xf, dtype=np.float64)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for m in xf:
+            out.write(
+                f"{m[0, 0]:12.7f}{m[0, 1]:12.7f}{m[1, 0]:12.7f}{m[1, 1]:12.7f}"
+                f"{m[0, 2]:12.3f}{m[1, 2]:12.3f}\n"
+            )
+
+
+def read_angles(path: str | os.PathLike) -> np.ndarray:
+    """``(n,)`` degrees from a ``.tlt``/``.rawtlt``/``.xtilt`` file (first number per line)."""
+    path, lines = _data_lines(path)
+    values = [_numbers(path, k, s, None)[0] for k, s in lines]
+    if not values:
+        raise InputError("no angles (empty file)", file=path)
+    return np.array(values, dtype=np.float64)
+
+
+def write_angles(path: str | os.PathLike, angles: np.ndarray) -> None:
+    """One angle per line, ``%8.2f`` like IMOD's ``.tlt``."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        out.writelines(f"{a:8.2f}\n" for a in np.asarray(angles, dtype=np.float64))
+
+
+def read_imod_com(path: str | os.PathLike) -> dict[str, list[str]]:
+    """``{KEY: [tokens]}`` of an IMOD command file (``tilt.com``, ``newst.com``)."""
+    path, lines = _data_lines(path)
+    out: dict[str, list[str]] = {}
+    for _, text in lines:
+        tokens = text.replace(",", " ").split()
+        if tokens[0].startswith(("$", "#")):
+            continue
+        out[tokens[0]] = tokens[1:]
+    return out
+
+
+def read_edf(path: str | os.PathLike) -> dict[str, str]:
+    """``{key: value}`` of an etomo ``.edf`` (Java properties)."""
+    path, lines = _data_lines(path)
+    return dict(
+        (key.strip(), value.strip())
+        for key, _, value in (s.partition("=") for _, s in lines if not s.startswith("#"))
+    )
+
+
+@dataclass
+class AlnFile:
+    """An AreTomo ``.aln``: header values, dark frames, global rows and local patches.
+
+    ``rows`` is ``(m, 10)`` in :data:`ALN_COLUMNS` order as written (AreTomo writes them in
+    ascending TILT); ``dark_frames`` holds ``(first index, second index, tilt deg)`` of each
+    ``# DarkFrame`` line, whose index meaning differs between AreTomo versions (so callers
+    match dark frames by tilt angle); ``raw_size`` is ``(w, h, n)`` or ``None``.
+    """
+
+    rows: np.ndarray
+    raw_size: tuple[int, int, int] | None = None
+    dark_frames: list[tuple[int, int, float]] = field(default_factory=list)
+    alpha_offset: float = 0.0
+    beta_offset: float = 0.0
+    thickness: float | None = None
+    local: np.ndarray = field(default_factory=lambda: np.zeros((0, 7)))
+
+    def column(self, name: str) -> np.ndarray:
+        """One global column by its AreTomo name (``"TX"``, ``"TILT"``...)."""
+        return self.rows[:, ALN_COLUMNS.index(name)]
+
+
+def read_aln(path: str | os.PathLike) -> AlnFile:
+    """Parse an AreTomo/AreTomo3 ``.aln`` file (local patches kept in ``local``)."""
+    path, lines = _data_lines(path)
+    rows, local, darks = [], [], []
+    header: dict[str, list[float]] = {}
+    in_local = False
+    for k, text in lines:
+        stripped = text.strip()
+        if stripped.startswith("#"):
+            key, sep, value = stripped[1:].partition("=")
+            key = key.strip()
+            if key.lower().startswith("local alignment"):
+                in_local = True
+            elif sep and key == "DarkFrame":
+                d = _numbers(path, k, value, 3)
+                darks.append((int(d[0]), int(d[1]), d[2]))
+            elif sep and key in ("RawSize", "NumPatches", "AlphaOffset", "BetaOffset", "Thickness"):
+                header[key] = _numbers(path, k, value, None)
+            continue
+        if in_local:
+            local.append(_numbers(path, k, stripped, 7))
+        else:
+            rows.append(_numbers(path, k, stripped, len(ALN_COLUMNS)))
+    if not rows:
+        raise InputError("no global alignment rows (SEC ROT GMAG TX TY ... TILT)", file=path)
+    raw = header.get("RawSize")
+    return AlnFile(
+        rows=np.array(rows, dtype=np.float64),
+        raw_size=(int(raw[0]), int(raw[1]), int(raw[2])) if raw and len(raw) >= 3 else None,
+        dark_frames=darks,
+        alpha_offset=header.get("AlphaOffset", [0.0])[0],
+        beta_offset=header.get("BetaOffset", [0.0])[0],
+        thickness=header["Thickness"][0] if "Thickness" in header else None,
+        local=np.array(local, dtype=np.float64).reshape(-1, 7),
+    )
+
+
+def write_aln(path: str | os.PathLike, aln: AlnFile) -> None:
+    """Write the global part of an ``.aln`` in AreTomo 2's layout (no local patches)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        out.write("# AreTomo Alignment / Priims bprmMn\n")
+        if aln.raw_size is not None:
+            out.write("# RawSize = {} {} {}\n".format(*aln.raw_size))
+        out.write("# NumPatches = 0\n")
+        for i, j, tilt in aln.dark_frames:
+            out.write(f"# DarkFrame = {i:5d}{j:5d}{tilt:9.2f}\n")
+        out.write(f"# AlphaOffset = {aln.alpha_offset:8.2f}\n")
+        out.write(f"# BetaOffset = {aln.beta_offset:8.2f}\n")
+        if aln.thickness is not None:
+            out.write(f"# Thickness = {aln.thickness:g}\n")
+        out.write(
+            "# SEC     ROT         GMAG       TX          TY      SMEAN     SFIT    SCALE"
+            "     BASE     TILT\n"
+        )
+        for r in aln.rows:
+            out.write(
+                f"{int(r[0]):5d}{r[1]:11.4f}{r[2]:11.5f}{r[3]:11.3f}{r[4]:11.3f}"
+                f"{r[5]:9.2f}{r[6]:9.2f}{r[7]:9.2f}{r[8]:9.2f}{r[9]:10.2f}\n"
+            )
