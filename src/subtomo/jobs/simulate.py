@@ -18,7 +18,8 @@ to it)::
 
 With ``--movie-frames N`` each tilt image (normalised) is also the specimen of a counting
 movie of N frames (:mod:`subtomo.simulate.movies`): drift, optional local deformation, a
-gain pattern and Poisson noise at the tilt's dose; the mdoc then lists the movies
+gain pattern and Poisson noise at the tilt's dose (a ``--dark-tilt`` gets its dark share of
+it); the mdoc then lists the movies
 (SubFramePath, NumSubFrames, DateTime in acquisition order), ready for ``subtomo import``.
 
 This is the start of a project (like data from the microscope), not a job of one, so no job
@@ -217,15 +218,16 @@ def read_species(paths: tuple[str, ...]) -> list[Species]:
 
 def _write_movies(
     options: MovieOptions, name: str, images, angles: np.ndarray, order: np.ndarray,
-    pixel_size: float, dose: float, sensitivity: np.ndarray, rng: np.random.Generator,
+    pixel_size: float, doses: np.ndarray, sensitivity: np.ndarray, rng: np.random.Generator,
     truth: dict[str, list],
 ) -> list[str]:  # fmt: skip
-    """One movie per tilt image (table row order) under ``frames/``; the true motion of
-    each into ``truth`` (``{movie: [shifts (t, 2), deformation or None]}``); returns the
-    movie file names."""
+    """One movie per tilt image (table row order) under ``frames/``, tilt ``f`` exposed to
+    ``doses[f]`` e/Å² (a dark tilt: its share of the dose); the true motion of each into
+    ``truth`` (``{movie: [shifts (t, 2), deformation or None]}``); returns the movie file
+    names."""
     suffix = ".tif" if options.file_format == "tiff" else ".mrc"
     names = []
-    for k, angle, image in zip(order, angles, images, strict=True):
+    for k, angle, image, dose in zip(order, angles, images, doses, strict=True):
         file = f"frames/{name}_{k + 1:03d}_{angle:.1f}{suffix}"
         specimen = image.cpu().double()
         specimen = ((specimen - specimen.mean()) / specimen.std().clamp_min(1e-12)).float()
@@ -311,10 +313,12 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
             sub_frames = [Path(files[i]).name for i in acquired]
             movie_extras = {}
             if job.movies is not None:
+                doses = np.full(len(files), params.dose_per_tilt)
+                if job.detector is not None:
+                    doses[list(job.detector.dark_tilts)] *= job.detector.dark_fraction
                 movies = _write_movies(
-                    job.movies, name, images, angles, order, px, params.dose_per_tilt,
-                    sensitivity, rng, truth,
-                )  # fmt: skip
+                    job.movies, name, images, angles, order, px, doses, sensitivity, rng, truth
+                )
                 sub_frames = [movies[i] for i in acquired]
                 start = datetime.datetime(2026, 1, 1, 9, 0, 0)
                 movie_extras = {
