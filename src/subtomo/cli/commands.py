@@ -143,6 +143,10 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "subtomo.jobs.export_alignment", "ExportAlignmentParams",
         "Export a tomograms.star's alignment as IMOD .xf/.tlt or AreTomo .aln files.",
     ),
+    "reconstruct-tomograms": JobCommand(
+        "subtomo.jobs.reconstruct_tomograms", "ReconstructTomogramsParams",
+        "Reconstruct tomograms: WBP or SIRT at a binning, CTF phase-flipped in depth strips.",
+    ),
     "mask": JobCommand(
         "subtomo.jobs.mask", "MaskParams",
         "Mask creation: low-pass, threshold, extend, soft edge (or de novo shapes).",
