@@ -42,10 +42,12 @@ __all__ = [
     "project",
     "reconstruct_sirt",
     "reconstruct_wbp",
+    "strip_depths",
     "tomogram_grid",
 ]
 
 SLAB_ELEMENTS = 1 << 23  # voxel-tilt samples per back-projection step (~0.2 GB of grid)
+FFT_ELEMENTS = 1 << 24  # padded pixels per batch of filtered tilts (~0.2 GB of spectra)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class CtfParams:
     pixel_size: float
 
 
-def _strip_depths(grid: TomogramGrid, ctf: CtfParams | None, strip_angst: float) -> torch.Tensor:
+def strip_depths(grid: TomogramGrid, ctf: CtfParams | None, strip_angst: float) -> torch.Tensor:
     """Depths (bin-1 px) of the strips: one (0) without CTF, else evenly spaced over the
     volume's depths at most ``strip_angst`` apart (<= 0: so that the CTF phase at the binned
     Nyquist frequency moves by at most π/2 between strips)."""
@@ -194,32 +196,35 @@ def _filtered_strips(
     Fourier space by the ramp (if any), the dose weight (if any) and, per strip, the sign of
     its CTF at the strip's depth; cropped back."""
     t, h, w = images.shape
-    out = torch.empty(t, len(depths), h, w, dtype=torch.float32, device=images.device)
+    device = images.device
+    if zero_mean:
+        images = images - images.mean(dim=(-2, -1), keepdim=True)
+    if ramp is None and ctf is None and dose is None:
+        return images[:, None].clone()
+    out = torch.empty(t, len(depths), h, w, dtype=torch.float32, device=device)
     hp, wp = 2 * h, 2 * w
-    for f in range(t):
-        image = images[f] - images[f].mean() if zero_mean else images[f]
-        if ramp is None and ctf is None and dose is None:
-            out[f] = image
-            continue
-        spectrum = torch.fft.rfft2(image, s=(hp, wp))
+    chunk = max(1, FFT_ELEMENTS // (hp * wp * len(depths)))
+    for f0 in range(0, t, chunk):
+        f = slice(f0, min(t, f0 + chunk))
+        spectrum = torch.fft.rfft2(images[f], s=(hp, wp))[:, None]  # (n, 1, hp, wp')
         if ramp is not None:
-            spectrum = spectrum * ramp[f]
+            spectrum = spectrum * ramp[f, None]
         if dose is not None:
-            spectrum = spectrum * dose[f]
+            spectrum = spectrum * dose[f, None]
         if ctf is not None:
-            shift = ctf.hand * ctf.slope * ctf.pixel_size * depths.to(images.device)
+            shift = ctf.hand * ctf.slope * ctf.pixel_size * depths.to(device)
             signs = ctf_2d(
-                ctf.defocus_u[f] + shift,
-                ctf.defocus_v[f] + shift,
-                ctf.defocus_angle[f],
+                ctf.defocus_u[f, None] + shift,
+                ctf.defocus_v[f, None] + shift,
+                ctf.defocus_angle[f, None],
                 ctf.voltage,
                 ctf.cs,
                 ctf.amplitude_contrast,
                 ctf.pixel_size * grid.binning,
                 (hp, wp),
-                phase_shift_deg=ctf.phase_shift[f],
-                device=images.device,
-            ).sign()
+                phase_shift_deg=ctf.phase_shift[f, None],
+                device=device,
+            ).sign()  # (n, K, hp, wp')
             spectrum = spectrum * signs
         out[f] = torch.fft.irfft2(spectrum, s=(hp, wp))[..., :h, :w]
     return out
@@ -229,8 +234,7 @@ def _sampling_grid(
     grid: TomogramGrid, tilts: slice, z: slice, depths: torch.Tensor, device
 ) -> torch.Tensor:
     """``(n, nz, ny, nx, c)`` grid_sample coordinates in [-1, 1] (align_corners) of the voxels
-    of slab ``z`` in ``n`` tilts: ``c = 2`` (u, v) with one strip, else 3 (u, v, strip). One
-    batched matrix product of the voxels ``(x, y, z, 1)`` with the tilts' normalised maps."""
+    of slab ``z`` in ``n`` tilts: ``c = 2`` (u, v) with one strip, else 3 (u, v, strip)."""
     _, ny, nx = grid.shape
     h, w = grid.image_shape
     rows = [grid.uv[tilts, 0] * (2.0 / max(w - 1, 1)), grid.uv[tilts, 1] * (2.0 / max(h - 1, 1))]
@@ -238,18 +242,17 @@ def _sampling_grid(
         lo, hi = float(depths[0]), float(depths[-1])
         rows.append(grid.depth[tilts] * (2.0 / (hi - lo)))
         rows[-1][:, 3] -= lo * 2.0 / (hi - lo)
-    maps = torch.stack(rows, dim=2)  # (n, 4, c)
+    maps = torch.stack(rows, dim=2).to(device=device, dtype=torch.float32)  # (n, 4, c)
     maps[:, 3] -= 1.0
-    voxels = torch.cartesian_prod(
-        torch.arange(z.start, z.stop, dtype=torch.float32, device=device),
-        torch.arange(ny, dtype=torch.float32, device=device),
-        torch.arange(nx, dtype=torch.float32, device=device),
-    )  # (nz*ny*nx, zyx)
-    voxels = torch.cat([voxels.flip(1), torch.ones_like(voxels[:, :1])], dim=1)
-    coords = voxels @ maps.to(device=device, dtype=torch.float32)  # (n, nvox, c)
+    x = torch.arange(nx, dtype=torch.float32, device=device)[None, None, None, :, None]
+    y = torch.arange(ny, dtype=torch.float32, device=device)[None, None, :, None, None]
+    zs = torch.arange(z.start, z.stop, dtype=torch.float32, device=device)
+    plane = maps[:, None, None, None, 0] * x + maps[:, None, None, None, 1] * y  # (n,1,ny,nx,c)
+    depth = maps[:, None, 2] * zs[None, :, None] + maps[:, None, 3]  # (n, nz, c)
+    coords = plane + depth[:, :, None, None]  # one pass over the slab
     if len(depths) > 1:
         coords[..., 2].clamp_(-1, 1)
-    return coords.reshape(maps.shape[0], z.stop - z.start, ny, nx, maps.shape[2])
+    return coords
 
 
 def _slabs(grid: TomogramGrid, n_tilts: int, slab_elements: int):
@@ -322,41 +325,37 @@ def project(
     device = volume.device
     t, (h, w) = grid.uv.shape[0], grid.image_shape
     nz, ny, nx = grid.shape
-    lo, hi = (d / grid.binning for d in grid.depth_range)
-    samples = torch.arange(math.floor(lo), math.ceil(hi) + 1, dtype=torch.float64)
-    if len(depths) == 1:
-        to_strip = torch.ones(1, len(samples), dtype=torch.float64)
-    else:
-        position = (samples * grid.binning - depths[0]) / (depths[1] - depths[0])
-        k = torch.arange(len(depths), dtype=torch.float64)[:, None]
-        to_strip = (1 - (position[None] - k).abs()).clamp_min(0)  # (K, samples) hat weights
-    to_strip = to_strip.float().to(device)
     out = torch.zeros(t, len(depths), h, w, dtype=torch.float32, device=device)
     extent = torch.tensor([nx - 1, ny - 1, nz - 1], dtype=torch.float64).clamp_min(1)
+    corners = torch.tensor(
+        [[x, y, z, 1.0] for x in (0, nx - 1) for y in (0, ny - 1) for z in (0, nz - 1)],
+        dtype=torch.float64,
+    )
+    u = torch.arange(w, dtype=torch.float32, device=device)[None, :, None]
+    v = torch.arange(h, dtype=torch.float32, device=device)[:, None, None]
     step = max(1, slab_elements // (h * w))
-    for s0 in range(0, len(samples), step):
-        d = samples[s0 : s0 + step]
-        points = torch.cartesian_prod(
-            d.float(), torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32)
-        ).to(device)
-        points = torch.cat([points.flip(1), torch.ones_like(points[:, :1])], dim=1)  # u v d 1
-        for f in range(t):
-            forward = torch.cat([grid.uv[f], grid.depth[f : f + 1] / grid.binning])  # (3, 4)
-            inverse = torch.linalg.inv(forward[:, :3])
-            maps = torch.cat([inverse.T, -(inverse @ forward[:, 3])[None]])  # (u v d 1) -> xyz
-            maps = maps * (2.0 / extent)
-            maps[3] -= 1.0
-            coords = (points @ maps.to(device=device, dtype=torch.float32)).reshape(
-                1, len(d), h, w, 3
-            )
-            sampled = F.grid_sample(
-                volume[None, None],
-                coords,
-                mode="bilinear",
-                padding_mode="zeros",
-                align_corners=True,
-            )[0, 0]
-            out[f] += torch.einsum("ks,shw->khw", to_strip[:, s0 : s0 + step], sampled)
+    for f in range(t):
+        forward = torch.cat([grid.uv[f], grid.depth[f : f + 1] / grid.binning])  # (3, 4)
+        inverse = torch.linalg.inv(forward[:, :3])
+        maps = torch.cat([inverse.T, -(inverse @ forward[:, 3])[None]]) * (2.0 / extent)
+        maps[3] -= 1.0  # (u, v, d, 1) -> normalised (x, y, z)
+        maps = maps.to(device=device, dtype=torch.float32)
+        plane = u * maps[0] + v * maps[1] + maps[3]  # (h, w, 3)
+        reach = corners @ forward[2]  # this tilt's voxel depths, binned voxels
+        samples = torch.arange(math.floor(float(reach.min())), math.ceil(float(reach.max())) + 1,
+                               dtype=torch.float64)  # fmt: skip
+        for s0 in range(0, len(samples), step):
+            d = samples[s0 : s0 + step]
+            coords = plane + d.to(device=device, dtype=torch.float32)[:, None, None, None] * maps[2]
+            sampled = F.grid_sample(volume[None, None], coords[None], mode="bilinear",
+                                    padding_mode="zeros", align_corners=True)[0, 0]  # fmt: skip
+            if len(depths) == 1:
+                out[f, 0] += sampled.sum(0)
+                continue
+            position = (d * grid.binning - depths[0]) / (depths[1] - depths[0])
+            k = torch.arange(len(depths), dtype=torch.float64)[:, None]
+            hat = (1 - (position[None] - k).abs()).clamp_min(0)  # (K, samples) weights
+            out[f] += torch.einsum("ks,shw->khw", hat.float().to(device), sampled)
     return out
 
 
@@ -367,7 +366,7 @@ def _dose(
         return None
     h, w = grid.image_shape
     return dose_weights(
-        pre_exposure[:, None, None], px * grid.binning, (2 * h, 2 * w), device=device
+        pre_exposure, px * grid.binning, (2 * h, 2 * w), device=device
     )
 
 
@@ -390,7 +389,7 @@ def reconstruct_wbp(
     the SIRT-like filter of that many iterations.
     """
     device = images.device
-    depths = _strip_depths(grid, ctf, strip_angst)
+    depths = strip_depths(grid, ctf, strip_angst)
     h, w = grid.image_shape
     ramp = _ramp(grid, (2 * h, 2 * w), sirt_like, device)
     strips = _filtered_strips(
@@ -420,7 +419,7 @@ def reconstruct_sirt(
     ray's length through the volume."""
     device = images.device
     t = images.shape[0]
-    depths = _strip_depths(grid, ctf, strip_angst)
+    depths = strip_depths(grid, ctf, strip_angst)
     dose = _dose(pre_exposure, grid, pixel_size, device)
     data = _filtered_strips(images, grid, torch.zeros(1), ramp=None, ctf=None, dose=dose)[:, 0]
 
