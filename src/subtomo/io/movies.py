@@ -1,4 +1,4 @@
-"""Detector movies (MRC, TIFF) and gain references, read frame by frame.
+"""Detector movies (MRC, TIFF, EER) and gain references, read frame by frame.
 
 Frames are ``(y, x)`` in MRC row order. TIFF pages (one per frame) are
 flipped upside down on reading, as RELION reads them (TIFF's row 0 is the top of the image,
@@ -6,7 +6,8 @@ MRC's the bottom; ``relion_run_motioncorr`` gives the same shifts for a TIFF and
 movie only with this flip), and on writing. A movie is opened once for its header (frame
 count, size, pixel size) and then streamed in batches of frames, so memory holds one batch,
 not the movie. Unreadable, truncated or inconsistent files raise
-:class:`~subtomo.errors.InputError` naming the file.
+:class:`~subtomo.errors.InputError` naming the file. EER movies (:mod:`subtomo.io.eer`)
+count their EER frames until :func:`render_eer` says how many make one frame.
 
 Gain references follow RELION/MotionCor2: the frames are **multiplied** by the gain; the
 gain is first rotated by ``rotation`` × 90° clockwise (as displayed with row 0 at the top,
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 
 from subtomo.errors import InputError
 from subtomo.io.atomic import atomic_path
+from subtomo.io.eer import EER_SUFFIX, eer_frame_count, read_eer_frames
 from subtomo.io.files import require_file
 from subtomo.io.mrc import read_mrc, read_mrc_header, write_mrc
 
@@ -36,23 +38,57 @@ __all__ = [
     "read_gain",
     "read_movie_frames",
     "read_movie_header",
+    "render_eer",
     "unorient_gain",
     "write_movie",
 ]
 
 #: File endings read as movies (case-insensitive).
-MOVIE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff")
+MOVIE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", EER_SUFFIX)
 
 
 @dataclass(frozen=True)
 class MovieHeader:
     """What a movie holds: ``n_frames`` frames of ``shape`` = (h, w) pixels; ``pixel_size``
-    in Å from the header (0: not recorded, as in most TIFFs)."""
+    in Å from the header (0: not recorded, as in TIFF and EER). An EER movie counts its EER
+    frames (``eer_grouping`` 0) until :func:`render_eer` groups them into frames."""
 
     path: Path
     n_frames: int
     shape: tuple[int, int]
     pixel_size: float
+    eer_grouping: int = 0
+    eer_upsampling: int = 1
+
+    @property
+    def is_eer(self) -> bool:
+        return self.path.suffix.lower() == EER_SUFFIX
+
+
+def render_eer(header: MovieHeader, grouping: int, upsampling: int = 1) -> MovieHeader:
+    """The frames RELION renders from an EER movie: ``grouping`` EER frames each (those
+    after the last full group dropped), on a grid ``upsampling`` (1 or 2) times the sensor's.
+    Other movies are returned as they are. An EER movie without a grouping (the fractionation)
+    is an ``InputError`` naming the file."""
+    if not header.is_eer:
+        return header
+    if grouping <= 0:
+        raise InputError(
+            "EER movie without a fractionation: give --eer_grouping (EER frames per frame)",
+            file=header.path,
+        )
+    if upsampling not in (1, 2):
+        raise InputError(f"--eer_upsampling {upsampling} must be 1 (sensor grid) or 2")
+    if grouping > header.n_frames:
+        raise InputError(
+            f"--eer_grouping {grouping} is more than its {header.n_frames} EER frames",
+            file=header.path,
+        )
+    h, w = header.shape
+    return replace(
+        header, n_frames=header.n_frames // grouping, shape=(h * upsampling, w * upsampling),
+        eer_grouping=grouping, eer_upsampling=upsampling,
+    )  # fmt: skip
 
 
 def _is_tiff(path: Path) -> bool:
@@ -72,6 +108,9 @@ def read_movie_header(path: str | os.PathLike) -> MovieHeader:
             f"unknown movie format {path.suffix!r}, expected one of {', '.join(MOVIE_SUFFIXES)}",
             file=path,
         )
+    if path.suffix.lower() == EER_SUFFIX:
+        n, shape = eer_frame_count(path)
+        return MovieHeader(path, n, shape, 0.0)
     if not _is_tiff(path):
         header = read_mrc_header(path)
         nz, ny, nx = header.shape
@@ -104,8 +143,16 @@ def read_movie_header(path: str | os.PathLike) -> MovieHeader:
 def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[torch.Tensor]:
     """The frames of a movie as ``(b, h, w)`` CPU tensors of at most ``batch`` frames, in the
     file's own dtype (counts are often 8-bit: convert on the compute device), read from disk
-    as they are asked for (MRC memory-mapped, TIFF page by page; TIFF rows flipped)."""
+    as they are asked for (MRC memory-mapped, TIFF page by page; TIFF rows flipped; EER
+    frames rendered as :func:`render_eer` set them, not flipped)."""
     path = header.path
+    if header.is_eer:
+        if header.eer_grouping <= 0:
+            render_eer(header, 0)  # the error naming the file
+        for frames in read_eer_frames(path, header.n_frames, header.eer_grouping,
+                                      header.eer_upsampling, batch):  # fmt: skip
+            yield torch.from_numpy(frames)
+        return
     if _is_tiff(path):
         import tifffile
 

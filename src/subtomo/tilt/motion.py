@@ -76,13 +76,22 @@ def _frequencies(shape: tuple[int, int], device: torch.device) -> tuple[torch.Te
     return ky, kx
 
 
+def _ramp_factors(
+    shape: tuple[int, int], shifts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The separable factors ``exp(-2πi ky sy)`` ``(b, h)`` and ``exp(-2πi kx sx)``
+    ``(b, w//2+1)`` complex64 of :func:`phase_ramp`."""
+    ky, kx = _frequencies(shape, shifts.device)
+    s = shifts.to(torch.float64)
+    ey = torch.exp(-2j * math.pi * ky[None, :] * s[:, 1:2]).to(torch.complex64)
+    ex = torch.exp(-2j * math.pi * kx[None, :] * s[:, 0:1]).to(torch.complex64)
+    return ey, ex
+
+
 def phase_ramp(shape: tuple[int, int], shifts: torch.Tensor) -> torch.Tensor:
     """``exp(-2πi k·s)`` ``(b, h, w//2+1)`` complex64 that shifts images of ``shape`` (h, w)
     by ``shifts`` ``(b, 2)`` xy pixels (content at ``x`` moves to ``x + s``)."""
-    ky, kx = _frequencies(shape, shifts.device)
-    s = shifts.to(torch.float64)
-    ey = torch.exp(-2j * math.pi * ky[None, :] * s[:, 1:2]).to(torch.complex64)  # (b, h)
-    ex = torch.exp(-2j * math.pi * kx[None, :] * s[:, 0:1]).to(torch.complex64)  # (b, w')
+    ey, ex = _ramp_factors(shape, shifts)
     return ey[:, :, None] * ex[:, None, :]
 
 
@@ -117,10 +126,10 @@ def _peaks(
     correlations whose rfft spectra are ``cross`` ``(b, h, w//2+1)``.
 
     The correlation is evaluated by matrix DFT on a ``1/upsample`` grid pixel lattice, ±1
-    grid pixel around its integer maximum (inverse FFT), or ±2 around ``around`` ``(b, 2)``
-    (a previous estimate; no inverse FFT); a maximum on the lattice's edge falls back to the
-    inverse FFT. The last step is a parabola through the best lattice point's neighbours.
-    ``max_shift`` (grid px): the integer maximum is searched within that radius only.
+    grid pixel around its integer maximum (inverse FFT) or around ``around`` ``(b, 2)``
+    rounded (a previous estimate; no inverse FFT); a maximum on the lattice's edge falls
+    back to the inverse FFT. The last step is a parabola through the best lattice point's
+    neighbours. ``max_shift`` (grid px): the integer maximum is searched within that radius only.
     """
     h, w = shape
     if around is None:
@@ -135,7 +144,7 @@ def _peaks(
         reach = 1
     else:
         ix, iy = around.round().long().unbind(dim=1)
-        reach = 2
+        reach = 1
     steps = torch.arange(
         -reach * upsample, reach * upsample + 1, device=cross.device, dtype=torch.float64
     )
@@ -181,15 +190,20 @@ def _refine(
     *,
     searched: bool,
     max_shift: float | None = None,
+    unit: torch.Tensor | None = None,
 ) -> FrameAlignment:
     """Iterate the alignment from ``shifts`` on the grid Fourier-cropped to
     ``grid_pixel_size`` (Å); ``searched``: ``shifts`` are already near the peaks, so no
-    iteration needs a full inverse FFT of the correlations."""
+    iteration needs a full inverse FFT of the correlations. ``spectra`` may be cropped
+    already: ``pixel_size`` is theirs and ``unit`` (xy) the movie pixels per pixel of
+    theirs; shifts in and out are in movie pixels."""
     shape = (spectra.shape[-2], 2 * (spectra.shape[-1] - 1))
     small = crop_shape(shape, max(1.0, grid_pixel_size / pixel_size))
     scale = torch.tensor(
         [shape[1] / small[1], shape[0] / small[0]], dtype=torch.float64, device=spectra.device
-    )  # movie px per grid px, xy
+    )  # spectra px per grid px, xy
+    if unit is not None:
+        scale = scale * unit  # movie px per grid px
     weights = _bfactor_weights(small, pixel_size * shape[0] / small[0], bfactor, spectra.device)
     cropped = fourier_crop(spectra, small) * weights  # (t, h', w')
     change = math.inf
@@ -231,16 +245,23 @@ def align_frames(
     shifts = torch.zeros(spectra.shape[0], 2, dtype=torch.float64, device=spectra.device)
     if spectra.shape[0] < 2:
         return FrameAlignment(shifts=shifts, iterations=0, last_change=0.0)
+    # both grids are cut from one crop to the fine grid (one pass over the full spectra)
+    shape = (spectra.shape[-2], 2 * (spectra.shape[-1] - 1))
+    fine_shape = crop_shape(shape, max(1.0, align_pixel_size / pixel_size))
+    unit = torch.tensor([shape[1] / fine_shape[1], shape[0] / fine_shape[0]],
+                        dtype=torch.float64, device=spectra.device)  # fmt: skip
+    cropped = fourier_crop(spectra, fine_shape) if fine_shape != shape else spectra
+    grid_pixel_size = pixel_size * shape[0] / fine_shape[0]
     coarse = None
     if 2 * align_pixel_size > 1.5 * pixel_size:
         coarse = _refine(
-            spectra, pixel_size, 2 * align_pixel_size, bfactor, shifts, max_iterations,
-            max(tolerance, 0.25), upsample, searched=False, max_shift=max_shift,
+            cropped, grid_pixel_size, 2 * align_pixel_size, bfactor, shifts, max_iterations,
+            max(tolerance, 0.25), upsample, searched=False, max_shift=max_shift, unit=unit,
         )  # fmt: skip
         shifts = coarse.shifts
     fine = _refine(
-        spectra, pixel_size, align_pixel_size, bfactor, shifts, max_iterations, tolerance,
-        upsample, searched=coarse is not None, max_shift=max_shift,
+        cropped, grid_pixel_size, align_pixel_size, bfactor, shifts, max_iterations,
+        tolerance, upsample, searched=coarse is not None, max_shift=max_shift, unit=unit,
     )  # fmt: skip
     used = fine.iterations + (coarse.iterations if coarse is not None else 0)
     return FrameAlignment(shifts=fine.shifts, iterations=used, last_change=fine.last_change)
@@ -255,15 +276,19 @@ def shifted_sum(
     ``(h, w//2+1)``. ``weights`` ``(t, h, w//2+1)`` (dose weights) are scaled by
     ``sqrt(t / Σ w²)`` at each frequency (Grant & Grigorieff 2015): the noise power of the
     weighted sum is that of the plain sum, which it equals where all weights are 1 (the
-    mean count)."""
+    mean count). The separable ramp is applied in place on one reused buffer (a full-size
+    temporary per frame costs more in page faults than the multiplication)."""
     shape = (spectra.shape[-2], 2 * (spectra.shape[-1] - 1))
     total = torch.zeros_like(spectra[0])
+    term = torch.empty_like(spectra[0])
     norm = None if weights is None else (len(spectra) / weights.square().sum(dim=0)).sqrt()
+    ey, ex = _ramp_factors(shape, -shifts)
     for i in range(len(spectra)):
-        term = spectra[i] * phase_ramp(shape, -shifts[i : i + 1])[0]
+        torch.mul(spectra[i], ex[i], out=term)
+        term.mul_(ey[i][:, None])
         if weights is not None:
-            term = term * (weights[i] * norm)
-        total += term
+            term.mul_(weights[i] * norm)
+        total.add_(term)
     return total
 
 
