@@ -77,7 +77,7 @@ def read_xf(path: str | os.PathLike) -> np.ndarray:
 
 def write_xf(path: str | os.PathLike, xf: np.ndarray) -> None:
     """Write ``(n, 2, 3)`` transforms in IMOD's layout (``%12.7f`` matrix, ``%12.3f`` shifts)."""
-    xf = np.asarray(xf, dtype=np.float64)
+    xf = np.asarray(xf, dtype=np.float64) + 0.0  # no "-0.000"
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for m in xf:
             out.write(
