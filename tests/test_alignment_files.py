@@ -263,3 +263,24 @@ def test_bad_alignment_files(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"bad\.xf: line 1: expected 6 numbers"):
         read_xf(bad)
     assert not Path("AlignTiltSeries").exists()
+
+
+def test_real_relion5_alignment_columns_are_its_matrices(shared_data: Path) -> None:
+    """EMPIAR-10164 TS_01 as RELION 5 wrote it after IMOD alignment: the projection matrices
+    built from its columns (conventions §1.3) are its rlnTomoProj rows, with the image centre
+    of its 3710 x 3838 K2 images, and rlnTomoZRot is near the nominal tilt axis (85°), as the
+    IMOD reading of §14 gives."""
+    folder = shared_data / "formats/relion5"
+    tilts = read_star(folder / "220728_TS_01.star")["220728_TS_01"]
+    columns = {c: torch.tensor(tilts[c].to_numpy(dtype=float)) for c in ALIGNMENT_COLUMNS}
+    built = projection_matrices(*columns.values(), 1.35, (4000, 4000, 3000), (3710, 3838))
+    rows = np.array(
+        [
+            [[float(x) for x in str(v).strip("[]").split(",")] for v in row]
+            for row in tilts[
+                ["rlnTomoProjX", "rlnTomoProjY", "rlnTomoProjZ", "rlnTomoProjW"]
+            ].to_numpy()
+        ]
+    )
+    assert np.abs(built.numpy() - rows).max() < 1e-3
+    assert np.abs(columns["rlnTomoZRot"].numpy() - 85.0).max() < 1.0
