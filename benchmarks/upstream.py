@@ -161,10 +161,11 @@ def main() -> None:
     print(f"defocus |error| at 0°: {abs(float(err[angle == 0].iloc[0])):.0f} Å (bar 100); "
           f"max at |tilt| >= 55°: {err[angle.abs() >= 55].abs().max():.0f} Å (bar 300); "
           f"max over all: {err.abs().max():.0f} Å")  # fmt: skip
+    size = args.box * args.pixel_size  # Å: shell k is size / k
     for threshold in (0.5, 0.143):
-        print(f"FSC to truth crosses {threshold}: direct shell "
-              f"{r.crossing('direct', threshold)}, upstream shell "
-              f"{r.crossing('upstream', threshold)} (bar: within 1)")  # fmt: skip
+        direct, chained = r.crossing("direct", threshold), r.crossing("upstream", threshold)
+        print(f"FSC to truth crosses {threshold}: direct shell {direct} ({size / direct:.1f} Å), "
+              f"upstream shell {chained} ({size / chained:.1f} Å) (bar: within 1)")  # fmt: skip
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()))
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 

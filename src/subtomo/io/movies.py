@@ -69,7 +69,9 @@ def render_eer(header: MovieHeader, grouping: int, upsampling: int = 1) -> Movie
     """The frames RELION renders from an EER movie: ``grouping`` EER frames each (those
     after the last full group dropped), on a grid ``upsampling`` (1 or 2) times the sensor's.
     Other movies are returned as they are. An EER movie without a grouping (the fractionation)
-    is an ``InputError`` naming the file."""
+    is an ``InputError`` naming the file. As in RELION, the movie pixel size the user gives
+    (rlnMicrographOriginalPixelSize) is that of the rendered grid: half the physical one
+    with ``upsampling`` 2."""
     if not header.is_eer:
         return header
     if grouping <= 0:
