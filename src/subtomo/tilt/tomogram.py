@@ -212,10 +212,10 @@ def _filtered_strips(
         if dose is not None:
             spectrum = spectrum * dose[f, None]
         if ctf is not None:
-            shift = ctf.hand * ctf.slope * ctf.pixel_size * depths.to(device)
+            shift = ctf.hand * ctf.slope * ctf.pixel_size * depths.cpu()  # ctf_2d moves them
             signs = ctf_2d(
-                ctf.defocus_u[f, None] + shift,
-                ctf.defocus_v[f, None] + shift,
+                ctf.defocus_u[f, None].cpu() + shift,
+                ctf.defocus_v[f, None].cpu() + shift,
                 ctf.defocus_angle[f, None],
                 ctf.voltage,
                 ctf.cs,
