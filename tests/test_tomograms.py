@@ -294,6 +294,34 @@ def test_devices_agree(series, device) -> None:
         assert torch.allclose(there.cpu(), here, atol=1e-4 * float(here.abs().max()))
 
 
+def test_tilt_groups_and_slabs_do_not_change_the_result(series, monkeypatch) -> None:
+    """Memory bounds (strips of 3 tilts at a time, 1-slice slabs) give the same tomogram."""
+    import subtomo.tilt.tomogram as tomogram
+
+    _, columns, images = series
+    grid = tomogram_grid(matrices(columns, 4.0), (N, N, N), (N, N), 2)
+    t = len(TILTS)
+    ctf = CtfParams(
+        torch.full((t,), 3e4),
+        torch.full((t,), 3e4),
+        torch.zeros(t),
+        torch.zeros(t),
+        300.0,
+        2.7,
+        0.07,
+        -1,
+        1.0,
+        4.0,
+    )
+    binned = fourier_bin(images, 2)
+    whole = reconstruct_wbp(binned, grid, ctf=ctf, pixel_size=4.0, strip_angst=200.0)
+    monkeypatch.setattr(tomogram, "STRIP_BYTES", 3 * 4 * 4 * 32 * 32)
+    parts = reconstruct_wbp(
+        binned, grid, ctf=ctf, pixel_size=4.0, strip_angst=200.0, slab_elements=32 * 32
+    )
+    assert torch.allclose(parts, whole, atol=1e-5 * float(whole.abs().max()))
+
+
 def _write_series(images: torch.Tensor, columns: dict, folder, n_tilts: int | None = None) -> str:
     """tomograms.star + one MRC per tilt (and EVN/ODD halves) of the simulated series."""
     n = len(TILTS) if n_tilts is None else n_tilts

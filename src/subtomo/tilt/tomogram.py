@@ -18,15 +18,15 @@ inserts Fourier slices of patches, with no depth-dependent CTF correction and no
 the hand of ours is checked against the simulator's independent Fourier projector
 (``tests/test_tomograms.py``).
 
-Memory: the volume once plus one slab's sampling grid (``slab_elements`` voxel-tilt samples) and
-the filtered strips ``(t, K, h/b, w/b)``.
+Memory: the volume once, one slab's sampling grid (``slab_elements`` voxel-tilt samples) and the
+filtered strips of one group of tilts (``STRIP_BYTES``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ __all__ = [
 
 SLAB_ELEMENTS = 1 << 23  # voxel-tilt samples per back-projection step (~0.2 GB of grid)
 FFT_ELEMENTS = 1 << 24  # padded pixels per batch of filtered tilts (~0.2 GB of spectra)
+STRIP_BYTES = 1 << 29  # filtered strips held at once (a group of tilts)
 
 
 @dataclass(frozen=True)
@@ -344,13 +345,19 @@ def project(
         maps = maps.to(device=device, dtype=torch.float32)
         plane = u * maps[0] + v * maps[1] + maps[3]  # (h, w, 3)
         reach = corners @ forward[2]  # this tilt's voxel depths, binned voxels
-        samples = torch.arange(math.floor(float(reach.min())), math.ceil(float(reach.max())) + 1,
-                               dtype=torch.float64)  # fmt: skip
+        samples = torch.arange(
+            math.floor(float(reach.min())), math.ceil(float(reach.max())) + 1, dtype=torch.float64
+        )
         for s0 in range(0, len(samples), step):
             d = samples[s0 : s0 + step]
             coords = plane + d.to(device=device, dtype=torch.float32)[:, None, None, None] * maps[2]
-            sampled = F.grid_sample(volume[None, None], coords[None], mode="bilinear",
-                                    padding_mode="zeros", align_corners=True)[0, 0]  # fmt: skip
+            sampled = F.grid_sample(
+                volume[None, None],
+                coords[None],
+                mode="bilinear",
+                padding_mode="zeros",
+                align_corners=True,
+            )[0, 0]
             if len(depths) == 1:
                 out[f, 0] += sampled.sum(0)
                 continue
@@ -368,6 +375,60 @@ def _dose(
         return None
     h, w = grid.image_shape
     return dose_weights(pre_exposure, px * grid.binning, (2 * h, 2 * w), device=device)
+
+
+def _subset(grid: TomogramGrid, ctf: CtfParams | None, tilts: slice):
+    """The grid and CTF of a group of tilts (strip depths stay those of the whole series)."""
+    part = replace(grid, uv=grid.uv[tilts], depth=grid.depth[tilts])
+    if ctf is None:
+        return part, None
+    return part, replace(
+        ctf,
+        defocus_u=ctf.defocus_u[tilts],
+        defocus_v=ctf.defocus_v[tilts],
+        defocus_angle=ctf.defocus_angle[tilts],
+        phase_shift=ctf.phase_shift[tilts],
+    )
+
+
+def _groups(images: torch.Tensor, depths: torch.Tensor) -> list[slice]:
+    """Tilt groups whose filtered strips take at most ``STRIP_BYTES``."""
+    t, h, w = images.shape
+    size = max(1, STRIP_BYTES // (4 * len(depths) * h * w))
+    return [slice(g, min(t, g + size)) for g in range(0, t, size)]
+
+
+def _back_project_filtered(
+    images: torch.Tensor,
+    grid: TomogramGrid,
+    depths: torch.Tensor,
+    volume: torch.Tensor,
+    factor: float,
+    *,
+    ctf: CtfParams | None,
+    ramp: torch.Tensor | None = None,
+    dose: torch.Tensor | None = None,
+    zero_mean: bool = True,
+    slab_elements: int = SLAB_ELEMENTS,
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    """``volume += factor · back-projection`` of the images filtered into strips, one group
+    of tilts at a time (memory: one group's strips)."""
+    t = images.shape[0]
+    for g in _groups(images, depths):
+        part, part_ctf = _subset(grid, ctf, g)
+        strips = _filtered_strips(
+            images[g],
+            part,
+            depths,
+            ctf=part_ctf,
+            zero_mean=zero_mean,
+            ramp=None if ramp is None else ramp[g],
+            dose=None if dose is None else dose[g],
+        )
+        share = (g.stop - g.start) / t
+        step = (lambda x, share=share: progress(x * share)) if progress is not None else None
+        _accumulate(strips, part, depths, volume, factor, slab_elements, step)
 
 
 def reconstruct_wbp(
@@ -391,12 +452,19 @@ def reconstruct_wbp(
     device = images.device
     depths = strip_depths(grid, ctf, strip_angst)
     h, w = grid.image_shape
-    ramp = _ramp(grid, (2 * h, 2 * w), sirt_like, device)
-    strips = _filtered_strips(
-        images, grid, depths, ramp=ramp, ctf=ctf, dose=_dose(pre_exposure, grid, pixel_size, device)
-    )
     volume = torch.zeros(grid.shape, dtype=torch.float32, device=device)
-    _accumulate(strips, grid, depths, volume, 1.0, slab_elements, progress)
+    _back_project_filtered(
+        images,
+        grid,
+        depths,
+        volume,
+        1.0,
+        ctf=ctf,
+        ramp=_ramp(grid, (2 * h, 2 * w), sirt_like, device),
+        dose=_dose(pre_exposure, grid, pixel_size, device),
+        slab_elements=slab_elements,
+        progress=progress,
+    )
     return volume
 
 
@@ -423,42 +491,56 @@ def reconstruct_sirt(
     dose = _dose(pre_exposure, grid, pixel_size, device)
     data = _filtered_strips(images, grid, torch.zeros(1), ramp=None, ctf=None, dose=dose)[:, 0]
 
-    def flipped(strips_or_images: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        """Per-strip phase flips: images -> strips, or (adjoint) strips -> summed images."""
-        if ctf is None:
-            return strips_or_images.sum(1) if adjoint else strips_or_images[:, None]
-        if adjoint:
-            parts = [
-                _filtered_strips(
-                    strips_or_images[:, k],
-                    grid,
-                    depths[k : k + 1],
-                    ramp=None,
-                    ctf=ctf,
-                    dose=None,
-                    zero_mean=False,
-                )[:, 0]
-                for k in range(len(depths))
-            ]
-            return torch.stack(parts, 1).sum(1)
-        return _filtered_strips(
-            strips_or_images, grid, depths, ramp=None, ctf=ctf, dose=None, zero_mean=False
-        )
+    def model(volume: torch.Tensor) -> torch.Tensor:
+        """``B x``: ray sums per strip, each strip phase-flipped, summed: ``(t, h, w)``."""
+        out = torch.empty_like(data)
+        for g in _groups(data, depths):
+            part, part_ctf = _subset(grid, ctf, g)
+            strips = project(volume, part, depths, slab_elements)
+            if part_ctf is not None:  # the flip is its own adjoint
+                strips = torch.stack(
+                    [
+                        _filtered_strips(
+                            strips[:, k],
+                            part,
+                            depths[k : k + 1],
+                            ramp=None,
+                            ctf=part_ctf,
+                            dose=None,
+                            zero_mean=False,
+                        )[:, 0]
+                        for k in range(len(depths))
+                    ],
+                    1,
+                )
+            out[g] = strips.sum(1)
+        return out
 
-    rays = project(torch.ones(grid.shape, device=device), grid, depths, slab_elements)
-    inverse_length = 1.0 / rays.sum(1).clamp_min(1.0)
+    lengths = torch.cat(
+        [
+            project(
+                torch.ones(grid.shape, device=device),
+                _subset(grid, None, g)[0],
+                depths[:1] * 0,
+                slab_elements,
+            )[:, 0]
+            for g in _groups(data, depths)
+        ]
+    )
+    inverse_length = 1.0 / lengths.clamp_min(1.0)
     volume = torch.zeros(grid.shape, dtype=torch.float32, device=device)
     for _ in range(iterations):
-        model = flipped(project(volume, grid, depths, slab_elements), adjoint=True)
-        residual = (data - model) * inverse_length
+        residual = (data - model(volume)) * inverse_length
         step = (lambda x: progress(x / iterations)) if progress is not None else None
-        _accumulate(
-            flipped(residual, adjoint=False),
+        _back_project_filtered(
+            residual,
             grid,
             depths,
             volume,
             relaxation / t,
-            slab_elements,
-            step,
+            ctf=ctf,
+            zero_mean=False,
+            slab_elements=slab_elements,
+            progress=step,
         )
     return volume
