@@ -71,7 +71,7 @@ __all__ = ["MotionCorrParams", "correct_movie", "output_root", "run"]
 log = logging.getLogger("subtomo")
 
 NODE_TYPE = "TomogramGroupMetadata.star.relion.tomo.motioncorr"
-_FFT_PIXELS = 1 << 24  # frame pixels transformed per FFT call at most (one 4k frame)
+_FFT_PIXELS = 1 << 25  # frame pixels per FFT call at most: two 4k frames, one per thread
 
 
 @dataclass
@@ -157,8 +157,8 @@ def correct_movie(
         dtype=torch.complex64,
         device=device,
     )
-    # frames are transformed in groups of up to 16 Mpixel: one FFT call costs ~8 ms besides
-    # the transform (512²: 14x faster in groups of 4), a 4k frame's buffer 67 MB
+    # frames are transformed in groups of up to 32 Mpixel: one FFT call costs ~8 ms besides
+    # the transform (512²: 14x faster in groups of 4); a 4k frame's buffer is 67 MB
     group = max(1, min(params.batch, _FFT_PIXELS // (header.shape[0] * header.shape[1])))
     buffer = torch.empty((group, *header.shape), dtype=torch.float32, device=device)  # reused
     index = 0
