@@ -150,28 +150,36 @@ def strip_depths(grid: TomogramGrid, ctf: CtfParams | None, strip_angst: float) 
     return torch.linspace(lo, hi, count, dtype=torch.float64)
 
 
-def _ramp(
-    grid: TomogramGrid, padded: tuple[int, int], sirt_like: int, device: torch.device
-) -> torch.Tensor:
-    """``(t, hp, wp//2+1)`` WBP weights: ``|k⊥|·Δθ`` (k⊥ across the tilt axis in cycles per
-    binned pixel, Δθ the tilt's share of the angular range in radians), or with
-    ``sirt_like = n`` the filter that mimics n SIRT iterations,
-    ``|k⊥|·(1 − (1 − k0/|k⊥|)^n)`` with ``k0`` one frequency step (flat above ~n·k0)."""
-    rot = grid.uv[:, :, :3]
-    axis = rot[:, :, 1] / rot[:, :, 1].norm(dim=1, keepdim=True)  # tilt axis in the image
-    normal = torch.stack([axis[:, 1], -axis[:, 0]], dim=1).float().to(device)
-    tilt = torch.rad2deg(torch.asin((-grid.depth[:, 0] / grid.binning).clamp(-1, 1)))
+def _angular_shares(grid: TomogramGrid) -> torch.Tensor:
+    """``(t,)`` each tilt's share Δθ of the angular range (radians): half the gaps to its
+    neighbours in tilt angle, the full gap at either end."""
+    tilt = torch.asin((-grid.depth[:, 0] / grid.binning).clamp(-1, 1))
     order = torch.argsort(tilt)
-    sorted_tilt = torch.deg2rad(tilt[order])
-    share = torch.empty_like(sorted_tilt)
-    if len(share) == 1:
-        share[:] = math.pi
-    else:
+    sorted_tilt = tilt[order]
+    share = torch.full_like(sorted_tilt, math.pi)
+    if len(share) > 1:
         gaps = sorted_tilt.diff()
         share[1:-1] = (gaps[1:] + gaps[:-1]) / 2
         share[0], share[-1] = gaps[0], gaps[-1]
-    weights = torch.empty_like(share)
-    weights[order] = share
+    out = torch.empty_like(share)
+    out[order] = share
+    return out
+
+
+def _ramp(
+    grid: TomogramGrid,
+    shares: torch.Tensor,
+    padded: tuple[int, int],
+    sirt_like: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """``(t, hp, wp//2+1)`` WBP weights of the grid's tilts: ``|k⊥|·Δθ`` (k⊥ across the tilt
+    axis in cycles per binned pixel, Δθ = ``shares``), or with ``sirt_like = n`` the filter
+    that mimics n SIRT iterations, ``|k⊥|·(1 − (1 − k0/|k⊥|)^n)`` with ``k0`` one frequency
+    step (flat above ~n·k0)."""
+    rot = grid.uv[:, :, :3]
+    axis = rot[:, :, 1] / rot[:, :, 1].norm(dim=1, keepdim=True)  # tilt axis in the image
+    normal = torch.stack([axis[:, 1], -axis[:, 0]], dim=1).float().to(device)
     hp, wp = padded
     ky = torch.fft.fftfreq(hp, device=device)[:, None]
     kx = torch.fft.rfftfreq(wp, device=device)[None, :]
@@ -180,7 +188,39 @@ def _ramp(
     ramp = k_perp.clamp_min(0.5 * k0)
     if sirt_like > 0:
         ramp = ramp * (1 - (1 - k0 / ramp.clamp_min(k0)).pow(sirt_like))
-    return ramp * weights.float().to(device)[:, None, None]
+    return ramp * shares.float().to(device)[:, None, None]
+
+
+@dataclass(frozen=True)
+class _Filter:
+    """What multiplies each tilt's spectrum: the ramp (``shares`` Δθ per tilt and the SIRT-like
+    iterations) and/or the dose weight (``pre_exposure`` e/Å², ``pixel_size`` bin-1 Å)."""
+
+    shares: torch.Tensor | None = None
+    sirt_like: int = 0
+    pre_exposure: torch.Tensor | None = None
+    pixel_size: float = 1.0
+
+    def part(self, tilts: slice) -> _Filter:
+        return replace(
+            self,
+            shares=None if self.shares is None else self.shares[tilts],
+            pre_exposure=None if self.pre_exposure is None else self.pre_exposure[tilts],
+        )
+
+    @property
+    def empty(self) -> bool:
+        return self.shares is None and self.pre_exposure is None
+
+    def weights(self, grid: TomogramGrid, padded: tuple[int, int], device) -> torch.Tensor:
+        """``(t, hp, wp//2+1)`` for the grid's tilts (made per batch: never for all tilts)."""
+        out = torch.ones(grid.uv.shape[0], padded[0], padded[1] // 2 + 1, device=device)
+        if self.shares is not None:
+            out = out * _ramp(grid, self.shares, padded, self.sirt_like, device)
+        if self.pre_exposure is not None:
+            out = out * dose_weights(self.pre_exposure, self.pixel_size * grid.binning, padded,
+                                     device=device)  # fmt: skip
+        return out
 
 
 def _filtered_strips(
@@ -188,19 +228,18 @@ def _filtered_strips(
     grid: TomogramGrid,
     depths: torch.Tensor,
     *,
-    ramp: torch.Tensor | None,
+    weights: _Filter,
     ctf: CtfParams | None,
-    dose: torch.Tensor | None,
     zero_mean: bool = True,
 ) -> torch.Tensor:
     """``(t, K, h, w)``: each binned tilt (made zero-mean), zero-padded 2x, multiplied in
-    Fourier space by the ramp (if any), the dose weight (if any) and, per strip, the sign of
-    its CTF at the strip's depth; cropped back."""
+    Fourier space by ``weights`` (ramp, dose) and, per strip, the sign of its CTF at the
+    strip's depth; cropped back. ``grid`` and ``ctf`` hold these tilts only."""
     t, h, w = images.shape
     device = images.device
     if zero_mean:
         images = images - images.mean(dim=(-2, -1), keepdim=True)
-    if ramp is None and ctf is None and dose is None:
+    if weights.empty and ctf is None:
         return images[:, None].clone()
     out = torch.empty(t, len(depths), h, w, dtype=torch.float32, device=device)
     hp, wp = 2 * h, 2 * w
@@ -208,10 +247,9 @@ def _filtered_strips(
     for f0 in range(0, t, chunk):
         f = slice(f0, min(t, f0 + chunk))
         spectrum = torch.fft.rfft2(images[f], s=(hp, wp))[:, None]  # (n, 1, hp, wp')
-        if ramp is not None:
-            spectrum = spectrum * ramp[f, None]
-        if dose is not None:
-            spectrum = spectrum * dose[f, None]
+        if not weights.empty:
+            part = replace(grid, uv=grid.uv[f], depth=grid.depth[f])
+            spectrum = spectrum * weights.part(f).weights(part, (hp, wp), device)[:, None]
         if ctf is not None:
             shift = ctf.hand * ctf.slope * ctf.pixel_size * depths.cpu()  # ctf_2d moves them
             signs = ctf_2d(
@@ -368,15 +406,6 @@ def project(
     return out
 
 
-def _dose(
-    pre_exposure: torch.Tensor | None, grid: TomogramGrid, px: float, device
-) -> torch.Tensor | None:
-    if pre_exposure is None:
-        return None
-    h, w = grid.image_shape
-    return dose_weights(pre_exposure, px * grid.binning, (2 * h, 2 * w), device=device)
-
-
 def _subset(grid: TomogramGrid, ctf: CtfParams | None, tilts: slice):
     """The grid and CTF of a group of tilts (strip depths stay those of the whole series)."""
     part = replace(grid, uv=grid.uv[tilts], depth=grid.depth[tilts])
@@ -406,8 +435,7 @@ def _back_project_filtered(
     factor: float,
     *,
     ctf: CtfParams | None,
-    ramp: torch.Tensor | None = None,
-    dose: torch.Tensor | None = None,
+    weights: _Filter = _Filter(),
     zero_mean: bool = True,
     slab_elements: int = SLAB_ELEMENTS,
     progress: Callable[[float], None] | None = None,
@@ -421,10 +449,9 @@ def _back_project_filtered(
             images[g],
             part,
             depths,
+            weights=weights.part(g),
             ctf=part_ctf,
             zero_mean=zero_mean,
-            ramp=None if ramp is None else ramp[g],
-            dose=None if dose is None else dose[g],
         )
         share = (g.stop - g.start) / t
         step = (lambda x, share=share: progress(x * share)) if progress is not None else None
@@ -451,7 +478,7 @@ def reconstruct_wbp(
     """
     device = images.device
     depths = strip_depths(grid, ctf, strip_angst)
-    h, w = grid.image_shape
+    weights = _Filter(_angular_shares(grid), sirt_like, pre_exposure, pixel_size)
     volume = torch.zeros(grid.shape, dtype=torch.float32, device=device)
     _back_project_filtered(
         images,
@@ -460,8 +487,7 @@ def reconstruct_wbp(
         volume,
         1.0,
         ctf=ctf,
-        ramp=_ramp(grid, (2 * h, 2 * w), sirt_like, device),
-        dose=_dose(pre_exposure, grid, pixel_size, device),
+        weights=weights,
         slab_elements=slab_elements,
         progress=progress,
     )
@@ -488,8 +514,8 @@ def reconstruct_sirt(
     device = images.device
     t = images.shape[0]
     depths = strip_depths(grid, ctf, strip_angst)
-    dose = _dose(pre_exposure, grid, pixel_size, device)
-    data = _filtered_strips(images, grid, torch.zeros(1), ramp=None, ctf=None, dose=dose)[:, 0]
+    dose = _Filter(pre_exposure=pre_exposure, pixel_size=pixel_size)
+    data = _filtered_strips(images, grid, torch.zeros(1), weights=dose, ctf=None)[:, 0]
 
     def model(volume: torch.Tensor) -> torch.Tensor:
         """``B x``: ray sums per strip, each strip phase-flipped, summed: ``(t, h, w)``."""
@@ -504,9 +530,8 @@ def reconstruct_sirt(
                             strips[:, k],
                             part,
                             depths[k : k + 1],
-                            ramp=None,
+                            weights=_Filter(),
                             ctf=part_ctf,
-                            dose=None,
                             zero_mean=False,
                         )[:, 0]
                         for k in range(len(depths))
