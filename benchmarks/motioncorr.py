@@ -72,19 +72,22 @@ def make_movies(size: int, n_movies: int, n_frames: int, seed: int) -> dict[str,
     return truth
 
 
-def timed(argv: list[str], threads: int) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB, GNU time's %M: measured from the command's exec, not
-    from a fork of this process) of one command run as its own process."""
+def timed(argv: list[str], threads: int) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MiB) and CPU seconds (user + system, all threads) of one
+    command run as its own process (GNU time: measured from the command's exec, not from a
+    fork of this process). CPU time is the measure that other processes on shared cores
+    change least."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     done = subprocess.run(
-        ["/usr/bin/time", "-f", "%M", *argv], env=env, stdout=subprocess.DEVNULL,
+        ["/usr/bin/time", "-f", "%M %U %S", *argv], env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed: {done.stderr[-2000:]}")
-    return wall, int(done.stderr.strip().splitlines()[-1]) / 1024
+    rss, user, system = done.stderr.strip().splitlines()[-1].split()
+    return wall, int(rss) / 1024, float(user) + float(system)
 
 
 def rms_errors(truth: dict[str, np.ndarray], estimates: dict[str, np.ndarray]) -> np.ndarray:
@@ -99,13 +102,14 @@ SUBTOMO = [sys.executable, "-c", "from subtomo.cli.main import main; main()"]
 def run_subtomo(truth: dict, threads: int) -> dict:
     argv = [*SUBTOMO, "motioncorr", "--i", "Import/job001/tilt_series.star",
             "--gain_ref", "gain.mrc", "--device", "cpu"]  # fmt: skip
-    wall, rss = timed(argv, threads)
+    wall, rss, cpu = timed(argv, threads)
     job = sorted(Path("MotionCorr").iterdir())[-1]
     estimates = {m: read_motion_star(job / (output_root(m) + ".star"))[1] for m in truth}
     finished = (job / "run.out").read_text().rsplit("# finished in ", 1)[1].split()[0]
     return {
         "wall": wall,
         "rss": rss,
+        "cpu": cpu,
         "errors": rms_errors(truth, estimates),
         "job": float(finished),
     }
@@ -121,12 +125,12 @@ def run_relion(truth: dict, threads: int) -> dict:
     write_star("movies.star", {"optics": optics, "movies": movies})
     argv = ["relion_run_motioncorr", "--i", "movies.star", "--o", "RelionMC/", "--use_own",
             "--j", str(threads), "--gainref", "gain.mrc", "--bfactor", "150"]  # fmt: skip
-    wall, rss = timed(argv, threads)
+    wall, rss, cpu = timed(argv, threads)
     estimates = {}
     for movie in truth:
         shifts = read_star(Path("RelionMC") / (output_root(movie) + ".star"))["global_shift"]
         estimates[movie] = shifts[["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy()
-    return {"wall": wall, "rss": rss, "errors": rms_errors(truth, estimates)}
+    return {"wall": wall, "rss": rss, "cpu": cpu, "errors": rms_errors(truth, estimates)}
 
 
 def run_tmc(truth: dict, threads: int) -> dict:
@@ -144,7 +148,8 @@ def run_tmc(truth: dict, threads: int) -> dict:
         shifts = yx[:, ::-1] - yx[:1, ::-1]
         estimates[movie] = -shifts
     wall = time.perf_counter() - start
-    return {"wall": wall, "rss": float("nan"), "errors": rms_errors(truth, estimates)}
+    return {"wall": wall, "rss": float("nan"), "cpu": float("nan"),
+            "errors": rms_errors(truth, estimates)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,13 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'tool':38s} {'RMS err px':>10s} {'worst':>6s} {'frames/s':>9s} {'peak MiB':>9s}"
-        "  (frames/s of the whole command; subtomo's job alone, without start-up, after it)"
+        f" {'CPU s/frame':>11s}  (the whole command: frames/s, CPU user+sys per frame; "
+        "subtomo's job alone, without start-up, after it)"
     )
     for name, r in results.items():
         job = f"  job: {frames / r['job']:.2f} frames/s" if "job" in r else ""
         print(
             f"{name:38s} {r['errors'].mean():10.3f} {r['errors'].max():6.3f} "
-            f"{frames / r['wall']:9.2f} {r['rss']:9.0f}{job}"
+            f"{frames / r['wall']:9.2f} {r['rss']:9.0f} {r['cpu'] / frames:11.3f}{job}"
         )
 
 
