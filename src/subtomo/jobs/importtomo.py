@@ -58,7 +58,7 @@ class ImportTomoParams:
 
     movie_files: str = option(
         "frames/*.mrc", "--movie_files", "--movies",
-        help="Glob of the movies (MRC, TIFF), or of the tilt images with "
+        help="Glob of the movies (MRC, TIFF, EER), or of the tilt images with "
         "--images_are_motion_corrected.",
     )  # fmt: skip
     mdoc_files: str = option(
