@@ -10,13 +10,13 @@ keeps pixel ``i`` of the binned image at bin-1 position ``b·i``.
 Back-projection samples, for every voxel, each tilt's filtered image at that point: with CTF
 correction the image is first phase-flipped at ``K`` depths (strips) spanning the volume's
 depths, and each voxel interpolates linearly between the two strips around its own depth (one
-trilinear ``grid_sample`` over ``(strip, v, u)``). The forward projection SIRT needs sums
-trilinear samples of the volume along each ray (a gather, several times faster on the CPU than
-the exact adjoint of the back-projection, a scatter); both run on CPU and CUDA through the same
-dense torch code. We back-project ourselves because torch-reconstruct-tomogram 0.6
-inserts Fourier slices of patches, with no depth-dependent CTF correction and no SIRT;
-the hand of ours is checked against the simulator's independent Fourier projector
-(``tests/test_tomograms.py``).
+trilinear ``grid_sample`` over ``(strip, v, u)``). The forward projection SIRT needs is
+Joseph's ray-driven projector (bilinear lookups where each ray crosses the volume's slices: a
+gather, much faster on the CPU than the exact adjoint of the back-projection, a scatter, and
+its partner to 2%). Both run on CPU and CUDA through the same dense torch code. We
+back-project ourselves because torch-reconstruct-tomogram 0.6 inserts Fourier slices of
+patches, with no depth-dependent CTF correction and no SIRT; the hand of ours is checked
+against the simulator's independent Fourier projector (``tests/test_tomograms.py``).
 
 Memory: the volume once, one slab's sampling grid (``slab_elements`` voxel-tilt samples) and the
 filtered strips of one group of tilts (``STRIP_BYTES``).
