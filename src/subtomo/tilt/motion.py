@@ -141,13 +141,9 @@ def _peaks(
         flat = image.flatten(1).argmax(dim=1)
         iy = (flat // w + h // 2) % h - h // 2  # wrapped to -h/2 .. h/2-1
         ix = (flat % w + w // 2) % w - w // 2
-        reach = 1
     else:
         ix, iy = around.round().long().unbind(dim=1)
-        reach = 1
-    steps = torch.arange(
-        -reach * upsample, reach * upsample + 1, device=cross.device, dtype=torch.float64
-    )
+    steps = torch.arange(-upsample, upsample + 1, device=cross.device, dtype=torch.float64)
     offsets = steps / upsample
     ey = _dft_matrices(h, iy, offsets, rfft=False)  # (b, p, h)
     ex = _dft_matrices(w, ix, offsets, rfft=True)  # (b, p, w')
