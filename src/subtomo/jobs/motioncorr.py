@@ -2,7 +2,7 @@
 
 For every tilt movie of an imported tilt-series set (``Import/jobNNN/tilt_series.star``):
 frames are read from disk in batches, multiplied by the gain reference, Fourier transformed
-one by one in reused buffers and kept as spectra (memory: one movie); EER movies are
+in small groups in reused buffers and kept as spectra (memory: one movie); EER movies are
 rendered as RELION renders them (``--eer_grouping`` EER frames per frame, required: an EER
 without it is an error naming the file; ``--eer_upsampling`` 2 for the 2x finer grid, the
 sensor-sized gain upsampled with it; :mod:`subtomo.io.eer`); the whole-frame drift is estimated
