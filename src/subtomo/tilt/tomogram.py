@@ -244,29 +244,31 @@ def _filtered_strips(
         return images[:, None].clone()
     out = torch.empty(t, len(depths), h, w, dtype=torch.float32, device=device)
     hp, wp = 2 * h, 2 * w
-    chunk = max(1, FFT_ELEMENTS // (hp * wp * len(depths)))
+    chunk = max(1, FFT_ELEMENTS // (hp * wp))
     for f0 in range(0, t, chunk):
         f = slice(f0, min(t, f0 + chunk))
         spectrum = torch.fft.rfft2(images[f], s=(hp, wp))[:, None]  # (n, 1, hp, wp')
         if not weights.empty:
             part = replace(grid, uv=grid.uv[f], depth=grid.depth[f])
             spectrum = spectrum * weights.part(f).weights(part, (hp, wp), device)[:, None]
-        if ctf is not None:
-            shift = ctf.hand * ctf.slope * ctf.pixel_size * depths.cpu()  # ctf_2d moves them
+        if ctf is None:
+            out[f] = torch.fft.irfft2(spectrum, s=(hp, wp))[..., :h, :w]
+            continue
+        shift = ctf.hand * ctf.slope * ctf.pixel_size * depths.cpu()  # ctf_2d moves them
+        for k in range(len(depths)):  # one strip at a time: memory of one CTF grid
             signs = ctf_2d(
-                ctf.defocus_u[f, None].cpu() + shift,
-                ctf.defocus_v[f, None].cpu() + shift,
-                ctf.defocus_angle[f, None],
+                ctf.defocus_u[f].cpu() + shift[k],
+                ctf.defocus_v[f].cpu() + shift[k],
+                ctf.defocus_angle[f],
                 ctf.voltage,
                 ctf.cs,
                 ctf.amplitude_contrast,
                 ctf.pixel_size * grid.binning,
                 (hp, wp),
-                phase_shift_deg=ctf.phase_shift[f, None],
+                phase_shift_deg=ctf.phase_shift[f],
                 device=device,
-            ).sign()  # (n, K, hp, wp')
-            spectrum = spectrum * signs
-        out[f] = torch.fft.irfft2(spectrum, s=(hp, wp))[..., :h, :w]
+            ).sign()  # (n, hp, wp')
+            out[f, k] = torch.fft.irfft2(spectrum[:, 0] * signs, s=(hp, wp))[..., :h, :w]
     return out
 
 
