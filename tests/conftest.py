@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# as the subtomo command does (cli.main): OpenMP threads that spin while waiting for work
+# slow in-process jobs several-fold on a shared 2-core machine; set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
