@@ -12,7 +12,8 @@ CUDA memory on a GPU). The tilt images are binned (Fourier crop) inside the timi
     python benchmarks/tomograms.py --device cuda
 
 On shared cores set ``OMP_WAIT_POLICY=PASSIVE`` (as the ``subtomo`` command does): spinning
-OpenMP threads otherwise count as CPU seconds (measured: bin-4 SIRT x3 64 -> 42 CPU s).
+OpenMP threads otherwise count as CPU seconds (bin-4 SIRT x3: 64 CPU s in a run beside another
+benchmark without it, 42 CPU s with it).
 """
 
 from __future__ import annotations
