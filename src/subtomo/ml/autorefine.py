@@ -599,11 +599,13 @@ def gold_standard_iteration(
     the image size, the regularisation and so the angular accuracy down.
 
     ``batches[h]()`` yields the particles of half ``h + 1`` only. ``final``: every frequency
-    up to Nyquist, the halves' sums are joined and the FSC converted (§7.2), and the merged
-    map is reconstructed. Sums are all-reduced per half (torch.distributed).
+    up to Nyquist, posterior mean poses (``EngineParams.mean_poses``), the halves' sums are
+    joined and the FSC converted (§7.2), and the merged map is reconstructed. Sums are
+    all-reduced per half (torch.distributed).
     """
     if final:
         models = tuple(dataclasses.replace(m, current_size=m.box) for m in models)
+        params = dataclasses.replace(params, mean_poses=True)
     sums, results = [], []
     for model, make in zip(models, batches, strict=True):
         s, r = expectation_pass(model, make(), sampling, params, device=device)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from subtomo.fourier.resolution import ssnr_resolution_shell
+from subtomo.geometry.euler import rotation_angle_deg
 from subtomo.geometry.orientations import orientation_grid
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.masks import soft_sphere
@@ -63,6 +64,8 @@ class EngineParams:
     (``batch.classes``, e.g. from :func:`subtomo.ml.seeding.pca_classes`) instead of a random
     one. ``leave_one_out``: without alignment, a particle's score for the class it was in
     leaves out its own contribution to that class's reference (:func:`self_term_scores`).
+    ``mean_poses``: the results hold each particle's posterior mean pose near its most
+    probable one instead of that grid point (Refine3D's final iteration).
     """
 
     particle_diameter_angst: float
@@ -79,6 +82,7 @@ class EngineParams:
     max_slices: int = 4096
     seeded_classes: bool = False
     leave_one_out: bool = False
+    mean_poses: bool = False
 
 
 @dataclass
@@ -108,19 +112,65 @@ class ParticleResults:
         )
 
 
-def _batch_results(batch: ParticleBatch, poses: PoseGrid, res: EStepResult) -> ParticleResults:
-    ar = torch.arange(batch.size, device=res.best.device)
-    c, j, t = res.best.unbind(1)
-    rot = poses.rotations[ar if poses.rotations.shape[0] > 1 else 0 * ar, j]
+def _batch_results(
+    batch: ParticleBatch, poses: PoseGrid, res: EStepResult, mean_poses: bool
+) -> ParticleResults:
+    if mean_poses:
+        rot, off = _posterior_mean_pose(poses, res)
+    else:
+        ar = torch.arange(batch.size, device=res.best.device)
+        j, t = res.best[:, 1], res.best[:, 2]
+        rot = poses.rotations[ar if poses.rotations.shape[0] > 1 else 0 * ar, j]
+        off = poses.offsets[ar, poses.offset_index(j, t)]
     return ParticleResults(
         index=batch.index.cpu(),
-        classes=c.cpu(),
+        classes=res.best[:, 0].cpu(),
         rotations=rot.double().cpu(),
-        offsets=poses.offsets[ar, poses.offset_index(j, t)].cpu(),
+        offsets=off.cpu(),
         pmax=res.pmax.cpu(),
         n_significant=res.n_significant.cpu(),
         log_likelihood=res.log_evidence.cpu(),
     )
+
+
+POSE_MEAN_RADIUS_DEG = 3.0
+"""Poses within this angle of the most probable one enter the posterior mean pose."""
+
+
+def _posterior_mean_pose(poses: PoseGrid, res: EStepResult) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean rotation ``(b, 3, 3)`` and offset ``(b, 3)`` Å of each particle in its
+    most probable class, over the poses within :data:`POSE_MEAN_RADIUS_DEG` of its most
+    probable rotation (so that distant modes cannot average in).
+
+    RELION writes the most probable grid point; the mean lies between grid points where the
+    posterior spans several of them, as it does at the finest local sampling. Only the
+    final iteration writes it: the auto-refine rules judge convergence by grid poses that
+    stop changing, and mean poses keep moving by small amounts. On the D7 benchmark
+    (``benchmarks/refine3d.py --map proteasome``) the final median angular error went from
+    1.14 to 1.08 deg (0.94 in the map's frame) and the position error from 1.30 to 1.23 Å.
+    The mean rotation is the
+    weighted sum of the matrices projected back onto SO(3) (the nearest rotation, by SVD).
+    """
+    b = res.weights.shape[0]
+    ar = torch.arange(b, device=res.best.device)
+    c, j = res.best[:, 0], res.best[:, 1]
+    w = res.weights[ar, c].double()  # (b, J, T)
+    rots = poses.rotations.double().expand(b, -1, -1, -1)  # (b, J, 3, 3)
+    near = rotation_angle_deg(rots, rots[ar, j][:, None]) <= POSE_MEAN_RADIUS_DEG
+    w = w * near[:, :, None]
+    w = w / w.sum((1, 2), keepdim=True)
+    u, _, vh = torch.linalg.svd(torch.einsum("bj,bjxy->bxy", w.sum(2), rots))
+    flip = torch.ones(b, 3, dtype=w.dtype, device=w.device)
+    flip[:, 2] = torch.det(u @ vh)
+    rot = u @ (flip[:, :, None] * vh)
+    index = poses.offset_index(
+        torch.arange(poses.n_rot, device=w.device)[:, None],
+        torch.arange(poses.n_trans, device=w.device)[None],
+    ).expand(poses.n_rot, poses.n_trans)  # into poses.offsets
+    per_offset = torch.zeros(b, poses.offsets.shape[1], dtype=w.dtype, device=w.device)
+    per_offset.scatter_add_(1, index.reshape(1, -1).expand(b, -1), w.reshape(b, -1))
+    off = torch.einsum("bt,btx->bx", per_offset, poses.offsets.double())
+    return rot, off.to(poses.offsets.dtype)
 
 
 def _initial_classes(
@@ -297,7 +347,7 @@ def expectation_pass(
             points_m,
             px,
         )
-        parts.append(_batch_results(batch, poses, res))
+        parts.append(_batch_results(batch, poses, res, params.mean_poses))
         if progress is not None:
             progress(batch.size)
     return sums, ParticleResults.concat(parts)
