@@ -91,6 +91,15 @@ def test_columns_carry_over_and_pipeline_chains(chain) -> None:
     assert inputs["MotionCorr/job002/"] == "Import/job001/tilt_series.star"
     assert inputs["CtfFind/job003/"] == "MotionCorr/job002/corrected_tilt_series.star"
     assert inputs["ExcludeTiltImages/job004/"] == "CtfFind/job003/tilt_series_ctf.star"
+    procs = pipeline["pipeline_processes"]
+    labels = dict(zip(procs.rlnPipeLineProcessName, procs.rlnPipeLineProcessTypeLabel,
+                      strict=True))  # fmt: skip
+    assert labels["Import/job001/"] == "relion.importtomo"  # RELION 5's labels (§15)
+    assert labels["MotionCorr/job002/"] == "relion.motioncorr.own"
+    assert labels["CtfFind/job003/"] == "relion.ctffind.ctffind4"
+    assert labels["ExcludeTiltImages/job004/"] == "relion.excludetilts"
+    job = read_star(out / "CtfFind/job003/job.star")["job"]
+    assert job["rlnJobTypeLabel"] == "relion.ctffind.ctffind4" and job["rlnJobIsTomo"] == 1
 
 
 def test_true_alignment_needs_every_tilt(chain) -> None:

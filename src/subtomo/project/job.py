@@ -17,6 +17,24 @@ def job_number(directory: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+RELION_TYPE_LABELS = {
+    "Import": "relion.importtomo",
+    "MotionCorr": "relion.motioncorr.own",
+    "CtfFind": "relion.ctffind.ctffind4",
+    "ExcludeTiltImages": "relion.excludetilts",
+    "AlignTiltSeries": "relion.aligntiltseries",
+    "Tomograms": "relion.reconstructtomograms",
+    "Extract": "relion.pseudosubtomo",
+    "Reconstruct": "relion.reconstructparticletomo",
+    "Class3D": "relion.class3d.tomo",
+    "Refine3D": "relion.refine3d.tomo",
+    "MaskCreate": "relion.maskcreate",
+    "PostProcess": "relion.postprocess",
+    "LocalRes": "relion.localres.own",
+}
+"""RELION 5's process type label of each job directory type that RELION also has."""
+
+
 @dataclasses.dataclass
 class Job:
     """A job being run: its folder, type and parameters."""
@@ -29,6 +47,13 @@ class Job:
     def path(self, name: str) -> Path:
         """A file inside the job directory."""
         return self.directory / name
+
+    @property
+    def type_label(self) -> str:
+        """``rlnJobTypeLabel`` / ``rlnPipeLineProcessTypeLabel``: RELION 5's label where the
+        job is RELION's (§15; ``Refine3D`` -> ``relion.refine3d.tomo``), so a
+        RELION GUI lists it as its own; ``subtomo.<type>`` for jobs RELION does not have."""
+        return RELION_TYPE_LABELS.get(self.job_type, f"subtomo.{self.job_type.lower()}")
 
     @property
     def alias(self) -> str:

@@ -56,7 +56,7 @@ def _write_job_star(job: Job, params: Any) -> None:
         }
     )
     general = {
-        "rlnJobTypeLabel": f"subtomo.{job.job_type.lower()}",
+        "rlnJobTypeLabel": job.type_label,
         "rlnJobIsContinue": int(job.is_continue),
         "rlnJobIsTomo": 1,
     }

@@ -118,7 +118,7 @@ def register_job(
         for k, c in _COLUMNS.items()
     }
     name = job.alias
-    row = (name, "None", f"subtomo.{job.job_type.lower()}", status)
+    row = (name, "None", job.type_label, status)
     frames["pipeline_processes"] = _replace_rows(
         frames["pipeline_processes"], "rlnPipeLineProcessName", name, [row],
         _COLUMNS["pipeline_processes"],
