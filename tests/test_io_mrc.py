@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from subtomo.errors import InputError
+from subtomo.io import mrc as mrc_io
 from subtomo.io import read_mrc, read_mrc_header, write_mrc
 
 
@@ -110,3 +111,14 @@ def test_empty_stack_of_a_known_shape(tmp_path):
     assert len(mrc_module._HEADERS) == 1
     assert (tmp_path / "b.mrcs").read_bytes() == (tmp_path / "a.mrcs").read_bytes()
     assert read_mrc(tmp_path / "b.mrcs")[0].shape == (0, 6, 6)
+
+
+def test_header_stats_of_a_large_volume_are_summed_in_chunks(monkeypatch) -> None:
+    """Above 4 chunks the standard deviation is summed chunk by chunk (no copy of the
+    volume) and agrees with numpy's; min, max and mean are numpy's."""
+    monkeypatch.setattr(mrc_io, "_STATS_CHUNK", 1000)
+    volume = np.random.default_rng(1).normal(3.0, 2.0, (37, 41, 29)).astype(np.float32)
+    lo, hi, mean, std = mrc_io._header_stats(volume)
+    assert (lo, hi) == (float(volume.min()), float(volume.max()))
+    assert mean == pytest.approx(float(volume.mean()), rel=1e-6)
+    assert std == pytest.approx(float(volume.astype(np.float64).std()), rel=1e-6)

@@ -147,16 +147,29 @@ class _MrcWriter(mrcfile.mrcfile.MrcFile):
         h.dmin, h.dmax, h.dmean, h.rms = (np.float32(v) for v in self._stats)
 
 
+_STATS_CHUNK = 1 << 24
+"""Elements per chunk of the standard deviation of arrays above ``4 * _STATS_CHUNK``."""
+
+
 def _header_stats(array: np.ndarray) -> tuple[float, float, float, float]:
-    """min, max, mean and rms (standard deviation) as mrcfile computes them, in float32."""
+    """min, max, mean and rms (standard deviation) as mrcfile computes them, in float32.
+
+    ``np.std`` makes a temporary copy of the array; above 64 M elements (a tomogram) the
+    deviations are summed over chunks of the first axis instead, so that writing a volume
+    does not need it twice in memory."""
     if array.size == 0:
         return (0.0, -1.0, -2.0, -1.0)  # mrcfile's "not set" values
-    return (
-        float(array.min()),
-        float(array.max()),
-        float(array.mean(dtype=np.float32)),
-        float(array.std(dtype=np.float32)),
-    )
+    mean = array.mean(dtype=np.float32)
+    if array.size <= 4 * _STATS_CHUNK:
+        std = float(array.std(dtype=np.float32))
+    else:
+        rows = max(1, _STATS_CHUNK * array.shape[0] // array.size)
+        squares = sum(
+            float(np.square(array[i : i + rows] - mean, dtype=np.float64).sum())
+            for i in range(0, array.shape[0], rows)
+        )
+        std = float(np.sqrt(squares / array.size))
+    return (float(array.min()), float(array.max()), float(mean), std)
 
 
 #: Header bytes of files already written through mrcfile, by (shape, dtype, voxel size,
