@@ -16,17 +16,10 @@ import pandas as pd
 
 from subtomo.data import TomogramSet
 from subtomo.errors import InputError
+from subtomo.tilt.external_alignment import ALIGNMENT_COLUMNS
 
-__all__ = ["ALIGNMENT_COLUMNS", "TOMOGRAM_COLUMNS", "with_true_alignment"]
+__all__ = ["TOMOGRAM_COLUMNS", "with_true_alignment"]
 
-#: Per-tilt columns of a tilt-series alignment (degrees, Å).
-ALIGNMENT_COLUMNS = (
-    "rlnTomoXTilt",
-    "rlnTomoYTilt",
-    "rlnTomoZRot",
-    "rlnTomoXShiftAngst",
-    "rlnTomoYShiftAngst",
-)
 #: Global columns of a reconstructed tomogram (unbinned tilt-series pixels).
 TOMOGRAM_COLUMNS = ("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ")
 
