@@ -63,13 +63,14 @@ def _rotations(table: pd.DataFrame) -> torch.Tensor:
 def test_ctf_sign_protein_white_after_extraction():
     """-CTF applied to a raw tilt image gives +CTF² times the projection: protein white.
 
-    One particle, one untilted image, no dose weighting. The reference is a brute-force
+    One particle, one untilted image (tilt axis 0: image axes = specimen axes), no dose
+    weighting. The reference is a brute-force
     projection of the truth map by the pose in the table (scipy), placed at the projected
     position and filtered by CTF² with the particle's depth-dependent defocus (rlnTomoHand
     -1). A negative correlation means the raw images have the wrong contrast (RELION's
     extraction would give black protein); a low one, a wrong defocus or CTF placement.
     """
-    params = _small(particles=1, tilt_range=0.0, dose_per_tilt=0.0, tilt_axis_deg=90.0)
+    params = _small(particles=1, tilt_range=0.0, dose_per_tilt=0.0, tilt_axis_deg=0.0)
     sim = simulate(params)
     _, images = next(sim.tilt_series())
     image = images[0].double()

@@ -124,8 +124,10 @@ def test_tilt_images_match_brute_force_real_space(blob_sim):
 
 def test_rotations_from_the_table_are_what_was_rendered():
     """An asymmetric map rendered at tilt 0 matches its brute-force projection by the pose
-    written in the particle table (euler_to_matrix of rlnAngle*), so the STAR angles are the
-    true poses: a transposed or mis-ordered Euler convention would fail.
+    written in the particle table (euler_to_matrix of rlnAngle*) and the image rotation
+    Rz(rlnTomoZRot) of the tilt table (= the nominal tilt axis, 30 deg here), so the STAR
+    angles are the true poses: a transposed or mis-ordered Euler convention, or a tilt axis
+    read as RELION's ZRot - 90, would fail.
     """
     box = 32
     axis = np.arange(box) - box // 2
@@ -135,13 +137,17 @@ def test_rotations_from_the_table_are_what_was_rendered():
         for c, a in (((6, 0, 0), 1.0), ((0, -8, 0), 2.0), ((0, 0, 9), 3.0), ((-3, 3, -3), 1.5))
     ).astype(np.float32)
     params = _params(
-        particles=1, box=box, tilt_range=0.0, tilt_step=10.0, tilt_axis_deg=90.0,
+        particles=1, box=box, tilt_range=0.0, tilt_step=10.0, tilt_axis_deg=30.0,
         tomogram_size=(96, 96, 48), seed=11,
     )  # fmt: skip
     sim = simulate(params, [Species("asym", torch.from_numpy(vol), params.pixel_size)])
     _, images = next(sim.tilt_series())
     row = sim.particles.iloc[0]
     a = euler_to_matrix(*(float(row[f"rlnAngle{c}"]) for c in ("Rot", "Tilt", "Psi"))).numpy()
+    z_rot = float(sim.tilt_tables["TS_01"]["rlnTomoZRot"].iloc[0])
+    assert z_rot == pytest.approx(30.0)
+    c30, s30 = np.cos(np.radians(z_rot)), np.sin(np.radians(z_rot))
+    a = np.array([[c30, -s30, 0.0], [s30, c30, 0.0], [0.0, 0.0, 1.0]]) @ a
     m = a.T[::-1, ::-1]  # rotated(p) = vol(A^T p), zyx index order
     c = np.full(3, box // 2)
     expected = ndi.affine_transform(vol, m, offset=c - m @ c, order=3).sum(axis=0)

@@ -112,7 +112,9 @@ class SimulateParams:
     )
     tilt_range: float | None = _preset("--tilt-range", help="Largest |tilt|", unit="deg")
     tilt_step: float | None = _preset("--tilt-step", help="Tilt increment", unit="deg")
-    tilt_axis_deg: float | None = _preset("--tilt-axis", help="Tilt axis from x", unit="deg")
+    tilt_axis_deg: float | None = _preset(
+        "--tilt-axis", help="Nominal tilt axis, counter-clockwise from image y", unit="deg"
+    )
     dose_per_tilt: float | None = _preset("--dose-per-tilt", help="Dose per tilt", unit="e/Å²")
     dose_symmetric: bool | None = _preset(
         "--dose-symmetric/--sequential", help="Hagen dose-symmetric or -max..+max order"

@@ -59,8 +59,8 @@ class SimulationParams:
     Units: pixel size Å; box, tomogram size (W, H, D) and shift errors in tilt-series pixels;
     angles degrees; dose e/Å² per tilt; defocus µm (positive = underfocus). ``maps`` are MRC
     files read by the job (empty: the preset's ``demo_maps``); ``species_fraction`` the share
-    of each species (empty: equal). ``tilt_axis_deg`` is the nominal tilt-axis angle from image
-    x (rlnTomoNominalTiltAxisAngle); RELION's Z rotation is ``tilt_axis_deg - 90``.
+    of each species (empty: equal). ``tilt_axis_deg`` is the nominal tilt-axis angle,
+    counter-clockwise from image y (rlnTomoNominalTiltAxisAngle), and RELION's Z rotation.
     ``batch_size`` caps the particle x tilt patches rendered at once (memory).
     """
 
@@ -280,7 +280,7 @@ def simulate(
     t = len(scheme.angles_deg)
     size = tuple(int(s) for s in params.tomogram_size)
     image_size = (size[0], size[1])
-    z_rot = params.tilt_axis_deg - 90.0
+    z_rot = params.tilt_axis_deg
     zeros = torch.zeros(t, dtype=torch.float64)
     angles = torch.as_tensor(scheme.angles_deg, dtype=torch.float64)
     nominal = projection_matrices(zeros, angles, zeros + z_rot, zeros, zeros, px, size, image_size)

@@ -23,8 +23,9 @@ __all__ = ["depth_gradient", "slab_depth_factor", "table_rotations"]
 
 def table_rotations(tilts: pd.DataFrame) -> torch.Tensor:
     """``R_f`` float64 ``(t, 3, 3)`` of a per-tilt table: rlnTomoXTilt/YTilt/ZRot when the
-    series is aligned, else the nominal stage tilt and ``rlnTomoNominalTiltAxisAngle - 90``
-    (RELION's Z rotation of an unaligned series)."""
+    series is aligned, else the nominal stage tilt and ``rlnTomoNominalTiltAxisAngle`` as the Z
+    rotation (both counter-clockwise from image y: a real aligned EMPIAR-10164 series has
+    ZRot 85.27 for a nominal 85, §14)."""
 
     def column(name: str, default: float) -> torch.Tensor:
         values = tilts[name] if name in tilts.columns else np.full(len(tilts), default)
@@ -34,7 +35,7 @@ def table_rotations(tilts: pd.DataFrame) -> torch.Tensor:
         y_tilt, z_rot = column("rlnTomoYTilt", 0.0), column("rlnTomoZRot", 0.0)
     else:
         y_tilt = column("rlnTomoNominalStageTiltAngle", 0.0)
-        z_rot = column("rlnTomoNominalTiltAxisAngle", 90.0) - 90.0
+        z_rot = column("rlnTomoNominalTiltAxisAngle", 0.0)
     return tilt_rotations(column("rlnTomoXTilt", 0.0), y_tilt, z_rot)
 
 
