@@ -54,7 +54,7 @@ LAYERS = {
     "data": 3,
     **dict.fromkeys(("geometry", "ctf", "fourier", "masks"), 2),
     "io": 1,
-    **dict.fromkeys(("errors", "device", "_lazy", ""), 0),
+    **dict.fromkeys(("errors", "device", "distributed", "_lazy", ""), 0),
 }
 
 #: Job modules allowed to import other job modules.

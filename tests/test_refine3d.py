@@ -17,6 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import stack_project
 from subtomo.cli.main import app
 from subtomo.data import ParticleSet
 from subtomo.errors import InputError
@@ -42,20 +43,7 @@ def project(tmp_path_factory) -> Path:
     """16 noisy particles picked with 6 deg / 1.5 px errors, 2D stacks at box 24 (bin 2), a
     reference reconstructed at the picked poses, and one uninterrupted refine3d run (at most 3
     iterations, then the final joined iteration)."""
-    root = tmp_path_factory.mktemp("refine") / "p"
-    _invoke(["simulate", "--out", str(root), "--particles", "16", "--tilt-step", "10",
-             "--noise", "gaussian", "--snr", "0.1", "--pose-error-deg", "6",
-             "--shift-error-px", "1.5", "--seed", "2"])  # fmt: skip
-    cwd = Path.cwd()
-    try:
-        os.chdir(root)
-        _invoke(["extract", "--p", "particles_picked.star", "--t", "tomograms.star",
-                 "--box", "24", "--bin", "2", "--float32", "--o", "ext"])  # fmt: skip
-        _invoke(["reconstruct", "--ios", "ext/optimisation_set.star", "--o", "rec"])
-        _invoke([*REFINE, "--o", "r1"])
-    finally:
-        os.chdir(cwd)
-    return root
+    return stack_project(tmp_path_factory.mktemp("refine") / "p", [*REFINE, "--o", "r1"])
 
 
 def test_outputs_and_pose_improvement(project) -> None:

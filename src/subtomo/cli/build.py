@@ -17,6 +17,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import logging
+import os
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -27,6 +30,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from subtomo.cli.options import finite_numbers
+from subtomo.distributed import init_from_environment, is_main
 from subtomo.project.options import Option, options_of
 
 __all__ = [
@@ -50,6 +54,16 @@ def echo_outputs(params: Any, outputs: Any) -> None:
 
 def _run(run: Callable[[Any], Any], params: Any) -> Any:
     return run(params)
+
+
+def _start_ranks(device: str) -> None:
+    """Join the process group when launched by torchrun or srun; ranks other than 0 print
+    neither progress nor informational logs (their errors still reach stderr)."""
+    if not init_from_environment(device) or is_main():
+        return
+    for handler in logging.getLogger("subtomo").handlers:
+        handler.setLevel(logging.WARNING)
+    sys.stdout = open(os.devnull, "w")  # progress bars
 
 
 def option_name(token: str) -> str:
@@ -144,8 +158,9 @@ def job_command(
 
     def command(**values: Any) -> None:
         params = _params_from(params_type, values)
+        _start_ranks(getattr(params, "device", "auto"))
         result = call(run(), params)
-        if show is not None:
+        if show is not None and is_main():
             show(params, result)
 
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]

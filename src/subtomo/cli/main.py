@@ -29,6 +29,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 from subtomo import __version__
 from subtomo.cli.build import LazyGroup
 from subtomo.cli.commands import COMMANDS
+from subtomo.distributed import is_distributed, rank
 from subtomo.errors import InputError
 
 # PyTorch's CPU threads (GNU OpenMP) spin while they wait by default: on cores shared with other
@@ -81,6 +82,8 @@ def _fail(exc: BaseException, message: str, code: int) -> int:
     if _debug["requested"] or os.environ.get("SUBTOMO_DEBUG") == "1":
         traceback.print_exception(exc)
     line = " ".join(message.split())  # one line, whatever the message holds
+    if is_distributed():
+        line = f"(rank {rank()}) {line}"
     err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
     return code
 
@@ -124,6 +127,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt) as exc:
         return _fail(exc, "aborted", 130)
     except Exception as exc:
+        if is_distributed() and "closed by peer" in str(exc):
+            return _fail(exc, "another rank stopped; its error is above", 1)
         message = f"internal error: {type(exc).__name__}: {exc}"
         return _fail(exc, f"{message} (run with --debug for the traceback)", 1)
     return code if isinstance(code, int) else 0
@@ -133,8 +138,7 @@ def _exit_now() -> None:
     """End a successful command without the interpreter's teardown (~0.4 s once torch is
     loaded): every output is already written atomically and closed. Left to the normal exit
     under ``torch.distributed``, whose process group shuts down at exit."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if is_distributed():
         return
     logging.shutdown()
     sys.stdout.flush()

@@ -1,14 +1,19 @@
 """Atomic file output: write to a temporary name in the same folder, then rename.
 
-A job killed mid-write leaves either the previous file or none, never half a file.
+A job killed mid-write leaves either the previous file or none, never half a file. Under
+``torch.distributed`` only rank 0 writes: on the other ranks (which run the same code) the
+writer fills a private temporary file that is then deleted (:mod:`subtomo.distributed`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from subtomo.distributed import is_main
 
 __all__ = ["atomic_path"]
 
@@ -18,9 +23,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
     The temporary name keeps the final suffix (``.mrc``, ``.star``) so that writers which
-    look at the extension behave the same.
+    look at the extension behave the same. On a rank other than 0 of a ``torch.distributed``
+    run the file is written to a private temporary folder and discarded.
     """
     final = Path(path)
+    if not is_main():
+        with tempfile.TemporaryDirectory(prefix="subtomo-rank") as scratch:
+            yield Path(scratch) / final.name
+        return
     if not final.parent.is_dir():  # one stat; mkdir(exist_ok) costs a failing syscall
         final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.stem}.tmp{os.getpid()}{final.suffix}")

@@ -32,6 +32,7 @@ from subtomo.data import (
     relative_to_cwd,
 )
 from subtomo.device import resolve_device
+from subtomo.distributed import is_main
 from subtomo.errors import InputError
 from subtomo.geometry import rotation_angle_deg
 from subtomo.geometry.orientations import orientation_grid
@@ -367,6 +368,8 @@ def run(params: Class3DParams) -> dict[str, str]:
         files = IterationFiles(job.directory, model.iteration)
 
         def save() -> None:
+            if not is_main():  # rank 0 writes (torch.distributed)
+                return
             optimiser = {
                 "rlnCurrentIteration": model.iteration,
                 "rlnNumberOfIterations": params.iter,
@@ -403,8 +406,8 @@ def run(params: Class3DParams) -> dict[str, str]:
             ) as bar:  # fmt: skip
                 task = bar.add_task(f"iteration {model.iteration + 1}", total=len(loader))
                 model, results = iterate(
-                    model, lambda: loader.batches(state), sampling, engine, device=device,
-                    progress=lambda k, t=task: bar.advance(t, k),
+                    model, lambda: loader.batches(state, shard=True), sampling, engine,
+                    device=device, progress=lambda k, t=task: bar.advance(t, k),
                 )  # fmt: skip
             state.update(results)
             changes = _changes(before, state)
@@ -420,7 +423,8 @@ def run(params: Class3DParams) -> dict[str, str]:
             files = IterationFiles(job.directory, model.iteration)
             save()
         _outputs(outputs, files, model.n_classes)
-        _report(job, params, history, files, model)
+        if is_main():
+            _report(job, params, history, files, model)
     return outputs
 
 

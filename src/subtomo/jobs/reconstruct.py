@@ -29,6 +29,7 @@ from subtomo.data import (
     stack_image_indices,
 )
 from subtomo.device import resolve_device
+from subtomo.distributed import all_gather_object, shard
 from subtomo.errors import InputError
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.io import read_mrc, write_mrc
@@ -73,9 +74,12 @@ class ReconstructParams(ParticleInputs):
 
 
 def _by_tomogram(parts: ParticleSet) -> Iterator[tuple[str, np.ndarray]]:
+    """Each tomogram's particle rows, this rank's share under torch.distributed."""
     names = parts.tomo_names
     for name in dict.fromkeys(names):
-        yield name, np.flatnonzero(names == name)
+        rows = shard(np.flatnonzero(names == name))
+        if len(rows):
+            yield name, rows
 
 
 def _halves(parts: ParticleSet) -> torch.Tensor:
@@ -247,6 +251,7 @@ def run(params: ReconstructParams) -> dict[str, str]:
                 count = _insert_from_tilt_series(
                     params, parts, tomos, motion, accs, box, binning, device, advance
                 )
+        count = sum(all_gather_object(count))  # over the ranks
         if count == 0:
             raise InputError(
                 f"no tilt image of any particle lies inside its tilt series at box {box}: "

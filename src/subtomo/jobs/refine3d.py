@@ -28,6 +28,7 @@ import torch
 
 from subtomo.data import ParticleSet, pixel_size_of, read_map_checked, read_particle_inputs
 from subtomo.device import resolve_device
+from subtomo.distributed import is_main
 from subtomo.errors import InputError
 from subtomo.fourier import ssnr_resolution_shell
 from subtomo.io import write_mrc
@@ -257,7 +258,7 @@ def run(params: Refine3DParams) -> dict[str, str]:
                          opt, outputs)  # fmt: skip
         auto_refine(
             models,
-            tuple((lambda i=i: loader.batches(pstate, i)) for i in indices),
+            tuple((lambda i=i: loader.batches(pstate, i, shard=True)) for i in indices),
             options,
             engine,
             state=state,
@@ -324,6 +325,8 @@ class _Writer:
     def __call__(self, it: HalfSetIteration, state: AutoRefineState) -> None:
         for r in it.results:
             self.pstate.update(r)
+        if not is_main():  # rank 0 writes (torch.distributed)
+            return
         model = it.models[0]
         final = state.converged and it.models[0] is it.models[1]
         files = IterationFiles(self.directory, None if final else model.iteration)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from subtomo.distributed import all_gather_object, broadcast_object
 from subtomo.fourier import fsc_maps, irfft_centered, lowpass_map, radius_grid, rfft_centered
 from subtomo.fourier.resolution import ssnr_resolution_shell
 from subtomo.geometry import euler_to_matrix, matrix_to_euler, rotation_angle_deg
@@ -611,7 +612,7 @@ def gold_standard_iteration(
         s, r = expectation_pass(model, make(), sampling, params, device=device)
         s.all_reduce()
         sums.append(s)
-        results.append(r)
+        results.append(r.all_gathered())
     # the point group is applied here once, so maximise must not apply it again
     if sampling.symmetry.upper() != "C1":
         sym = symmetry_matrices(sampling.symmetry)
@@ -714,8 +715,19 @@ class _Recorder:
             self.parts.append((b.index.cpu(), b.rotations.cpu(), b.offsets.cpu(), b.classes.cpu()))
             yield b
 
-    def poses(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(torch.cat(x) for x in zip(*self.parts, strict=True))  # type: ignore[return-value]
+    def poses(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(index, rotations, offsets, classes) of each batch passed through."""
+        return self.parts
+
+
+def _gathered_poses(
+    recorders: tuple[_Recorder, _Recorder],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input (index, rotations, offsets, classes) of every particle of the iteration, over
+    both halves and all ranks (torch.distributed)."""
+    local = [part for r in recorders for part in r.poses()]
+    parts = [part for rank_parts in all_gather_object(local) for part in rank_parts]
+    return tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
 #: Called after every iteration with (iteration outcome, state for the next one).
@@ -770,9 +782,7 @@ def auto_refine(
             if on_iteration is not None:
                 on_iteration(it, state)
             return it
-        index, rot, off, cls = (
-            torch.cat(x) for x in zip(*(r.poses() for r in recorders), strict=True)
-        )
+        index, rot, off, cls = _gathered_poses(recorders)
         new = torch.cat([it.results[0].index, it.results[1].index])
         previous = ParticleResults.concat(list(it.results))
         order = torch.argsort(index)
@@ -780,7 +790,7 @@ def auto_refine(
         changes = hidden_variable_changes(rot[pos], off[pos], cls[pos], previous)
         acc_rot, acc_trans = expected_accuracies(
             it.models[0],
-            recorders[0].sample,
+            broadcast_object(recorders[0].sample),  # rank 0 holds the first batch
             padding=params.padding,
             generator=torch.Generator().manual_seed(params.seed + it.models[0].iteration),
         )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from subtomo.distributed import all_gather_object
 from subtomo.fourier.resolution import ssnr_resolution_shell
 from subtomo.geometry.euler import rotation_angle_deg
 from subtomo.geometry.orientations import orientation_grid
@@ -109,6 +110,18 @@ class ParticleResults:
                 f.name: torch.cat([getattr(p, f.name) for p in parts])
                 for f in dataclasses.fields(cls)
             }
+        )
+
+    def all_gathered(self) -> ParticleResults:
+        """Every rank's results in ascending particle index (this one for one process,
+        whose batches come in ascending index already)."""
+        parts = all_gather_object(self)
+        if len(parts) == 1:
+            return self
+        out = ParticleResults.concat(parts)
+        order = torch.argsort(out.index, stable=True)
+        return ParticleResults(
+            **{f.name: getattr(out, f.name)[order] for f in dataclasses.fields(out)}
         )
 
 
@@ -285,7 +298,9 @@ def expectation_pass(
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[MStepSums, ParticleResults]:
-    """E-step over all ``batches`` and the M-step sums (not yet all-reduced)."""
+    """E-step over all ``batches`` and the M-step sums (not yet all-reduced); under
+    torch.distributed the results of this rank's batches only (gather them with
+    :meth:`ParticleResults.all_gathered`)."""
     device = torch.device(device) if device is not None else model.references.device
     n, px = model.box, model.pixel_size
     projector = Projector(model.references.to(device), params.padding, params.max_slices)
@@ -469,4 +484,4 @@ def iterate(
         model, batches(), sampling, params, device=device, progress=progress
     )
     sums.all_reduce()
-    return maximise(model, sums, params, sampling), results
+    return maximise(model, sums, params, sampling), results.all_gathered()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from subtomo.data import ParticleSet, TomogramSet, pixel_size_of, stack_image_indices
+from subtomo.distributed import shard as shard_items
 from subtomo.errors import InputError
 from subtomo.fourier import rfft_centered
 from subtomo.io import read_mrc
@@ -273,12 +274,16 @@ class StackLoader:
         return [(d, c) for d, c in zip(data.split(counts), ctf2.split(counts), strict=True)]
 
     def batches(
-        self, state: ParticleState, indices: np.ndarray | None = None
+        self, state: ParticleState, indices: np.ndarray | None = None, *, shard: bool = False
     ) -> Iterator[ParticleBatch]:
         """Batches of ``indices`` (default all particles, in file order) with the current
-        poses and classes of ``state``; deterministic for a given batch size."""
+        poses and classes of ``state``; deterministic for a given batch size. ``shard``: only
+        this rank's batches under torch.distributed (every world-size-th one, the same
+        batches as one process makes, so each particle's E-step does not depend on the
+        number of ranks)."""
         index = np.arange(len(self)) if indices is None else np.asarray(indices)
-        for start in range(0, len(index), self.batch_size):
+        starts = range(0, len(index), self.batch_size)
+        for start in shard_items(starts) if shard else starts:
             idx = index[start : start + self.batch_size]
             data, ctf2 = self._read(idx)
             f = data.shape[1]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from subtomo.distributed import is_main
 from subtomo.fourier import crossing_shell, fsc_maps
 from subtomo.io import read_mrc, read_star
 from subtomo.project.job import Job
@@ -190,7 +191,9 @@ def write_job_report(
 ) -> Path:
     """Write ``<job dir>/report.html`` from the job's ``outputs`` ({path: RELION node type})
     and the files in its directory, plus the job's own ``summary`` lines and ``tables``
-    ({caption: rows}); returns the path."""
+    ({caption: rows}); returns the path. Rank 0 alone writes it (torch.distributed)."""
+    if not is_main():
+        return job.path("report.html")
     directory = job.directory
     files = {_resolve(job.project_dir, p): kind for p, kind in outputs.items()}
     lines: dict[str, object] = {

@@ -4,7 +4,8 @@ Every job runs in ``<JobType>/jobNNN/`` under the project directory (or in ``--o
 ``job.star`` holding all parameters, ``run.out``/``run.err``, a success or failure marker
 (RELION's ``RELION_JOB_EXIT_SUCCESS``/``RELION_JOB_EXIT_FAILURE``), ``job.pid`` naming the
 process that runs it, and an entry in the project's ``default_pipeline.star`` with its input
-and output nodes (:mod:`subtomo.project.pipeline`).
+and output nodes (:mod:`subtomo.project.pipeline`). Under ``torch.distributed`` every rank
+runs the job's body and rank 0 alone creates the directory, writes and logs to ``run.out``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from subtomo.distributed import barrier, broadcast_object, is_main, world_size
 from subtomo.io import atomic_path, write_star
 from subtomo.project.job import Job
 from subtomo.project.pipeline import next_job_dir, pipeline_lock, register_job
@@ -115,46 +117,62 @@ def run_job(
     job is marked ``RELION_JOB_EXIT_SUCCESS``, on an exception ``RELION_JOB_EXIT_FAILURE``.
     """
     project = Path(project_dir).resolve()
-    with pipeline_lock(project):
-        directory = Path(output_dir).resolve() if output_dir else next_job_dir(project, job_type)
-        directory.mkdir(parents=True, exist_ok=True)
-        job = Job(
-            directory=directory, job_type=job_type, project_dir=project, is_continue=is_continue
-        )
-        for marker in (SUCCESS, FAILURE):
-            job.path(marker).unlink(missing_ok=True)
-        _write_process(job)
-        register_job(job, "Running", inputs or {}, {})
+    main = is_main()
+    directory = None
+    if main:
+        with pipeline_lock(project):
+            directory = _open_directory(project, job_type, output_dir)
+            job = Job(directory, job_type, project, is_continue)
+            for marker in (SUCCESS, FAILURE):
+                job.path(marker).unlink(missing_ok=True)
+            _write_process(job)
+            register_job(job, "Running", inputs or {}, {})
+    directory = broadcast_object(directory)  # the other ranks compute, rank 0 writes
+    job = Job(directory=directory, job_type=job_type, project_dir=project, is_continue=is_continue)
     _write_job_star(job, params)
-    handler = logging.FileHandler(job.path("run.out"), mode="a")
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
+    handler = logging.FileHandler(job.path("run.out"), mode="a") if main else None
+    if handler is not None:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     started = datetime.datetime.now()
     log.info(
         "# subtomo %s started %s in %s", job_type, started.isoformat(timespec="seconds"), job.alias
     )
     log.info("# command: %s", " ".join(sys.argv))
+    if world_size() > 1:
+        log.info("# %d ranks (torch.distributed)", world_size())
     outputs: dict[str, str] = {}
     from subtomo.report.plots import import_in_background  # torch: not for `subtomo jobs`
 
     import_in_background()  # the report's plotting library, ready when the job ends
     try:
         yield job, outputs
+        barrier()  # every rank done: the outputs are complete when the job is marked so
     except BaseException as exc:
-        with open(job.path("run.err"), "a") as err:
-            err.write(f"{type(exc).__name__}: {exc}\n")
-            traceback.print_exc(file=err)
-        job.path(FAILURE).touch()
-        with pipeline_lock(project):
-            register_job(job, "Failed", inputs or {}, outputs)
+        if main:
+            with open(job.path("run.err"), "a") as err:
+                err.write(f"{type(exc).__name__}: {exc}\n")
+                traceback.print_exc(file=err)
+            job.path(FAILURE).touch()
+            with pipeline_lock(project):
+                register_job(job, "Failed", inputs or {}, outputs)
         raise
     else:
-        job.path(SUCCESS).touch()
-        with pipeline_lock(project):
-            register_job(job, "Succeeded", inputs or {}, outputs)
+        if main:
+            job.path(SUCCESS).touch()
+            with pipeline_lock(project):
+                register_job(job, "Succeeded", inputs or {}, outputs)
         elapsed = (datetime.datetime.now() - started).total_seconds()
         log.info("# finished in %.1f s", elapsed)
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _open_directory(project: Path, job_type: str, output_dir: str | Path | None) -> Path:
+    """The job's directory (``--o`` or the next ``<JobType>/jobNNN/``), created."""
+    directory = Path(output_dir).resolve() if output_dir else next_job_dir(project, job_type)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory

@@ -1,0 +1,147 @@
+"""torch.distributed runs: 2 gloo ranks on CPU (``torchrun``) give the same maps and STAR
+files as one process, rank 0 alone writes, bad input ends every rank with one error line;
+and the single-process helpers are the identity."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import stack_project
+from subtomo import distributed
+from subtomo.cli.main import app
+from subtomo.io import read_mrc, read_star
+
+SMALL_BATCHES = ["--memory-gb", "0.002"]  # a few particles per batch: both ranks get work
+
+
+def _invoke(args: list[str]) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", "2", "-m", "subtomo.cli", *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """16 noisy particles as 2D stacks (box 24, bin 2) and a reference."""
+    return stack_project(tmp_path_factory.mktemp("dist") / "p")
+
+
+def _same_maps(a: Path, b: Path, names: list[str], rtol: float = 1e-4) -> None:
+    for name in names:
+        x, _ = read_mrc(a / name)
+        y, _ = read_mrc(b / name)
+        assert float((x - y).abs().max()) <= rtol * float(x.abs().max()), name
+
+
+def _one_and_two_ranks(project: Path, args: list[str], tag: str) -> tuple[Path, Path]:
+    cwd = Path.cwd()
+    try:
+        os.chdir(project)
+        _invoke([*args, "--o", f"{tag}1"])
+    finally:
+        os.chdir(cwd)
+    done = _torchrun([*args, "--o", f"{tag}2"], project)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = project / f"{tag}2"
+    assert (two / "RELION_JOB_EXIT_SUCCESS").is_file()
+    assert not list(two.glob(".*tmp*")), "temporary files left"
+    assert "2 ranks" in (two / "run.out").read_text()
+    return project / f"{tag}1", two
+
+
+def test_reconstruct_two_ranks_equals_one(project) -> None:
+    """Each rank inserts its share of every tomogram's particles; the all-reduced sums give
+    the one-process half maps (float summation order only)."""
+    one, two = _one_and_two_ranks(
+        project, ["reconstruct", "--ios", "ext/optimisation_set.star"], "rec"
+    )
+    _same_maps(one, two, ["half1.mrc", "half2.mrc", "merged.mrc"], rtol=1e-5)
+
+
+def test_refine3d_two_ranks_equals_one(project) -> None:
+    """Gold-standard refinement with the batches of each half split over 2 ranks: same
+    iterations, maps and poses as one process (a rank whose batches were lost, or whose
+    sampling decisions diverged, would differ by whole grid steps); and a 2-rank
+    ``--continue`` of the one-process run's checkpoint ends where that run ended."""
+    args = ["refine3d", "--ios", "ext/optimisation_set.star", "--ref", "rec/merged.mrc",
+            "--ini_high", "60", "--healpix_order", "3", "--auto_local_healpix_order", "3",
+            "--offset_range", "1", "--offset_step", "1", "--iter", "2", "--device", "cpu",
+            "--random_seed", "4", *SMALL_BATCHES]  # fmt: skip
+    one, two = _one_and_two_ranks(project, args, "ref")
+    _same_maps(one, two, ["run_class001.mrc", "run_half1_class001_unfil.mrc"])
+    a = read_star(one / "run_data.star")["particles"]
+    b = read_star(two / "run_data.star")["particles"]
+    assert list(a["rlnTomoParticleName"]) == list(b["rlnTomoParticleName"])
+    for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst"):
+        assert np.abs(a[column].to_numpy() - b[column].to_numpy()).max() < 0.01, column
+    # --continue with 2 ranks from the one-process run's first iteration: the same result
+    resumed = project / "ref_resumed"
+    resumed.mkdir()
+    for path in one.glob("run_it001_*"):
+        shutil.copy(path, resumed / path.name)
+    shutil.copy(one / "job.star", resumed / "job.star")
+    done = _torchrun(["refine3d", "--continue", "ref_resumed/run_it001_optimiser.star",
+                      "--o", "ref_resumed"], project)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_maps(one, resumed, ["run_class001.mrc"])
+
+
+def test_class3d_two_ranks_equals_one(project) -> None:
+    """Classification (K = 2, no alignment): same classes and maps with 2 ranks."""
+    args = ["class3d", "--ios", "ext/optimisation_set.star", "--ref", "rec/merged.mrc",
+            "--K", "2", "--iter", "2", "--skip_align", "--ini_high", "60", "--device", "cpu",
+            "--random_seed", "3", *SMALL_BATCHES]  # fmt: skip
+    one, two = _one_and_two_ranks(project, args, "cls")
+    _same_maps(one, two, ["run_it002_class001.mrc", "run_it002_class002.mrc"])
+    a = read_star(one / "run_it002_data.star")["particles"]
+    b = read_star(two / "run_it002_data.star")["particles"]
+    assert (a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()).all()
+
+
+def test_bad_input_ends_every_rank_with_one_line(project) -> None:
+    """Both ranks read the inputs before the job starts: one error line each, no job dir."""
+    done = _torchrun(["reconstruct", "--ios", "missing.star", "--o", "bad"], project)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 2 and all("missing.star" in line for line in errors), errors
+    assert not (project / "bad").exists()
+
+
+def test_one_process_is_the_identity(monkeypatch) -> None:
+    """Without a process group: rank 0 of 1, shard keeps everything, gathers wrap."""
+    for name in ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.init_from_environment("cpu")
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert list(distributed.shard(range(5))) == [0, 1, 2, 3, 4]
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.broadcast_object(3) == 3
+    distributed.barrier()
+
+
+def test_slurm_environment(monkeypatch) -> None:
+    """srun's variables give rank and world size; the master is the first listed host."""
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[03-05,07],cpu1")
+    assert distributed._environment() == (5, 8)
+    assert os.environ["MASTER_ADDR"] == "gpu03"
+    assert distributed._first_host("node7") == "node7"
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed._environment() is None
