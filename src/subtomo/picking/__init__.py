@@ -1,0 +1,34 @@
+"""Picking: particles on vesicles and membranes (surface picking) from points or masks, and
+picked positions as RELION 5 particle rows."""
+
+from subtomo.picking.coordinates import (
+    LocatedPicks,
+    centred_angst,
+    locate_picks,
+    normals_of_rows,
+    particle_rows,
+    surface_particle_rows,
+)
+from subtomo.picking.surfaces import (
+    Ellipsoid,
+    fit_ellipsoid,
+    fit_sphere,
+    mask_surfaces,
+    sample_ellipsoid,
+    thin_points,
+)
+
+__all__ = [
+    "Ellipsoid",
+    "LocatedPicks",
+    "centred_angst",
+    "fit_ellipsoid",
+    "fit_sphere",
+    "locate_picks",
+    "mask_surfaces",
+    "normals_of_rows",
+    "particle_rows",
+    "sample_ellipsoid",
+    "surface_particle_rows",
+    "thin_points",
+]

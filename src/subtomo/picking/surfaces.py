@@ -1,0 +1,227 @@
+"""Surface picking: spheres and ellipsoids fitted to a few points per vesicle, closed surfaces
+of a segmentation mask, and particles sampled on them at a chosen spacing with their normals.
+
+Points are xyz vectors in any one length unit (the jobs use bin-1 tomogram pixels); masks are
+zyx arrays whose voxel (k, j, i) is the point (i, j, k). Normals point outwards. A surface
+pick's orientation puts the normal on the particle's z axis
+(:func:`subtomo.geometry.surface_orientations`, conventions §16.1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from subtomo.errors import InputError
+
+__all__ = [
+    "Ellipsoid",
+    "fit_ellipsoid",
+    "fit_sphere",
+    "mask_surfaces",
+    "sample_ellipsoid",
+    "thin_points",
+]
+
+# Points whose spread across one direction is below this fraction of the largest spread lie
+# on a plane (or a line) for the fits.
+_FLAT = 1e-3
+
+
+@dataclass(frozen=True)
+class Ellipsoid:
+    """``centre`` (3,), semi-axes ``axes`` (3,) and ``rotation`` (3, 3) whose columns are the
+    directions of those axes; a sphere has three equal axes. ``rms`` is the root-mean-square
+    distance of the fitted points from the surface (0 for a surface given directly)."""
+
+    centre: np.ndarray
+    axes: np.ndarray
+    rotation: np.ndarray
+    rms: float = 0.0
+
+    @classmethod
+    def sphere(cls, centre: np.ndarray, radius: float) -> Ellipsoid:
+        """The sphere of ``radius`` about ``centre``."""
+        return cls(np.asarray(centre, dtype=np.float64), np.full(3, float(radius)), np.eye(3))
+
+    def normals(self, points: np.ndarray) -> np.ndarray:
+        """Outward unit normals ``(n, 3)`` at surface ``points`` ``(n, 3)``: the gradient of
+        ``|diag(1/axes) R^T (p - c)|^2``."""
+        local = (points - self.centre) @ self.rotation / self.axes**2
+        n = local @ self.rotation.T
+        return n / np.linalg.norm(n, axis=1, keepdims=True)
+
+    def area(self) -> float:
+        """Surface area (Knud Thomsen's formula, within 1.1 %; exact for spheres)."""
+        p = 1.6075
+        a, b, c = self.axes**p
+        return 4 * math.pi * ((a * b + a * c + b * c) / 3) ** (1 / p)
+
+
+def _spread(points: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroid, singular values and right singular vectors of ``points``; ``InputError`` if
+    there are fewer than three or they lie on a line."""
+    if points.ndim != 2 or points.shape[1] != 3 or not np.all(np.isfinite(points)):
+        raise InputError(f"{what}: expected finite xyz points")
+    if len(points) < 3:
+        raise InputError(f"{what}: {len(points)} point(s) do not determine a sphere (need >= 3)")
+    mean = points.mean(axis=0)
+    _, s, vt = np.linalg.svd(points - mean, full_matrices=False)
+    if s[1] <= _FLAT * s[0]:
+        raise InputError(f"{what}: the {len(points)} points lie on a line, not on a sphere")
+    return mean, s, vt
+
+
+def fit_sphere(points: np.ndarray, what: str = "points") -> Ellipsoid:
+    """Least-squares sphere through ``points`` ``(n, 3)`` (algebraic fit
+    ``|p|^2 = 2 c.p + r^2 - |c|^2``).
+
+    Four or more points off one plane determine the sphere. Points on one plane (three points,
+    or points clicked on one tomogram slice) determine only a circle: the sphere is then the
+    one whose great circle that is (centre in the plane, radius of the circle), the stated
+    choice of conventions §16.1. Fewer than three points, or points on a line, are an
+    ``InputError`` naming ``what``.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    mean, s, vt = _spread(points, what)
+    planar = s[2] <= _FLAT * s[0] if len(s) > 2 else True
+    local = points - mean
+    if planar:
+        uv = local @ vt[:2].T  # in-plane coordinates
+        design = np.column_stack([2 * uv, np.ones(len(uv))])
+        sol = np.linalg.lstsq(design, (uv**2).sum(axis=1), rcond=None)[0]
+        centre = mean + sol[:2] @ vt[:2]
+        radius2 = sol[2] + sol[:2] @ sol[:2]
+    else:
+        design = np.column_stack([2 * local, np.ones(len(local))])
+        sol = np.linalg.lstsq(design, (local**2).sum(axis=1), rcond=None)[0]
+        centre = mean + sol[:3]
+        radius2 = sol[3] + sol[:3] @ sol[:3]
+    radius = math.sqrt(max(radius2, 0.0))
+    rms = float(np.sqrt(np.mean((np.linalg.norm(points - centre, axis=1) - radius) ** 2)))
+    return Ellipsoid(centre, np.full(3, radius), np.eye(3), rms)
+
+
+def fit_ellipsoid(points: np.ndarray, what: str = "points") -> Ellipsoid:
+    """Least-squares ellipsoid (any orientation) through ``points`` ``(n, 3)``, ``n >= 9``.
+
+    Fits the quadric ``p^T M p + 2 v.p = 1`` (algebraic distance, points centred and scaled
+    first) and reads off centre ``-M^-1 v``, axes and directions from the eigen-decomposition
+    of ``M``. ``InputError`` naming ``what`` if there are fewer than 9 points, they lie on a
+    plane, or the quadric through them is not an ellipsoid (a hyperboloid or cylinder: points
+    on too small a patch of the surface).
+    """
+    points = np.asarray(points, dtype=np.float64)
+    mean, s, _ = _spread(points, what)
+    if len(points) < 9:
+        raise InputError(f"{what}: {len(points)} points do not determine an ellipsoid (need 9)")
+    if s[2] <= _FLAT * s[0]:
+        raise InputError(f"{what}: the {len(points)} points lie on a plane, not an ellipsoid")
+    scale = np.sqrt((s**2).sum() / len(points))
+    x, y, z = ((points - mean) / scale).T
+    design = np.column_stack(
+        [x * x, y * y, z * z, 2 * y * z, 2 * x * z, 2 * x * y, 2 * x, 2 * y, 2 * z]
+    )
+    a, b, c, f, g, h, p, q, r = np.linalg.lstsq(design, np.ones(len(x)), rcond=None)[0]
+    m = np.array([[a, h, g], [h, b, f], [g, f, c]])
+    v = np.array([p, q, r])
+    eigval, eigvec = np.linalg.eigh(m)
+    if np.any(eigval <= 0):
+        raise InputError(
+            f"{what}: the quadric through the {len(points)} points is not an ellipsoid "
+            "(give points spread over the whole vesicle)"
+        )
+    centre = -np.linalg.solve(m, v)
+    k = 1 + centre @ m @ centre
+    if k <= 0:
+        raise InputError(f"{what}: the quadric through the points is empty")
+    axes = np.sqrt(k / eigval) * scale
+    ellipsoid = Ellipsoid(mean + centre * scale, axes, eigvec)
+    local = (points - ellipsoid.centre) @ eigvec / axes
+    # distance along the radial line, a first-order estimate of the distance to the surface
+    radial = np.linalg.norm(local, axis=1)
+    rms = float(
+        np.sqrt(np.mean(((radial - 1) * np.linalg.norm(local * axes, axis=1) / radial) ** 2))
+    )
+    return Ellipsoid(ellipsoid.centre, axes, eigvec, rms)
+
+
+def _fibonacci_directions(n: int) -> np.ndarray:
+    """``n`` unit vectors ``(n, 3)`` on the Fibonacci (golden-angle) lattice, near-uniform."""
+    k = np.arange(n) + 0.5
+    z = 1 - 2 * k / n
+    phi = math.pi * (3 - math.sqrt(5)) * k
+    rho = np.sqrt(1 - z * z)
+    return np.column_stack([rho * np.cos(phi), rho * np.sin(phi), z])
+
+
+def thin_points(points: np.ndarray, spacing: float) -> np.ndarray:
+    """Indices of a subset of ``points`` ``(n, 3)`` at least ``spacing`` apart, taken greedily
+    in order, so that every point lies within ``spacing`` of one kept."""
+    tree = cKDTree(points)
+    free = np.ones(len(points), dtype=bool)
+    kept = []
+    for i in range(len(points)):
+        if free[i]:
+            kept.append(i)
+            free[tree.query_ball_point(points[i], spacing)] = False
+    return np.asarray(kept, dtype=np.int64)
+
+
+def sample_ellipsoid(ellipsoid: Ellipsoid, spacing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points ``(m, 3)`` on the surface about ``spacing`` apart and their outward normals.
+
+    A sphere gets the Fibonacci lattice with one point per hexagonal cell of side ``spacing``
+    (``m = area / (sqrt(3)/2 spacing^2)``); other ellipsoids get a Fibonacci lattice 3x as
+    fine mapped onto the surface and thinned to points ``spacing`` apart (:func:`thin_points`),
+    because the map stretches the lattice unevenly.
+    """
+    if not spacing > 0:
+        raise InputError(f"spacing must be positive, got {spacing:g}")
+    cell = math.sqrt(3) / 2 * spacing**2
+    is_sphere = np.ptp(ellipsoid.axes) <= 1e-6 * ellipsoid.axes.max()
+    fine = 1 if is_sphere else 9
+    n = max(1, round(fine * ellipsoid.area() / cell))
+    local = _fibonacci_directions(n) * ellipsoid.axes
+    points = ellipsoid.centre + local @ ellipsoid.rotation.T
+    if not is_sphere:
+        points = points[thin_points(points, spacing)]
+    return points, ellipsoid.normals(points)
+
+
+def mask_surfaces(
+    mask: np.ndarray, spacing: float, sigma: float = 1.5, min_voxels: int = 27
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Points about ``spacing`` voxels apart on the boundary of each connected object of a
+    segmentation ``mask`` (zyx, nonzero = inside), with outward normals.
+
+    Boundary voxels are those inside with a face neighbour outside; the normal is minus the
+    gradient of the mask smoothed by a Gaussian of ``sigma`` voxels. Objects of fewer than
+    ``min_voxels`` voxels are dropped. Returns one ``(points (m, 3) xyz voxels, normals (m,
+    3))`` per object, in label order.
+    """
+    inside = np.asarray(mask) != 0
+    labels, n_objects = ndimage.label(inside)
+    if n_objects == 0:
+        raise InputError("the segmentation mask is empty")
+    smooth = ndimage.gaussian_filter(inside.astype(np.float32), sigma)
+    gradient = np.stack(np.gradient(smooth), axis=-1)[..., ::-1]  # (z, y, x, xyz)
+    boundary = inside & ~ndimage.binary_erosion(inside)
+    out = []
+    for label in range(1, n_objects + 1):
+        obj = labels == label
+        if obj.sum() < min_voxels:
+            continue
+        zyx = np.argwhere(boundary & obj)
+        normals = -gradient[tuple(zyx.T)].astype(np.float64)
+        norm = np.linalg.norm(normals, axis=1)
+        ok = norm > 0
+        points = zyx[ok, ::-1].astype(np.float64)
+        normals = normals[ok] / norm[ok, None]
+        keep = thin_points(points, spacing)
+        out.append((points[keep], normals[keep]))
+    return out

@@ -1,0 +1,245 @@
+"""Surface picking (subtomo.picking, ``subtomo pick-surface``): fits against known spheres and
+ellipsoids, lattice coverage, normals on the particle z axis with RELION's priors, bad input,
+and the bar on simulated vesicles with membrane proteins (conventions §16.1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial import cKDTree
+
+from subtomo.data import ParticleSet, TomogramSet
+from subtomo.errors import InputError
+from subtomo.geometry import euler_to_matrix
+from subtomo.io import write_mrc, write_star
+from subtomo.picking import (
+    Ellipsoid,
+    fit_ellipsoid,
+    fit_sphere,
+    mask_surfaces,
+    normals_of_rows,
+    sample_ellipsoid,
+    surface_particle_rows,
+)
+from subtomo.simulate.layout import vesicle_layout
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+
+
+def _on_sphere(rng, n, centre, radius):
+    d = rng.normal(size=(n, 3))
+    return centre + radius * d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+def test_fit_sphere_and_its_bad_input():
+    """Six noisy points give the sphere; points on one slice give the sphere of that great
+    circle (the stated choice); two points or a line are one-line errors."""
+    rng = np.random.default_rng(0)
+    centre = np.array([100.0, 80.0, 40.0])
+    fit = fit_sphere(_on_sphere(rng, 6, centre, 50.0) + rng.normal(scale=0.3, size=(6, 3)))
+    np.testing.assert_allclose(fit.centre, centre, atol=1.0)
+    assert abs(fit.axes[0] - 50) < 1.0 and fit.rms < 1.0
+    t = rng.uniform(0, 2 * np.pi, 5)
+    ring = centre + 30 * np.column_stack([np.cos(t), np.sin(t), 0 * t])
+    fit = fit_sphere(ring)
+    np.testing.assert_allclose(fit.centre, centre, atol=1e-6)
+    np.testing.assert_allclose(fit.axes, 30, atol=1e-6)
+    with pytest.raises(InputError, match=r"2 point.*do not determine a sphere") as err:
+        fit_sphere(ring[:2])
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="on a line"):
+        fit_sphere(np.outer(np.arange(5.0), [1, 2, 3]))
+
+
+def test_fit_ellipsoid_any_orientation():
+    """Twelve points of a rotated ellipsoid give its centre, axes and axis directions; eight
+    points, or points on a plane, are errors."""
+    rng = np.random.default_rng(1)
+    rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    truth = Ellipsoid(np.array([200.0, 150.0, 60.0]), np.array([60.0, 45.0, 30.0]), rotation)
+    d = rng.normal(size=(12, 3))
+    points = truth.centre + (d / np.linalg.norm(d, axis=1, keepdims=True) * truth.axes) @ rotation.T
+    fit = fit_ellipsoid(points + rng.normal(scale=0.2, size=points.shape))
+    np.testing.assert_allclose(fit.centre, truth.centre, atol=1.0)
+    np.testing.assert_allclose(np.sort(fit.axes), np.sort(truth.axes), atol=1.0)
+    order = np.argsort(fit.axes)[::-1]
+    np.testing.assert_allclose(np.abs(np.sum(fit.rotation[:, order] * rotation, 0)), 1, atol=1e-2)
+    with pytest.raises(InputError, match="need 9"):
+        fit_ellipsoid(points[:8])
+    with pytest.raises(InputError, match="on a plane"):
+        fit_ellipsoid(np.column_stack([rng.normal(size=(12, 2)), np.zeros(12)]))
+
+
+@pytest.mark.parametrize("axes", [(40.0, 40.0, 40.0), (60.0, 40.0, 25.0)])
+def test_lattice_covers_the_surface(axes):
+    """Samples lie on the surface with the analytic normal, and every surface point is within
+    one spacing of a sample (sphere: Fibonacci lattice; ellipsoid: thinned lattice)."""
+    rng = np.random.default_rng(2)
+    e = Ellipsoid(np.zeros(3), np.asarray(axes), np.linalg.qr(rng.normal(size=(3, 3)))[0])
+    points, normals = sample_ellipsoid(e, 8.0)
+    local = points @ e.rotation / e.axes
+    np.testing.assert_allclose(np.linalg.norm(local, axis=1), 1, atol=1e-9)
+    np.testing.assert_allclose(normals, e.normals(points), atol=1e-12)
+    d = rng.normal(size=(2000, 3))
+    probe = (d / np.linalg.norm(d, axis=1, keepdims=True) * e.axes) @ e.rotation.T
+    gap = cKDTree(points).query(probe)[0]
+    assert gap.max() < 8.0
+    nearest = cKDTree(points).query(points, k=2)[0][:, 1]
+    assert np.median(nearest) > 0.8 * 8.0  # spacing kept: not oversampled
+
+
+def test_surface_rows_put_the_normal_on_z_with_relion_priors():
+    """A_sub A_part e_z is the normal; A_part = (0, 90, 0) with priors 90/0, as RELION's sphere
+    picker writes them (relion5-upstream.md §7.2)."""
+    rng = np.random.default_rng(3)
+    normals = rng.normal(size=(20, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    rows = surface_particle_rows(["TS"] * 20, np.zeros((20, 3)), normals)
+    np.testing.assert_allclose(normals_of_rows(rows), normals, atol=1e-9)
+    np.testing.assert_allclose(
+        rows[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]], [[0, 90, 0]] * 20, atol=1e-9
+    )
+    assert (rows["rlnAngleTiltPrior"] == 90).all() and (rows["rlnAnglePsiPrior"] == 0).all()
+
+
+def test_mask_surfaces_of_a_segmented_sphere():
+    """A voxelised ball gives points within a voxel of its surface and radial normals."""
+    z, y, x = np.mgrid[:48, :48, :48]
+    mask = (x - 24) ** 2 + (y - 22) ** 2 + (z - 25) ** 2 <= 15**2
+    ((points, normals),) = mask_surfaces(mask.astype(np.uint8), spacing=4.0)
+    radial = points - [24, 22, 25]
+    assert np.abs(np.linalg.norm(radial, axis=1) - 15).max() < 1.0
+    assert np.percentile(_angle_deg(normals, radial), 95) < 10
+    with pytest.raises(InputError, match="empty"):
+        mask_surfaces(np.zeros((8, 8, 8)), 2.0)
+
+
+def test_bar_membrane_proteins_on_simulated_vesicles():
+    """The bar: membrane proteins placed by the simulator on vesicles (ellipsoids, known
+    normals); 40 clicked points per vesicle (1 px error; a contour traced on a few slices) ->
+    ellipsoid fit -> lattice at the particle radius. >= 95 % of the proteins lie within one
+    spacing of a pick (measured 100 %), and 95 % of the picks' normals are within 5° of the
+    true surface normal where they sit (measured 3.7°; with 12 points the 9-parameter fit is
+    too noisy: 38°, see benchmarks/pick_surface.py)."""
+    rng = np.random.default_rng(4)
+    radius, spacing = 8.0, 8.0
+    lay = vesicle_layout(rng, 150, (400, 400, 120), radius, lambda p: np.ones(len(p), bool))
+    picks, pick_normals, true_normals = [], [], []
+    for centre, axes in lay.vesicles:
+        d = rng.normal(size=(40, 3))
+        clicks = centre + d / np.linalg.norm(d, axis=1, keepdims=True) * axes
+        fit = fit_ellipsoid(clicks + rng.normal(size=clicks.shape))
+        points, normals = sample_ellipsoid(fit, spacing)
+        truth = Ellipsoid(centre, axes, np.eye(3))
+        picks.append(points)
+        pick_normals.append(normals)
+        true_normals.append(truth.normals(points))
+    picks = np.concatenate(picks)
+    distance = cKDTree(picks).query(lay.positions_px)[0]
+    recall = np.mean(distance <= spacing)
+    errors = _angle_deg(np.concatenate(pick_normals), np.concatenate(true_normals))
+    assert recall >= 0.95, recall
+    assert np.percentile(errors, 95) < 5.0, np.percentile(errors, 95)
+
+
+def _tomograms(tmp_path, binning=4.0):
+    table = pd.DataFrame(
+        {
+            "rlnTomoName": ["TS_01"],
+            "rlnVoltage": [300.0],
+            "rlnSphericalAberration": [2.7],
+            "rlnAmplitudeContrast": [0.07],
+            "rlnTomoTiltSeriesPixelSize": [2.0],
+            "rlnTomoHand": [-1],
+            "rlnTomoSizeX": [800],
+            "rlnTomoSizeY": [800],
+            "rlnTomoSizeZ": [200],
+            "rlnTomoTomogramBinning": [binning],
+        }
+    )
+    tilts = pd.DataFrame(
+        {"rlnMicrographPreExposure": [0.0], "rlnTomoYTilt": [0.0], "rlnTomoZRot": [0.0]}
+    )
+    path = tmp_path / "tomograms.star"
+    TomogramSet.from_tables(table, {"TS_01": tilts}).write(path, tmp_path / "tilt_series")
+    return path
+
+
+def test_pick_surface_job_on_a_relion_spheres_file(tmp_path, monkeypatch):
+    """A RELION 5 ``_spheres.star`` (binned voxels) -> particles on each sphere at the given
+    spacing, |C - centre| = radius, normals radial, priors written; a 2-point vesicle in a
+    CSV is a one-line error and leaves no job directory."""
+    from subtomo.jobs.pick_surface import PickSurfaceParams, run
+
+    monkeypatch.chdir(tmp_path)
+    tomos = _tomograms(tmp_path)
+    spheres = pd.DataFrame(
+        {
+            "rlnTomoName": ["TS_01"] * 2,
+            "rlnCoordinateX": [50.0, 120.0],
+            "rlnCoordinateY": [60.0, 100.0],
+            "rlnCoordinateZ": [25.0, 30.0],
+            "rlnSphereRadius": [10.0, 6.0],
+        }
+    )
+    write_star(tmp_path / "TS_01_spheres.star", {"": spheres})
+    run(
+        PickSurfaceParams(
+            tomograms=str(tomos), i="TS_01_spheres.star", spacing=40.0, output_dir="Picks/job001"
+        )
+    )
+    parts = ParticleSet.read(tmp_path / "Picks/job001/particles.star")
+    c = parts.centered_coordinates_angst().numpy()
+    centres = (np.array([[50, 60, 25], [120, 100, 30]]) * 4 - [400, 400, 100]) * 2.0
+    radii = np.array([10.0, 6.0]) * 8
+    which = np.argmin(np.linalg.norm(c[:, None] - centres[None], axis=2), axis=1)
+    np.testing.assert_allclose(np.linalg.norm(c - centres[which], axis=1), radii[which], atol=1e-6)
+    expected = 4 * np.pi * radii**2 / (np.sqrt(3) / 2 * 40.0**2)
+    np.testing.assert_allclose(np.bincount(which), expected, rtol=0.05)
+    np.testing.assert_allclose(
+        _angle_deg(normals_of_rows(parts.particles), c - centres[which]), 0, atol=1e-4
+    )
+    full = parts.subtomogram_matrices() @ parts.particle_matrices()
+    np.testing.assert_allclose(full.numpy()[:, :, 2], normals_of_rows(parts.particles), atol=1e-9)
+    assert set(parts.particles["rlnAngleTiltPrior"]) == {90.0}
+    np.testing.assert_allclose(
+        euler_to_matrix(0.0, 90.0, 0.0).numpy(), parts.particle_matrices()[0].numpy(), atol=1e-6
+    )
+
+    pd.DataFrame({"x": [1.0, 2.0], "y": [3.0, 4.0], "z": [5.0, 1.0], "group": [1, 1]}).to_csv(
+        tmp_path / "two.csv", index=False
+    )
+    with pytest.raises(InputError, match=r"vesicle 1: 2 point.*do not determine a sphere") as err:
+        run(
+            PickSurfaceParams(
+                tomograms=str(tomos), i="two.csv", spacing=40.0, output_dir="Picks/job002"
+            )
+        )
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "Picks/job002").exists()
+
+
+def test_pick_surface_job_on_a_mask(tmp_path, monkeypatch):
+    """A segmentation (binned by 4) of one vesicle: particles on its surface in Å."""
+    from subtomo.jobs.pick_surface import PickSurfaceParams, run
+
+    monkeypatch.chdir(tmp_path)
+    tomos = _tomograms(tmp_path)
+    z, y, x = np.mgrid[:50, :200, :200]
+    mask = ((x - 100) ** 2 + (y - 90) ** 2 + (z - 25) ** 2 <= 12**2).astype(np.float32)
+    import torch
+
+    write_mrc(tmp_path / "seg.mrc", torch.from_numpy(mask), 8.0)
+    run(
+        PickSurfaceParams(
+            tomograms=str(tomos), mask="seg.mrc", spacing=32.0, output_dir="Picks/job001"
+        )
+    )
+    c = ParticleSet.read(tmp_path / "Picks/job001/particles.star").centered_coordinates_angst()
+    centre = (np.array([100, 90, 25]) * 4 - [400, 400, 100]) * 2.0
+    r = np.linalg.norm(c.numpy() - centre, axis=1)
+    assert np.abs(r - 96).max() < 8.0 and len(r) > 20
