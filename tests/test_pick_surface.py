@@ -243,3 +243,45 @@ def test_pick_surface_job_on_a_mask(tmp_path, monkeypatch):
     centre = (np.array([100, 90, 25]) * 4 - [400, 400, 100]) * 2.0
     r = np.linalg.norm(c.numpy() - centre, axis=1)
     assert np.abs(r - 96).max() < 8.0 and len(r) > 20
+
+
+def test_refine3d_with_the_surface_priors_beats_it_without(tmp_path, monkeypatch):
+    """Membrane proteins on simulated vesicles, picked with 10° pose errors and the normal
+    frame of the surface (rlnTomoSubtomogram*, tilt/psi priors 90/0 as pick-surface writes
+    them), SNR 0.02: refine3d with --sigma_tilt/--sigma_psi 3° ends closer to the true poses
+    than the same run without the priors (median 6.3° -> 4.8°, normals 4.7° -> 3.0°)."""
+    from typer.testing import CliRunner
+
+    from subtomo.cli.main import app
+    from subtomo.geometry import rotation_angle_deg
+
+    def invoke(*args: str) -> None:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+
+    invoke("simulate", "--out", str(tmp_path), "--particles", "24", "--tilt-step", "10",
+           "--layout", "vesicle", "--noise", "gaussian", "--snr", "0.02",
+           "--pose-error-deg", "10", "--shift-error-px", "1", "--seed", "3")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    invoke("extract", "--p", "particles_picked.star", "--t", "tomograms.star", "--box", "24",
+           "--bin", "2", "--float32", "--o", "ext")  # fmt: skip
+    invoke("reconstruct", "--ios", "ext/optimisation_set.star", "--o", "rec")
+    refine = ["refine3d", "--ios", "ext/optimisation_set.star", "--ref", "rec/merged.mrc",
+              "--ini_high", "60", "--healpix_order", "3", "--auto_local_healpix_order", "3",
+              "--offset_range", "1", "--offset_step", "1", "--iter", "3", "--device", "cpu",
+              "--random_seed", "4"]  # fmt: skip
+    invoke(*refine, "--o", "free")
+    invoke(*refine, "--sigma_tilt", "3", "--sigma_psi", "3", "--o", "prior")
+    truth = ParticleSet.read("particles.star")
+    order = {n: i for i, n in enumerate(truth.particles["rlnTomoParticleName"])}
+
+    def errors(path: str) -> tuple[float, float]:
+        ps = ParticleSet.read(path)
+        idx = [order[n] for n in ps.particles["rlnTomoParticleName"]]
+        full = (ps.subtomogram_matrices() @ ps.particle_matrices()).double()
+        true = (truth.subtomogram_matrices() @ truth.particle_matrices()).double()[idx]
+        normal = _angle_deg(full[:, :, 2].numpy(), true[:, :, 2].numpy())
+        return float(rotation_angle_deg(full, true).median()), float(np.median(normal))
+
+    free, prior = errors("free/run_data.star"), errors("prior/run_data.star")
+    assert prior[0] < 0.9 * free[0] and prior[1] < 0.8 * free[1], (free, prior)
