@@ -200,27 +200,32 @@ def mask_surfaces(
     segmentation ``mask`` (zyx, nonzero = inside), with outward normals.
 
     Boundary voxels are those inside with a face neighbour outside; the normal is minus the
-    gradient of the mask smoothed by a Gaussian of ``sigma`` voxels. Objects of fewer than
-    ``min_voxels`` voxels are dropped. Returns one ``(points (m, 3) xyz voxels, normals (m,
-    3))`` per object, in label order.
+    gradient of the object's own mask smoothed by a Gaussian of ``sigma`` voxels. Objects of
+    fewer than ``min_voxels`` voxels are dropped. Returns one ``(points (m, 3) xyz voxels,
+    normals (m, 3))`` per object, in label order.
     """
-    inside = np.asarray(mask) != 0
-    labels, n_objects = ndimage.label(inside)
+    labels, n_objects = ndimage.label(np.asarray(mask) != 0)
     if n_objects == 0:
         raise InputError("the segmentation mask is empty")
-    smooth = ndimage.gaussian_filter(inside.astype(np.float32), sigma)
-    gradient = np.stack(np.gradient(smooth), axis=-1)[..., ::-1]  # (z, y, x, xyz)
-    boundary = inside & ~ndimage.binary_erosion(inside)
+    pad = int(4 * sigma) + 2
     out = []
-    for label in range(1, n_objects + 1):
-        obj = labels == label
+    for label, box in enumerate(ndimage.find_objects(labels), 1):
+        # each object in its own padded box: memory stays that of one object, and a
+        # neighbouring object does not tilt its normals
+        box = tuple(
+            slice(max(b.start - pad, 0), min(b.stop + pad, n))
+            for b, n in zip(box, labels.shape, strict=True)
+        )
+        obj = labels[box] == label
         if obj.sum() < min_voxels:
             continue
-        zyx = np.argwhere(boundary & obj)
-        normals = -gradient[tuple(zyx.T)].astype(np.float64)
+        smooth = ndimage.gaussian_filter(obj.astype(np.float32), sigma)
+        zyx = np.argwhere(obj & ~ndimage.binary_erosion(obj))
+        gradient = np.stack([g[tuple(zyx.T)] for g in np.gradient(smooth)], axis=-1)
+        normals = -gradient[:, ::-1].astype(np.float64)  # zyx -> xyz
         norm = np.linalg.norm(normals, axis=1)
         ok = norm > 0
-        points = zyx[ok, ::-1].astype(np.float64)
+        points = (zyx[ok] + [b.start for b in box])[:, ::-1].astype(np.float64)
         normals = normals[ok] / norm[ok, None]
         keep = thin_points(points, spacing)
         out.append((points[keep], normals[keep]))
