@@ -57,7 +57,12 @@ class PickSurfaceParams:
     spacing: float = option(
         0.0, "--spacing", help="Particle spacing on the surface (required).", unit="Å"
     )
-    shape: str = option("sphere", "--shape", help="Surface fitted to points: sphere, ellipsoid.")
+    shape: str = option(
+        "sphere",
+        "--shape",
+        help="Surface fitted to each vesicle's points: sphere (>= 4 points, or 3+ on one "
+        "slice) or ellipsoid (>= 9; ~40 for normals within 5°).",
+    )
     format: str = option("auto", "--format", help="Points file format: auto, star, csv, imod.")
     bin: float = option(
         0.0,
