@@ -285,3 +285,14 @@ def test_refine3d_with_the_surface_priors_beats_it_without(tmp_path, monkeypatch
 
     free, prior = errors("free/run_data.star"), errors("prior/run_data.star")
     assert prior[0] < 0.9 * free[0] and prior[1] < 0.8 * free[1], (free, prior)
+
+
+def test_class3d_restrains_with_the_surface_priors():
+    """class3d's --sigma_tilt/--sigma_psi reach the sampling that scores the poses (the prior
+    term itself is refine3d's, tested above)."""
+    from subtomo.jobs.class3d import Class3DParams, _sampling
+
+    sampling = _sampling(Class3DParams(ref=("m.mrc",), sigma_tilt=3.0, sigma_psi=4.0), 10.0)
+    assert (sampling.sigma_tilt_deg, sampling.sigma_psi_deg) == (3.0, 4.0)
+    off = _sampling(Class3DParams(ref=("m.mrc",)), 10.0)
+    assert (off.sigma_tilt_deg, off.sigma_psi_deg) == (None, None)
