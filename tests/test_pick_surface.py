@@ -171,19 +171,20 @@ def _tomograms(tmp_path, binning=4.0):
 
 def test_pick_surface_job_on_a_relion_spheres_file(tmp_path, monkeypatch):
     """A RELION 5 ``_spheres.star`` (binned voxels) -> particles on each sphere at the given
-    spacing, |C - centre| = radius, normals radial, priors written; a 2-point vesicle in a
-    CSV is a one-line error and leaves no job directory."""
+    spacing, |C - centre| = radius, normals radial, priors written; the part of a sphere
+    outside the tomogram is dropped; a 2-point vesicle in a CSV is a one-line error and leaves
+    no job directory."""
     from subtomo.jobs.pick_surface import PickSurfaceParams, run
 
     monkeypatch.chdir(tmp_path)
     tomos = _tomograms(tmp_path)
     spheres = pd.DataFrame(
         {
-            "rlnTomoName": ["TS_01"] * 2,
-            "rlnCoordinateX": [50.0, 120.0],
-            "rlnCoordinateY": [60.0, 100.0],
-            "rlnCoordinateZ": [25.0, 30.0],
-            "rlnSphereRadius": [10.0, 6.0],
+            "rlnTomoName": ["TS_01"] * 3,
+            "rlnCoordinateX": [50.0, 120.0, 100.0],
+            "rlnCoordinateY": [60.0, 100.0, 100.0],
+            "rlnCoordinateZ": [25.0, 30.0, 49.0],  # the third sphere pokes out of the top
+            "rlnSphereRadius": [10.0, 6.0, 6.0],
         }
     )
     write_star(tmp_path / "TS_01_spheres.star", {"": spheres})
@@ -194,12 +195,14 @@ def test_pick_surface_job_on_a_relion_spheres_file(tmp_path, monkeypatch):
     )
     parts = ParticleSet.read(tmp_path / "Picks/job001/particles.star")
     c = parts.centered_coordinates_angst().numpy()
-    centres = (np.array([[50, 60, 25], [120, 100, 30]]) * 4 - [400, 400, 100]) * 2.0
-    radii = np.array([10.0, 6.0]) * 8
+    centres = (np.array([[50, 60, 25], [120, 100, 30], [100, 100, 49]]) * 4 - [400, 400, 100]) * 2.0
+    radii = np.array([10.0, 6.0, 6.0]) * 8
     which = np.argmin(np.linalg.norm(c[:, None] - centres[None], axis=2), axis=1)
     np.testing.assert_allclose(np.linalg.norm(c - centres[which], axis=1), radii[which], atol=1e-6)
     expected = 4 * np.pi * radii**2 / (np.sqrt(3) / 2 * 40.0**2)
-    np.testing.assert_allclose(np.bincount(which), expected, rtol=0.05)
+    np.testing.assert_allclose(np.bincount(which)[:2], expected[:2], rtol=0.05)
+    assert np.all(np.abs(c) <= [800, 800, 200]) and np.all(c[which == 2, 2] <= 200)
+    assert 0.3 * expected[2] < np.bincount(which)[2] < 0.7 * expected[2]  # the lower part
     np.testing.assert_allclose(
         _angle_deg(normals_of_rows(parts.particles), c - centres[which]), 0, atol=1e-4
     )
@@ -243,6 +246,9 @@ def test_pick_surface_job_on_a_mask(tmp_path, monkeypatch):
     centre = (np.array([100, 90, 25]) * 4 - [400, 400, 100]) * 2.0
     r = np.linalg.norm(c.numpy() - centre, axis=1)
     assert np.abs(r - 96).max() < 8.0 and len(r) > 20
+    write_mrc(tmp_path / "seg4.mrc", torch.from_numpy(mask), 4.0)  # says bin 2: wrong size
+    with pytest.raises(InputError, match=r"200x200x50 voxels is not tomogram TS_01 binned by 2"):
+        run(PickSurfaceParams(tomograms=str(tomos), mask="seg4.mrc", spacing=32.0))
 
 
 def test_refine3d_with_the_surface_priors_beats_it_without(tmp_path, monkeypatch):

@@ -27,13 +27,16 @@ from subtomo.io import read_mrc
 from subtomo.io.coordinate_files import PickTable, read_pick_file
 from subtomo.picking import (
     Ellipsoid,
+    binned_shape,
     centred_angst,
     fit_ellipsoid,
     fit_sphere,
+    inside_tomogram,
     locate_picks,
     mask_surfaces,
     sample_ellipsoid,
     surface_particle_rows,
+    tomogram_binning,
 )
 from subtomo.project import run_job, write_job_report
 from subtomo.project.options import option, output_dir_option
@@ -67,7 +70,8 @@ class PickSurfaceParams:
     bin: float = option(
         0.0,
         "--bin",
-        help="Binning of the points' or mask's tomogram; <= 0: rlnTomoTomogramBinning, else 1.",
+        help="Binning of the points' or mask's tomogram; <= 0: the mask's voxel size over the "
+        "tilt-series pixel size, else rlnTomoTomogramBinning, else 1.",
     )
     tomo_name: str = option(
         "", "--tomo_name", help="rlnTomoName for a mask, or points that name no tomogram."
@@ -112,8 +116,11 @@ def _fitted(params: PickSurfaceParams, tomograms: TomogramSet) -> list[_Surface]
             fits = [fit_sphere(located.centred[rows], what)]
         else:
             fits = [fit_ellipsoid(located.centred[rows], what)]
+        series = tomograms[tomo]
         for j, surface in enumerate(fits):
             points, normals = sample_ellipsoid(surface, params.spacing)
+            inside = inside_tomogram(points, series.tomogram_size, series.pixel_size)
+            points, normals = points[inside], normals[inside]
             axes = "/".join(f"{a:.0f}" for a in surface.axes)
             surfaces.append(
                 _Surface(
@@ -121,7 +128,8 @@ def _fitted(params: PickSurfaceParams, tomograms: TomogramSet) -> list[_Surface]
                     f"{k + 1}" if len(fits) == 1 else f"{k + 1}.{j + 1}",
                     points,
                     normals,
-                    f"semi-axes {axes} Å, fit rms {surface.rms:.1f} Å",
+                    f"semi-axes {axes} Å, fit rms {surface.rms:.1f} Å, "
+                    f"{np.count_nonzero(~inside)} outside the tomogram",
                 )
             )
     return surfaces
@@ -134,12 +142,15 @@ def _masked(params: PickSurfaceParams, tomograms: TomogramSet) -> list[_Surface]
         raise InputError(f"--tomo_name {name!r} is not a tomogram of {params.tomograms}")
     series = tomograms[name]
     volume, header_px = read_mrc(params.mask)
-    if params.bin > 0:
-        b = params.bin
-    elif header_px > 0:
-        b = header_px / series.pixel_size
-    else:
-        b = 1.0
+    b = tomogram_binning(series, params.bin, header_px)
+    expected = binned_shape(series.tomogram_size, b)
+    found = tuple(volume.shape[::-1])
+    if any(abs(f - e) > 1 for f, e in zip(found, expected, strict=True)):
+        raise InputError(
+            f"{found[0]}x{found[1]}x{found[2]} voxels is not tomogram {name} binned by {b:g} "
+            f"({expected[0]}x{expected[1]}x{expected[2]}): give --bin",
+            file=params.mask,
+        )
     voxel = b * series.pixel_size
     surfaces = []
     for k, (points, normals) in enumerate(mask_surfaces(volume.numpy(), params.spacing / voxel)):

@@ -3,11 +3,14 @@ picked positions as RELION 5 particle rows."""
 
 from subtomo.picking.coordinates import (
     LocatedPicks,
+    binned_shape,
     centred_angst,
+    inside_tomogram,
     locate_picks,
     normals_of_rows,
     particle_rows,
     surface_particle_rows,
+    tomogram_binning,
 )
 from subtomo.picking.surfaces import (
     Ellipsoid,
@@ -21,9 +24,11 @@ from subtomo.picking.surfaces import (
 __all__ = [
     "Ellipsoid",
     "LocatedPicks",
+    "binned_shape",
     "centred_angst",
     "fit_ellipsoid",
     "fit_sphere",
+    "inside_tomogram",
     "locate_picks",
     "mask_surfaces",
     "normals_of_rows",
@@ -31,4 +36,5 @@ __all__ = [
     "sample_ellipsoid",
     "surface_particle_rows",
     "thin_points",
+    "tomogram_binning",
 ]

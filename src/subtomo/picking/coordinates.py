@@ -15,18 +15,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from subtomo.data import TomogramSet
+from subtomo.data import TiltSeries, TomogramSet
 from subtomo.errors import InputError
 from subtomo.geometry import euler_to_matrix, matrix_to_euler, surface_orientations
 from subtomo.io.coordinate_files import PickTable
 
 __all__ = [
     "LocatedPicks",
+    "binned_shape",
     "centred_angst",
+    "inside_tomogram",
     "locate_picks",
     "normals_of_rows",
     "particle_rows",
     "surface_particle_rows",
+    "tomogram_binning",
 ]
 
 _CENTRED = [f"rlnCenteredCoordinate{a}Angst" for a in "XYZ"]
@@ -78,9 +81,8 @@ def locate_picks(
     """Place ``picks`` in ``tomograms``: name each row's tomogram and convert its position.
 
     A row that names no tomogram takes ``tomo_name``, or the only tomogram of the set. The
-    binning of voxel coordinates is ``binning`` when > 0, else the file's voxel size over the
-    tilt-series pixel size, else rlnTomoTomogramBinning, else 1. ``InputError`` for a
-    tomogram the set lacks.
+    binning of voxel coordinates is :func:`tomogram_binning`. ``InputError`` for a tomogram
+    the set lacks.
     """
     table = picks.table
     names = table["tomo"].astype(str).to_numpy().copy()
@@ -103,13 +105,7 @@ def locate_picks(
             )
         series = tomograms[name]
         px = series.pixel_size
-        if binning > 0:
-            b = binning
-        elif picks.pixel_size is not None:
-            b = picks.pixel_size / px
-        else:
-            value = pd.to_numeric(series.row.get("rlnTomoTomogramBinning"), errors="coerce")
-            b = float(value) if np.isfinite(value) and value > 0 else 1.0
+        b = tomogram_binning(series, binning, picks.pixel_size)
         rows = names == name
         centred[rows] = centred_angst(
             xyz[rows], picks.unit, binning=b, pixel_size=px, tomogram_size=series.tomogram_size
@@ -123,6 +119,34 @@ def locate_picks(
     elif "rot" in table:
         angles = table[["rot", "tilt", "psi"]].to_numpy(np.float64)
     return LocatedPicks(names, centred, radius, angles, used)
+
+
+def tomogram_binning(
+    series: TiltSeries, given: float = 0.0, voxel_size: float | None = None
+) -> float:
+    """Binning of a tomogram the picks were made on: ``given`` when > 0, else the file's
+    ``voxel_size`` (Å) over the tilt-series pixel size, else rlnTomoTomogramBinning, else 1."""
+    if given > 0:
+        return float(given)
+    if voxel_size is not None and voxel_size > 0:
+        return voxel_size / series.pixel_size
+    value = pd.to_numeric(series.row.get("rlnTomoTomogramBinning"), errors="coerce")
+    return float(value) if np.isfinite(value) and value > 0 else 1.0
+
+
+def binned_shape(tomogram_size: Sequence[int], binning: float) -> tuple[int, int, int]:
+    """(x, y, z) voxels of the tomogram binned by ``binning`` as RELION reconstructs it
+    (§1.3): round(W/b), round(H/b), floor(D/b)."""
+    w, h, d = tomogram_size
+    return round(w / binning), round(h / binning), int(d // binning)
+
+
+def inside_tomogram(
+    centred: np.ndarray, tomogram_size: Sequence[int], pixel_size: float
+) -> np.ndarray:
+    """``(n,)`` whether positions ``centred`` (Å, §1.3) lie inside the bin-1 tomogram."""
+    p = centred / pixel_size + np.asarray(tomogram_size, dtype=np.float64) / 2
+    return np.all((p >= 0) & (p < np.asarray(tomogram_size)), axis=1)
 
 
 def particle_rows(
