@@ -150,8 +150,8 @@ def test_pytom_star_both_layouts(tmp_path, tomograms):
     path = tmp_path / "TS_02_particles.star"
     path.write_text(
         "data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n_rlnCoordinateZ #3\n"
-        "_rlnAngleRot #4\n_rlnAngleTilt #5\n_rlnAnglePsi #6\n_rlnLCCmax #7\n_rlnCutOff #8\n"
-        "_rlnSearchStd #9\n_rlnDetectorPixelSize #10\n_rlnMicrographName #11\n"
+        "_rlnAngleRot #4\n_rlnAngleTilt #5\n_rlnAnglePsi #6\n_ptmLCCmax #7\n_ptmCutOff #8\n"
+        "_ptmSearchStd #9\n_rlnDetectorPixelSize #10\n_rlnMicrographName #11\n"
         "12 34 56 10.0 20.0 30.0 0.3 0.2 0.01 8.0 tomograms/TS_02.mrc\n"
     )
     located = locate_picks(read_star_points(path), TomogramSet.read(tomograms), binning=0.0)

@@ -208,8 +208,9 @@ def read_star_points(path: str | os.PathLike) -> PickTable:
 
 def read_copick(path: str | os.PathLike) -> PickTable:
     """A copick picks JSON: ``points[].location`` x/y/z in Å (voxel i at i x voxel size),
-    ``transformation_`` a 4x4 whose rotation is taken as RELION's ``A`` (reference ->
-    tomogram) and whose translation (Å) is added to the location; ``tomo`` = run_name.
+    ``transformation_`` a 4x4 from object to tomogram space (copick's ``CopickPoint``): its
+    rotation is RELION's ``A`` (reference -> tomogram) and its translation (Å) is added to
+    the location; ``tomo`` = run_name.
     """
     path = require_file(path)
     try:
