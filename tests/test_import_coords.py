@@ -234,3 +234,39 @@ def test_import_coords_job_csv(tmp_path, tomograms, monkeypatch):
     assert "\n" not in str(err.value) and not (tmp_path / "Import/job003").exists()
     with pytest.raises(InputError, match="cannot tell the format"):
         run(ImportCoordsParams(i="tomograms.star.bak", tomograms=str(tomograms)))
+
+
+MALFORMED = [
+    ("empty.tbl", b"", "not a readable Dynamo table"),
+    ("short.tbl", b"1 1 1 0 0 0 0 0 0 0\n", "a Dynamo table needs >= 26 columns"),
+    ("junk.mod", b"\x00\x01not a model", "not a readable IMOD model"),
+    ("other.cbox", b"data_boxes\n\nloop_\n_CoordinateX #1\n1.0\n", "missing block data_cryolo"),
+    (
+        "flat.cbox",
+        b"data_cryolo\n\nloop_\n_CoordinateX #1\n_CoordinateY #2\n_CoordinateZ #3\n_Width #4\n"
+        b"_Height #5\n1.0 2.0 nan 10 10\n",
+        "column _CoordinateZ, row 1: expected a finite number",
+    ),
+    ("bad.json", b"{not json", "not a copick picks file"),
+    ("none.json", b'{"run_name": "TS_01", "points": []}', "the picks file has no points"),
+    ("noz.csv", b"x,y\n1,2\n", "column z: missing required column"),
+    ("text.csv", b"x,y,z\n1,abc,3\n", "column y, row 1: expected a finite number, found 'abc'"),
+    ("nocoords.star", b"data_x\n\nloop_\n_rlnTomoName #1\nTS_01\n", "no table with rlnCoordinateX"),
+]
+
+
+@pytest.mark.parametrize("name,content,expect", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_files_give_one_error_line(tmp_path, tomograms, capsys, name, content, expect):
+    """Each reader's bad input ends in one ``error:`` line naming the file and the cause, exit
+    status 1, no traceback and no job directory."""
+    from subtomo.cli.main import run_cli
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    code = run_cli(
+        ["import-coords", "--i", str(path), "--t", str(tomograms), "--o", str(tmp_path / "job")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: "), err
+    assert str(path) in err[0] and expect in err[0], err[0]
+    assert "Traceback" not in err[0] and not (tmp_path / "job").exists()
