@@ -302,3 +302,39 @@ def test_class3d_restrains_with_the_surface_priors():
     assert (sampling.sigma_tilt_deg, sampling.sigma_psi_deg) == (3.0, 4.0)
     off = _sampling(Class3DParams(ref=("m.mrc",)), 10.0)
     assert (off.sigma_tilt_deg, off.sigma_psi_deg) == (None, None)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # imodmodel uses pydantic v1 API
+def test_pick_surface_job_on_an_imod_model_with_ellipsoids(tmp_path, monkeypatch):
+    """An IMOD model, one contour per vesicle (binned voxels, IMOD's half-voxel origin), fitted
+    by ellipsoids: every particle lies on its true ellipsoid (to the fit's accuracy) with the
+    true normal."""
+    import imodmodel
+
+    from subtomo.jobs.pick_surface import PickSurfaceParams, run
+
+    monkeypatch.chdir(tmp_path)
+    tomos = _tomograms(tmp_path)
+    rng = np.random.default_rng(5)
+    truths = [
+        Ellipsoid(np.array([60.0, 70.0, 25.0]), np.array([14.0, 10.0, 8.0]), np.eye(3)),
+        Ellipsoid(np.array([130.0, 120.0, 24.0]), np.array([9.0, 12.0, 7.0]), np.eye(3)),
+    ]
+    rows = []
+    for k, e in enumerate(truths):
+        d = rng.normal(size=(30, 3))
+        p = e.centre + d / np.linalg.norm(d, axis=1, keepdims=True) * e.axes
+        rows.append(pd.DataFrame({"x": p[:, 0] + 0.5, "y": p[:, 1] + 0.5, "z": p[:, 2],
+                                  "object_id": 0, "contour_id": k}))  # fmt: skip
+    imodmodel.write(pd.concat(rows, ignore_index=True), tmp_path / "TS_01.mod")
+    run(PickSurfaceParams(tomograms=str(tomos), i="TS_01.mod", shape="ellipsoid", spacing=24.0,
+                          output_dir="Picks/job001"))  # fmt: skip
+    parts = ParticleSet.read("Picks/job001/particles.star")
+    voxels = (parts.centered_coordinates_angst().numpy() / 2.0 + [400, 400, 100]) / 4
+    normals = normals_of_rows(parts.particles)
+    for e in truths:
+        mine = np.linalg.norm((voxels - e.centre) / e.axes, axis=1) < 1.5
+        radial = np.linalg.norm((voxels[mine] - e.centre) / e.axes, axis=1)
+        np.testing.assert_allclose(radial, 1.0, atol=1e-6)
+        assert np.abs(_angle_deg(normals[mine], e.normals(voxels[mine]))).max() < 1e-3
+        assert mine.sum() > 20
