@@ -236,6 +236,8 @@ def read_csv(path: str | os.PathLike, unit: str = "voxel") -> PickTable:
     "angst": Å from voxel (0, 0, 0)), optional ``tomo`` (or rlnTomoName), ``rot``, ``tilt``,
     ``psi`` (RELION degrees), ``group`` and ``radius``.
     """
+    if unit not in ("voxel", "angst"):
+        raise InputError(f"--csv_unit must be voxel or angst, got {unit!r}")
     path = require_file(path)
     try:
         df = pd.read_csv(path, sep=None, engine="python", dtype={"tomo": str, "rlnTomoName": str})

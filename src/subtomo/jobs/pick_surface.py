@@ -105,10 +105,11 @@ def _fitted(params: PickSurfaceParams, tomograms: TomogramSet) -> list[_Surface]
         if "group" in picks.table
         else np.zeros(len(picks.table), dtype=int)
     )
-    keys = pd.Series(list(zip(located.names, groups, strict=True)))
+    keys = np.array([f"{t}\x00{g}" for t, g in zip(located.names, groups, strict=True)])
     surfaces = []
-    for k, (tomo, group) in enumerate(pd.unique(keys)):
-        rows = np.flatnonzero(keys == (tomo, group))
+    for k, key in enumerate(pd.unique(keys)):
+        rows = np.flatnonzero(keys == key)
+        tomo, group = key.split("\x00")
         what = f"{params.i}: tomogram {tomo}, vesicle {group}"
         if located.radius is not None:  # one sphere per row
             fits = [Ellipsoid.sphere(located.centred[r], located.radius[r]) for r in rows]
