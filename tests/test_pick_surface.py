@@ -20,6 +20,7 @@ from subtomo.picking import (
     mask_surfaces,
     normals_of_rows,
     sample_ellipsoid,
+    sample_point_surface,
     surface_particle_rows,
 )
 from subtomo.simulate.layout import vesicle_layout
@@ -104,6 +105,29 @@ def test_surface_rows_put_the_normal_on_z_with_relion_priors():
         rows[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]], [[0, 90, 0]] * 20, atol=1e-9
     )
     assert (rows["rlnAngleTiltPrior"] == 90).all() and (rows["rlnAnglePsiPrior"] == 0).all()
+
+
+def test_point_traced_surface_that_is_no_ellipsoid():
+    """A peanut (two fused spheres) traced densely with 0.2 px error: picks cover it at the
+    spacing with the true normals (local PCA, turned outwards) away from the crease where the
+    spheres meet; points too sparse for the spacing are a one-line error."""
+    rng = np.random.default_rng(6)
+    centres = np.array([[-12.0, 0, 0], [12.0, 0, 0]])
+    traced, true = [], []
+    for c, other in (centres, centres[::-1]):
+        p = _on_sphere(rng, 6000, c, 20.0)
+        p = p[np.linalg.norm(p - other, axis=1) > 20]
+        traced.append(p)
+        true.append((p - c) / 20)
+    traced, true = np.concatenate(traced), np.concatenate(true)
+    picks, normals = sample_point_surface(traced + rng.normal(scale=0.2, size=traced.shape), 4.0)
+    assert cKDTree(picks).query(traced)[0].max() < 4.0 + 1.0
+    nearest = cKDTree(traced).query(picks)[1]
+    away = np.abs(picks[:, 0]) > 4.0  # one spacing from the crease
+    errors = _angle_deg(normals[away], true[nearest][away])
+    assert np.median(errors) < 2.0 and np.percentile(errors, 95) < 5.0, np.percentile(errors, 95)
+    with pytest.raises(InputError, match="too sparse to trace a surface"):
+        sample_point_surface(_on_sphere(rng, 40, np.zeros(3), 20.0), 4.0)
 
 
 def test_mask_surfaces_of_a_segmented_sphere():
@@ -338,3 +362,25 @@ def test_pick_surface_job_on_an_imod_model_with_ellipsoids(tmp_path, monkeypatch
         np.testing.assert_allclose(radial, 1.0, atol=1e-6)
         assert np.abs(_angle_deg(normals[mine], e.normals(voxels[mine]))).max() < 1e-3
         assert mine.sum() > 20
+
+
+def test_pick_surface_job_on_points_tracing_a_surface(tmp_path, monkeypatch):
+    """--shape points: a vesicle traced by 2,000 points (CSV, binned voxels) gives picks on
+    it with radial normals."""
+    from subtomo.jobs.pick_surface import PickSurfaceParams, run
+
+    monkeypatch.chdir(tmp_path)
+    tomos = _tomograms(tmp_path)
+    centre = np.array([100.0, 90.0, 25.0])
+    p = _on_sphere(np.random.default_rng(7), 2000, centre, 15.0)
+    pd.DataFrame({"x": p[:, 0], "y": p[:, 1], "z": p[:, 2], "group": "a"}).to_csv(
+        "traced.csv", index=False
+    )
+    run(PickSurfaceParams(tomograms=str(tomos), i="traced.csv", shape="points", spacing=24.0,
+                          output_dir="Picks/job001"))  # fmt: skip
+    parts = ParticleSet.read("Picks/job001/particles.star")
+    c = parts.centered_coordinates_angst().numpy()
+    radial = c - (centre * 4 - [400, 400, 100]) * 2.0
+    np.testing.assert_allclose(np.linalg.norm(radial, axis=1), 120.0, atol=1e-6)
+    assert np.percentile(_angle_deg(normals_of_rows(parts.particles), radial), 95) < 5.0
+    assert len(parts) > 50

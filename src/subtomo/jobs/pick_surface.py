@@ -2,13 +2,14 @@
 mode, ``Picks/jobNNN/``): particles on a lattice over vesicles or membranes, each oriented
 with the surface normal on its z axis (conventions §16.1).
 
-Vesicles come as a few points each (``--i``: a STAR, CSV or IMOD ``.mod``; one vesicle per
-rlnTomoManifoldIndex / ``group`` / IMOD contour, else per tomogram), fitted by a sphere or an
-ellipsoid (``--shape``); a RELION 5 ``_spheres.star`` (rlnSphereRadius) gives spheres
-directly. Or ``--mask``: a segmentation of one tomogram, whose every closed object is sampled.
-Writes ``particles.star`` (rlnTomoSubtomogram* from the normal; rlnAngleRot/Tilt/Psi
-0/90/0 with tilt and psi priors 90/0, for refine3d's ``--sigma_tilt/--sigma_psi``),
-``optimisation_set.star`` and ``report.html``.
+Vesicles come as points (``--i``: a STAR, CSV or IMOD ``.mod``; one vesicle per
+rlnTomoManifoldIndex / ``group`` / IMOD contour, else per tomogram): a few, fitted by a sphere
+or an ellipsoid, or many tracing any closed surface (``--shape``); a RELION 5
+``_spheres.star`` (rlnSphereRadius) gives spheres directly. Or ``--mask``: a segmentation of
+one tomogram, whose every closed object is sampled. Writes ``particles.star``
+(rlnTomoSubtomogram* from the normal; rlnAngleRot/Tilt/Psi 0/90/0 with tilt and psi priors
+90/0, for refine3d's ``--sigma_tilt/--sigma_psi``), ``optimisation_set.star`` and
+``report.html``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from subtomo.picking import (
     locate_picks,
     mask_surfaces,
     sample_ellipsoid,
+    sample_point_surface,
     surface_particle_rows,
     tomogram_binning,
 )
@@ -63,8 +65,9 @@ class PickSurfaceParams:
     shape: str = option(
         "sphere",
         "--shape",
-        help="Surface fitted to each vesicle's points: sphere (>= 4 points, or 3+ on one "
-        "slice) or ellipsoid (>= 9; ~40 for normals within 5°).",
+        help="Surface through each vesicle's points: sphere (>= 4 points, or 3+ on one "
+        "slice), ellipsoid (>= 9; ~40 for normals within 5°) or points (the points trace the "
+        "surface densely, closer than --spacing).",
     )
     format: str = option("auto", "--format", help="Points file format: auto, star, csv, imod.")
     bin: float = option(
@@ -98,8 +101,8 @@ def _fitted(params: PickSurfaceParams, tomograms: TomogramSet) -> list[_Surface]
     """Vesicles of the points file, fitted and sampled (all before the job starts)."""
     picks: PickTable = read_pick_file(params.i, params.format, csv_unit=params.csv_unit)
     located = locate_picks(picks, tomograms, binning=params.bin, tomo_name=params.tomo_name)
-    if params.shape not in ("sphere", "ellipsoid"):
-        raise InputError(f"--shape must be sphere or ellipsoid, got {params.shape!r}")
+    if params.shape not in ("sphere", "ellipsoid", "points"):
+        raise InputError(f"--shape must be sphere, ellipsoid or points, got {params.shape!r}")
     groups = (
         picks.table["group"].to_numpy()
         if "group" in picks.table
@@ -111,26 +114,31 @@ def _fitted(params: PickSurfaceParams, tomograms: TomogramSet) -> list[_Surface]
         rows = np.flatnonzero(keys == key)
         tomo, group = key.split("\x00")
         what = f"{params.i}: tomogram {tomo}, vesicle {group}"
+        sampled = []  # (points, normals, note) of each surface of this vesicle
         if located.radius is not None:  # one sphere per row
             fits = [Ellipsoid.sphere(located.centred[r], located.radius[r]) for r in rows]
+        elif params.shape == "points":
+            points, normals = sample_point_surface(located.centred[rows], params.spacing, what)
+            sampled.append((points, normals, f"traced by {len(rows)} points"))
+            fits = []
         elif params.shape == "sphere":
             fits = [fit_sphere(located.centred[rows], what)]
         else:
             fits = [fit_ellipsoid(located.centred[rows], what)]
-        series = tomograms[tomo]
-        for j, surface in enumerate(fits):
-            points, normals = sample_ellipsoid(surface, params.spacing)
-            inside = inside_tomogram(points, series.tomogram_size, series.pixel_size)
-            points, normals = points[inside], normals[inside]
+        for surface in fits:
             axes = "/".join(f"{a:.0f}" for a in surface.axes)
+            note = f"semi-axes {axes} Å, fit rms {surface.rms:.1f} Å"
+            sampled.append((*sample_ellipsoid(surface, params.spacing), note))
+        series = tomograms[tomo]
+        for j, (points, normals, note) in enumerate(sampled):
+            inside = inside_tomogram(points, series.tomogram_size, series.pixel_size)
             surfaces.append(
                 _Surface(
                     tomo,
-                    f"{k + 1}" if len(fits) == 1 else f"{k + 1}.{j + 1}",
-                    points,
-                    normals,
-                    f"semi-axes {axes} Å, fit rms {surface.rms:.1f} Å, "
-                    f"{np.count_nonzero(~inside)} outside the tomogram",
+                    f"{k + 1}" if len(sampled) == 1 else f"{k + 1}.{j + 1}",
+                    points[inside],
+                    normals[inside],
+                    f"{note}, {np.count_nonzero(~inside)} outside the tomogram",
                 )
             )
     return surfaces

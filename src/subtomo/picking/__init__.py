@@ -18,6 +18,7 @@ from subtomo.picking.surfaces import (
     fit_sphere,
     mask_surfaces,
     sample_ellipsoid,
+    sample_point_surface,
     thin_points,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "normals_of_rows",
     "particle_rows",
     "sample_ellipsoid",
+    "sample_point_surface",
     "surface_particle_rows",
     "thin_points",
     "tomogram_binning",

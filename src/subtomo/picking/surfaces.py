@@ -24,6 +24,7 @@ __all__ = [
     "fit_sphere",
     "mask_surfaces",
     "sample_ellipsoid",
+    "sample_point_surface",
     "thin_points",
 ]
 
@@ -191,6 +192,35 @@ def sample_ellipsoid(ellipsoid: Ellipsoid, spacing: float) -> tuple[np.ndarray, 
     if not is_sphere:
         points = points[thin_points(points, spacing)]
     return points, ellipsoid.normals(points)
+
+
+def sample_point_surface(
+    points: np.ndarray, spacing: float, what: str = "points"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Picks about ``spacing`` apart on a closed surface given densely by ``points`` ``(n, 3)``
+    (a membrane traced on every slice, a segmentation exported as points), with normals.
+
+    The points are thinned to ``spacing`` (:func:`thin_points`); the normal at each pick is
+    the direction of least spread of the points within ``spacing`` of it (local PCA), turned
+    away from the centroid of all points, so the surface must be seen whole from its
+    centroid (star-shaped: vesicles, not a cup). The points must be denser than ``spacing``.
+    ``InputError`` naming ``what`` when a pick has fewer than 6 points around it.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    _spread(points, what)
+    tree = cKDTree(points)
+    picks = points[thin_points(points, spacing)]
+    normals = np.empty_like(picks)
+    for i, near in enumerate(tree.query_ball_point(picks, spacing)):
+        if len(near) < 6:
+            raise InputError(
+                f"{what}: {len(near)} points within {spacing:g} of {np.round(picks[i], 1)}: "
+                "too sparse to trace a surface (trace more points or use --shape ellipsoid)"
+            )
+        local = points[near] - points[near].mean(axis=0)
+        normals[i] = np.linalg.eigh(local.T @ local)[1][:, 0]
+    outward = np.sign(np.sum(normals * (picks - points.mean(axis=0)), axis=1))
+    return picks, normals * np.where(outward == 0, 1.0, outward)[:, None]
 
 
 def mask_surfaces(
