@@ -4,7 +4,8 @@ simulator's membrane proteins, and of refine3d with and without the surface prio
 1. **Picking.** The simulator's vesicle layout (:func:`subtomo.simulate.layout.vesicle_layout`:
    ellipsoidal vesicles with proteins on them and their true normals) in a 400 x 400 x 120 px
    tomogram, particle radius 8 px. For each vesicle, ``--clicks`` points on its surface with
-   ``--click-error`` px Gaussian error are fitted by a sphere and by an ellipsoid, or the
+   ``--click-error`` px Gaussian error are fitted by a sphere and by an ellipsoid; or each
+   vesicle is traced by one point per 4 px² (same error) for ``--shape points``; or the
    vesicles are voxelised into a segmentation (binned by 2) for the mask mode; the surfaces
    are sampled at spacing = particle radius. Reported per mode, over ``--seeds`` layouts:
    recall (share of true proteins within one spacing of a pick), precision (share of picks
@@ -35,7 +36,14 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from subtomo.errors import InputError
-from subtomo.picking import Ellipsoid, fit_ellipsoid, fit_sphere, mask_surfaces, sample_ellipsoid
+from subtomo.picking import (
+    Ellipsoid,
+    fit_ellipsoid,
+    fit_sphere,
+    mask_surfaces,
+    sample_ellipsoid,
+    sample_point_surface,
+)
 from subtomo.simulate.layout import vesicle_layout
 
 SIZE = (400, 400, 120)
@@ -82,6 +90,15 @@ def _picks(mode: str, vesicles, rng, clicks: int, error: float, spacing: float, 
         return points, normals, true
     out = ([], [], [])
     for c, a in vesicles:
+        if mode == "traced":  # one point per 4 px² of membrane, as contours 2 px apart
+            e = Ellipsoid(c, a, np.eye(3))
+            d = rng.normal(size=(int(e.area() / 4), 3))
+            pts = c + d / np.linalg.norm(d, axis=1, keepdims=True) * a
+            p, n = sample_point_surface(pts + rng.normal(scale=error, size=pts.shape), spacing)
+            out[0].append(p)
+            out[1].append(n)
+            out[2].append(e.normals(p))
+            continue
         d = rng.normal(size=(clicks, 3))
         pts = c + d / np.linalg.norm(d, axis=1, keepdims=True) * a
         pts = pts + rng.normal(scale=error, size=pts.shape)
@@ -99,7 +116,7 @@ def _picks(mode: str, vesicles, rng, clicks: int, error: float, spacing: float, 
 def picking(seeds: int, clicks: list[int], error: float) -> None:
     spacing = RADIUS
     modes = [("sphere", k) for k in clicks] + [("ellipsoid", k) for k in clicks if k >= 9]
-    modes.append(("mask", 0))
+    modes += [("traced", 0), ("mask", 0)]
     print(f"picking: spacing {spacing:g} px = particle radius, click error {error:g} px")
     print(f"{'mode':>10} {'clicks':>6} {'recall':>7} {'precision':>9} {'picks/prot':>10} "
           f"{'normal p95':>10} "
