@@ -33,7 +33,7 @@ FitsFn = Callable[[np.ndarray], np.ndarray]
 @dataclass(frozen=True)
 class Layout:
     """Particle centres ``(n, 3)`` (decentred px) and, for surface picks, the normals ``(n, 3)``
-    and the vesicles ``(centre (3,), semi-axes (3,))`` in px, axis-aligned, that carry them.
+    and the vesicles placed, ``(centre (3,), semi-axes (3,))`` in px, axis-aligned.
     """
 
     positions_px: np.ndarray
