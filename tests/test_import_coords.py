@@ -48,6 +48,9 @@ def tomograms(tmp_path):
             "rlnTomoSizeY": 800,
             "rlnTomoSizeZ": 200,
             "rlnTomoTomogramBinning": BIN,
+            "rlnTomoReconstructedTomogram": [
+                f"Tomograms/job005/tomograms/rec_TS_0{k}.mrc" for k in (1, 2)
+            ],
         }
     )
     tilts = pd.DataFrame(
@@ -146,13 +149,14 @@ def test_cbox_box_corner_to_centre(tmp_path):
 def test_pytom_star_both_layouts(tmp_path, tomograms):
     """pytom-match-pick: voxel coordinates of the searched tomogram with its voxel size
     (rlnDetectorPixelSize 8 Å over px 2 Å: b = 4), angles as written, the tomogram from
-    rlnMicrographName; with --relion5-compat the centred Å and rlnTomoName pass through."""
+    rlnMicrographName (matched to rlnTomoReconstructedTomogram's file); with --relion5-compat
+    the centred Å and rlnTomoName pass through."""
     path = tmp_path / "TS_02_particles.star"
     path.write_text(
         "data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n_rlnCoordinateZ #3\n"
         "_rlnAngleRot #4\n_rlnAngleTilt #5\n_rlnAnglePsi #6\n_ptmLCCmax #7\n_ptmCutOff #8\n"
         "_ptmSearchStd #9\n_rlnDetectorPixelSize #10\n_rlnMicrographName #11\n"
-        "12 34 56 10.0 20.0 30.0 0.3 0.2 0.01 8.0 tomograms/TS_02.mrc\n"
+        "12 34 56 10.0 20.0 30.0 0.3 0.2 0.01 8.0 tomograms/rec_TS_02.mrc\n"
     )
     located = locate_picks(read_star_points(path), TomogramSet.read(tomograms), binning=0.0)
     np.testing.assert_allclose(located.centred, _centred([[12, 34, 56]]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,13 @@ __all__ = [
 ]
 
 _CENTRED = [f"rlnCenteredCoordinate{a}Angst" for a in "XYZ"]
+_TOMOGRAM_FILES = (
+    "rlnTomoReconstructedTomogram",
+    "rlnTomoReconstructedTomogramDenoised",
+    "rlnTomoDenoisedTomogram",
+    "rlnTomoReconstructedTomogramHalf1",
+    "rlnTomoReconstructedTomogramHalf2",
+)
 
 
 def centred_angst(
@@ -80,12 +88,18 @@ def locate_picks(
 ) -> LocatedPicks:
     """Place ``picks`` in ``tomograms``: name each row's tomogram and convert its position.
 
-    A row that names no tomogram takes ``tomo_name``, or the only tomogram of the set. The
-    binning of voxel coordinates is :func:`tomogram_binning`. ``InputError`` for a tomogram
+    A row names its tomogram by rlnTomoName or by the stem of a tomogram file the set lists
+    (rlnTomoReconstructedTomogram, its halves or denoised version: Dynamo's .doc and pytom
+    name files); a row that names none takes ``tomo_name``, or the only tomogram of the set.
+    The binning of voxel coordinates is :func:`tomogram_binning`. ``InputError`` for a tomogram
     the set lacks.
     """
     table = picks.table
-    names = table["tomo"].astype(str).to_numpy().copy()
+    files = _tomogram_files(tomograms)
+    names = np.array(
+        [str(n) if str(n) in tomograms else files.get(str(n), str(n)) for n in table["tomo"]],
+        dtype=object,
+    )
     default = tomo_name or (tomograms.names[0] if len(tomograms) == 1 else "")
     names[names == ""] = default
     if (names == "").any():
@@ -119,6 +133,18 @@ def locate_picks(
     elif "rot" in table:
         angles = table[["rot", "tilt", "psi"]].to_numpy(np.float64)
     return LocatedPicks(names, centred, radius, angles, used)
+
+
+def _tomogram_files(tomograms: TomogramSet) -> dict[str, str]:
+    """{file stem: rlnTomoName} of the tomogram files the set lists (pickers name the file)."""
+    table = tomograms.global_table
+    out = {}
+    for column in _TOMOGRAM_FILES:
+        if column in table.columns:
+            for name, path in zip(table["rlnTomoName"], table[column], strict=True):
+                if isinstance(path, str) and path:
+                    out[Path(path).stem] = str(name)
+    return out
 
 
 def tomogram_binning(
