@@ -256,6 +256,12 @@ MALFORMED = [
     ("noz.csv", b"x,y\n1,2\n", "column z: missing required column"),
     ("text.csv", b"x,y,z\n1,abc,3\n", "column y, row 1: expected a finite number, found 'abc'"),
     ("nocoords.star", b"data_x\n\nloop_\n_rlnTomoName #1\nTS_01\n", "no table with rlnCoordinateX"),
+    (
+        "relion.star",
+        b"data_particles\n\nloop_\n_rlnTomoName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
+        b"_rlnCoordinateZ #4\n_rlnOriginXAngst #5\nTS_01 1 2 3 4.5\n",
+        "carries rlnOriginXAngst: a RELION particle file",
+    ),
 ]
 
 

@@ -182,6 +182,14 @@ def read_star_points(path: str | os.PathLike) -> PickTable:
         raise InputError(
             "no table with rlnCoordinateX/Y/Z or rlnCenteredCoordinateX/Y/ZAngst", file=path
         )
+    carried = [c for c in df.columns if c.startswith(("rlnTomoSubtomogram", "rlnOrigin"))]
+    if carried:
+        raise InputError(
+            f"carries {carried[0]}: a RELION particle file, not picks; give it to the jobs as "
+            "--particles directly (RELION 4 and 5 particle files are read as they are)",
+            file=path,
+            block=block,
+        )
     centred = "rlnCenteredCoordinateXAngst" in df.columns
     cols = [f"rlnCenteredCoordinate{a}Angst" if centred else f"rlnCoordinate{a}" for a in "XYZ"]
     out = pd.DataFrame(
