@@ -139,6 +139,15 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "subtomo.jobs.import_alignment", "ImportAlignmentParams",
         "Import IMOD (.xf/.tlt) or AreTomo (.aln) tilt-series alignments as RELION 5 columns.",
     ),
+    "pick-surface": JobCommand(
+        "subtomo.jobs.pick_surface", "PickSurfaceParams",
+        "Surface picking: particles on spheres/ellipsoids fitted to vesicle points or on a "
+        "segmentation, normal on z, with tilt/psi priors.",
+    ),
+    "import-coords": JobCommand(
+        "subtomo.jobs.import_coords", "ImportCoordsParams",
+        "Import coordinates from Dynamo, IMOD, crYOLO, pytom-match-pick, copick or CSV.",
+    ),
     "export-alignment": JobCommand(
         "subtomo.jobs.export_alignment", "ExportAlignmentParams",
         "Export a tomograms.star's alignment as IMOD .xf/.tlt or AreTomo .aln files.",

@@ -6,6 +6,7 @@ from subtomo.geometry.orientations import (
     healpix_order_step_deg,
     local_orientations,
     orientation_grid,
+    surface_orientations,
 )
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.geometry.tilt import (
@@ -29,6 +30,7 @@ __all__ = [
     "project_particles",
     "projection_matrices",
     "rotation_angle_deg",
+    "surface_orientations",
     "symmetry_matrices",
     "tilt_rotations",
     "tomogram_centre_px",

@@ -20,12 +20,14 @@ import torch
 from subtomo.errors import InputError
 from subtomo.geometry.euler import euler_to_matrix
 from subtomo.geometry.symmetry import symmetry_matrices
+from subtomo.geometry.tilt import tilt_rotations
 
 __all__ = [
     "healpix_directions",
     "healpix_order_step_deg",
     "local_orientations",
     "orientation_grid",
+    "surface_orientations",
 ]
 
 # A generic pole (tilt 10°, rot 37°) fixed by no rotation of any supported group: each
@@ -137,3 +139,28 @@ def local_orientations(
     matrices = offsets[None] @ centres[:, None]  # (b, m, 3, 3)
     log_prior = (-0.5 * (angle / sigma_deg) ** 2).expand(len(centres), -1)
     return matrices, log_prior
+
+
+def surface_orientations(
+    normals: np.ndarray, in_plane_deg: np.ndarray | float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """RELION's split of a surface pick into subtomogram and particle rotations.
+
+    The particle's reference z axis lies along the normal ``n`` (xyz, tomogram axes) and it is
+    turned by ``in_plane_deg`` about it: ``A = O @ Rz(φ)`` with ``O = Rz(α) Ry(β)``, ``O e_z =
+    n``. As RELION 5's sphere and filament pickers write it (relion5-upstream.md §7.2),
+    ``A_sub = O @ Ry(90)`` (rlnTomoSubtomogramRot/Tilt/Psi) and ``A_part = A_sub^T A``, whose
+    angles are (rot, tilt, psi) = (-φ, 90, 0), so the priors are rlnAngleTiltPrior = 90 and
+    rlnAnglePsiPrior = 0: ``--sigma_tilt``/``--sigma_psi`` restrain the normal and leave the
+    in-plane angle (rlnAngleRot) free. Returns ``(A_sub, A_part)``, float64 ``(n, 3, 3)``.
+    """
+    n = normals / np.linalg.norm(normals, axis=1, keepdims=True)
+    beta = torch.rad2deg(torch.arccos(torch.as_tensor(n[:, 2]).clamp(-1.0, 1.0)))
+    alpha = torch.rad2deg(torch.atan2(torch.as_tensor(n[:, 1]), torch.as_tensor(n[:, 0])))
+    zero = torch.zeros_like(beta)
+    phi = torch.as_tensor(in_plane_deg, dtype=torch.float64).expand_as(beta)
+    frame = tilt_rotations(zero, beta, alpha)  # Rz(α) Ry(β): e_z -> n
+    ry90 = tilt_rotations(zero[:1], zero[:1] + 90.0, zero[:1])
+    a_sub = frame @ ry90
+    a_part = a_sub.transpose(-1, -2) @ frame @ tilt_rotations(zero, zero, phi)
+    return a_sub.numpy(), a_part.numpy()

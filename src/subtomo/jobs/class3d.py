@@ -107,6 +107,12 @@ class Class3DParams(ParticleInputs):
         -1.0, "--sigma_ang", help="Local searches: prior sigma; <= 0: global.", unit="deg"
     )
     oversampling: int = option(1, "--oversampling", help="Adaptive oversampling order (0 or 1).")
+    sigma_tilt: float = option(
+        -1.0, "--sigma_tilt", help="Tilt prior width (rlnAngleTiltPrior); <= 0: off.", unit="deg"
+    )
+    sigma_psi: float = option(
+        -1.0, "--sigma_psi", help="Psi prior width (rlnAnglePsiPrior); <= 0: off.", unit="deg"
+    )
     strict_highres_exp: float = option(
         -1.0, "--strict_highres_exp", help="Limit the E-step resolution; <= 0: none.", unit="Å"
     )
@@ -180,6 +186,8 @@ def _sampling(params: Class3DParams, px: float) -> Sampling:
         offset_range_angst=params.offset_range * px,
         offset_step_angst=params.offset_step * px,
         local_sigma_deg=params.sigma_ang if params.sigma_ang > 0 else None,
+        sigma_tilt_deg=params.sigma_tilt if params.sigma_tilt > 0 else None,
+        sigma_psi_deg=params.sigma_psi if params.sigma_psi > 0 else None,
         symmetry=params.sym,
         align=not params.skip_align,
         oversampling=params.oversampling,

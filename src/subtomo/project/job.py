@@ -31,6 +31,7 @@ RELION_TYPE_LABELS = {
     "MaskCreate": "relion.maskcreate",
     "PostProcess": "relion.postprocess",
     "LocalRes": "relion.localres.own",
+    "Picks": "relion.picktomo",
 }
 """RELION 5's process type label of each job directory type that RELION also has."""
 

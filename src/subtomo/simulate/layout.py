@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from subtomo.errors import InputError
-from subtomo.geometry import matrix_to_euler, tilt_rotations
+from subtomo.geometry import matrix_to_euler, surface_orientations
 
 __all__ = [
     "Layout",
@@ -32,10 +32,13 @@ FitsFn = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class Layout:
-    """Particle centres ``(n, 3)`` (decentred px) and, for surface picks, the normals ``(n, 3)``."""
+    """Particle centres ``(n, 3)`` (decentred px) and, for surface picks, the normals ``(n, 3)``
+    and the vesicles placed, ``(centre (3,), semi-axes (3,))`` in px, axis-aligned.
+    """
 
     positions_px: np.ndarray
     normals: np.ndarray | None = None
+    vesicles: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
 
 
 def random_rotations(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -62,30 +65,6 @@ def rotations_by_angle(rng: np.random.Generator, n: int, angle_deg: float) -> np
     k = k - k.transpose(0, 2, 1)
     t = np.deg2rad(angle_deg)
     return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k  # Rodrigues
-
-
-def surface_orientations(
-    normals: np.ndarray, in_plane_deg: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """RELION's split of a surface pick into subtomogram and particle rotations.
-
-    The particle's reference z axis lies along the normal ``n`` and it is turned by
-    ``in_plane_deg`` about it: ``A = O @ Rz(φ)`` with ``O e_z = n``. As RELION 5's surface and
-    sphere pickers write it, ``A_sub = O @ Ry(90)`` (rlnTomoSubtomogramRot/Tilt/Psi) and
-    ``A_part = A_sub^T A``, whose angles are (rot, tilt, psi) = (-φ, 90, 0), so the priors are
-    rlnAngleTiltPrior = 90 and rlnAnglePsiPrior = 0. Returns ``(A_sub, A_part)``, each
-    ``(n, 3, 3)``.
-    """
-    n = normals / np.linalg.norm(normals, axis=1, keepdims=True)
-    beta = torch.rad2deg(torch.arccos(torch.as_tensor(n[:, 2]).clamp(-1.0, 1.0)))
-    alpha = torch.rad2deg(torch.atan2(torch.as_tensor(n[:, 1]), torch.as_tensor(n[:, 0])))
-    zero = torch.zeros_like(beta)
-    frame = tilt_rotations(zero, beta, alpha)  # Rz(α) Ry(β): e_z -> n
-    ry90 = tilt_rotations(zero[:1], zero[:1] + 90.0, zero[:1])
-    full = frame @ tilt_rotations(zero, zero, torch.as_tensor(in_plane_deg, dtype=torch.float64))
-    a_sub = frame @ ry90
-    a_part = a_sub.transpose(-1, -2) @ full
-    return a_sub.numpy(), a_part.numpy()
 
 
 def _select_non_overlapping(
@@ -180,7 +159,9 @@ def vesicle_layout(
             f"could only place {len(accepted)} of {n} particles on vesicles in a tomogram of "
             f"{tuple(tomogram_size)} px: use fewer particles, more tomograms or a larger tomogram"
         )
-    return Layout(positions_px=np.asarray(accepted), normals=np.asarray(normals))
+    return Layout(
+        positions_px=np.asarray(accepted), normals=np.asarray(normals), vesicles=tuple(vesicles)
+    )
 
 
 def euler_deg(matrices: np.ndarray) -> np.ndarray:
