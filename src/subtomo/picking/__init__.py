@@ -1,7 +1,13 @@
 """Particle picking: template matching in tomograms (:mod:`.template_matching`) and peaks
 above a false-alarm cut-off (:mod:`.peaks`)."""
 
-from subtomo.picking.peaks import false_alarm_cutoff, find_peaks, noise_tail
+from subtomo.picking.peaks import (
+    TailFit,
+    false_alarm_cutoff,
+    find_peaks,
+    noise_tail,
+    tail_cutoff,
+)
 from subtomo.picking.template_matching import (
     MatchResult,
     TiltCtf,
@@ -12,11 +18,13 @@ from subtomo.picking.template_matching import (
 
 __all__ = [
     "MatchResult",
+    "TailFit",
     "TiltCtf",
     "false_alarm_cutoff",
     "find_peaks",
     "match_template",
     "noise_tail",
     "rotate_volumes",
+    "tail_cutoff",
     "tilt_weights",
 ]
