@@ -110,7 +110,7 @@ def evaluate(truth: pd.DataFrame, picks: pd.DataFrame) -> dict[str, float]:
     angles = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 
     def matrices(df: pd.DataFrame) -> torch.Tensor:
-        return euler_to_matrix(*(torch.as_tensor(df[c].to_numpy()) for c in angles))
+        return euler_to_matrix(*(torch.tensor(df[c].to_numpy()) for c in angles))
 
     errors = np.array([])
     if hits:
@@ -132,7 +132,7 @@ def evaluate(truth: pd.DataFrame, picks: pd.DataFrame) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_tmatch"))
-    ap.add_argument("--particles", type=int, default=40)
+    ap.add_argument("--particles", type=int, default=48)
     ap.add_argument("--snr", type=float, default=0.05)
     ap.add_argument("--step", type=float, default=7.0)
     ap.add_argument("--batch", type=int, default=4)

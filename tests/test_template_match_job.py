@@ -111,6 +111,7 @@ def test_template_match_finds_the_targets_with_their_angles(project) -> None:
     assert float(errors.amin(1).median()) < 20.0  # a 30° grid
     assert (work / "job" / "tmatch" / "TS_01_scores.mrc").exists()
     assert (work / "job" / "TS_01_peak_scores.png").exists()
+    assert "resampled to 24 at 10 Å" in (work / "job" / "report.html").read_text()
     rot, _ = read_mrc(work / "job" / "tmatch" / "TS_01_rot.mrc")
     assert rot.shape == (SIZE[2], SIZE[1], SIZE[0])
 
@@ -128,6 +129,12 @@ def test_bad_input_is_one_line_and_leaves_no_job(project, tmp_path) -> None:
     write_mrc(empty, torch.zeros(48, 48, 48), PX / 2)
     with pytest.raises(InputError, match="mask is empty"):
         run(TemplateMatchParams(template=str(work / "template_5A.mrc"), mask=str(empty), **common))
+    blank = tmp_path / "blank.mrc"
+    write_mrc(blank, torch.zeros(SIZE[::-1]), PX)
+    with pytest.raises(InputError, match="tomogram mask is empty"):
+        run(TemplateMatchParams(
+            template=str(work / "template_5A.mrc"), tomogram_mask=str(blank), **common
+        ))  # fmt: skip
     table = TomogramSet.read(work / "tomograms.star")
     bare = table.global_table.drop(columns=["rlnTomoReconstructedTomogram"])
     TomogramSet.from_tables(bare, {s.name: s.tilts for s in table}).write(

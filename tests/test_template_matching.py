@@ -177,3 +177,16 @@ def test_peaks_keep_the_exclusion_radius_the_mask_and_the_cap() -> None:
     assert picks.tolist() == [[10, 10, 10]]
     picks, _ = find_peaks(scores, radius=6, cutoff=0.65, border=0)
     assert len(picks) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    template = chiral_template()
+    grid = random_rotations(12, seed=5)
+    tomogram = torch.randn(32, 40, 48, generator=torch.Generator().manual_seed(2))
+    place(tomogram, scipy_rotate(template, grid[3]), (16, 20, 24))
+    mask = soft_sphere((N,) * 3, 8.0, 3.0)
+    cpu = match_template(tomogram, template, mask, grid, batch=5)
+    gpu = match_template(tomogram.cuda(), template.cuda(), mask.cuda(), grid, batch=5)
+    assert torch.allclose(gpu.scores.cpu(), cpu.scores, atol=1e-4)
+    assert int(gpu.orientation[16, 20, 24]) == 3

@@ -18,7 +18,7 @@ Writes ``tmatch/<name>_scores.mrc`` (best score), ``tmatch/<name>_rot.mrc``, ``_
 rlnCenteredCoordinateX/Y/ZAngst from the binned voxel as §1.3 says, rlnAngleRot/Tilt/Psi of
 the template's orientation, rlnAutopickFigureOfMerit = the score, and an optics table from
 the tomograms) and ``report.html`` with each tomogram's peak-score histogram, fitted tail,
-cut-offs and slices with the picks.
+cut-offs and slices with the picks. Conventions: §16.
 """
 
 from __future__ import annotations
@@ -141,12 +141,15 @@ def _tomogram(params: TemplateMatchParams, series: TiltSeries) -> _Tomogram:
     mask_path = None
     if params.tomogram_mask:
         mask_path = Path(params.tomogram_mask.replace("{name}", series.name))
-        mask_header = read_mrc_header(mask_path)
-        if mask_header.shape != header.shape:
+        mask_volume, _ = read_mrc(mask_path)
+        if tuple(mask_volume.shape) != header.shape:
             raise InputError(
-                f"tomogram mask of shape {mask_header.shape} for a tomogram of {header.shape}",
+                f"tomogram mask of shape {tuple(mask_volume.shape)} for a tomogram of "
+                f"{header.shape}",
                 file=mask_path,
             )
+        if not bool((mask_volume > 0.5).any()):
+            raise InputError("the tomogram mask is empty (no value above 0.5)", file=mask_path)
     return _Tomogram(series, path, voxel, binning, header.shape, mask_path)
 
 
@@ -166,7 +169,8 @@ def _resampled(
 
 
 def _template(params: TemplateMatchParams, voxel: float, device: torch.device):
-    """The template and mask at ``voxel`` Å and the particle radius (voxels)."""
+    """The template and mask at ``voxel`` Å, the particle radius (voxels) and a line saying
+    what was done to the template."""
     volume, pixel = read_map_checked(
         params.template, what="--template", angpix=params.template_angpix, varying=True
     )
@@ -192,7 +196,11 @@ def _template(params: TemplateMatchParams, voxel: float, device: torch.device):
                              file=params.template)  # fmt: skip
         mask = soft_sphere((n,) * 3, min(radius, n / 2 - 2), 2.0)
     sign = -1.0 if params.invert else 1.0
-    return (sign * template).to(device), mask.to(device), float(radius)
+    said = f"{volume.shape[-1]} voxels at {pixel:g} Å"
+    if template.shape[-1] != volume.shape[-1] or abs(pixel - voxel) > _PIXEL_TOLERANCE * voxel:
+        said += f", resampled to {template.shape[-1]} at {voxel:g} Å (the tomograms')"
+    said += ", inverted" if params.invert else ""
+    return (sign * template).to(device), mask.to(device), float(radius), said
 
 
 def _weights(params: TemplateMatchParams, tomo: _Tomogram, box: int) -> torch.Tensor:
@@ -238,7 +246,7 @@ def run(params: TemplateMatchParams) -> dict[str, str]:
     if len(voxels) != 1:
         raise InputError(f"tomograms of different voxel sizes {sorted(voxels)} Å", file=params.i)
     voxel = plans[0].voxel_size
-    template, mask, radius = _template(params, voxel, device)
+    template, mask, radius, said = _template(params, voxel, device)
     box = template.shape[-1]
     for plan in plans:
         if box > min(plan.shape):
@@ -268,8 +276,6 @@ def run(params: TemplateMatchParams) -> dict[str, str]:
                 valid = None
                 if plan.mask_path is not None:
                     valid = read_mrc(plan.mask_path, device=device)[0] > 0.5
-                    if not bool(valid.any()):
-                        raise InputError("the tomogram mask is empty", file=plan.mask_path)
                 result = match_template(
                     tomogram, template, mask, matrices,
                     weights=_weights(params, plan, box).to(device),
@@ -322,7 +328,7 @@ def run(params: TemplateMatchParams) -> dict[str, str]:
         particles.write(job.path("particles.star"))
         outputs[job.alias + "particles.star"] = "ParticleGroupMetadata.star.relion.tomo"
         summary = {
-            "template box": f"{box} voxels at {voxel:.3f} Å",
+            "template": said,
             "orientations": f"{len(matrices)} ({params.angular_step:g}° step, {params.sym})",
             "particle radius": f"{radius * voxel:.0f} Å; exclusion {exclusion * voxel:.0f} Å",
             "throughput": f"{np.mean(throughput):.3g} orientations x voxels / s on {device}",

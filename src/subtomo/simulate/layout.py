@@ -118,9 +118,11 @@ def random_layout(
     """``n`` non-overlapping centres, uniform in the tomogram shrunk by the largest radius,
     each projecting inside every tilt image (``fits``). ``radius_px``: one radius for all, or
     one per particle ``(n,)`` (several species: particle ``i`` of the layout has
-    ``radius_px[i]``, and two particles keep the sum of their radii apart).
+    ``radius_px[i]``, and two particles keep the sum of their radii apart; the largest are
+    placed first).
     """
     radii = np.broadcast_to(np.asarray(radius_px, dtype=np.float64), (n,))
+    order = np.argsort(-radii, kind="stable")  # the largest first: they need the most room
     size = np.asarray(tomogram_size, dtype=np.float64)
     lo, hi = np.full(3, radii.max()), size - radii.max()
     if np.any(hi <= lo):
@@ -128,9 +130,11 @@ def random_layout(
     accepted: list[np.ndarray] = []
     for _ in range(max_rounds):
         candidates = rng.uniform(lo, hi, size=(4 * n + 16, 3))
-        _select_non_overlapping(candidates[fits(candidates)], accepted, radii, n)
+        _select_non_overlapping(candidates[fits(candidates)], accepted, radii[order], n)
         if len(accepted) == n:
-            return Layout(positions_px=np.asarray(accepted))
+            positions = np.empty((n, 3))
+            positions[order] = np.asarray(accepted)
+            return Layout(positions_px=positions)
     raise InputError(
         f"could only place {len(accepted)} of {n} non-overlapping particles in a tomogram of "
         f"{tuple(tomogram_size)} px: use fewer particles, more tomograms or a larger tomogram"
