@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy.ndimage import affine_transform
 from scipy.spatial.transform import Rotation
+from scipy.stats import norm
 
 from subtomo.geometry import euler_to_matrix, projection_matrices
 from subtomo.masks import soft_sphere
@@ -22,6 +23,7 @@ from subtomo.picking import (
     match_template,
     noise_tail,
     rotate_volumes,
+    tail_cutoff,
     tilt_weights,
 )
 
@@ -161,6 +163,24 @@ def test_false_alarm_cutoff_counts_sampled_noise() -> None:
     expected = float(noise_tail(np.array([level]), sigma, v, m)[0])
     assert expected == pytest.approx(200.0, rel=0.02)
     assert abs(int((best > level).sum()) - expected) < 5 * math.sqrt(expected)
+
+
+def test_tail_cutoff_fits_the_background_and_ignores_the_particles() -> None:
+    """Gumbel background peaks (the maxima of many noise scores): the cut-off lands where one
+    background peak is expected above it (μ + β ln N), with or without a tenth as many
+    particles far above; a Gaussian fit to the bulk would cut far too low."""
+    rng = np.random.default_rng(0)
+    mu, beta, n = 0.1, 0.015, 3000
+    background = rng.gumbel(mu, beta, n)
+    expected = mu + beta * math.log(n)
+    alone = tail_cutoff(background).cutoff
+    with_particles = tail_cutoff(np.concatenate([background, rng.normal(0.4, 0.03, 300)])).cutoff
+    assert abs(alone - expected) < 1.5 * beta
+    assert abs(with_particles - alone) < 0.5 * beta
+    assert (background > alone).sum() <= 5
+    q1, median, q3 = np.percentile(background, [25, 50, 75])
+    gaussian = median + (q3 - q1) / 1.349 * norm.isf(1.0 / n)
+    assert gaussian < expected - 2 * beta
 
 
 def test_peaks_keep_the_exclusion_radius_the_mask_and_the_cap() -> None:
