@@ -138,6 +138,9 @@ def _tomogram(params: TemplateMatchParams, series: TiltSeries) -> _Tomogram:
             f"x rlnTomoTomogramBinning = {voxel:g} Å",
             file=path,
         )
+    if params.ctf and "rlnDefocusU" not in series.tilts.columns:
+        raise InputError("no CTF (rlnDefocusU): give --no_ctf",
+                         file=series.tilt_file, block=series.name)  # fmt: skip
     mask_path = None
     if params.tomogram_mask:
         mask_path = Path(params.tomogram_mask.replace("{name}", series.name))
@@ -156,8 +159,8 @@ def _tomogram(params: TemplateMatchParams, series: TiltSeries) -> _Tomogram:
 def _resampled(
     volume: torch.Tensor, pixel: float, voxel: float, what: str, path: str
 ) -> torch.Tensor:
-    """``volume`` at the tomogram's voxel size: the even box closest to the same physical
-    size whose scale is exact to 0.5% (else the nearest, logged)."""
+    """``volume`` at the tomogram's voxel size in the even box closest to the same physical
+    size (``rescale_map`` logs a scale that is then not exact); an odd box is padded."""
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
         raise InputError(f"{what} must be a cube, found shape {tuple(volume.shape)}", file=path)
     n = volume.shape[-1]
@@ -207,12 +210,10 @@ def _weights(params: TemplateMatchParams, tomo: _Tomogram, box: int) -> torch.Te
     """The tomogram's transfer function on the template box (tomogram frame)."""
     series = tomo.series
     size = series.tomogram_size
-    matrices = series.projection_matrices(series.image_size or (size[0], size[1]))
+    # only the rotations are used: the image size (the translations) does not matter
+    matrices = series.projection_matrices((size[0], size[1]))
     ctf = None
     if params.ctf:
-        if "rlnDefocusU" not in series.tilts.columns:
-            raise InputError("no CTF (rlnDefocusU): give --no_ctf",
-                             file=series.tilt_file, block=series.name)  # fmt: skip
         ctf = TiltCtf(
             torch.from_numpy(series.defocus_u), torch.from_numpy(series.defocus_v),
             torch.from_numpy(series.defocus_angle), torch.from_numpy(series.phase_shift),
