@@ -18,7 +18,7 @@ Writes ``tmatch/<name>_scores.mrc`` (best score), ``tmatch/<name>_rot.mrc``, ``_
 rlnCenteredCoordinateX/Y/ZAngst from the binned voxel as §1.3 says, rlnAngleRot/Tilt/Psi of
 the template's orientation, rlnAutopickFigureOfMerit = the score, and an optics table from
 the tomograms) and ``report.html`` with each tomogram's peak-score histogram, fitted tail,
-cut-offs and slices with the picks. Conventions: §16.
+cut-offs and slices with the picks. Conventions: §17.
 """
 
 from __future__ import annotations
