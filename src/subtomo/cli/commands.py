@@ -156,6 +156,10 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "subtomo.jobs.reconstruct_tomograms", "ReconstructTomogramsParams",
         "Reconstruct tomograms: WBP or SIRT at a binning, CTF phase-flipped in depth strips.",
     ),
+    "template-match": JobCommand(
+        "subtomo.jobs.template_match", "TemplateMatchParams",
+        "Find particles in tomograms by template matching.",
+    ),
     "mask": JobCommand(
         "subtomo.jobs.mask", "MaskParams",
         "Mask creation: low-pass, threshold, extend, soft edge (or de novo shapes).",

@@ -1,12 +1,13 @@
 """CTF and dose weighting in RELION's conventions, on 2D rfft grids (unshifted layout)."""
 
 from subtomo.ctf.ctf import ctf_2d, ctf_phase, electron_wavelength_angstrom, particle_defocus
-from subtomo.ctf.dose import dose_cutoff_mask, dose_weights
+from subtomo.ctf.dose import dose_cutoff_mask, dose_weight_at, dose_weights
 
 __all__ = [
     "ctf_2d",
     "ctf_phase",
     "dose_cutoff_mask",
+    "dose_weight_at",
     "dose_weights",
     "electron_wavelength_angstrom",
     "particle_defocus",

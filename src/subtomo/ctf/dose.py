@@ -10,7 +10,7 @@ import torch
 
 from subtomo.ctf._params import Param, as_float64, frequency_grid_2d, resolve_device
 
-__all__ = ["dose_cutoff_mask", "dose_weights"]
+__all__ = ["dose_cutoff_mask", "dose_weight_at", "dose_weights"]
 
 
 def dose_weights(
@@ -33,11 +33,21 @@ def dose_weights(
     dev = resolve_device(pre_exposure, pixel_size, beta_in, device=device)
     dose, px, beta = as_float64(pre_exposure, pixel_size, beta_in, device=dev)
     kx, ky = frequency_grid_2d(image_size, dev)
-    k2 = (kx**2 + ky**2) / px**2  # (..., h, w') in 1/Å²
-    k = torch.sqrt(k2)
+    k = torch.sqrt(kx**2 + ky**2) / px  # (..., h, w') in 1/Å
+    return dose_weight_at(k, dose, beta)
+
+
+def dose_weight_at(
+    k_angst: torch.Tensor, pre_exposure: Param, bfactor_per_electron_dose: Param = 0.0
+) -> torch.Tensor:
+    """The dose weight of :func:`dose_weights` at spatial frequencies ``|k|`` in 1/Å (any
+    layout, e.g. 3D points); parameters broadcast against ``k_angst``; float32."""
+    k = torch.as_tensor(k_angst, dtype=torch.float64)
+    dose, beta = (torch.as_tensor(p, dtype=torch.float64, device=k.device)
+                  for p in (pre_exposure, bfactor_per_electron_dose))  # fmt: skip
     critical = 0.245 * k.clamp_min(1e-12) ** -1.665 + 2.81  # e/Å²; huge at k = 0
     grant = torch.where(k > 0, torch.exp(-dose / (2.0 * critical)), torch.ones_like(k))
-    bfac = torch.exp(-0.25 * beta * dose * k2)
+    bfac = torch.exp(-0.25 * beta * dose * k**2)
     return torch.where(beta > 0, bfac, grant).to(torch.float32)
 
 

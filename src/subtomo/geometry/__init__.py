@@ -6,6 +6,7 @@ from subtomo.geometry.orientations import (
     healpix_order_step_deg,
     local_orientations,
     orientation_grid,
+    orientation_grid_by_step,
     surface_orientations,
 )
 from subtomo.geometry.symmetry import symmetry_matrices
@@ -26,6 +27,7 @@ __all__ = [
     "local_orientations",
     "matrix_to_euler",
     "orientation_grid",
+    "orientation_grid_by_step",
     "particle_positions_px",
     "project_particles",
     "projection_matrices",

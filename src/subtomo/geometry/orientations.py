@@ -27,6 +27,7 @@ __all__ = [
     "healpix_order_step_deg",
     "local_orientations",
     "orientation_grid",
+    "orientation_grid_by_step",
     "surface_orientations",
 ]
 
@@ -90,12 +91,38 @@ def orientation_grid(
     unit, as RELION does), so ``m`` is about ``12 * 4**order * 6 * 2**order / |G|``.
     """
     rot, tilt = healpix_directions(order, device=device)
+    return _with_psi(rot, tilt, 6 * 2**order, symmetry)
+
+
+def orientation_grid_by_step(
+    step_deg: float, symmetry: str | None = None, *, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`orientation_grid` for any angular step (template matching's 7°, say).
+
+    Directions are HEALPix pixel centres (RING scheme, which allows any ``nside``) with
+    ``nside = ceil(60 / step_deg)``; psi steps by ``360 / (6 nside)``, so the step used is at
+    most ``step_deg`` and equals RELION's for ``step_deg = healpix_order_step_deg(order)``
+    (the directions then come in another order).
+    """
+    if not 0.1 <= step_deg <= 60.0:
+        raise InputError(f"the angular step must be in [0.1, 60] degrees, got {step_deg:g}")
+    nside = math.ceil(60.0 / step_deg - 1e-9)
+    theta, phi = healpix.pix2ang(nside, np.arange(12 * nside * nside), nest=False)
+    rot = torch.from_numpy(np.mod(np.degrees(phi), 360.0)).to(device)
+    tilt = torch.from_numpy(np.degrees(theta)).to(device)
+    return _with_psi(rot, tilt, 6 * nside, symmetry)
+
+
+def _with_psi(
+    rot: torch.Tensor, tilt: torch.Tensor, n_psi: int, symmetry: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directions (of one asymmetric unit with ``symmetry``) times ``n_psi`` psi angles."""
+    device = rot.device
     if symmetry is not None:
         group = symmetry_matrices(symmetry, device=device)
         keep = _asymmetric_unit(_direction_vectors(rot, tilt), group)
         rot, tilt = rot[keep], tilt[keep]
-    n_psi = 6 * 2**order
-    psi = torch.arange(n_psi, dtype=torch.float64, device=device) * healpix_order_step_deg(order)
+    psi = torch.arange(n_psi, dtype=torch.float64, device=device) * (360.0 / n_psi)
     angles = torch.stack(
         [
             rot[:, None].expand(-1, n_psi),

@@ -68,16 +68,18 @@ def rotations_by_angle(rng: np.random.Generator, n: int, angle_deg: float) -> np
 
 
 def _select_non_overlapping(
-    candidates: np.ndarray, accepted: list[np.ndarray], min_distance: float, n: int
+    candidates: np.ndarray, accepted: list[np.ndarray], radii: np.ndarray, n: int
 ) -> list[int]:
-    """Greedily append candidates at least ``min_distance`` from all accepted ones (in place,
-    up to ``n`` in all); returns the indices of the candidates taken.
+    """Greedily append candidates that overlap no accepted one (in place, up to ``n`` in all):
+    the ``k``-th accepted particle has radius ``radii[k]`` and keeps at least the sum of the
+    radii from every other; returns the indices of the candidates taken.
     """
     taken = []
     for i, c in enumerate(candidates):
-        if len(accepted) >= n:
+        k = len(accepted)
+        if k >= n:
             break
-        if accepted and np.min(np.linalg.norm(np.asarray(accepted) - c, axis=1)) < min_distance:
+        if k and np.min(np.linalg.norm(np.asarray(accepted) - c, axis=1) - radii[:k]) < radii[k]:
             continue
         accepted.append(c)
         taken.append(i)
@@ -88,23 +90,30 @@ def random_layout(
     rng: np.random.Generator,
     n: int,
     tomogram_size: tuple[int, int, int],
-    radius_px: float,
+    radius_px: float | np.ndarray,
     fits: FitsFn,
     max_rounds: int = 50,
 ) -> Layout:
-    """``n`` non-overlapping centres (at least ``2 * radius_px`` apart), uniform in the
-    tomogram shrunk by ``radius_px``, each projecting inside every tilt image (``fits``).
+    """``n`` non-overlapping centres, uniform in the tomogram shrunk by the largest radius,
+    each projecting inside every tilt image (``fits``). ``radius_px``: one radius for all, or
+    one per particle ``(n,)`` (several species: particle ``i`` of the layout has
+    ``radius_px[i]``, and two particles keep the sum of their radii apart; the largest are
+    placed first).
     """
+    radii = np.broadcast_to(np.asarray(radius_px, dtype=np.float64), (n,))
+    order = np.argsort(-radii, kind="stable")  # the largest first: they need the most room
     size = np.asarray(tomogram_size, dtype=np.float64)
-    lo, hi = np.full(3, radius_px), size - radius_px
+    lo, hi = np.full(3, radii.max()), size - radii.max()
     if np.any(hi <= lo):
         raise InputError(f"tomogram {tuple(tomogram_size)} px is too small for the particles")
     accepted: list[np.ndarray] = []
     for _ in range(max_rounds):
         candidates = rng.uniform(lo, hi, size=(4 * n + 16, 3))
-        _select_non_overlapping(candidates[fits(candidates)], accepted, 2 * radius_px, n)
+        _select_non_overlapping(candidates[fits(candidates)], accepted, radii[order], n)
         if len(accepted) == n:
-            return Layout(positions_px=np.asarray(accepted))
+            positions = np.empty((n, 3))
+            positions[order] = np.asarray(accepted)
+            return Layout(positions_px=positions)
     raise InputError(
         f"could only place {len(accepted)} of {n} non-overlapping particles in a tomogram of "
         f"{tuple(tomogram_size)} px: use fewer particles, more tomograms or a larger tomogram"
@@ -152,7 +161,7 @@ def vesicle_layout(
         normal /= np.linalg.norm(normal, axis=1, keepdims=True)
         inside = np.all((points >= radius_px) & (points <= size - radius_px), axis=1)
         ok = inside & fits(points)
-        taken = _select_non_overlapping(points[ok], accepted, 2 * radius_px, n)
+        taken = _select_non_overlapping(points[ok], accepted, np.full(n, radius_px), n)
         normals += list(normal[ok][taken])
     if len(accepted) < n:
         raise InputError(

@@ -262,7 +262,8 @@ def simulate(
         species = demo_species(params.demo_maps)
     px, box = params.pixel_size, params.box
     maps = [rescale_map(s.volume, s.voxel_size, px, box) for s in species]
-    radius = max(particle_radius_px(m) for m in maps)
+    radii = np.array([particle_radius_px(m) for m in maps])
+    radius = float(radii.max())
     seeds = np.random.SeedSequence(params.seed).spawn(1 + params.tomograms)
     rng = np.random.default_rng(seeds[0])
 
@@ -308,7 +309,7 @@ def simulate(
             lay = vesicle_layout(rng, n, size, radius, fits)
             a_sub, a_part = surface_orientations(lay.normals, rng.uniform(-180, 180, n))
         else:
-            lay = random_layout(rng, n, size, radius, fits)
+            lay = random_layout(rng, n, size, radii[species_index[members]], fits)
             a_sub, a_part = None, random_rotations(rng, n)
         full = a_part if a_sub is None else a_sub @ a_part
         picked_part = a_part @ rotations_by_angle(rng, n, params.pose_error_deg)
