@@ -139,6 +139,10 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "subtomo.jobs.import_alignment", "ImportAlignmentParams",
         "Import IMOD (.xf/.tlt) or AreTomo (.aln) tilt-series alignments as RELION 5 columns.",
     ),
+    "align-tilts": JobCommand(
+        "subtomo.jobs.align_tilts", "AlignTiltsParams",
+        "Align tilt series without fiducials: stretched xcorr, tilt axis, projection matching.",
+    ),
     "export-alignment": JobCommand(
         "subtomo.jobs.export_alignment", "ExportAlignmentParams",
         "Export a tomograms.star's alignment as IMOD .xf/.tlt or AreTomo .aln files.",

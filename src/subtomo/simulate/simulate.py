@@ -25,7 +25,11 @@ import torch
 
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
-from subtomo.geometry import project_particles, projection_matrices
+from subtomo.geometry import (
+    alignment_from_projection_matrices,
+    project_particles,
+    projection_matrices,
+)
 from subtomo.simulate.acquisition import alignment_errors, tilt_defocus, tilt_scheme
 from subtomo.simulate.imaging import (
     Optics,
@@ -62,6 +66,13 @@ class SimulationParams:
     of each species (empty: equal). ``tilt_axis_deg`` is the nominal tilt-axis angle,
     counter-clockwise from image y (rlnTomoNominalTiltAxisAngle), and RELION's Z rotation.
     ``batch_size`` caps the particle x tilt patches rendered at once (memory).
+
+    Alignment errors (:func:`~subtomo.simulate.acquisition.alignment_errors`): the images are
+    made with the true geometry, the tables keep the nominal one (``Simulation.true_tilt_tables``
+    has the truth): ``tilt_error_deg`` σ of every angle per tilt, ``tilt_shift_error_px`` σ of
+    the shifts, ``tilt_angle_error_deg`` and ``in_plane_error_deg`` σ of the tilt angle and of
+    the in-plane rotation alone, ``axis_error_deg`` an offset of every Z rotation (the tilt
+    axis) and ``tilt_offset_deg`` of every tilt angle.
     """
 
     preset: str = "tiny"
@@ -91,6 +102,10 @@ class SimulationParams:
     layout: str = "random"
     tilt_error_deg: float = 0.0
     tilt_shift_error_px: float = 0.0
+    tilt_angle_error_deg: float = 0.0
+    in_plane_error_deg: float = 0.0
+    axis_error_deg: float = 0.0
+    tilt_offset_deg: float = 0.0
     pose_error_deg: float = 0.0
     shift_error_px: float = 0.0
     seed: int = 0
@@ -154,7 +169,8 @@ class Simulation:
     at ``box//2``), exactly as projected (the truth). ``tilt_tables`` rows are in ascending
     tilt angle; ``acquisition_order[tomo]`` gives each row's 0-based place in the acquisition.
     ``true_matrices[tomo]`` are the ``(t, 4, 4)`` projection matrices the images were made with
-    (the nominal ones of the tables plus any alignment error).
+    (the nominal ones of the tables plus any alignment error); :attr:`true_tilt_tables` the
+    tables with those as RELION's alignment columns.
     """
 
     params: SimulationParams
@@ -196,6 +212,18 @@ class Simulation:
                 )
             yield truth.name, images
             del images  # one stack alive at a time
+
+    @property
+    def true_tilt_tables(self) -> dict[str, pd.DataFrame]:
+        """``tilt_tables`` with rlnTomoXTilt/YTilt/ZRot/X/YShiftAngst of the true matrices."""
+        size = tuple(int(s) for s in self.params.tomogram_size)
+        tables = {}
+        for name, table in self.tilt_tables.items():
+            true = alignment_from_projection_matrices(
+                self.true_matrices[name], self.params.pixel_size, size, size[:2]
+            )
+            tables[name] = table.assign(**{k: v.numpy() for k, v in true.items()})
+        return tables
 
 
 def _species_counts(n: int, fractions: Sequence[float], n_species: int) -> np.ndarray:
@@ -295,7 +323,14 @@ def simulate(
         err = {
             k: torch.as_tensor(v)
             for k, v in alignment_errors(
-                rng, t, params.tilt_error_deg, params.tilt_shift_error_px
+                rng,
+                t,
+                params.tilt_error_deg,
+                params.tilt_shift_error_px,
+                y_tilt_error_deg=params.tilt_angle_error_deg,
+                z_rot_error_deg=params.in_plane_error_deg,
+                axis_error_deg=params.axis_error_deg,
+                tilt_offset_deg=params.tilt_offset_deg,
             ).items()
         }
         true = projection_matrices(
