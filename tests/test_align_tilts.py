@@ -104,14 +104,17 @@ def test_coarse_shifts_find_known_shifts() -> None:
 
 @pytest.fixture(scope="module")
 def aligned(tmp_path_factory) -> tuple[Path, Path]:
-    """21 tilts (±60°, 6°) of 128² at 20 Å/px, 14 particles, SNR 1; shifts σ 4 px, tilt axis
-    +2°, tilt angles σ 0.3°, in-plane σ 0.2°; aligned by the job."""
+    """21 tilts (±60°, 6°) of 128² at 20 Å/px, 14 particles, no noise (14 particles in 128²
+    tell the axis to only ~1.5° at SNR 1; benchmarks/align_tilts.py runs noisy series); shifts
+    σ 4 px, tilt axis +2°, tilt angles σ 0.3°, in-plane σ 0.2°; aligned by the job with shifts,
+    axis and in-plane rotations (tilt-angle refinement drifts on this sparse series: 0.47 ->
+    0.78 px; on the benchmark's 256² series it helps, 0.42 -> 0.27 px)."""
     root = tmp_path_factory.mktemp("align")
     simulate_job(
         SimulateParams(
             output_dir=str(root / "sim"), tomogram_size=SIZE, pixel_size=20.0, box=24,
             particles=14, tilt_step=6.0, tilt_shift_error_px=4.0, axis_error_deg=2.0,
-            tilt_angle_error_deg=0.3, in_plane_error_deg=0.2, seed=3, noise="gaussian", snr=1.0,
+            tilt_angle_error_deg=0.3, in_plane_error_deg=0.2, seed=3,
         )
     )  # fmt: skip
     threads = torch.get_num_threads()
@@ -122,6 +125,7 @@ def aligned(tmp_path_factory) -> tuple[Path, Path]:
                 i=str(root / "sim/tomograms.star"),
                 output_dir=str(root / "AlignTiltSeries/job001"),
                 project_dir=str(root),
+                tilt_angles=False,
             )
         )
     finally:
@@ -136,11 +140,11 @@ def test_job_recovers_the_true_alignment(aligned) -> None:
     found, _ = alignment_error(truth, _matrices(job / "aligned_tilt_series.star"), SIZE)
     rms = lambda x: float(x.square().mean().sqrt())  # noqa: E731
     assert rms(nominal) > 4.0  # what the errors do
-    assert rms(found) < 0.8, found  # measured 0.50 px
+    assert rms(found) < 0.6, found  # measured 0.47 px
     series = TomogramSet.read(job / "aligned_tilt_series.star")["TS_01"]
     true = TomogramSet.read(sim / "true_alignment.star")["TS_01"]
     axis = series.tilts["rlnTomoZRot"].mean() - true.tilts["rlnTomoZRot"].mean()
-    assert abs(axis) < 1.0, axis  # measured 0.6° (2° injected)
+    assert abs(axis) < 0.3, axis  # measured -0.12° (2° injected)
     tilts = series.tilts
     assert list(tilts["rlnTomoNominalStageTiltAngle"]) == sorted(
         tilts["rlnTomoNominalStageTiltAngle"]

@@ -45,17 +45,17 @@ class AlignTiltsParams:
     thickness: int = option(
         0, "--thickness", help="Specimen thickness; <= 0: rlnTomoSizeZ.", unit="px"
     )
-    bin: int = option(0, "--bin", help="Binning of the coarse steps; <= 0: images of <= 128 px.")
-    fine_bin: int = option(
-        0, "--fine_bin", help="Binning of the last projection matching; <= 0: --bin / 2."
-    )
-    rounds: int = option(4, "--rounds", help="Rounds of projection matching (half at --bin).")
+    bin: int = option(0, "--bin", help="Binning of the images aligned; <= 0: <= 128 px.")
+    rounds: int = option(4, "--rounds", help="Rounds of projection matching.")
     max_shift: float = option(
         0.0, "--max_shift", help="Largest shift between neighbouring tilts; <= 0: width/4.",
         unit="px",
     )  # fmt: skip
     axis_search: float = option(
         4.0, "--axis_search", help="Tilt-axis search range (±); 0: keep ZRot.", unit="deg"
+    )
+    tilt_angles: bool = option(
+        True, "--tilt_angles/--no_tilt_angles", help="Refine the tilt angles too."
     )
     device: str = device_option()
     output_dir: str | None = output_dir_option()
@@ -95,12 +95,10 @@ def _plan(params: AlignTiltsParams, series: TiltSeries) -> _Plan:
     return _Plan(series, image_size, size, view_order(series.tilts))
 
 
-def _binning(params: AlignTiltsParams, image_size: tuple[int, int]) -> tuple[int, int]:
-    coarse = params.bin
-    if coarse <= 0:
-        coarse = max(1, 2 ** math.ceil(math.log2(max(image_size) / 128)))
-    fine = params.fine_bin if params.fine_bin > 0 else max(1, coarse // 2)
-    return coarse, fine
+def _binning(params: AlignTiltsParams, image_size: tuple[int, int]) -> int:
+    if params.bin > 0:
+        return params.bin
+    return max(1, 2 ** math.ceil(math.log2(max(image_size) / 128)))
 
 
 def _align(params: AlignTiltsParams, plan: _Plan, device: torch.device) -> AlignmentResult:
@@ -116,7 +114,6 @@ def _align(params: AlignTiltsParams, plan: _Plan, device: torch.device) -> Align
             )
             / series.pixel_size
         )
-    coarse, fine = _binning(params, plan.image_size)
     images = tilt_images(series, device=device)
     max_shift = params.max_shift if params.max_shift > 0 else min(plan.image_size) / 4
     return align_tilt_series(
@@ -125,19 +122,19 @@ def _align(params: AlignTiltsParams, plan: _Plan, device: torch.device) -> Align
         z_rot,
         plan.size,
         shifts=shifts,
-        coarse_binning=coarse,
-        fine_binning=fine,
+        binning=_binning(params, plan.image_size),
         max_shift=max_shift,
         axis_search_deg=params.axis_search,
         rounds=params.rounds,
         refine_axis=params.axis_search > 0,
+        refine_tilt_angles=params.tilt_angles,
     )
 
 
 def run(params: AlignTiltsParams) -> dict[str, str]:
     """Align every series; returns ``{output path: RELION node type}``."""
-    if params.rounds < 0 or params.bin < 0 or params.fine_bin < 0 or params.axis_search < 0:
-        raise InputError("--rounds, --bin, --fine_bin and --axis_search must be >= 0")
+    if params.rounds < 0 or params.axis_search < 0:
+        raise InputError("--rounds and --axis_search must be >= 0")
     device = resolve_device(params.device)
     tomograms = TomogramSet.read(params.i)
     if len(tomograms) == 0:
