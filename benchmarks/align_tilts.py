@@ -133,7 +133,8 @@ def main() -> None:
         found = _matrices(aligned, name, image)
         nominal, _ = alignment_error(true, _matrices("tomograms.star", name, image), size)
         rms, motion = alignment_error(true, found, size)
-        true_tilts = TomogramSet.read("true_alignment.star")[name].tilts
+        key = "rlnTomoNominalStageTiltAngle"
+        true_tilts = TomogramSet.read("true_alignment.star")[name].tilts.sort_values(key)
         found_tilts = TomogramSet.read(aligned)[name].tilts
         shifts = true_tilts[["rlnTomoXShiftAngst", "rlnTomoYShiftAngst"]].to_numpy() / px
         axis = float(found_tilts["rlnTomoZRot"].mean() - true_tilts["rlnTomoZRot"].mean())
@@ -148,12 +149,11 @@ def main() -> None:
               f"{int(found_tilts['subtomoAlignFlagged'].sum())}")  # fmt: skip
 
         series = TomogramSet.read("tomograms.star")[name]
-        order = torch.from_numpy(np.argsort(series.tilts["rlnTomoNominalStageTiltAngle"]
-                                            .to_numpy(), kind="stable"))  # fmt: skip
+        order = torch.from_numpy(np.argsort(series.tilts[key].to_numpy(), kind="stable"))
         images = tilt_images(series)[order]
-        y_nominal = torch.tensor(series.tilts["rlnTomoNominalStageTiltAngle"].to_numpy())[order]
-        tt = _teamtomo(images, y_nominal, {
-            "shifts": torch.from_numpy(shifts), "z_rot": true_tilts["rlnTomoZRot"].mean()})  # fmt: skip
+        y_nominal = torch.tensor(series.tilts[key].to_numpy())[order]
+        given = {"shifts": torch.from_numpy(shifts), "z_rot": true_tilts["rlnTomoZRot"].mean()}
+        tt = _teamtomo(images, y_nominal, given)
         if tt:
             from subtomo.tilt.alignment import TiltAlignment
 

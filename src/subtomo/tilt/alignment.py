@@ -282,21 +282,29 @@ def refine_axis_common_lines(
     ``(cos θ_f - cos θ_g)²`` (a wrong axis tilts profile f by ``δ cos θ_f``; pairs that differ
     little in ``cos θ`` add only noise). Each pair's correlation is its best over relative
     shifts along the axis of up to ``slack`` px, so that shifts not yet right along the axis
-    (which projection matching fits to the axis it is given) do not hold the axis back."""
+    (which projection matching fits to the axis it is given) do not hold the axis back.
+    Tilts that agree with the others less than half as well as the median tilt are left
+    out."""
     h, w = images.shape[-2:]
     half = int(0.45 * min(h, w))
     deltas = torch.arange(-search_deg, search_deg + step_deg / 2, step_deg, dtype=torch.float64)
     # a wrong axis tilts tilt f's profile by δ·cos θ_f: pairs far apart in cos θ tell most
     cos = torch.cos(torch.deg2rad(alignment.y_tilt)).float()
     pair_weight = (cos[:, None] - cos[None, :]).square()
-    scores = []
-    for delta in deltas.tolist():
+
+    def pair_correlations(delta: float) -> torch.Tensor:
         p = _axis_profiles(images, alignment, delta, half)  # (t, n)
         n = p.shape[-1]
         spectra = torch.fft.rfft(p, n=2 * n)
         cc = torch.fft.irfft(spectra[:, None].conj() * spectra[None], n=2 * n)  # (t, t, 2n)
-        near = torch.cat([cc[..., : slack + 1], cc[..., 2 * n - slack :]], -1)
-        scores.append(float((pair_weight * near.amax(-1)).sum()))
+        return torch.cat([cc[..., : slack + 1], cc[..., 2 * n - slack :]], -1).amax(-1)
+
+    # tilts whose profile agrees with the others' less than half as well as the median's
+    # (a tilt that does not align) are left out
+    agreement = pair_correlations(0.0).fill_diagonal_(0).sum(1)
+    keep = (agreement >= 0.5 * agreement.median()).float()
+    pair_weight = pair_weight * keep[:, None] * keep[None, :]
+    scores = [float((pair_weight * pair_correlations(d)).sum()) for d in deltas.tolist()]
     score = torch.tensor(scores)
     k = int(score.argmax())
     best = float(deltas[k])
