@@ -8,6 +8,7 @@ to it)::
     tilt_series/<tomo>.star                            per-tilt table (data_<tomo>), angle order
     tomograms.star                                     data_global
     true_alignment.star, tilt_series_true/<tomo>.star  with alignment errors: the true alignment
+    fiducials.star                                     with --beads: the beads' true centres
     <tomo>.mdoc                                        SerialEM-style, acquisition order
     frames/<tomo>_<k:03d>_<angle:.1f>.mrc|tif          with --movie-frames: one movie per tilt
     gain.mrc, motion_truth.star [, motion_truth_local.npz]   the movies' gain and true motion
@@ -147,6 +148,8 @@ class SimulateParams:
     tilt_offset_deg: float | None = _preset(
         "--tilt-offset-deg", help="Offset of every tilt angle", unit="deg"
     )
+    beads: int | None = _preset("--beads", help="Gold fiducial beads per tomogram")
+    bead_radius_px: float | None = _preset("--bead-radius", help="Bead radius", unit="px")
     pose_error_deg: float | None = _preset("--pose-error-deg", help="σ of picked poses", unit="deg")
     shift_error_px: float | None = _preset("--shift-error-px", help="σ of picked shifts", unit="px")
     seed: int | None = _preset("--seed", help="Random seed")
@@ -381,6 +384,19 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
                 "true_alignment.star", "tilt_series_true"
             )
             outputs["true_alignment.star"] = "TomogramGroupMetadata.star.relion.tomo"
+        if params.beads:
+            centre = np.asarray(params.tomogram_size, dtype=np.float64) / 2
+            rows = [
+                pd.DataFrame(
+                    {"rlnTomoName": name}
+                    | {
+                        f"rlnCenteredCoordinate{a}Angst": (beads[:, k] - centre[k]) * px
+                        for k, a in enumerate("XYZ")
+                    }
+                )
+                for name, beads in sim.bead_positions.items()
+            ]
+            write_star("fiducials.star", {"fiducials": pd.concat(rows, ignore_index=True)})
         for file, table in (
             ("particles.star", sim.particles),
             ("particles_picked.star", sim.particles_picked),
