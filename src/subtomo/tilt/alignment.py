@@ -10,8 +10,10 @@ c - s)`` a thin specimen appears stretched along ``a_x`` by ``cos θ``.
 1. **Coarse shifts** (:func:`coarse_shifts`): neighbours in tilt angle, outwards from the
    tilt nearest 0°; the higher tilt is stretched by ``cos θ_a / cos θ_b`` across its axis and
    cross-correlated with the lower one; shifts chain from ``s = 0`` at the reference tilt.
-   teamtomo's ``torch-tiltxcorr`` 0.6 does the same, but with one tilt-axis angle for the whole
-   series (we stretch each tilt about its own ZRot) and a whole-pixel peak.
+   teamtomo's ``torch-tiltxcorr`` 0.6 does the same with one tilt-axis angle for the whole
+   series (we stretch each tilt about its own ZRot) and whole-pixel peaks: on the benchmark
+   series (``benchmarks/align_tilts.py``, 41 x 256², SNR 1, true tilts and axis given) 1.01 px
+   RMS in 8.2 s; ours takes 0.2 s for the same step (projection matching then refines it).
 2. **Tilt axis** (:func:`refine_axis_common_lines`): every tilt summed across its axis over
    the whole image gives the same profile along the axis when the axis is right (the common
    line, in real space: the whole specimen projected onto the axis); a wrong axis by δ tilts
@@ -21,8 +23,9 @@ c - s)`` a thin specimen appears stretched along ``a_x`` by ``cos θ``.
    twice, with the coarse shifts redone in between. Measured on a 256² series of 50
    ribosomes at SNR 0.1 with the true shifts: 0.04° (a 0°-frame window instead of the whole
    image: 1.4°; unweighted pairs: 0.17°). teamtomo's ``torch-refine-tilt-axis-angle`` 0.6
-   finds the axis from the spectra of the whole, shift-corrected images; on that series it
-   was 20° off (``benchmarks/align_tilts.py``).
+   (its angle is RELION's ZRot) finds the axis from the summed spectra of the shift-corrected
+   images: given the true shifts of the benchmark series (SNR 1) it is 0.50° off, ours from
+   the coarse shifts 0.16° (bar 0.3°).
 3. **Projection matching** (:func:`projection_matching`): the tilts are split into ``groups``
    interleaved sets; each set is compared with projections of a WBP reconstruction
    (:mod:`subtomo.tilt.tomogram`) from all other tilts. Patches of image and projection are
