@@ -325,14 +325,11 @@ def refine_axis_common_lines(
 @dataclass(frozen=True)
 class _PatchFit:
     """Per tilt: ``shift`` ``(t, 2)`` (image xy px), in-plane ``rotation`` (rad), ``stretch``
-    across the axis, symmetric ``shear`` in the axis frame and its ``shear_weight`` (1 /
-    variance), ``rms`` of the patch residuals (px)."""
+    across the axis and ``rms`` of the patch residuals (px)."""
 
     shift: torch.Tensor
     rotation: torch.Tensor
     stretch: torch.Tensor
-    shear: torch.Tensor
-    shear_weight: torch.Tensor
     rms: torch.Tensor
 
 
@@ -343,9 +340,9 @@ def _fit_patches(
     offsets ``r`` ``(t, p, 2)`` from the projected specimen centre (weights ``(t, p)``) by an
     affine map in the axis frame (``a = Rz(-ZRot) r``): ``d_a ≈ t + L a``. ``L`` splits into
     the stretch across the axis ``L_xx`` (``-tan θ Δθ``), the rotation ``(L_yx - L_xy)/2`` and
-    the symmetric shear ``(L_yx + L_xy)/2`` (the mark of a wrong tilt axis); ``L_yy`` takes a
-    magnification along the axis. Two passes (patches off by more than 3x the RMS, at least
-    1.5 px, dropped)."""
+    the symmetric shear ``(L_yx + L_xy)/2`` (which a wrong tilt axis leaves, fitted so that it
+    does not bias the rotation); ``L_yy`` takes a magnification along the axis. Two passes
+    (patches off by more than 3x the RMS, at least 1.5 px, dropped)."""
     t, p, _ = d.shape
     rot = _rot2(z_rot)[:, None]  # (t, 1, 2, 2)
     d_a = (rot.transpose(-1, -2) @ d[..., None])[..., 0]
@@ -367,14 +364,10 @@ def _fit_patches(
         res = (d_a - (design @ params[:, None, :, None])[..., 0]).norm(dim=-1)  # (t, p)
         rms = ((res**2 * w).sum(1) / w.sum(1).clamp_min(1e-12)).sqrt()
         w = torch.where(res > torch.clamp(3 * rms, min=1.5)[:, None], torch.zeros_like(w), w)
-    cov = torch.linalg.inv(normal_eq)
-    shear_var = 0.25 * (cov[:, 3, 3] + cov[:, 4, 4] + 2 * cov[:, 3, 4])
     return _PatchFit(
         shift=(rot[:, 0] @ params[:, :2, None])[..., 0],
         rotation=0.5 * (params[:, 4] - params[:, 3]),
         stretch=params[:, 2],
-        shear=0.5 * (params[:, 4] + params[:, 3]),
-        shear_weight=1.0 / shear_var.clamp_min(1e-30),
         rms=rms,
     )
 
