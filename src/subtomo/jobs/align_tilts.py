@@ -2,14 +2,15 @@
 ``AlignTiltSeries/jobNNN/``): coarse cosine-stretched cross-correlation, tilt-axis refinement by
 common lines and projection matching (:mod:`subtomo.tilt.alignment`, conventions §16).
 
-Starts from each series' table: rlnTomoYTilt/ZRot/shifts when it has them (a new alignment
-refines them), else the nominal stage tilt and tilt-axis angle
-(:func:`subtomo.tilt.table_rotations`).
+Starts from each series' tilt angles and tilt axis: rlnTomoYTilt/ZRot when it has them, else
+the nominal stage tilt and tilt-axis angle (:func:`subtomo.tilt.table_rotations`); the shifts
+are found anew.
 Writes ``aligned_tilt_series.star`` and ``tilt_series/NAME.star`` (rows in ascending nominal
 tilt as RELION's alignment job, every input column kept) with rlnTomoXTilt (0), rlnTomoYTilt,
 rlnTomoZRot, rlnTomoXShiftAngst, rlnTomoYShiftAngst, and per tilt ``subtomoAlignResidual``
 (px) and ``subtomoAlignFlagged`` (1: does not align; ``subtomo exclude-tilts`` can drop it);
 rlnTomoSizeX/Y/Z when the input has none (the image size and ``--thickness``); ``report.html``.
+Runs on the CPU (the alignment's small per-tilt steps mix devices; not yet checked on CUDA).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import torch
 
 from subtomo.data import TiltSeries, TomogramSet
 from subtomo.data.tomograms import tilt_images
-from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.project import run_job, write_job_report
-from subtomo.project.options import device_option, option, output_dir_option
+from subtomo.project.options import option, output_dir_option
 from subtomo.tilt import table_rotations
 from subtomo.tilt.alignment import AlignmentResult, align_tilt_series
 from subtomo.tilt.external_alignment import view_order
@@ -57,7 +57,6 @@ class AlignTiltsParams:
     tilt_angles: bool = option(
         True, "--tilt_angles/--no_tilt_angles", help="Refine the tilt angles too."
     )
-    device: str = device_option()
     output_dir: str | None = output_dir_option()
     project_dir: str = "."
 
@@ -101,27 +100,18 @@ def _binning(params: AlignTiltsParams, image_size: tuple[int, int]) -> int:
     return max(1, 2 ** math.ceil(math.log2(max(image_size) / 128)))
 
 
-def _align(params: AlignTiltsParams, plan: _Plan, device: torch.device) -> AlignmentResult:
+def _align(params: AlignTiltsParams, plan: _Plan) -> AlignmentResult:
     series = plan.series
     rotations = table_rotations(series.tilts)
     y_tilt = torch.rad2deg(torch.asin((-rotations[:, 2, 0]).clamp(-1, 1)))
     z_rot = torch.rad2deg(torch.atan2(rotations[:, 1, 0], rotations[:, 0, 0]))
-    shifts = None
-    if {"rlnTomoXShiftAngst", "rlnTomoYShiftAngst"} <= set(series.tilts.columns):
-        shifts = (
-            torch.from_numpy(
-                series.tilts[["rlnTomoXShiftAngst", "rlnTomoYShiftAngst"]].to_numpy(np.float64)
-            )
-            / series.pixel_size
-        )
-    images = tilt_images(series, device=device)
+    images = tilt_images(series)
     max_shift = params.max_shift if params.max_shift > 0 else min(plan.image_size) / 4
     return align_tilt_series(
         images,
         y_tilt,
         z_rot,
         plan.size,
-        shifts=shifts,
         binning=_binning(params, plan.image_size),
         max_shift=max_shift,
         axis_search_deg=params.axis_search,
@@ -135,7 +125,6 @@ def run(params: AlignTiltsParams) -> dict[str, str]:
     """Align every series; returns ``{output path: RELION node type}``."""
     if params.rounds < 0 or params.axis_search < 0:
         raise InputError("--rounds and --axis_search must be >= 0")
-    device = resolve_device(params.device)
     tomograms = TomogramSet.read(params.i)
     if len(tomograms) == 0:
         raise InputError("no tilt series in the global table", file=params.i, block="global")
@@ -152,7 +141,7 @@ def run(params: AlignTiltsParams) -> dict[str, str]:
         tables, rows, tilt_rows = {}, [], []
         for k, plan in enumerate(plans):
             series = plan.series
-            result = _align(params, plan, device)
+            result = _align(params, plan)
             tilts = series.tilts.copy()
             for column, values in result.alignment.columns(series.pixel_size).items():
                 tilts[column] = values.cpu().numpy()
