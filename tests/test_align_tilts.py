@@ -110,7 +110,8 @@ def aligned(tmp_path_factory) -> tuple[Path, Path]:
     σ 4 px, tilt axis +2°, tilt angles σ 0.3°, in-plane σ 0.2°; aligned by the job with shifts,
     axis and in-plane rotations (tilt-angle refinement drifts on this sparse series: 0.47 ->
     0.78 px before the noise tilt; on the benchmark's 256² series it helps, 0.42 -> 0.27 px).
-    The +60° image is replaced by noise: a tilt that does not align."""
+    The +30° image is replaced by noise: a tilt that does not align, and that the coarse
+    shifts of the tilts beyond it do not chain through."""
     root = tmp_path_factory.mktemp("align")
     simulate_job(
         SimulateParams(
@@ -119,7 +120,7 @@ def aligned(tmp_path_factory) -> tuple[Path, Path]:
             tilt_angle_error_deg=0.3, in_plane_error_deg=0.2, seed=3,
         )
     )  # fmt: skip
-    (last,) = (root / "sim/tilt_series/TS_01").glob("*_60.0.mrc")
+    (last,) = (root / "sim/tilt_series/TS_01").glob("*_30.0.mrc")
     image, px = read_mrc(last)
     noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(1))
     write_mrc(last, noise * image.std() + image.mean(), px)
@@ -141,23 +142,24 @@ def aligned(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_job_recovers_the_true_alignment(aligned) -> None:
     sim, job = aligned
-    truth = _matrices(sim / "true_alignment.star")[:-1]  # all but the noise image (+60°)
-    nominal, _ = alignment_error(truth, _matrices(sim / "tomograms.star")[:-1], SIZE)
-    found, _ = alignment_error(truth, _matrices(job / "aligned_tilt_series.star")[:-1], SIZE)
+    good = torch.arange(21) != 15  # all but the noise image (+30°)
+    truth = _matrices(sim / "true_alignment.star")[good]
+    nominal, _ = alignment_error(truth, _matrices(sim / "tomograms.star")[good], SIZE)
+    found, _ = alignment_error(truth, _matrices(job / "aligned_tilt_series.star")[good], SIZE)
     rms = lambda x: float(x.square().mean().sqrt())  # noqa: E731
     assert rms(nominal) > 4.0  # what the errors do
-    assert rms(found) < 0.5, found  # measured 0.38 px
+    assert rms(found) < 0.6, found  # measured 0.51 px (0.38 with the noise image at +60°)
     series = TomogramSet.read(job / "aligned_tilt_series.star")["TS_01"]
     true = TomogramSet.read(sim / "true_alignment.star")["TS_01"]
     axis = series.tilts["rlnTomoZRot"].mean() - true.tilts["rlnTomoZRot"].mean()
-    assert abs(axis) < 0.3, axis  # measured -0.19° (2° injected)
+    assert abs(axis) < 0.3, axis  # measured -0.13° (2° injected)
     tilts = series.tilts
     assert list(tilts["rlnTomoNominalStageTiltAngle"]) == sorted(
         tilts["rlnTomoNominalStageTiltAngle"]
     )
     assert (tilts["rlnTomoXTilt"] == 0).all()
     flagged = tilts.loc[tilts["subtomoAlignFlagged"] == 1, "rlnTomoNominalStageTiltAngle"]
-    assert list(flagged) == [60.0]  # the noise image, and only it
+    assert list(flagged) == [30.0]  # the noise image, and only it
     assert (job / "report.html").is_file() and (job / "RELION_JOB_EXIT_SUCCESS").is_file()
 
 

@@ -210,27 +210,54 @@ def _stretch(theta_a: torch.Tensor, theta_b: torch.Tensor, phi_a, phi_b) -> torc
     return _rot2(phi_b) @ d @ _rot2(-phi_a)
 
 
+def _pair_shifts(
+    images: torch.Tensor,
+    y_tilt: torch.Tensor,
+    z_rot: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    max_shift: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For pairs ``(a, b)``: the stretch ``M`` ``(n, 2, 2)``, the peak ``d`` ``(n, 2)`` with
+    ``s_b = M (s_a + d)``, and the normalised peak height ``(n,)``."""
+    h, w = images.shape[-2:]
+    a_idx = torch.tensor([p[0] for p in pairs])
+    b_idx = torch.tensor([p[1] for p in pairs])
+    m = _stretch(y_tilt[a_idx], y_tilt[b_idx], z_rot[a_idx], z_rot[b_idx])
+    stretched = _warp(images[b_idx], m, torch.zeros(len(pairs), 2), (h, w))
+    taper = _taper((h, w), 0.1 * min(h, w), images.device)
+    d, peak = _xcorr_peak(images[a_idx] * taper, stretched * taper, max_shift)
+    return m, d, peak
+
+
 def coarse_shifts(
     images: torch.Tensor, y_tilt: torch.Tensor, z_rot: torch.Tensor, max_shift: float
 ) -> torch.Tensor:
     """Shifts ``(t, 2)`` (px of ``images``) by cosine-stretched cross-correlation of
-    neighbouring tilts, 0 at the tilt nearest 0°. ``images`` band-passed ``(t, h, w)``."""
-    t, h, w = images.shape
-    order = torch.argsort(y_tilt)
-    ref = int(torch.argmin(y_tilt[order].abs()))
+    neighbouring tilts, 0 at the tilt nearest 0°. ``images`` band-passed ``(t, h, w)``.
+
+    A tilt whose correlation peak with its inner neighbour is below half the median is not
+    chained through: the next tilt out is correlated with the last tilt before it instead."""
+    t = images.shape[0]
+    order = torch.argsort(y_tilt).tolist()
+    ref = min(range(t), key=lambda k: abs(float(y_tilt[order[k]])))
     shifts = torch.zeros(t, 2, dtype=torch.float64)
-    taper = _taper((h, w), 0.1 * min(h, w), images.device)
-    pairs = [(order[k - 1], order[k]) for k in range(ref + 1, t)]
-    pairs += [(order[k + 1], order[k]) for k in range(ref - 1, -1, -1)]
+    branches = [order[ref:], order[ref::-1]]  # outwards from the reference, each side
+    pairs = [(br[k - 1], br[k]) for br in branches for k in range(1, len(br))]
     if not pairs:
         return shifts
-    a_idx = torch.stack([p[0] for p in pairs])
-    b_idx = torch.stack([p[1] for p in pairs])
-    m = _stretch(y_tilt[a_idx], y_tilt[b_idx], z_rot[a_idx], z_rot[b_idx])
-    stretched = _warp(images[b_idx], m, torch.zeros(len(pairs), 2), (h, w))
-    d, _ = _xcorr_peak(images[a_idx] * taper, stretched * taper, max_shift)
-    for (a, b), m_k, d_k in zip(pairs, m, d, strict=True):  # chained outwards from ref
-        shifts[b] = m_k @ (shifts[a] + d_k)
+    m, d, peak = _pair_shifts(images, y_tilt, z_rot, pairs, max_shift)
+    found = {pair: (m[k], d[k], float(peak[k])) for k, pair in enumerate(pairs)}
+    floor = 0.5 * float(peak.median())
+    for branch in branches:
+        anchor = branch[0]
+        for b in branch[1:]:
+            if (anchor, b) not in found:  # skipping a tilt that did not correlate
+                m1, d1, p1 = _pair_shifts(images, y_tilt, z_rot, [(anchor, b)], max_shift)
+                found[(anchor, b)] = (m1[0], d1[0], float(p1[0]))
+            m_k, d_k, p_k = found[(anchor, b)]
+            shifts[b] = m_k @ (shifts[anchor] + d_k)
+            if p_k >= floor:
+                anchor = b
     return shifts
 
 
