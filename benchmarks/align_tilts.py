@@ -190,6 +190,9 @@ def main() -> None:
                 curve = fsc_maps(read_mrc(f"Reconstruct/{kind}/merged.mrc")[0],
                                  read_mrc("truth.mrc")[0]).numpy()  # fmt: skip
                 fsc[kind] = curve
+            gap = np.abs(fsc["true"][1:] - fsc["found"][1:])
+            print(f"FSC to truth, true vs found alignment: largest difference {gap.max():.3f} "
+                  f"(shell {int(gap.argmax()) + 1} of {len(gap)})")  # fmt: skip
             for threshold in (0.5, 0.143):
                 shells = {}
                 for kind, curve in fsc.items():
