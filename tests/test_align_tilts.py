@@ -1,4 +1,4 @@
-"""Tilt-series alignment (``subtomo align-tilts``, conventions §16) against the simulator's
+"""Tilt-series alignment (``subtomo align-tilts``, conventions §18) against the simulator's
 truth: the simulated errors are in the images and not in the table, the gauge-free error
 measure sees no rigid motion, coarse cross-correlation finds known shifts, the job brings a
 series with shift, tilt-axis, tilt-angle and in-plane errors to the true projections, and a

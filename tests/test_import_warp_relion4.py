@@ -1,5 +1,5 @@
 """Warp/WarpTools tilt-series XML and RELION-4 projection matrices imported as RELION 5
-alignment columns (``subtomo import-alignment --warp_dir`` / ``--relion4``, conventions §16):
+alignment columns (``subtomo import-alignment --warp_dir`` / ``--relion4``, conventions §18):
 the real Warp file gives its numbers in RELION's columns, UseTilt False tilts leave the table,
 the real WarpTools matrices become columns that project exactly as the matrices did, and bad
 input is a one-line error with nothing written."""

@@ -1,6 +1,6 @@
 """Align tilt series without fiducials (``subtomo align-tilts``; RELION's "Align tilt series",
 ``AlignTiltSeries/jobNNN/``): coarse cosine-stretched cross-correlation, tilt-axis refinement by
-common lines and projection matching (:mod:`subtomo.tilt.alignment`, conventions §16).
+common lines and projection matching (:mod:`subtomo.tilt.alignment`, conventions §18).
 
 Starts from each series' tilt angles and tilt axis: rlnTomoYTilt/ZRot when it has them, else
 the nominal stage tilt and tilt-axis angle (:func:`subtomo.tilt.table_rotations`); the shifts

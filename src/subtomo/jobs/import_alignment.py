@@ -1,7 +1,7 @@
 """Import tilt-series alignments (``subtomo import-alignment``; the reading half of RELION's
 "Align tilt series", ``AlignTiltSeries/jobNNN/``): IMOD/etomo, AreTomo or Warp results already
 made for the series of a ``tomograms.star``, or its own RELION-4 projection matrices, become
-RELION 5 per-tilt columns (relion5-upstream.md §5, conventions §14, §16).
+RELION 5 per-tilt columns (relion5-upstream.md §5, conventions §14, §18).
 
 Per series ``NAME``, in ``--imod_dir`` (or its ``NAME/`` subfolder): ``NAME.xf`` and
 ``NAME.tlt`` (one line per tilt, in ascending nominal tilt as RELION stacks them for IMOD),

@@ -1,5 +1,5 @@
 """Fiducial-less tilt-series alignment: cosine-stretched cross-correlation, tilt-axis refinement
-by common lines, and projection matching with patch tracking (conventions §16).
+by common lines, and projection matching with patch tracking (conventions §18).
 
 Geometry (conventions §1.3): tilt ``f`` shows specimen point ``q`` (xyz px from the specimen
 centre) at raw image pixel ``c + s_f + [Rz(φ_f) Ry(θ_f) q]_xy``, ``c = (w//2, h//2)``,

@@ -17,7 +17,7 @@ centre). Conversions (conventions §14):
   (``../shared/data/formats/aretomo``), while dark frames always carry their nominal tilt and
   AreTomo writes the rows in ascending tilt.
 
-* Warp/WarpTools ``.xml`` (conventions §16): ``rlnTomoYTilt = -(Angle + LevelAngleY)``,
+* Warp/WarpTools ``.xml`` (conventions §18): ``rlnTomoYTilt = -(Angle + LevelAngleY)``,
   ``rlnTomoXTilt = LevelAngleX``, ``rlnTomoZRot = AxisAngle``, shifts = AxisOffset minus a
   global GridMovement (Å, no pixel size needed); ``UseTilt False`` rows leave the table;
   rows matched to tilts by angle.
