@@ -137,7 +137,11 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
     ),
     "import-alignment": JobCommand(
         "subtomo.jobs.import_alignment", "ImportAlignmentParams",
-        "Import IMOD (.xf/.tlt) or AreTomo (.aln) tilt-series alignments as RELION 5 columns.",
+        "Import IMOD, AreTomo, Warp XML or RELION-4 matrix alignments as RELION 5 columns.",
+    ),
+    "align-tilts": JobCommand(
+        "subtomo.jobs.align_tilts", "AlignTiltsParams",
+        "Align tilt series without fiducials: stretched xcorr, tilt axis, projection matching.",
     ),
     "pick-surface": JobCommand(
         "subtomo.jobs.pick_surface", "PickSurfaceParams",

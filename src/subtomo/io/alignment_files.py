@@ -8,6 +8,11 @@
   ``DarkFrame = i j tilt``, ``AlphaOffset``, ``BetaOffset``, ``Thickness``), ten numbers per
   global row (SEC ROT GMAG TX TY SMEAN SFIT SCALE BASE TILT, TX/TY in pixels) and, after
   ``# Local Alignment``, seven numbers per patch row (read, not used by RELION).
+* Warp/WarpTools tilt-series ``.xml`` (``<TiltSeries>``): newline-separated per-tilt elements
+  ``Angles``, ``AxisAngle`` (deg), ``AxisOffsetX``/``AxisOffsetY`` (Å), ``UseTilt``
+  (True/False), root attributes ``LevelAngleX``/``LevelAngleY`` (deg) and
+  ``AreAnglesInverted``, and the grids ``GridMovementX``/``GridMovementY`` (Å; ``Width`` x
+  ``Height`` x ``Depth`` nodes, depth = tilts).
 
 We parse these ourselves rather than with the ``alnfile``/``etomofiles`` packages: measured
 on ``../shared/data/formats``, alnfile 0.1.1 rejects a real AreTomo 1.3 file without
@@ -19,6 +24,7 @@ file and line; writers replace the file atomically.
 from __future__ import annotations
 
 import os
+import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +37,12 @@ from subtomo.io.files import read_utf8, require_file
 __all__ = [
     "ALN_COLUMNS",
     "AlnFile",
+    "WarpXml",
     "read_aln",
     "read_angles",
     "read_edf",
     "read_imod_com",
+    "read_warp_xml",
     "read_xf",
     "write_aln",
     "write_angles",
@@ -204,3 +212,96 @@ def write_aln(path: str | os.PathLike, aln: AlnFile) -> None:
                 f"{int(r[0]):5d}{r[1]:11.4f}{r[2]:11.5f}{r[3]:11.3f}{r[4]:11.3f}"
                 f"{r[5]:9.2f}{r[6]:9.2f}{r[7]:9.2f}{r[8]:9.2f}{r[9]:10.2f}\n"
             )
+
+
+@dataclass
+class WarpXml:
+    """The rigid alignment of a Warp/WarpTools tilt-series ``.xml``, per tilt in file order.
+
+    ``angles``, ``axis_angle`` (deg), ``offset`` ``(n, 2)`` (AxisOffsetX/Y, Å), ``use_tilt``;
+    ``movement`` ``(n, 2)`` the global image movement (Å) when GridMovementX/Y are one node per
+    tilt (or one for all), ``None`` when they vary across the image (local, not read);
+    ``level_angles`` (LevelAngleX, LevelAngleY) deg; ``angles_inverted`` AreAnglesInverted.
+    """
+
+    angles: np.ndarray
+    axis_angle: np.ndarray
+    offset: np.ndarray
+    use_tilt: np.ndarray
+    movement: np.ndarray | None
+    level_angles: tuple[float, float]
+    angles_inverted: bool
+
+
+def _xml_values(path: Path, root: ElementTree.Element, name: str, n: int | None) -> list[str]:
+    element = root.find(name)
+    tokens = (element.text or "").split() if element is not None else []
+    if not tokens or (n is not None and len(tokens) != n):
+        what = f"{n} values" if n is not None else "values"
+        raise InputError(f"<{name}>: expected {what}, found {len(tokens)}", file=path)
+    return tokens
+
+
+def _xml_floats(path: Path, root: ElementTree.Element, name: str, n: int | None) -> np.ndarray:
+    tokens = _xml_values(path, root, name, n)
+    try:
+        values = np.array([float(t) for t in tokens])
+    except ValueError:
+        values = np.array([np.nan])
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"<{name}>: expected numbers", file=path)
+    return values
+
+
+def _grid_per_tilt(path: Path, root: ElementTree.Element, name: str, n: int) -> np.ndarray | None:
+    """One value per tilt of a Warp grid with one node per tilt (or one node); ``None`` when
+    it varies across the image."""
+    grid = root.find(name)
+    if grid is None:
+        return np.zeros(n)
+    try:
+        width, height = int(grid.get("Width", "1")), int(grid.get("Height", "1"))
+        nodes = [(int(node.get("Z", "0")), float(node.get("Value", "0"))) for node in grid]
+    except ValueError:
+        raise InputError(
+            f"<{name}>: expected integer sizes and numeric node values", file=path
+        ) from None
+    if width * height != 1:
+        return None
+    values = dict(nodes)
+    if len(values) == 1:
+        return np.full(n, next(iter(values.values())))
+    if sorted(values) != list(range(n)):
+        raise InputError(f"<{name}>: {len(values)} nodes for {n} tilts", file=path)
+    return np.array([values[z] for z in range(n)])
+
+
+def read_warp_xml(path: str | os.PathLike) -> WarpXml:
+    """Parse the rigid alignment of a Warp/WarpTools tilt-series ``.xml``."""
+    path = require_file(path)
+    try:
+        root = ElementTree.fromstring(read_utf8(path).lstrip("\ufeff"))
+    except ElementTree.ParseError as exc:
+        raise InputError(f"not XML: {exc}", file=path) from None
+    if root.tag != "TiltSeries":
+        raise InputError(f"root element <{root.tag}>, expected <TiltSeries>", file=path)
+    angles = _xml_floats(path, root, "Angles", None)
+    n = len(angles)
+    offset = np.stack([_xml_floats(path, root, f"AxisOffset{a}", n) for a in "XY"], axis=-1)
+    use = [t.lower() for t in _xml_values(path, root, "UseTilt", n)]
+    if any(t not in ("true", "false") for t in use):
+        raise InputError("<UseTilt>: expected True or False per tilt", file=path)
+    movement = [_grid_per_tilt(path, root, f"GridMovement{a}", n) for a in "XY"]
+    try:
+        level = (float(root.get("LevelAngleX", "0")), float(root.get("LevelAngleY", "0")))
+    except ValueError:
+        raise InputError("LevelAngleX/LevelAngleY are not numbers", file=path) from None
+    return WarpXml(
+        angles=angles,
+        axis_angle=_xml_floats(path, root, "AxisAngle", n),
+        offset=offset,
+        use_tilt=np.array([t == "true" for t in use]),
+        movement=None if any(m is None for m in movement) else np.stack(movement, axis=-1),
+        level_angles=level,
+        angles_inverted=root.get("AreAnglesInverted", "False").lower() == "true",
+    )

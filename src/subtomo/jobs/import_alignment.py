@@ -1,7 +1,7 @@
 """Import tilt-series alignments (``subtomo import-alignment``; the reading half of RELION's
-"Align tilt series", ``AlignTiltSeries/jobNNN/``): IMOD/etomo or AreTomo results already made
-for the series of a ``tomograms.star`` become RELION 5 per-tilt columns (relion5-upstream.md
-§5, conventions §14).
+"Align tilt series", ``AlignTiltSeries/jobNNN/``): IMOD/etomo, AreTomo or Warp results already
+made for the series of a ``tomograms.star``, or its own RELION-4 projection matrices, become
+RELION 5 per-tilt columns (relion5-upstream.md §5, conventions §14, §18).
 
 Per series ``NAME``, in ``--imod_dir`` (or its ``NAME/`` subfolder): ``NAME.xf`` and
 ``NAME.tlt`` (one line per tilt, in ascending nominal tilt as RELION stacks them for IMOD),
@@ -9,9 +9,13 @@ optionally ``NAME.xtilt`` (line count checked, not used, as RELION), ``NAME.edf`
 ``align.log`` (tiltalign's AngleOffset, removed from the tilts) and ``tilt.com`` (FULLIMAGE and
 THICKNESS: rlnTomoSizeX/Y/Z when the input has none; FULLIMAGE also gives the binning of the
 alignment against the tilt images). In ``--aretomo_dir``: ``NAME.aln`` (dark frames dropped
-from the table, local patches ignored). Writes ``aligned_tilt_series.star`` and
-``tilt_series/NAME.star`` (rows in ascending nominal tilt, every input column kept) and
-``report.html``.
+from the table, local patches ignored). In ``--warp_dir``: ``NAME.xml`` (or the name without
+its ``.tomostar``; UseTilt False rows dropped from the table). With ``--relion4``: the
+rlnTomoProjX/Y/Z/W rows of ``--i`` (RELION-4 and WarpTools tables) become the five columns
+that give the same projections with the tilt images' size (``--image_size`` when the images
+are not at hand), and the rows are dropped, as RELION 5 drops them. Writes
+``aligned_tilt_series.star`` and ``tilt_series/NAME.star`` (rows in ascending nominal tilt,
+every input column kept) and ``report.html``.
 """
 
 from __future__ import annotations
@@ -26,18 +30,25 @@ import pandas as pd
 
 from subtomo.data import TiltSeries, TomogramSet
 from subtomo.errors import InputError
+from subtomo.geometry import alignment_from_projection_matrices
 from subtomo.io import numeric_column
 from subtomo.io.alignment_files import (
     read_aln,
     read_angles,
     read_edf,
     read_imod_com,
+    read_warp_xml,
     read_xf,
 )
 from subtomo.io.files import read_utf8
 from subtomo.project import run_job, write_job_report
 from subtomo.project.options import option, output_dir_option
-from subtomo.tilt.external_alignment import aretomo_to_relion, imod_to_relion, view_order
+from subtomo.tilt.external_alignment import (
+    aretomo_to_relion,
+    imod_to_relion,
+    view_order,
+    warp_to_relion,
+)
 
 __all__ = ["ImportAlignmentParams", "run"]
 
@@ -61,8 +72,26 @@ class ImportAlignmentParams:
         "--aretomo_dir",
         help="Folder of AreTomo results: NAME.aln (or NAME/NAME.aln).",
     )
+    warp_dir: str = option(
+        "",
+        "--warp_dir",
+        help="Folder of Warp/WarpTools tilt-series XML: NAME.xml (or NAME/NAME.xml).",
+    )
+    relion4: bool = option(
+        False,
+        "--relion4/--no_relion4",
+        help="Convert --i's own RELION-4 rlnTomoProjX/Y/Z/W rows to RELION 5 columns.",
+    )
+    image_size: str = option(
+        "",
+        "--image_size",
+        help="--relion4: tilt-image size W,H in pixels; empty: from the images.",
+    )
     output_dir: str | None = output_dir_option()
     project_dir: str = "."
+
+
+_PROJ_COLUMNS = ["rlnTomoProjX", "rlnTomoProjY", "rlnTomoProjZ", "rlnTomoProjW"]
 
 
 def _find(folder: Path, name: str, suffix: str) -> Path | None:
@@ -185,18 +214,99 @@ def _aretomo(series: TiltSeries, folder: Path) -> tuple[pd.DataFrame, dict, list
     return table, {}, notes
 
 
+def _warp(series: TiltSeries, folder: Path) -> tuple[pd.DataFrame, dict, list[str]]:
+    """``(aligned table, global values, notes)`` of one series from a Warp ``.xml``."""
+    path = _find(folder, series.name, ".xml") or _find(
+        folder, series.name.removesuffix(".tomostar"), ".xml"
+    )
+    if path is None:
+        raise InputError(f"no {series.name}.xml for tilt series {series.name}", file=folder)
+    xml = read_warp_xml(path)
+    if "rlnTomoNominalStageTiltAngle" not in series.tilts.columns:
+        raise InputError(
+            "rlnTomoNominalStageTiltAngle is needed to match the .xml's tilts",
+            file=series.tilt_file,
+            block=series.name,
+        )
+    nominal = numeric_column(
+        series.tilts, "rlnTomoNominalStageTiltAngle", series.tilt_file, series.name
+    )
+    try:
+        kept, columns = warp_to_relion(xml, nominal)
+    except ValueError as exc:
+        raise InputError(str(exc), file=path) from None
+    table = series.tilts.iloc[kept].reset_index(drop=True)
+    for column, value in columns.items():
+        table[column] = value
+    table = table.iloc[view_order(table)].reset_index(drop=True)
+    return table, {}, [f"{series.n_tilts - len(kept)} tilts with UseTilt False dropped"]
+
+
+def _parse_size(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        w, h = (int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise InputError(f"--image_size: expected W,H in pixels, found {text!r}") from None
+    if w < 1 or h < 1:
+        raise InputError(f"--image_size: expected positive W,H, found {text!r}")
+    return w, h
+
+
+def _relion4(series: TiltSeries, image_size: tuple[int, int] | None):
+    """``(table, global values, notes)``: rlnTomoProj rows as the five RELION 5 columns."""
+    if not series.has_projection_rows:
+        raise InputError(
+            "no rlnTomoProjX/Y/Z/W rows to convert", file=series.tilt_file, block=series.name
+        )
+    size = image_size
+    if size is None:
+        try:
+            size = series.image_size
+        except InputError:
+            size = None
+    if size is None:
+        raise InputError(
+            "tilt images not found: give their size with --image_size W,H",
+            file=series.tilt_file,
+            block=series.name,
+        )
+    matrices = series.projection_matrices()
+    columns = alignment_from_projection_matrices(
+        matrices, series.pixel_size, series.tomogram_size, size
+    )
+    table = series.tilts.drop(columns=_PROJ_COLUMNS)
+    for column, value in columns.items():
+        table[column] = value.numpy()
+    table = table.iloc[view_order(table)].reset_index(drop=True)
+    return table, {}, [f"projection matrices of {size[0]}x{size[1]} images"]
+
+
 def run(params: ImportAlignmentParams) -> dict[str, str]:
     """Read every series' alignment files; returns ``{output path: RELION node type}``."""
-    if bool(params.imod_dir) == bool(params.aretomo_dir):
-        raise InputError("give exactly one of --imod_dir and --aretomo_dir")
+    sources = {
+        "IMOD": params.imod_dir,
+        "AreTomo": params.aretomo_dir,
+        "Warp": params.warp_dir,
+        "RELION-4 matrices": params.relion4,
+    }
+    given = [name for name, value in sources.items() if value]
+    if len(given) != 1:
+        raise InputError("give exactly one of --imod_dir, --aretomo_dir, --warp_dir, --relion4")
+    source = given[0]
+    image_size = _parse_size(params.image_size)
     tomograms = TomogramSet.read(params.i)
     if len(tomograms) == 0:
         raise InputError("no tilt series in the global table", file=params.i, block="global")
-    folder = Path(params.imod_dir or params.aretomo_dir)
-    if not folder.is_dir():
+    folder = Path(params.imod_dir or params.aretomo_dir or params.warp_dir or params.i)
+    if not params.relion4 and not folder.is_dir():
         raise InputError("folder not found", file=folder)
-    read_series = _imod if params.imod_dir else _aretomo
-    results = {s.name: read_series(s, folder) for s in tomograms}  # all checked before the job
+    readers = {"IMOD": _imod, "AreTomo": _aretomo, "Warp": _warp}
+    if params.relion4:
+        results = {s.name: _relion4(s, image_size) for s in tomograms}
+    else:
+        results = {s.name: readers[source](s, folder) for s in tomograms}  # checked before the job
     inputs = {params.i: "TomogramGroupMetadata.star.relion.tomo"}
     with run_job(
         "AlignTiltSeries",
@@ -231,7 +341,6 @@ def run(params: ImportAlignmentParams) -> dict[str, str]:
         outputs[job.alias + "aligned_tilt_series.star"] = (
             "TomogramGroupMetadata.star.relion.tomo.aligntiltseries"
         )
-        source = "IMOD" if params.imod_dir else "AreTomo"
         write_job_report(
             job,
             outputs,

@@ -7,6 +7,8 @@ to it)::
                                                        acquisition index)
     tilt_series/<tomo>.star                            per-tilt table (data_<tomo>), angle order
     tomograms.star                                     data_global
+    true_alignment.star, tilt_series_true/<tomo>.star  with alignment errors: the true alignment
+    fiducials.star                                     with --beads: the beads' true centres
     <tomo>.mdoc                                        SerialEM-style, acquisition order
     frames/<tomo>_<k:03d>_<angle:.1f>.mrc|tif          with --movie-frames: one movie per tilt
     gain.mrc, motion_truth.star [, motion_truth_local.npz]   the movies' gain and true motion
@@ -134,6 +136,20 @@ class SimulateParams:
     tilt_shift_error_px: float | None = _preset(
         "--tilt-shift-error-px", help="σ of tilt shifts", unit="px"
     )
+    tilt_angle_error_deg: float | None = _preset(
+        "--tilt-angle-error-deg", help="σ of tilt angles alone", unit="deg"
+    )
+    in_plane_error_deg: float | None = _preset(
+        "--in-plane-error-deg", help="σ of in-plane rotations alone", unit="deg"
+    )
+    axis_error_deg: float | None = _preset(
+        "--axis-error-deg", help="Error of the tilt-axis angle", unit="deg"
+    )
+    tilt_offset_deg: float | None = _preset(
+        "--tilt-offset-deg", help="Offset of every tilt angle", unit="deg"
+    )
+    beads: int | None = _preset("--beads", help="Gold fiducial beads per tomogram")
+    bead_radius_px: float | None = _preset("--bead-radius", help="Bead radius", unit="px")
     pose_error_deg: float | None = _preset("--pose-error-deg", help="σ of picked poses", unit="deg")
     shift_error_px: float | None = _preset("--shift-error-px", help="σ of picked shifts", unit="px")
     seed: int | None = _preset("--seed", help="Random seed")
@@ -353,6 +369,34 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
             "tomograms.star", "tilt_series"
         )
         outputs["tomograms.star"] = "TomogramGroupMetadata.star.relion.tomo"
+        if any(
+            getattr(params, k)
+            for k in ("tilt_error_deg", "tilt_shift_error_px", "tilt_angle_error_deg",
+                      "in_plane_error_deg", "axis_error_deg", "tilt_offset_deg")
+        ):  # fmt: skip
+            true_tables = {
+                name: sim.true_tilt_tables[name].assign(
+                    rlnMicrographName=table["rlnMicrographName"]
+                )[table.columns]
+                for name, table in tilt_tables.items()
+            }
+            TomogramSet.from_tables(sim.global_table, true_tables).write(
+                "true_alignment.star", "tilt_series_true"
+            )
+            outputs["true_alignment.star"] = "TomogramGroupMetadata.star.relion.tomo"
+        if params.beads:
+            centre = np.asarray(params.tomogram_size, dtype=np.float64) / 2
+            rows = [
+                pd.DataFrame(
+                    {"rlnTomoName": name}
+                    | {
+                        f"rlnCenteredCoordinate{a}Angst": (beads[:, k] - centre[k]) * px
+                        for k, a in enumerate("XYZ")
+                    }
+                )
+                for name, beads in sim.bead_positions.items()
+            ]
+            write_star("fiducials.star", {"fiducials": pd.concat(rows, ignore_index=True)})
         for file, table in (
             ("particles.star", sim.particles),
             ("particles_picked.star", sim.particles_picked),

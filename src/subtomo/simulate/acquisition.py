@@ -74,17 +74,35 @@ def tilt_defocus(
 
 
 def alignment_errors(
-    rng: np.random.Generator, n_tilts: int, angle_error_deg: float, shift_error_px: float
+    rng: np.random.Generator,
+    n_tilts: int,
+    angle_error_deg: float,
+    shift_error_px: float,
+    *,
+    y_tilt_error_deg: float = 0.0,
+    z_rot_error_deg: float = 0.0,
+    axis_error_deg: float = 0.0,
+    tilt_offset_deg: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """Per-tilt alignment errors: Gaussian, σ = ``angle_error_deg`` on each of the X-tilt,
-    Y-tilt and Z-rotation angles (deg) and σ = ``shift_error_px`` on the x and y shifts (px).
+    """Per-tilt alignment errors (added to the nominal geometry of each tilt).
+
+    Gaussian, σ = ``angle_error_deg`` on each of the X-tilt, Y-tilt and Z-rotation angles
+    (deg) and σ = ``shift_error_px`` on the x and y shifts (px); σ = ``y_tilt_error_deg`` more
+    on the tilt angles alone, σ = ``z_rot_error_deg`` more on the in-plane rotations alone;
+    ``axis_error_deg`` added to every Z rotation (an error of the nominal tilt-axis angle) and
+    ``tilt_offset_deg`` to every tilt angle (a specimen pre-tilt). The extra terms draw from
+    ``rng`` only when non-zero, so a seed without them gives the same data as before.
     """
     angles = rng.normal(0.0, 1.0, (3, n_tilts)) * angle_error_deg
     shifts = rng.normal(0.0, 1.0, (2, n_tilts)) * shift_error_px
+    if y_tilt_error_deg:
+        angles[1] += rng.normal(0.0, y_tilt_error_deg, n_tilts)
+    if z_rot_error_deg:
+        angles[2] += rng.normal(0.0, z_rot_error_deg, n_tilts)
     return {
         "x_tilt": angles[0],
-        "y_tilt": angles[1],
-        "z_rot": angles[2],
+        "y_tilt": angles[1] + tilt_offset_deg,
+        "z_rot": angles[2] + axis_error_deg,
         "x_shift_px": shifts[0],
         "y_shift_px": shifts[1],
     }

@@ -25,7 +25,11 @@ import torch
 
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
-from subtomo.geometry import project_particles, projection_matrices
+from subtomo.geometry import (
+    alignment_from_projection_matrices,
+    project_particles,
+    projection_matrices,
+)
 from subtomo.simulate.acquisition import alignment_errors, tilt_defocus, tilt_scheme
 from subtomo.simulate.imaging import (
     Optics,
@@ -62,6 +66,19 @@ class SimulationParams:
     of each species (empty: equal). ``tilt_axis_deg`` is the nominal tilt-axis angle,
     counter-clockwise from image y (rlnTomoNominalTiltAxisAngle), and RELION's Z rotation.
     ``batch_size`` caps the particle x tilt patches rendered at once (memory).
+
+    Alignment errors (:func:`~subtomo.simulate.acquisition.alignment_errors`): the images are
+    made with the true geometry, the tables keep the nominal one (``Simulation.true_tilt_tables``
+    has the truth): ``tilt_error_deg`` σ of every angle per tilt, ``tilt_shift_error_px`` σ of
+    the shifts, ``tilt_angle_error_deg`` and ``in_plane_error_deg`` σ of the tilt angle and of
+    the in-plane rotation alone, ``axis_error_deg`` an offset of every Z rotation (the tilt
+    axis) and ``tilt_offset_deg`` of every tilt angle.
+
+    Fiducials: ``beads`` gold beads per tomogram of radius ``bead_radius_px`` (px), near the
+    slab's two surfaces, rendered as uniform spheres (projected chord length) five times as
+    dense as the densest voxel of the maps, without CTF; ``Simulation.bead_positions`` has
+    their truth. Their positions come from their own generator, so the rest of the data set
+    does not change with them.
     """
 
     preset: str = "tiny"
@@ -91,6 +108,12 @@ class SimulationParams:
     layout: str = "random"
     tilt_error_deg: float = 0.0
     tilt_shift_error_px: float = 0.0
+    tilt_angle_error_deg: float = 0.0
+    in_plane_error_deg: float = 0.0
+    axis_error_deg: float = 0.0
+    tilt_offset_deg: float = 0.0
+    beads: int = 0
+    bead_radius_px: float = 5.0
     pose_error_deg: float = 0.0
     shift_error_px: float = 0.0
     seed: int = 0
@@ -144,6 +167,7 @@ class _TomogramTruth:
     rotations: torch.Tensor  # (n, 3, 3) A_sub A_part
     species: torch.Tensor  # (n,)
     noise_seed: int
+    beads_px: torch.Tensor  # (k, 3) decentred px
 
 
 @dataclass
@@ -154,7 +178,8 @@ class Simulation:
     at ``box//2``), exactly as projected (the truth). ``tilt_tables`` rows are in ascending
     tilt angle; ``acquisition_order[tomo]`` gives each row's 0-based place in the acquisition.
     ``true_matrices[tomo]`` are the ``(t, 4, 4)`` projection matrices the images were made with
-    (the nominal ones of the tables plus any alignment error).
+    (the nominal ones of the tables plus any alignment error); :attr:`true_tilt_tables` the
+    tables with those as RELION's alignment columns.
     """
 
     params: SimulationParams
@@ -167,9 +192,11 @@ class Simulation:
     particles_picked: pd.DataFrame
     acquisition_order: dict[str, np.ndarray]
     true_matrices: dict[str, torch.Tensor]
+    bead_positions: dict[str, np.ndarray] = field(default_factory=dict)
     _truth: list[_TomogramTruth] = field(repr=False, default_factory=list)
     _optics: Optics = field(repr=False, default_factory=Optics)
     _radius_px: float = 0.0
+    _bead_density: float = 0.0
 
     def tilt_series(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Render each tilt series in turn: ``(rlnTomoName, images (t, h, w) float32)``.
@@ -184,6 +211,11 @@ class Simulation:
                 projectors, truth.species, truth.rotations, truth.positions_px, truth.geometry,
                 self._optics, batch_size=self.params.batch_size,
             )  # fmt: skip
+            if len(truth.beads_px):
+                images = images + _bead_images(
+                    truth.beads_px, truth.geometry, self.params.bead_radius_px,
+                    self._bead_density, images.device,
+                )  # fmt: skip
             if self.params.noise != "none":
                 uv, _ = project_particles(
                     truth.geometry.matrices, truth.positions_px, truth.geometry.tomogram_size
@@ -196,6 +228,59 @@ class Simulation:
                 )
             yield truth.name, images
             del images  # one stack alive at a time
+
+    @property
+    def true_tilt_tables(self) -> dict[str, pd.DataFrame]:
+        """``tilt_tables`` with rlnTomoXTilt/YTilt/ZRot/X/YShiftAngst of the true matrices."""
+        size = tuple(int(s) for s in self.params.tomogram_size)
+        tables = {}
+        for name, table in self.tilt_tables.items():
+            true = alignment_from_projection_matrices(
+                self.true_matrices[name], self.params.pixel_size, size, size[:2]
+            )
+            tables[name] = table.assign(**{k: v.numpy() for k, v in true.items()})
+        return tables
+
+
+def _bead_images(
+    beads_px: torch.Tensor,
+    geometry: TiltGeometry,
+    radius: float,
+    density: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """``(t, h, w)``: minus the projected chord length of each bead (uniform sphere of
+    ``radius`` px) times ``density``, at the bead's projected position (dark, like protein)."""
+    uv, _ = project_particles(geometry.matrices, beads_px, geometry.tomogram_size)  # (k, t, 2)
+    w, h = geometry.image_size
+    y = torch.arange(h, dtype=torch.float32, device=device)[:, None]
+    x = torch.arange(w, dtype=torch.float32, device=device)[None, :]
+    out = torch.zeros(uv.shape[1], h, w, dtype=torch.float32, device=device)
+    for k in range(uv.shape[0]):
+        u = uv[k, :, 0].float().to(device)[:, None, None]
+        v = uv[k, :, 1].float().to(device)[:, None, None]
+        chord = 2 * (radius**2 - (x - u) ** 2 - (y - v) ** 2).clamp_min(0).sqrt()
+        out -= density * chord
+    return out
+
+
+def _bead_layout(
+    seed: int, n: int, size: tuple[int, int, int], radius: float, fits: Any
+) -> np.ndarray:
+    """``(n, 3)`` decentred px: beads within ``2·radius`` of the slab's top or bottom, at x, y
+    where they project inside every tilt (``fits``); their own generator."""
+    rng = np.random.default_rng([seed, 1_000_003])
+    out = np.zeros((0, 3))
+    for _ in range(100):
+        if len(out) >= n:
+            break
+        candidates = rng.uniform(0, 1, (4 * n, 3)) * np.asarray(size, dtype=np.float64)
+        side = rng.choice([-1.0, 1.0], 4 * n)
+        candidates[:, 2] = size[2] / 2 + side * (size[2] / 2 - 2 * radius)
+        out = np.concatenate([out, candidates[fits(candidates)]])[:n]
+    if len(out) < n:
+        raise InputError(f"could only place {len(out)} of {n} beads in a tomogram of {size} px")
+    return out
 
 
 def _species_counts(n: int, fractions: Sequence[float], n_species: int) -> np.ndarray:
@@ -288,6 +373,7 @@ def simulate(
 
     global_rows, tilt_tables, true_matrices, orders = [], {}, {}, {}
     particle_frames, picked_frames, truths = [], [], []
+    bead_positions: dict[str, np.ndarray] = {}
     for i, members in enumerate(per_tomo):
         name = f"TS_{i + 1:02d}"
         du, dv, dang = tilt_defocus(
@@ -296,7 +382,14 @@ def simulate(
         err = {
             k: torch.as_tensor(v)
             for k, v in alignment_errors(
-                rng, t, params.tilt_error_deg, params.tilt_shift_error_px
+                rng,
+                t,
+                params.tilt_error_deg,
+                params.tilt_shift_error_px,
+                y_tilt_error_deg=params.tilt_angle_error_deg,
+                z_rot_error_deg=params.in_plane_error_deg,
+                axis_error_deg=params.axis_error_deg,
+                tilt_offset_deg=params.tilt_offset_deg,
             ).items()
         }
         true = projection_matrices(
@@ -304,6 +397,12 @@ def simulate(
             err["x_shift_px"] * px, err["y_shift_px"] * px, px, size, image_size,
         )  # fmt: skip
         fits = _fits([nominal, true], size, margin=box / 2 + 1)
+        beads = (
+            _bead_layout(params.seed + i, params.beads, size, params.bead_radius_px,
+                         _fits([nominal, true], size, margin=params.bead_radius_px + 1))
+            if params.beads else np.zeros((0, 3))
+        )  # fmt: skip
+        bead_positions[name] = beads
         n = len(members)
         if params.layout == "vesicle":
             lay = vesicle_layout(rng, n, size, radius, fits)
@@ -397,6 +496,7 @@ def simulate(
                 rotations=torch.as_tensor(full),
                 species=torch.as_tensor(species_index[members]),
                 noise_seed=int(seeds[1 + i].generate_state(1)[0]),
+                beads_px=torch.as_tensor(beads),
             )
         )
 
@@ -434,7 +534,9 @@ def simulate(
         particles_picked=pd.concat(picked_frames, ignore_index=True),
         acquisition_order=orders,
         true_matrices=true_matrices,
+        bead_positions=bead_positions,
         _truth=truths,
         _optics=optics,
         _radius_px=radius,
+        _bead_density=5.0 * max(float(m.max()) for m in maps),
     )

@@ -1,4 +1,5 @@
-"""IMOD and AreTomo alignments as RELION 5 per-tilt columns, and back (relion5-upstream.md §5).
+"""IMOD, AreTomo and Warp alignments as RELION 5 per-tilt columns, and back (relion5-upstream.md
+§5).
 
 The columns are those of the projection model of conventions §1.3: ``rlnTomoXTilt`` (0 from
 both tools), ``rlnTomoYTilt``, ``rlnTomoZRot`` (degrees) and ``rlnTomoXShiftAngst``,
@@ -16,6 +17,11 @@ centre). Conversions (conventions §14):
   (``../shared/data/formats/aretomo``), while dark frames always carry their nominal tilt and
   AreTomo writes the rows in ascending tilt.
 
+* Warp/WarpTools ``.xml`` (conventions §18): ``rlnTomoYTilt = -(Angle + LevelAngleY)``,
+  ``rlnTomoXTilt = LevelAngleX``, ``rlnTomoZRot = AxisAngle``, shifts = AxisOffset minus a
+  global GridMovement (Å, no pixel size needed); ``UseTilt False`` rows leave the table;
+  rows matched to tilts by angle.
+
 ``scale`` is the binning of the alignment files' pixels relative to the tilt images (shifts in
 file pixels times ``scale`` are tilt-image pixels). Tensors are not needed: numpy in and out.
 """
@@ -27,7 +33,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from subtomo.io.alignment_files import ALN_COLUMNS, AlnFile
+from subtomo.io.alignment_files import ALN_COLUMNS, AlnFile, WarpXml
 
 __all__ = [
     "ALIGNMENT_COLUMNS",
@@ -36,6 +42,7 @@ __all__ = [
     "relion_to_aretomo",
     "relion_to_imod",
     "view_order",
+    "warp_to_relion",
 ]
 
 ALIGNMENT_COLUMNS = (
@@ -148,3 +155,38 @@ def relion_to_aretomo(
     order = np.argsort(y_tilt, kind="stable")
     raw = None if image_size is None else (int(image_size[0]), int(image_size[1]), n)
     return AlnFile(rows=rows[order], raw_size=raw)
+
+
+def warp_to_relion(
+    xml: WarpXml, nominal_tilts: np.ndarray, tolerance_deg: float = 1.0
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(kept rows, columns)``: the rows of a series (by ``nominal_tilts``, degrees, table
+    order) that the ``.xml`` uses (UseTilt) and their RELION columns, in that row order.
+
+    Each row takes the ``.xml`` tilt nearest its nominal angle; ``ValueError`` when one is
+    farther than ``tolerance_deg``, when two rows take one tilt, for AreAnglesInverted or for
+    image movement that varies across the image (local alignment, not representable).
+    """
+    if xml.angles_inverted:
+        raise ValueError("AreAnglesInverted=True is not supported")
+    if xml.movement is None:
+        raise ValueError("GridMovementX/Y vary across the image (local alignment)")
+    nominal = np.asarray(nominal_tilts, dtype=np.float64)
+    nearest = np.abs(nominal[:, None] - xml.angles[None, :]).argmin(axis=1)
+    gap = np.abs(nominal - xml.angles[nearest])
+    if gap.max() > tolerance_deg:
+        row = int(gap.argmax())
+        raise ValueError(f"no tilt within {tolerance_deg}° of the nominal {nominal[row]:g}°")
+    if len(set(nearest.tolist())) != len(nearest):
+        raise ValueError("two tilts of the series match one tilt of the .xml")
+    kept = np.flatnonzero(xml.use_tilt[nearest])
+    index = nearest[kept]
+    level_x, level_y = xml.level_angles
+    shifts = xml.offset[index] - xml.movement[index]
+    return kept, {
+        "rlnTomoXTilt": np.full(len(kept), level_x),
+        "rlnTomoYTilt": -(xml.angles[index] + level_y),
+        "rlnTomoZRot": xml.axis_angle[index].astype(np.float64),
+        "rlnTomoXShiftAngst": shifts[:, 0],
+        "rlnTomoYShiftAngst": shifts[:, 1],
+    }

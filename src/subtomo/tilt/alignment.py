@@ -1,0 +1,580 @@
+"""Fiducial-less tilt-series alignment: cosine-stretched cross-correlation, tilt-axis refinement
+by common lines, and projection matching with patch tracking (conventions §18).
+
+Geometry (conventions §1.3): tilt ``f`` shows specimen point ``q`` (xyz px from the specimen
+centre) at raw image pixel ``c + s_f + [Rz(φ_f) Ry(θ_f) q]_xy``, ``c = (w//2, h//2)``,
+``s_f`` the shift (rlnTomoX/YShiftAngst / px), ``φ_f`` rlnTomoZRot (the tilt axis, CCW from
+image y), ``θ_f`` rlnTomoYTilt; rlnTomoXTilt stays 0. In the *axis frame* ``a = Rz(-φ)(r -
+c - s)`` a thin specimen appears stretched along ``a_x`` by ``cos θ``.
+
+1. **Coarse shifts** (:func:`coarse_shifts`): neighbours in tilt angle, outwards from the
+   tilt nearest 0°; the higher tilt is stretched by ``cos θ_a / cos θ_b`` across its axis and
+   cross-correlated with the lower one; shifts chain from ``s = 0`` at the reference tilt.
+   teamtomo's ``torch-tiltxcorr`` 0.6 does the same with one tilt-axis angle for the whole
+   series (we stretch each tilt about its own ZRot) and whole-pixel peaks: on the benchmark
+   series (``benchmarks/align_tilts.py``, 41 x 256², SNR 1, true tilts and axis given) 1.01 px
+   RMS in 8.2 s; ours takes 0.2 s for the same step (projection matching then refines it).
+2. **Tilt axis** (:func:`refine_axis_common_lines`): every tilt summed across its axis over
+   the whole image gives the same profile along the axis when the axis is right (the common
+   line, in real space: the whole specimen projected onto the axis); a wrong axis by δ tilts
+   profile f by about ``δ cos θ_f``. The global change of every ZRot that maximises the
+   pairwise profile correlations, weighted by ``(cos θ_f - cos θ_g)²`` and each taken at its
+   best relative shift along the axis (≤ 3 px), is found on a grid and refined by a parabola;
+   twice, with the coarse shifts redone in between. Measured on a 256² series of 50
+   ribosomes at SNR 0.1 with the true shifts: 0.04° (a 0°-frame window instead of the whole
+   image: 1.4°; unweighted pairs: 0.17°). teamtomo's ``torch-refine-tilt-axis-angle`` 0.6
+   (its angle is RELION's ZRot) finds the axis from the summed spectra of the shift-corrected
+   images: given the true shifts of the benchmark series (SNR 1) it is 0.50° off, ours from
+   the coarse shifts 0.16° (bar 0.3°).
+3. **Projection matching** (:func:`projection_matching`): the tilts are split into ``groups``
+   interleaved sets; each set is compared with projections of a WBP reconstruction
+   (:mod:`subtomo.tilt.tomogram`) from all other tilts. Patches of image and projection are
+   cross-correlated; per tilt, the patch displacements ``d(a)`` (``a`` in the axis frame, from
+   the projected specimen centre) are fitted by a shift and a 2x2 map whose ``L_xx`` is the
+   stretch ``-tan θ·Δθ`` across the axis (tilt angle) and whose antisymmetric part is the
+   in-plane rotation. The RMS of the patch residuals is the tilt's residual; a tilt is
+   *flagged* when its correlation with its projection is below half the median or its
+   residual above three times the median plus 1 px.
+
+Gauge: a rigid motion of the specimen changes every tilt's parameters consistently and cannot
+be seen in the images; the reference tilt's shift starts at 0, and the mean changes of the
+tilt angles and (with the axis from common lines) of the in-plane rotations are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from subtomo.geometry import projection_matrices
+from subtomo.tilt.tomogram import fourier_bin, project, reconstruct_wbp, tomogram_grid
+
+__all__ = [
+    "AlignmentResult",
+    "TiltAlignment",
+    "align_tilt_series",
+    "coarse_shifts",
+    "projection_matching",
+    "refine_axis_common_lines",
+]
+
+log = logging.getLogger("subtomo")
+
+MAX_STEP_DEG = 1.0  # largest change of a tilt angle or ZRot in one round of projection matching
+
+
+@dataclass(frozen=True)
+class TiltAlignment:
+    """Per-tilt geometry ``(t,)`` float64: tilt angle ``y_tilt`` and ``z_rot`` (deg), ``shifts``
+    ``(t, 2)`` (bin-1 px, xy)."""
+
+    y_tilt: torch.Tensor
+    z_rot: torch.Tensor
+    shifts: torch.Tensor
+
+    def matrices(
+        self, pixel_size: float, tomogram_size: tuple[int, int, int], image_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """RELION projection matrices ``(t, 4, 4)`` (rlnTomoXTilt 0)."""
+        return projection_matrices(
+            torch.zeros_like(self.y_tilt),
+            self.y_tilt,
+            self.z_rot,
+            self.shifts[:, 0] * pixel_size,
+            self.shifts[:, 1] * pixel_size,
+            pixel_size,
+            tomogram_size,
+            image_size,
+        )
+
+    def columns(self, pixel_size: float) -> dict[str, torch.Tensor]:
+        """RELION 5 alignment columns (deg, Å)."""
+        return {
+            "rlnTomoXTilt": torch.zeros_like(self.y_tilt),
+            "rlnTomoYTilt": self.y_tilt,
+            "rlnTomoZRot": self.z_rot,
+            "rlnTomoXShiftAngst": self.shifts[:, 0] * pixel_size,
+            "rlnTomoYShiftAngst": self.shifts[:, 1] * pixel_size,
+        }
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    """The alignment and, per tilt, its residual (RMS of patch displacements left after the
+    fit, bin-1 px), its correlation with the projection of the others' reconstruction, and
+    whether it is flagged as not aligning; ``axis_correction`` the common-line change of
+    ZRot (deg)."""
+
+    alignment: TiltAlignment
+    residual_px: torch.Tensor
+    correlation: torch.Tensor
+    flagged: torch.Tensor
+    axis_correction: float
+
+
+# --- image helpers ------------------------------------------------------------------------
+
+
+def _rot2(deg: torch.Tensor) -> torch.Tensor:
+    """``(..., 2, 2)`` CCW rotation matrices."""
+    t = torch.deg2rad(deg.double())
+    c, s = t.cos(), t.sin()
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def _warp(
+    images: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """``(t, H, W)``: output pixel ``r`` (from the output centre ``(W//2, H//2)``) takes the
+    input ``(t, h, w)`` bilinearly at ``c + matrix @ r + offset`` (xy px, 0 outside)."""
+    h, w = images.shape[-2:]
+    hh, ww = shape
+    y = torch.arange(hh, dtype=torch.float64) - hh // 2
+    x = torch.arange(ww, dtype=torch.float64) - ww // 2
+    r = torch.stack(torch.meshgrid(x, y, indexing="xy"), -1)  # (H, W, 2) xy
+    src = torch.einsum("tij,hwj->thwi", matrix.double(), r) + offset.double()[:, None, None]
+    src = src + torch.tensor([w // 2, h // 2], dtype=torch.float64)
+    norm = torch.tensor([2.0 / (w - 1), 2.0 / (h - 1)], dtype=torch.float64)
+    grid = (src * norm - 1).to(images.dtype)
+    return F.grid_sample(
+        images[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )[:, 0]
+
+
+def _bandpass(images: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Gaussian band-pass (cycles/px: ``low`` high-pass edge, ``high`` low-pass edge), then
+    zero mean and unit variance per image."""
+    h, w = images.shape[-2:]
+    ky = torch.fft.fftfreq(h, device=images.device)[:, None]
+    kx = torch.fft.rfftfreq(w, device=images.device)[None, :]
+    k2 = kx**2 + ky**2
+    filt = torch.exp(-k2 / (2 * high**2)) * (1 - torch.exp(-k2 / (2 * low**2)))
+    out = torch.fft.irfft2(torch.fft.rfft2(images) * filt, s=(h, w))
+    out = out - out.mean(dim=(-2, -1), keepdim=True)
+    return out / out.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+
+
+def _taper(shape: tuple[int, int], width: float, device=None) -> torch.Tensor:
+    """``(h, w)`` window: 1 inside, cosine fall-off to 0 over ``width`` px at the edges."""
+
+    def ramp(n: int) -> torch.Tensor:
+        i = torch.arange(n, dtype=torch.float32, device=device)
+        d = torch.minimum(i, n - 1 - i) / max(width, 1.0)
+        return 0.5 - 0.5 * torch.cos(math.pi * d.clamp(0, 1))
+
+    return ramp(shape[0])[:, None] * ramp(shape[1])[None, :]
+
+
+def _xcorr_peak(
+    a: torch.Tensor, b: torch.Tensor, max_shift: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-pixel ``d`` ``(n, 2)`` xy maximising ``Σ_r a(r) b(r + d)`` within ``|d| <=
+    max_shift`` and the normalised peak value ``(n,)`` (both ``(n, h, w)``, zero-padded)."""
+    n, h, w = a.shape
+    fa = torch.fft.rfft2(a, s=(2 * h, 2 * w))
+    fb = torch.fft.rfft2(b, s=(2 * h, 2 * w))
+    cc = torch.fft.irfft2(fa.conj() * fb, s=(2 * h, 2 * w))
+    cc = torch.fft.fftshift(cc, dim=(-2, -1))  # zero shift at (h, w)
+    y = torch.arange(2 * h, device=a.device)[:, None] - h
+    x = torch.arange(2 * w, device=a.device)[None, :] - w
+    cc = torch.where((x**2 + y**2) <= max_shift**2, cc, torch.tensor(-torch.inf))
+    flat = cc.reshape(n, -1).argmax(-1)
+    iy, ix = flat // (2 * w), flat % (2 * w)
+    peak = cc[torch.arange(n), iy, ix]
+
+    def sub(m: torch.Tensor, c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        m, p = torch.nan_to_num(m, neginf=0.0), torch.nan_to_num(p, neginf=0.0)
+        den = m - 2 * c + p
+        return torch.where(den < 0, 0.5 * (m - p) / den, torch.zeros_like(den)).clamp(-0.5, 0.5)
+
+    rows = torch.arange(n)
+    dy = sub(cc[rows, (iy - 1).clamp(0), ix], peak, cc[rows, (iy + 1).clamp(max=2 * h - 1), ix])
+    dx = sub(cc[rows, iy, (ix - 1).clamp(0)], peak, cc[rows, iy, (ix + 1).clamp(max=2 * w - 1)])
+    d = torch.stack([ix - w + dx, iy - h + dy], -1).double()
+    norm = (a.square().sum((-2, -1)) * b.square().sum((-2, -1))).sqrt().clamp_min(1e-12)
+    return d, peak / norm
+
+
+# --- 1. coarse shifts ---------------------------------------------------------------------
+
+
+def _stretch(theta_a: torch.Tensor, theta_b: torch.Tensor, phi_a, phi_b) -> torch.Tensor:
+    """``M = Rz(φ_b) diag(cos θ_b / cos θ_a, 1) Rz(-φ_a)`` ``(n, 2, 2)``: offset in image a ->
+    the offset of the same thin-specimen point in image b."""
+    ratio = torch.cos(torch.deg2rad(theta_b.double())) / torch.cos(torch.deg2rad(theta_a.double()))
+    d = torch.diag_embed(torch.stack([ratio, torch.ones_like(ratio)], -1))
+    return _rot2(phi_b) @ d @ _rot2(-phi_a)
+
+
+def _pair_shifts(
+    images: torch.Tensor,
+    y_tilt: torch.Tensor,
+    z_rot: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    max_shift: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For pairs ``(a, b)``: the stretch ``M`` ``(n, 2, 2)``, the peak ``d`` ``(n, 2)`` with
+    ``s_b = M (s_a + d)``, and the normalised peak height ``(n,)``."""
+    h, w = images.shape[-2:]
+    a_idx = torch.tensor([p[0] for p in pairs])
+    b_idx = torch.tensor([p[1] for p in pairs])
+    m = _stretch(y_tilt[a_idx], y_tilt[b_idx], z_rot[a_idx], z_rot[b_idx])
+    stretched = _warp(images[b_idx], m, torch.zeros(len(pairs), 2), (h, w))
+    taper = _taper((h, w), 0.1 * min(h, w), images.device)
+    d, peak = _xcorr_peak(images[a_idx] * taper, stretched * taper, max_shift)
+    return m, d, peak
+
+
+def coarse_shifts(
+    images: torch.Tensor, y_tilt: torch.Tensor, z_rot: torch.Tensor, max_shift: float
+) -> torch.Tensor:
+    """Shifts ``(t, 2)`` (px of ``images``) by cosine-stretched cross-correlation of
+    neighbouring tilts, 0 at the tilt nearest 0°. ``images`` band-passed ``(t, h, w)``.
+
+    A tilt whose correlation peak with its inner neighbour is below half the median is not
+    chained through: the next tilt out is correlated with the last tilt before it instead."""
+    t = images.shape[0]
+    order = torch.argsort(y_tilt).tolist()
+    ref = min(range(t), key=lambda k: abs(float(y_tilt[order[k]])))
+    shifts = torch.zeros(t, 2, dtype=torch.float64)
+    branches = [order[ref:], order[ref::-1]]  # outwards from the reference, each side
+    pairs = [(br[k - 1], br[k]) for br in branches for k in range(1, len(br))]
+    if not pairs:
+        return shifts
+    m, d, peak = _pair_shifts(images, y_tilt, z_rot, pairs, max_shift)
+    found = {pair: (m[k], d[k], float(peak[k])) for k, pair in enumerate(pairs)}
+    floor = 0.5 * float(peak.median())
+    for branch in branches:
+        anchor = branch[0]
+        for b in branch[1:]:
+            if (anchor, b) not in found:  # skipping a tilt that did not correlate
+                m1, d1, p1 = _pair_shifts(images, y_tilt, z_rot, [(anchor, b)], max_shift)
+                found[(anchor, b)] = (m1[0], d1[0], float(p1[0]))
+            m_k, d_k, p_k = found[(anchor, b)]
+            shifts[b] = m_k @ (shifts[anchor] + d_k)
+            if p_k >= floor:
+                anchor = b
+    return shifts
+
+
+# --- 2. tilt axis -------------------------------------------------------------------------
+
+
+def _axis_profiles(
+    images: torch.Tensor, alignment: TiltAlignment, delta: float, half: int
+) -> torch.Tensor:
+    """``(t, 2·half)`` profiles along the tilt axis (ZRot + ``delta``): each tilt summed across
+    the axis over the whole image (edges tapered), zero-mean and normalised. Every pixel is
+    split linearly between the two profile bins around its coordinate along the axis, so the
+    noise in a bin does not depend on the angle (resampling the image at each angle and
+    normalising biased the axis by 1-2° on noisy series)."""
+    t, h, w = images.shape
+    taper = _taper((h, w), 0.1 * min(h, w), images.device)
+    y, x = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64) - h // 2,
+        torch.arange(w, dtype=torch.float64) - w // 2,
+        indexing="ij",
+    )
+    phi = torch.deg2rad(alignment.z_rot + delta)  # axis direction (-sin φ, cos φ)
+    along = (
+        -torch.sin(phi)[:, None, None] * (x - alignment.shifts[:, 0, None, None])
+        + torch.cos(phi)[:, None, None] * (y - alignment.shifts[:, 1, None, None])
+        + half
+    )  # (t, h, w) bins
+    low = along.floor()
+    frac = (along - low).float()
+    values = (images * taper).float()
+    profiles = torch.zeros(t, 2 * half + 1, dtype=torch.float32, device=images.device)
+    rows = torch.arange(t, device=images.device)[:, None, None] * (2 * half + 1)
+    for offset, weight in ((0, 1 - frac), (1, frac)):
+        index = (low + offset).long()
+        inside = (index >= 0) & (index <= 2 * half)
+        flat = (rows + index.clamp(0, 2 * half)).reshape(-1)
+        profiles.view(-1).index_add_(0, flat, (values * weight * inside).reshape(-1))
+    profiles = profiles[:, : 2 * half]
+    profiles = profiles - profiles.mean(-1, keepdim=True)
+    return profiles / profiles.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def refine_axis_common_lines(
+    images: torch.Tensor,
+    alignment: TiltAlignment,
+    search_deg: float = 4.0,
+    step_deg: float = 0.25,
+    slack: int = 3,
+) -> float:
+    """The change of every ZRot (deg, within ``±search_deg``) that makes the tilts' common-line
+    profiles agree best: the sum of the correlations of every pair of tilts, weighted by
+    ``(cos θ_f - cos θ_g)²`` (a wrong axis tilts profile f by ``δ cos θ_f``; pairs that differ
+    little in ``cos θ`` add only noise). Each pair's correlation is its best over relative
+    shifts along the axis of up to ``slack`` px, so that shifts not yet right along the axis
+    (which projection matching fits to the axis it is given) do not hold the axis back.
+    Tilts that agree with the others less than half as well as the median tilt are left
+    out."""
+    h, w = images.shape[-2:]
+    half = int(0.45 * min(h, w))
+    deltas = torch.arange(-search_deg, search_deg + step_deg / 2, step_deg, dtype=torch.float64)
+    # a wrong axis tilts tilt f's profile by δ·cos θ_f: pairs far apart in cos θ tell most
+    cos = torch.cos(torch.deg2rad(alignment.y_tilt)).float()
+    pair_weight = (cos[:, None] - cos[None, :]).square()
+
+    def pair_correlations(delta: float) -> torch.Tensor:
+        p = _axis_profiles(images, alignment, delta, half)  # (t, n)
+        n = p.shape[-1]
+        spectra = torch.fft.rfft(p, n=2 * n)
+        cc = torch.fft.irfft(spectra[:, None].conj() * spectra[None], n=2 * n)  # (t, t, 2n)
+        return torch.cat([cc[..., : slack + 1], cc[..., 2 * n - slack :]], -1).amax(-1)
+
+    # tilts whose profile agrees with the others' less than half as well as the median's
+    # (a tilt that does not align) are left out
+    agreement = pair_correlations(0.0).fill_diagonal_(0).sum(1)
+    keep = (agreement >= 0.5 * agreement.median()).float()
+    pair_weight = pair_weight * keep[:, None] * keep[None, :]
+    scores = [float((pair_weight * pair_correlations(d)).sum()) for d in deltas.tolist()]
+    score = torch.tensor(scores)
+    k = int(score.argmax())
+    best = float(deltas[k])
+    if 0 < k < len(deltas) - 1:
+        m, c, p = score[k - 1], score[k], score[k + 1]
+        den = float(m - 2 * c + p)
+        if den < 0:
+            best += step_deg * float(0.5 * (m - p) / den)
+    return best
+
+
+# --- 3. projection matching ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PatchFit:
+    """Per tilt: ``shift`` ``(t, 2)`` (image xy px), in-plane ``rotation`` (rad), ``stretch``
+    across the axis and ``rms`` of the patch residuals (px)."""
+
+    shift: torch.Tensor
+    rotation: torch.Tensor
+    stretch: torch.Tensor
+    rms: torch.Tensor
+
+
+def _fit_patches(
+    d: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, z_rot: torch.Tensor
+) -> _PatchFit:
+    """Weighted least squares, per tilt, of the patch displacements ``d`` ``(t, p, 2)`` at
+    offsets ``r`` ``(t, p, 2)`` from the projected specimen centre (weights ``(t, p)``) by an
+    affine map in the axis frame (``a = Rz(-ZRot) r``): ``d_a ≈ t + L a``. ``L`` splits into
+    the stretch across the axis ``L_xx`` (``-tan θ Δθ``), the rotation ``(L_yx - L_xy)/2`` and
+    the symmetric shear ``(L_yx + L_xy)/2`` (which a wrong tilt axis leaves, fitted so that it
+    does not bias the rotation); ``L_yy`` takes a magnification along the axis. Two passes
+    (patches off by more than 3x the RMS, at least 1.5 px, dropped)."""
+    t, p, _ = d.shape
+    rot = _rot2(z_rot)[:, None]  # (t, 1, 2, 2)
+    d_a = (rot.transpose(-1, -2) @ d[..., None])[..., 0]
+    a = (rot.transpose(-1, -2) @ r[..., None])[..., 0]
+    zero, one = torch.zeros_like(a[..., 0]), torch.ones_like(a[..., 0])
+    # columns: t_x, t_y, L_xx, L_xy, L_yx, L_yy; rows: the x and y equations
+    row_x = torch.stack([one, zero, a[..., 0], a[..., 1], zero, zero], -1)
+    row_y = torch.stack([zero, one, zero, zero, a[..., 0], a[..., 1]], -1)
+    design = torch.stack([row_x, row_y], -2)  # (t, p, 2, 6)
+    w = weight.clone()
+    eye = torch.eye(6, dtype=d.dtype)
+    for _ in range(2):
+        a_mat = (design * w[..., None, None].sqrt()).reshape(t, 2 * p, 6)
+        b_vec = (d_a * w[..., None].sqrt()).reshape(t, 2 * p, 1)
+        normal_eq = a_mat.transpose(1, 2) @ a_mat
+        scale = normal_eq.diagonal(dim1=1, dim2=2).amax(-1).clamp_min(1e-12)[:, None, None]
+        normal_eq = normal_eq + 1e-6 * scale * eye
+        params = torch.linalg.solve(normal_eq, a_mat.transpose(1, 2) @ b_vec)[..., 0]
+        res = (d_a - (design @ params[:, None, :, None])[..., 0]).norm(dim=-1)  # (t, p)
+        rms = ((res**2 * w).sum(1) / w.sum(1).clamp_min(1e-12)).sqrt()
+        w = torch.where(res > torch.clamp(3 * rms, min=1.5)[:, None], torch.zeros_like(w), w)
+    return _PatchFit(
+        shift=(rot[:, 0] @ params[:, :2, None])[..., 0],
+        rotation=0.5 * (params[:, 4] - params[:, 3]),
+        stretch=params[:, 2],
+        rms=rms,
+    )
+
+
+def projection_matching(
+    images: torch.Tensor,
+    alignment: TiltAlignment,
+    tomogram_size: tuple[int, int, int],
+    binning: int,
+    *,
+    groups: int = 4,
+    patches: int = 4,
+    max_shift: float = 8.0,
+    lowpass: float = 0.25,
+    axis_from_common_lines: bool = True,
+    refine_tilt_angles: bool = True,
+) -> tuple[TiltAlignment, _PatchFit, torch.Tensor]:
+    """One round: ``(updated alignment, patch fit, correlation (t,))``.
+
+    ``images`` ``(t, h, w)`` bin-1; the reconstruction and comparison run at ``binning``;
+    ``max_shift`` (binned px) bounds each patch's displacement; ``lowpass`` (cycles per binned
+    px) the band-pass of images and projections. Groups of tilts interleave in tilt angle.
+    ``axis_from_common_lines``: the in-plane rotations change by zero on average (their mean
+    is left to :func:`refine_axis_common_lines`); ``refine_tilt_angles``: change the tilt
+    angles too (else shifts and in-plane rotations only).
+    """
+    t, h, w = images.shape
+    b = int(binning)
+    binned = fourier_bin(images, b)
+    hb, wb = binned.shape[-2:]
+    band = _bandpass(binned, 2.0 / min(hb, wb), lowpass)
+    matrices = alignment.matrices(1.0, tomogram_size, (w, h))
+    grid = tomogram_grid(matrices, tomogram_size, (w, h), b)
+    depths = torch.zeros(1, dtype=torch.float64)
+    projections = torch.zeros_like(binned)
+    footprint = torch.zeros_like(binned)
+    ones = torch.ones(grid.shape, dtype=torch.float32, device=images.device)
+    order = torch.argsort(alignment.y_tilt)
+    n_groups = max(2, min(groups, t))
+    for g in range(n_groups):
+        held = order[g::n_groups]
+        rest = torch.tensor(
+            sorted(set(range(t)) - set(held.tolist())), dtype=torch.long, device=order.device
+        )
+        others = replace(grid, uv=grid.uv[rest], depth=grid.depth[rest])
+        mine = replace(grid, uv=grid.uv[held], depth=grid.depth[held])
+        volume = reconstruct_wbp(binned[rest], others)
+        projections[held] = project(volume, mine, depths)[:, 0]
+        footprint[held] = project(ones, mine, depths)[:, 0]
+    # compare where the rays cross at least half the volume's thickness
+    full = footprint.amax(dim=(-2, -1), keepdim=True)
+    mask = (footprint > 0.5 * full).float()
+    mask = F.avg_pool2d(mask[:, None], 9, stride=1, padding=4)[:, 0]  # soft edge
+    proj = _bandpass(projections, 2.0 / min(hb, wb), lowpass)
+    img = band * mask
+    proj = proj * mask
+    correlation = (img * proj).sum((-2, -1)) / (
+        img.square().sum((-2, -1)) * proj.square().sum((-2, -1))
+    ).sqrt().clamp_min(1e-12)
+
+    # patches on a regular grid (binned px): displacement of the image against the projection
+    size = 2 * (min(hb, wb) // (patches + 1))
+    starts_y = torch.linspace(0, hb - size, patches).round().long()
+    starts_x = torch.linspace(0, wb - size, patches).round().long()
+    taper = _taper((size, size), size / 4, images.device)
+    crops_i, crops_p, centres, weights = [], [], [], []
+    for y0 in starts_y.tolist():
+        for x0 in starts_x.tolist():
+            m = mask[:, y0 : y0 + size, x0 : x0 + size]
+            crops_i.append(img[:, y0 : y0 + size, x0 : x0 + size] * taper)
+            crops_p.append(proj[:, y0 : y0 + size, x0 : x0 + size] * taper)
+            centres.append([x0 + size // 2, y0 + size // 2])
+            weights.append(m.mean((-2, -1)))
+    n_p = len(centres)
+    a = torch.stack(crops_p, 1).reshape(t * n_p, size, size)
+    bb = torch.stack(crops_i, 1).reshape(t * n_p, size, size)
+    d, peak = _xcorr_peak(a, bb, max_shift)
+    d = d.reshape(t, n_p, 2) * b  # bin-1 px
+    coverage = torch.stack(weights, 1).double()  # (t, p)
+    weight = torch.where(coverage > 0.5, peak.reshape(t, n_p).double().clamp_min(0), 0.0)
+    centre = torch.tensor(centres, dtype=torch.float64) * b  # bin-1 px
+    # offsets from the projected specimen centre
+    r = (
+        centre[None]
+        - (torch.tensor([w // 2, h // 2], dtype=torch.float64) + alignment.shifts)[:, None]
+    )
+    fit = _fit_patches(d, weight, r, alignment.z_rot)
+    tan = torch.tan(torch.deg2rad(alignment.y_tilt))
+    d_theta = torch.rad2deg(-fit.stretch * tan / (tan**2 + math.tan(math.radians(15)) ** 2))
+    d_theta = d_theta.clamp(-MAX_STEP_DEG, MAX_STEP_DEG)
+    d_theta = d_theta - d_theta.mean()  # gauge: the tilt angles' mean stays
+    if not refine_tilt_angles:
+        d_theta = torch.zeros_like(d_theta)
+    d_phi = torch.rad2deg(fit.rotation).clamp(-MAX_STEP_DEG, MAX_STEP_DEG)
+    if axis_from_common_lines:  # their mean is nearly a turn of the reconstruction
+        d_phi = d_phi - d_phi.mean()
+    updated = TiltAlignment(
+        y_tilt=alignment.y_tilt + d_theta,
+        z_rot=alignment.z_rot + d_phi,
+        shifts=alignment.shifts + fit.shift,
+    )
+    return updated, fit, correlation.double()
+
+
+def _flags(residual: torch.Tensor, correlation: torch.Tensor) -> torch.Tensor:
+    """Tilts that do not align: correlation below half the median, or residual above three
+    times the median plus 1 px."""
+    return (correlation < 0.5 * correlation.median()) | (residual > 3 * residual.median() + 1.0)
+
+
+def align_tilt_series(
+    images: torch.Tensor,
+    y_tilt: torch.Tensor,
+    z_rot: torch.Tensor,
+    tomogram_size: tuple[int, int, int],
+    *,
+    binning: int = 2,
+    max_shift: float = 60.0,
+    axis_search_deg: float = 4.0,
+    rounds: int = 4,
+    refine_axis: bool = True,
+    refine_tilt_angles: bool = True,
+) -> AlignmentResult:
+    """Align a tilt series ``(t, h, w)`` (bin-1, table row order) from the nominal tilt angles
+    and ZRot (deg, ``(t,)``); the shifts are found anew (the coarse step needs none).
+
+    Everything runs on the images Fourier-binned by ``binning`` (measured on a 256² series:
+    rounds at bin 1 after bin 2 gave 0.277 instead of 0.274 px RMS, in 4x the time);
+    ``max_shift`` bin-1 px between neighbouring tilts; ``axis_search_deg`` the ± range of the
+    tilt-axis search; ``rounds`` of projection matching. Raises ``ValueError`` for fewer than
+    3 tilts.
+    """
+    t, h, w = images.shape
+    if t < 3:
+        raise ValueError(f"{t} tilt(s): alignment needs at least 3")
+    images = images.float()
+    alignment = TiltAlignment(
+        y_tilt=y_tilt.double().clone(),
+        z_rot=z_rot.double().clone(),
+        shifts=torch.zeros(t, 2, dtype=torch.float64),
+    )
+    b = int(binning)
+    binned = fourier_bin(images, b)
+    low = 2.0 / (min(h, w) // b)
+    coarse = _bandpass(binned, low, 0.2)
+    sharp = _bandpass(binned, low, 0.5)  # common lines: measured best without a low-pass
+    axis_total = 0.0
+
+    def axis(alignment: TiltAlignment, search: float) -> TiltAlignment:
+        nonlocal axis_total
+        scaled = replace(alignment, shifts=alignment.shifts / b)
+        delta = refine_axis_common_lines(sharp, scaled, search_deg=search)
+        axis_total += delta
+        log.info("tilt axis: ZRot %+.2f deg (common lines)", delta)
+        return replace(alignment, z_rot=alignment.z_rot + delta)
+
+    for search in (axis_search_deg, 1.0) if refine_axis else (0.0,):
+        found = coarse_shifts(coarse, alignment.y_tilt, alignment.z_rot, max_shift / b) * b
+        alignment = replace(alignment, shifts=found)
+        if refine_axis:
+            alignment = axis(alignment, search)
+    residual = correlation = torch.zeros(t, dtype=torch.float64)
+    for k in range(rounds):
+        alignment, fit, correlation = projection_matching(
+            images,
+            alignment,
+            tomogram_size,
+            b,
+            axis_from_common_lines=refine_axis,
+            refine_tilt_angles=refine_tilt_angles,
+        )
+        residual = fit.rms
+        log.info(
+            "projection matching round %d (bin %d): residual median %.2f px, correlation %.3f",
+            k + 1, b, float(residual.median()), float(correlation.median()),
+        )  # fmt: skip
+    return AlignmentResult(
+        alignment=alignment,
+        residual_px=residual,
+        correlation=correlation,
+        flagged=_flags(residual, correlation),
+        axis_correction=axis_total,
+    )
