@@ -60,15 +60,19 @@ def project(root: Path, maps: list[str], px: float, particles: int = 300) -> Pat
     return root
 
 
-def run_initial_model(root: Path, out: str, options: list[str]) -> tuple[float, float]:
-    """Run the job in ``root`` (if not done); wall seconds and the children's peak RSS (GiB)."""
+def run_initial_model(root: Path, out: str, options: list[str]) -> str:
+    """Run the job in ``root`` (if not done); its wall and CPU seconds (user + system, all
+    threads) and the children's peak RSS."""
     if (root / out / "initial_model.mrc").is_file():
-        return float("nan"), float("nan")
+        return "(done before)"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     _sh("subtomo", "initial-model", "--ios", "ext/optimisation_set.star", "--device", "cpu",
         "--o", out, *options, cwd=root)  # fmt: skip
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return time.perf_counter() - start, rss
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return f"{wall:.0f} s wall, {cpu:.0f} CPU s, peak RSS {after.ru_maxrss / 2**20:.2f} GiB"
 
 
 def correlations(truth: torch.Tensor, volume: torch.Tensor, px: float, res: float = 30.0):
@@ -104,15 +108,15 @@ def bar_target(name: str, args) -> None:
     root = project(wd / name, maps, px)
     opts = ["--iter", str(args.iter), "--particle_diameter", str(diameter), "--maxres", "30",
             "--sym", sym, *shlex.split(args.extra)]  # fmt: skip
-    seconds, rss = run_initial_model(root, "InitialModel", opts)
+    timing = run_initial_model(root, "InitialModel", opts)
     truth, _ = read_mrc(root / "truth.mrc")
     final, _ = read_mrc(root / "InitialModel" / "initial_model.mrc")
     a = correlations(truth, final, px)
     same, mirror = (a.other_hand_correlation, a.correlation) if a.mirrored else (
         a.correlation, a.other_hand_correlation)  # fmt: skip
     err = frame_pose_error(_last_data(root / "InitialModel"), root / "particles.star")
-    print(f"{name} ({sym}, 300 particles, box 64, {px:g} Å/px): {seconds:.0f} s, peak RSS "
-          f"{rss:.2f} GiB; correlation with the truth at 30 Å: {same:.3f} as written, "
+    print(f"{name} ({sym}, 300 particles, box 64, {px:g} Å/px): {timing}; "
+          f"correlation with the truth at 30 Å: {same:.3f} as written, "
           f"{mirror:.3f} mirrored (bar >= 0.8); median pose error in the map's frame "
           f"{err:.1f} deg (C1 run)")  # fmt: skip
 
@@ -122,11 +126,11 @@ def bar_k2(args) -> None:
     root = project(args.workdir / "mix", maps, 10.0)
     opts = ["--iter", str(args.iter), "--K", "2", "--particle_diameter", "300", "--maxres",
             "30", *shlex.split(args.extra)]  # fmt: skip
-    seconds, rss = run_initial_model(root, "InitialModel", opts)
+    timing = run_initial_model(root, "InitialModel", opts)
     job = root / "InitialModel"
     it = _last_data(job).name[:9]
     species = {s: read_mrc(root / f"truth_ribosome{s}_4v4r_5A.mrc")[0] for s in ("70S", "50S")}
-    print(f"K=2 (70S/50S 50/50, 300 particles): {seconds:.0f} s, peak RSS {rss:.2f} GiB")
+    print(f"K=2 (70S/50S 50/50, 300 particles): {timing}")
     for c in (1, 2):
         vol, _ = read_mrc(job / f"{it}_class{c:03d}.mrc")
         ccs = {s: correlations(t, vol, 10.0).correlation for s, t in species.items()}

@@ -93,9 +93,10 @@ def test_schedule_and_minibatches() -> None:
     assert s.subset(0, 100) == 10 and s.subset(5, 100) == 30 and s.subset(10, 20) == 20
     assert s.resolution_angst(0) == pytest.approx(60) and s.resolution_angst(5) == pytest.approx(30)
     assert s.resolution_angst(2) == pytest.approx(1 / (0.6 / 60 + 0.4 / 30))
-    # one pass over 25 particles in batches of 10: every particle once before any repeats
-    seen = [minibatch(i, 10, 25, seed=3) for i in range(2)]
-    assert len(set(seen[0]) | set(seen[1])) == 20
+    batches = [minibatch(i, 10, 25, seed=3) for i in range(2)]
+    assert all(len(set(b)) == 10 for b in batches) and not (batches[0] == batches[1]).all()
+    assert (minibatch(1, 10, 25, seed=3) == batches[1]).all()
+    assert len(minibatch(0, 40, 25, seed=3)) == 25
     r = random_rotations(500, torch.Generator().manual_seed(0))
     assert torch.allclose(r @ r.transpose(1, 2), torch.eye(3, dtype=torch.float64), atol=1e-12)
     assert abs(float(r[:, 2, 2].mean())) < 0.1  # uniform: no preferred axis

@@ -215,14 +215,7 @@ def gradient_iteration(
 
 
 def minibatch(iteration: int, size: int, n_particles: int, seed: int) -> np.ndarray:
-    """Particle indices (sorted) of the mini-batch of ``iteration``: consecutive slices of a
-    random permutation per pass over the data (seeded by ``seed`` and the pass)."""
-    out: list[np.ndarray] = []
-    start = iteration * size
-    while sum(len(o) for o in out) < size:
-        epoch, offset = divmod(start, n_particles)
-        perm = np.random.default_rng([seed, epoch]).permutation(n_particles)
-        take = perm[offset : offset + size - sum(len(o) for o in out)]
-        out.append(take)
-        start += len(take)
-    return np.unique(np.concatenate(out))
+    """Sorted indices of ``min(size, N)`` distinct particles drawn for ``iteration``
+    (deterministic in ``seed`` and ``iteration``)."""
+    rng = np.random.default_rng([seed, iteration])
+    return np.sort(rng.choice(n_particles, min(size, n_particles), replace=False))
