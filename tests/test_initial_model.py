@@ -158,6 +158,21 @@ def test_initial_model_converges_to_the_truth_from_random_orientations(project) 
     assert a.correlation > 0.9
 
 
+def test_symmetry_is_applied_after_the_c1_run(project) -> None:
+    """``--sym C2`` runs C1 and writes the map turned onto the C2 axis and symmetrised."""
+    with contextlib.chdir(project):
+        run(InitialModelParams(
+            ios="ext/optimisation_set.star", iter=1, sym="C2", grad_ini_subset=20,
+            ini_high=100, maxres=100, particle_diameter=500, device="cpu",
+            output_dir="InitialModel/job002",
+        ))  # fmt: skip
+        final, _ = read_mrc("InitialModel/job002/initial_model.mrc")
+        report = Path("InitialModel/job002/report.html").read_text()
+    mask = soft_sphere(final.shape, final.shape[-1] / 2 - 3, 2.0)
+    assert masked_correlation(final, symmetrise_volume(final, "C2"), mask) > 0.99
+    assert "C2 applied after C1" in report
+
+
 def test_flip_hand_writes_the_mirror_image(ribosome) -> None:
     write_mrc("map.mrc", ribosome, PX)
     result = CliRunner().invoke(app, ["flip-hand", "--i", "map.mrc", "--o", "FlipHand/job001"])
