@@ -173,6 +173,13 @@ def test_symmetry_is_applied_after_the_c1_run(project) -> None:
     assert "C2 applied after C1" in report
 
 
+def test_angle_priors_are_required_for_sigma_tilt(project) -> None:
+    with contextlib.chdir(project), pytest.raises(InputError, match="rlnAngleTiltPrior"):
+        run(InitialModelParams(ios="ext/optimisation_set.star", sigma_tilt=10.0,
+                               output_dir="InitialModel/job003"))  # fmt: skip
+    assert not (project / "InitialModel" / "job003").exists()
+
+
 def test_flip_hand_writes_the_mirror_image(ribosome) -> None:
     write_mrc("map.mrc", ribosome, PX)
     result = CliRunner().invoke(app, ["flip-hand", "--i", "map.mrc", "--o", "FlipHand/job001"])

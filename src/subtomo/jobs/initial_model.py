@@ -213,6 +213,11 @@ def run(params: InitialModelParams) -> dict[str, str]:
     )
     probe = StackLoader(parts, tomos, batch_size=1)
     box, px = probe.box, probe.pixel_size
+    if (params.sigma_tilt > 0 or params.sigma_psi > 0) and probe.angle_priors is None:
+        raise InputError(
+            "--sigma_tilt/--sigma_psi need prior angles (surface-normal picks)",
+            file=parts.source, block="particles", column="rlnAngleTiltPrior",
+        )  # fmt: skip
     truth = None
     if params.truth:
         truth, _ = read_map_checked(
