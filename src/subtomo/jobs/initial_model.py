@@ -7,9 +7,11 @@ orientation searches, the resolution growing from ``--ini_high`` to ``--maxres``
 (:mod:`subtomo.ml.initial_model`). With ``--sym`` other than C1 the run is C1 and the final
 map is moved onto the symmetry axes and symmetrised (``--impose_sym``: the symmetry is
 imposed throughout). ``--sigma_tilt``/``--sigma_psi`` use the pickers' surface-normal priors
-(rlnAngleTilt/PsiPrior). Every ``--write_iter`` iterations and at the end it writes RELION's
+(rlnAngleTilt/PsiPrior). Every ``--grad_write_iter`` iterations and at the end it writes RELION's
 ``run_itNNN_classNNN.mrc``, ``_data.star``, ``_model.star``, ``_optimiser.star`` and
-``_sampling.star``, then ``initial_model.mrc`` (the largest class, in the symmetry frame).
+``_sampling.star``, then ``initial_model.mrc`` (the largest class, in the symmetry frame);
+the report shows the central sections of every class at every iteration, the class sizes and
+the resolution estimate.
 
 Hand: the tilt geometry fixes the hand of the map only as far as the tomograms' own hand is
 right, and at low resolution the mirror image fits the data almost as well; the report says
@@ -281,6 +283,7 @@ def run(params: InitialModelParams) -> dict[str, str]:
                 " ".join(f"{p:.3f}" for p in model.class_priors.tolist()),
                 history[-1]["resolution_angst"],
             )  # fmt: skip
+            _plot_classes(job, model)
             if model.iteration % params.write_iter == 0 or it == params.iter - 1:
                 files = IterationFiles(job.directory, model.iteration)
                 _write_iteration(files, model, state, parts, opt, sampling, params, {
@@ -293,7 +296,6 @@ def run(params: InitialModelParams) -> dict[str, str]:
                     "rlnParticleDiameter": engine.particle_diameter_angst,
                     "rlnHasConverged": int(it == params.iter - 1),
                 })  # fmt: skip
-                _plot_classes(job, model)
         final, sym_cc = _final_map(model, params)
         write_mrc(job.path("initial_model.mrc"), final, px)
         outputs[str(files.data)] = "ParticleGroupMetadata.star.relion.tomo.initialmodel"
