@@ -291,7 +291,9 @@ def symmetry_frame(
             out.append((w[:, None] * copies).sum((-3, -2, -1)).mean(1))
         return torch.cat(out)
 
-    grid = orientation_grid(healpix_order, symmetry)[1].to(dtype)
+    # the score is the same for R and g R; the grid's asymmetric unit is one of R ~ R g, so
+    # its transposes cover one rotation of each set {g R}
+    grid = orientation_grid(healpix_order, symmetry)[1].transpose(1, 2).to(dtype)
     coarse_scores = scores(coarse, grid, coarse_scale, COARSE_BOX)
     r = grid[int(coarse_scores.argmax())]
     step = 360.0 / (6 * 2**healpix_order)
