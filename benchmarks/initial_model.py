@@ -19,7 +19,7 @@ global searches take long on 2 shared cores (not run for the numbers in the READ
 Measured (2 shared cores, load < 1): ribosome 168 s, 266 CPU s, 1.57 GiB, correlation 0.977
 (mirror 0.885), poses 8.4 deg; proteasome 89 s, 149 CPU s, 0.992 (mirror 0.969); K = 2 (load
 ~13) 910 s, 379 CPU s, classes 0.982 with 70S and 0.982 with 50S, 296 of 300 particles in
-their species' class.
+their species' class (232 s, 403 CPU s at load < 1).
 
     python benchmarks/initial_model.py --workdir /tmp/bim [--targets ribosome proteasome]
         [--k2] [--refine] [--iter 15] [--extra "--grad_fin_subset 300"]
