@@ -3,7 +3,7 @@
 RELION's "3D initial model" (``relion_refine --grad --denovo_3dref``) starts from the
 particles averaged in random orientations and takes gradient steps on the map computed from
 mini-batches with global orientation searches, the resolution growing over the iterations
-(relion5-conventions §7; conventions §16). Here each iteration:
+(relion5-conventions §7; conventions §19). Here each iteration:
 
 1. runs the engine's E-step (:func:`subtomo.ml.expectation_pass`: global HEALPix search,
    the tilt series' CTF and dose of every tilt, adaptive oversampling) on a mini-batch of
