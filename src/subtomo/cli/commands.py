@@ -192,6 +192,13 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "subtomo.jobs.class3d", "Class3DParams",
         "3D classification (with or without alignment) on the ML engine, RELION's outputs.",
     ),
+    "initial-model": JobCommand(
+        "subtomo.jobs.initial_model", "InitialModelParams",
+        "De novo 3D initial model: stochastic gradient steps over mini-batches, global search.",
+    ),
+    "flip-hand": JobCommand(
+        "subtomo.jobs.flip_hand", "FlipHandParams", "Write the mirror image (z -> -z) of a map."
+    ),
     "demo": JobCommand(
         "subtomo.jobs.demo", "DemoParams",
         "Simulate a ribosome data set with known truth and run the tutorial path on it.",
