@@ -45,7 +45,7 @@ def _prepare(work: Path, particles: int, box: int) -> None:
     subprocess.run([sys.executable, "-m", "subtomo.cli", "simulate", "--out", str(work),
                     "--particles", str(particles), "--box", str(box), "--tilt-step", "3",
                     "--noise", "gaussian", "--snr", "0.05", "--pose-error-deg", "6",
-                    "--shift-error-px", "1.5", "--tomograms", "2", "--seed", "1"],
+                    "--shift-error-px", "1.5", "--tomograms", "4", "--seed", "1"],
                    check=True, capture_output=True)  # fmt: skip
     for step in (["extract", "--p", "particles_picked.star", "--t", "tomograms.star",
                   "--box", str(box), "--float32", "--o", "ext"],
