@@ -377,12 +377,15 @@ class TomogramSet:
         return cls(global_table, {n: loader(n) for n in names})
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> TomogramSet:
-        """Read RELION 5 (per-tilt files) or RELION 4 / WarpTools (one file) tomograms.star."""
+    def read(cls, path: str | os.PathLike, *, require_series: bool = False) -> TomogramSet:
+        """Read RELION 5 (per-tilt files) or RELION 4 / WarpTools (one file) tomograms.star;
+        ``require_series``: an empty global table is an error (jobs that work per series)."""
         path = Path(path)
         blocks = read_star(path)
         table = require_block(blocks, _GLOBAL, path)
         require_columns(table, ["rlnTomoName"], path, _GLOBAL)
+        if require_series and len(table) == 0:
+            raise InputError("no tilt series in the global table", file=path, block=_GLOBAL)
         names = table["rlnTomoName"].astype(str).tolist()
         cache: dict[Path, dict] = {path: blocks}
         if _STAR_FILE in table.columns:

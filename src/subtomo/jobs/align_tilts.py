@@ -125,9 +125,7 @@ def run(params: AlignTiltsParams) -> dict[str, str]:
     """Align every series; returns ``{output path: RELION node type}``."""
     if params.rounds < 0 or params.axis_search < 0:
         raise InputError("--rounds and --axis_search must be >= 0")
-    tomograms = TomogramSet.read(params.i)
-    if len(tomograms) == 0:
-        raise InputError("no tilt series in the global table", file=params.i, block="global")
+    tomograms = TomogramSet.read(params.i, require_series=True)
     plans = [_plan(params, s) for s in tomograms]
     inputs = {params.i: "TomogramGroupMetadata.star.relion.tomo"}
     with run_job(

@@ -180,9 +180,7 @@ def _plots(job, name: str, series: TiltSeries, fit: SeriesFit, px: float) -> Non
 def run(params: CtfFindParams) -> dict[str, str]:
     """Estimate the CTF of every tilt; returns ``{output path: RELION node type}``."""
     device = resolve_device(params.device)
-    tomograms = TomogramSet.read(params.i)
-    if len(tomograms) == 0:
-        raise InputError("no tilt series in the global table", file=params.i, block="global")
+    tomograms = TomogramSet.read(params.i, require_series=True)
     paths = {s.name: _check_series(s, params.box) for s in tomograms}
     inputs = {params.i: "TomogramGroupMetadata.star.relion.tomo"}
     with run_job("CtfFind", params, output_dir=params.output_dir,

@@ -184,21 +184,26 @@ def _imod(series: TiltSeries, folder: Path) -> tuple[pd.DataFrame, dict, list[st
     return table, values, notes
 
 
+def _nominal_tilts(series: TiltSeries, what: str) -> np.ndarray:
+    """rlnTomoNominalStageTiltAngle of ``series``, which ``what`` is matched to."""
+    if "rlnTomoNominalStageTiltAngle" not in series.tilts.columns:
+        raise InputError(
+            f"rlnTomoNominalStageTiltAngle is needed to match {what}",
+            file=series.tilt_file,
+            block=series.name,
+        )
+    return numeric_column(
+        series.tilts, "rlnTomoNominalStageTiltAngle", series.tilt_file, series.name
+    )
+
+
 def _aretomo(series: TiltSeries, folder: Path) -> tuple[pd.DataFrame, dict, list[str]]:
     """``(aligned table, global values, notes)`` of one series from an ``.aln``."""
     path = _find(folder, series.name, ".aln")
     if path is None:
         raise InputError(f"no {series.name}.aln for tilt series {series.name}", file=folder)
     aln = read_aln(path)
-    if "rlnTomoNominalStageTiltAngle" not in series.tilts.columns:
-        raise InputError(
-            "rlnTomoNominalStageTiltAngle is needed to match the .aln's rows",
-            file=series.tilt_file,
-            block=series.name,
-        )
-    nominal = numeric_column(
-        series.tilts, "rlnTomoNominalStageTiltAngle", series.tilt_file, series.name
-    )
+    nominal = _nominal_tilts(series, "the .aln's rows")
     scale = _scale(series, aln.raw_size[:2] if aln.raw_size else None, path)
     try:
         kept, columns = aretomo_to_relion(aln, nominal, series.pixel_size, scale=scale)
@@ -222,15 +227,7 @@ def _warp(series: TiltSeries, folder: Path) -> tuple[pd.DataFrame, dict, list[st
     if path is None:
         raise InputError(f"no {series.name}.xml for tilt series {series.name}", file=folder)
     xml = read_warp_xml(path)
-    if "rlnTomoNominalStageTiltAngle" not in series.tilts.columns:
-        raise InputError(
-            "rlnTomoNominalStageTiltAngle is needed to match the .xml's tilts",
-            file=series.tilt_file,
-            block=series.name,
-        )
-    nominal = numeric_column(
-        series.tilts, "rlnTomoNominalStageTiltAngle", series.tilt_file, series.name
-    )
+    nominal = _nominal_tilts(series, "the .xml's tilts")
     try:
         kept, columns = warp_to_relion(xml, nominal)
     except ValueError as exc:
@@ -296,9 +293,7 @@ def run(params: ImportAlignmentParams) -> dict[str, str]:
         raise InputError("give exactly one of --imod_dir, --aretomo_dir, --warp_dir, --relion4")
     source = given[0]
     image_size = _parse_size(params.image_size)
-    tomograms = TomogramSet.read(params.i)
-    if len(tomograms) == 0:
-        raise InputError("no tilt series in the global table", file=params.i, block="global")
+    tomograms = TomogramSet.read(params.i, require_series=True)
     folder = Path(params.imod_dir or params.aretomo_dir or params.warp_dir or params.i)
     if not params.relion4 and not folder.is_dir():
         raise InputError("folder not found", file=folder)

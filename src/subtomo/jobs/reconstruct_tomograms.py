@@ -219,9 +219,7 @@ def run(params: ReconstructTomogramsParams) -> dict[str, str]:
     if params.bin < 1 or params.iter < 1 or not 0 < params.relax < 2 or params.sirt_like < 0:
         raise InputError("--bin and --iter must be >= 1, --relax in (0, 2), --sirt_like >= 0")
     device = resolve_device(params.device)
-    tomograms = TomogramSet.read(params.i)
-    if len(tomograms) == 0:
-        raise InputError("no tilt series in the global table", file=params.i, block="global")
+    tomograms = TomogramSet.read(params.i, require_series=True)
     plans = [_plan(params, s, device) for s in tomograms]
     inputs = {params.i: "TomogramGroupMetadata.star.relion.tomo"}
     with run_job(

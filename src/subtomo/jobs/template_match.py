@@ -239,9 +239,7 @@ def run(params: TemplateMatchParams) -> dict[str, str]:
     """Match the template in every tomogram; returns ``{output path: RELION node type}``."""
     _check(params)
     device = resolve_device(params.device)
-    tomograms = TomogramSet.read(params.i)
-    if len(tomograms) == 0:
-        raise InputError("no tilt series in the global table", file=params.i, block="global")
+    tomograms = TomogramSet.read(params.i, require_series=True)
     plans = [_tomogram(params, s) for s in tomograms]
     voxels = {round(p.voxel_size, 3) for p in plans}
     if len(voxels) != 1:
