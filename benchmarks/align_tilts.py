@@ -13,11 +13,16 @@ result is compared with ``true_alignment.star``:
   particles moved by that rigid motion, as picking them in the found tomogram would): the
   FSC to the true map crosses 0.5 and 0.143 within one shell of the true alignment's (bar).
 
+With ``--beads N`` the series also has N gold beads (radius ``--bead-radius`` px) and
+``--mode`` picks fiducial-less, fiducial (``align-tilts --fiducial``) or both, each measured
+against the same truth; the fiducial mode also prints the recovered tilt offset.
+
 Also measured: teamtomo's ``torch-tiltxcorr`` and ``torch-refine-tilt-axis-angle`` 0.6 on the
 same images, given the true shifts/axis where they need them. Prints seconds and peak RSS.
 
     python benchmarks/align_tilts.py                  # the bar
     python benchmarks/align_tilts.py --noise none --particles 50
+    python benchmarks/align_tilts.py --beads 12 --mode both   # fiducial vs fiducial-less
 """
 
 from __future__ import annotations
@@ -99,6 +104,9 @@ def main() -> None:
     ap.add_argument("--axis-error", type=float, default=3.0, help="tilt-axis error (deg)")
     ap.add_argument("--tilt-offset", type=float, default=1.0, help="common tilt offset (deg)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--beads", type=int, default=0, help="gold beads per tomogram")
+    ap.add_argument("--bead-radius", type=float, default=5.0, help="bead radius (px)")
+    ap.add_argument("--mode", default="fiducial-less", help="fiducial-less | fiducial | both")
     ap.add_argument("--no-fsc", action="store_true", help="skip Extract + Reconstruct")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a new temp folder")
     args = ap.parse_args()
@@ -123,85 +131,93 @@ def main() -> None:
             particles=args.particles, tilt_step=120.0 / (args.tilts - 1), noise=args.noise,
             snr=args.snr, tilt_shift_error_px=args.shift_error, axis_error_deg=args.axis_error,
             tilt_offset_deg=args.tilt_offset, tilt_angle_error_deg=0.4, in_plane_error_deg=0.3,
-            seed=args.seed,
+            beads=args.beads, bead_radius_px=args.bead_radius, seed=args.seed,
         ))  # fmt: skip
         seconds["simulate"] = time.perf_counter() - start
-        start = time.perf_counter()
-        align_tilts.run(align_tilts.AlignTiltsParams(i="tomograms.star", output_dir="Align"))
-        seconds["align-tilts"] = time.perf_counter() - start
-        aligned = "Align/aligned_tilt_series.star"
-        name = TomogramSet.read(aligned).names[0]
+        modes = ["fiducial-less", "fiducial"] if args.mode == "both" else [args.mode]
+        name = TomogramSet.read("tomograms.star").names[0]
         true = _matrices("true_alignment.star", name, image)
-        found = _matrices(aligned, name, image)
         nominal, _ = alignment_error(true, _matrices("tomograms.star", name, image), size)
-        rms, motion = alignment_error(true, found, size)
         key = "rlnTomoNominalStageTiltAngle"
         true_tilts = TomogramSet.read("true_alignment.star")[name].tilts.sort_values(key)
-        found_tilts = TomogramSet.read(aligned)[name].tilts
         shifts = true_tilts[["rlnTomoXShiftAngst", "rlnTomoYShiftAngst"]].to_numpy() / px
-        axis = float(found_tilts["rlnTomoZRot"].mean() - true_tilts["rlnTomoZRot"].mean())
         print(f"project: {out}")
         print(f"injected: shifts up to {np.abs(shifts).max():.1f} px, axis "
               f"{args.axis_error:+.1f}°, tilt offset {args.tilt_offset:+.1f}° (+σ 0.4°), "
-              f"in-plane σ 0.3°; noise {args.noise} SNR {args.snr}")  # fmt: skip
-        print(f"residual error (gauge-free): nominal {float(nominal.square().mean().sqrt()):.2f} "
-              f"px RMS -> aligned {float(rms.square().mean().sqrt()):.3f} px RMS (bar 0.5), "
-              f"worst tilt {float(rms.max()):.2f} px")  # fmt: skip
-        print(f"tilt axis error {axis:+.3f}° (bar 0.3); flagged tilts "
-              f"{int(found_tilts['subtomoAlignFlagged'].sum())}")  # fmt: skip
+              f"in-plane σ 0.3°; noise {args.noise} SNR {args.snr}; "
+              f"{args.beads} beads")  # fmt: skip
+        print(f"residual error (gauge-free) with the nominal alignment: "
+              f"{float(nominal.square().mean().sqrt()):.2f} px RMS")  # fmt: skip
+        fsc = {}
+        for mode in modes:
+            start = time.perf_counter()
+            align_tilts.run(align_tilts.AlignTiltsParams(
+                i="tomograms.star", output_dir=f"Align/{mode}", fiducial=mode == "fiducial",
+                bead_diameter=2 * args.bead_radius * px,
+            ))  # fmt: skip
+            seconds[f"align-tilts {mode}"] = time.perf_counter() - start
+            aligned = f"Align/{mode}/aligned_tilt_series.star"
+            found = _matrices(aligned, name, image)
+            rms, motion = alignment_error(true, found, size)
+            found_tilts = TomogramSet.read(aligned)[name].tilts
+            axis = float(found_tilts["rlnTomoZRot"].mean() - true_tilts["rlnTomoZRot"].mean())
+            offset = float(found_tilts["rlnTomoYTilt"].mean() - true_tilts["rlnTomoYTilt"].mean())
+            print(f"{mode}: residual error (gauge-free) {float(rms.square().mean().sqrt()):.3f} "
+                  f"px RMS (bar 0.5), worst tilt {float(rms.max()):.2f} px; tilt axis error "
+                  f"{axis:+.3f}° (bar 0.3); mean tilt angle error {offset:+.3f}° (injected "
+                  f"{args.tilt_offset:+.1f}°); flagged tilts "
+                  f"{int(found_tilts['subtomoAlignFlagged'].sum())}")  # fmt: skip
+            if not args.no_fsc:
+                _moved_particles("particles.star", f"particles_{mode}.star", motion, px, size)
+                runs = [(mode, aligned, f"particles_{mode}.star")]
+                if not fsc:
+                    runs.insert(0, ("true", "true_alignment.star", "particles.star"))
+                for kind, tomograms, particles in runs:
+                    start = time.perf_counter()
+                    extract.run(extract.ExtractParams(
+                        particles=particles, tomograms=tomograms, box=48, device="cpu",
+                        output_dir=f"Extract/{kind}"))  # fmt: skip
+                    reconstruct.run(reconstruct.ReconstructParams(
+                        ios=f"Extract/{kind}/optimisation_set.star", device="cpu",
+                        output_dir=f"Reconstruct/{kind}"))  # fmt: skip
+                    seconds[f"extract+reconstruct {kind}"] = time.perf_counter() - start
+                    fsc[kind] = fsc_maps(read_mrc(f"Reconstruct/{kind}/merged.mrc")[0],
+                                         read_mrc("truth.mrc")[0]).numpy()  # fmt: skip
+                gap = np.abs(fsc["true"][1:] - fsc[mode][1:])
+                print(f"{mode}: FSC to truth, true vs found alignment: largest difference "
+                      f"{gap.max():.3f} (shell {int(gap.argmax()) + 1} of {len(gap)})")  # fmt: skip
+                for threshold in (0.5, 0.143):
+                    shells = {}
+                    for kind in ("true", mode):
+                        below = np.flatnonzero(fsc[kind][1:] < threshold)
+                        shells[kind] = int(below[0]) if below.size else len(fsc[kind]) - 1
+                    print(f"{mode}: FSC to truth crosses {threshold}: true alignment shell "
+                          f"{shells['true']} ({48 * px / max(shells['true'], 1):.1f} Å), found "
+                          f"shell {shells[mode]} ({48 * px / max(shells[mode], 1):.1f} Å) "
+                          f"(bar: within 1)")  # fmt: skip
 
-        series = TomogramSet.read("tomograms.star")[name]
-        order = torch.from_numpy(np.argsort(series.tilts[key].to_numpy(), kind="stable"))
-        images = tilt_images(series)[order]
-        y_nominal = torch.tensor(series.tilts[key].to_numpy())[order]
-        given = {"shifts": torch.from_numpy(shifts), "z_rot": true_tilts["rlnTomoZRot"].mean()}
-        tt = _teamtomo(images, y_nominal, given)
-        if tt:
-            from subtomo.tilt.alignment import TiltAlignment
+        if "fiducial-less" in modes:
+            series = TomogramSet.read("tomograms.star")[name]
+            order = torch.from_numpy(np.argsort(series.tilts[key].to_numpy(), kind="stable"))
+            images = tilt_images(series)[order]
+            y_nominal = torch.tensor(series.tilts[key].to_numpy())[order]
+            given = {"shifts": torch.from_numpy(shifts), "z_rot": true_tilts["rlnTomoZRot"].mean()}
+            tt = _teamtomo(images, y_nominal, given)
+            if tt:
+                from subtomo.tilt.alignment import TiltAlignment
 
-            yx = tt.pop("tiltxcorr yx")
-            al = TiltAlignment(torch.tensor(true_tilts["rlnTomoYTilt"].to_numpy()),
-                               torch.tensor(true_tilts["rlnTomoZRot"].to_numpy()),
-                               yx[:, [1, 0]])  # fmt: skip
-            # the sign that fits best (their yx shifts correct the images; ours place them)
-            errors = [float(alignment_error(true, al_.matrices(px, size, image), size)[0]
-                            .square().mean().sqrt())
-                      for al_ in (al, TiltAlignment(al.y_tilt, al.z_rot, -al.shifts))]  # fmt: skip
-            print(f"teamtomo tiltxcorr (true tilts and axis given): {min(errors):.2f} px RMS in "
-                  f"{tt['tiltxcorr s']:.1f} s; refine_tilt_axis_angle (true shifts given): "
-                  f"axis error {tt['refine_tilt_axis_angle error (deg)']:+.2f}° in "
-                  f"{tt['refine_tilt_axis_angle s']:.1f} s")  # fmt: skip
-
-        if not args.no_fsc:
-            _moved_particles("particles.star", "particles_found.star", motion, px, size)
-            fsc = {}
-            for kind, tomograms, particles in (
-                ("true", "true_alignment.star", "particles.star"),
-                ("found", aligned, "particles_found.star"),
-            ):
-                start = time.perf_counter()
-                extract.run(extract.ExtractParams(
-                    particles=particles, tomograms=tomograms, box=48, device="cpu",
-                    output_dir=f"Extract/{kind}"))  # fmt: skip
-                reconstruct.run(reconstruct.ReconstructParams(
-                    ios=f"Extract/{kind}/optimisation_set.star", device="cpu",
-                    output_dir=f"Reconstruct/{kind}"))  # fmt: skip
-                seconds[f"extract+reconstruct {kind}"] = time.perf_counter() - start
-                curve = fsc_maps(read_mrc(f"Reconstruct/{kind}/merged.mrc")[0],
-                                 read_mrc("truth.mrc")[0]).numpy()  # fmt: skip
-                fsc[kind] = curve
-            gap = np.abs(fsc["true"][1:] - fsc["found"][1:])
-            print(f"FSC to truth, true vs found alignment: largest difference {gap.max():.3f} "
-                  f"(shell {int(gap.argmax()) + 1} of {len(gap)})")  # fmt: skip
-            for threshold in (0.5, 0.143):
-                shells = {}
-                for kind, curve in fsc.items():
-                    below = np.flatnonzero(curve[1:] < threshold)
-                    shells[kind] = int(below[0]) if below.size else len(curve) - 1
-                print(f"FSC to truth crosses {threshold}: true alignment shell {shells['true']}"
-                      f" ({48 * px / max(shells['true'], 1):.1f} Å), found alignment shell "
-                      f"{shells['found']} ({48 * px / max(shells['found'], 1):.1f} Å) "
-                      f"(bar: within 1)")  # fmt: skip
+                yx = tt.pop("tiltxcorr yx")
+                al = TiltAlignment(torch.tensor(true_tilts["rlnTomoYTilt"].to_numpy()),
+                                   torch.tensor(true_tilts["rlnTomoZRot"].to_numpy()),
+                                   yx[:, [1, 0]])  # fmt: skip
+                # the sign that fits best (their yx shifts correct the images; ours place them)
+                flipped = TiltAlignment(al.y_tilt, al.z_rot, -al.shifts)
+                errors = [float(alignment_error(true, al_.matrices(px, size, image), size)[0]
+                                .square().mean().sqrt()) for al_ in (al, flipped)]  # fmt: skip
+                print(f"teamtomo tiltxcorr (true tilts and axis given): {min(errors):.2f} px RMS "
+                      f"in {tt['tiltxcorr s']:.1f} s; refine_tilt_axis_angle (true shifts given): "
+                      f"axis error {tt['refine_tilt_axis_angle error (deg)']:+.2f}° in "
+                      f"{tt['refine_tilt_axis_angle s']:.1f} s")  # fmt: skip
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 

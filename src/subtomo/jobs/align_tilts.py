@@ -1,6 +1,8 @@
-"""Align tilt series without fiducials (``subtomo align-tilts``; RELION's "Align tilt series",
-``AlignTiltSeries/jobNNN/``): coarse cosine-stretched cross-correlation, tilt-axis refinement by
-common lines and projection matching (:mod:`subtomo.tilt.alignment`, conventions §18).
+"""Align tilt series (``subtomo align-tilts``; RELION's "Align tilt series",
+``AlignTiltSeries/jobNNN/``): without fiducials, coarse cosine-stretched cross-correlation,
+tilt-axis refinement by common lines and projection matching (:mod:`subtomo.tilt.alignment`,
+conventions §18); with ``--fiducial``, on gold beads of ``--bead_diameter``: detection,
+tracking and a least-squares fit of the projection model (:mod:`subtomo.tilt.fiducials`, §20).
 
 Starts from each series' tilt angles and tilt axis: rlnTomoYTilt/ZRot when it has them, else
 the nominal stage tilt and tilt-axis angle (:func:`subtomo.tilt.table_rotations`); the shifts
@@ -10,6 +12,9 @@ tilt as RELION's alignment job, every input column kept) with rlnTomoXTilt (0), 
 rlnTomoZRot, rlnTomoXShiftAngst, rlnTomoYShiftAngst, and per tilt ``subtomoAlignResidual``
 (px) and ``subtomoAlignFlagged`` (1: does not align; ``subtomo exclude-tilts`` can drop it);
 rlnTomoSizeX/Y/Z when the input has none (the image size and ``--thickness``); ``report.html``.
+In fiducial mode the residual is the RMS of the tilt's bead residuals, and ``fiducials.star``
+lists the fitted beads (rlnTomoName, rlnCenteredCoordinateX/Y/ZAngst in the aligned tomogram,
+``subtomoBeadResidual`` px), as the simulator's ``fiducials.star``.
 Runs on the CPU (the alignment's small per-tilt steps mix devices; not yet checked on CUDA).
 """
 
@@ -26,11 +31,13 @@ import torch
 from subtomo.data import TiltSeries, TomogramSet
 from subtomo.data.tomograms import tilt_images
 from subtomo.errors import InputError
+from subtomo.io import write_star
 from subtomo.project import run_job, write_job_report
 from subtomo.project.options import option, output_dir_option
 from subtomo.tilt import table_rotations
-from subtomo.tilt.alignment import AlignmentResult, align_tilt_series
+from subtomo.tilt.alignment import TiltAlignment, align_tilt_series
 from subtomo.tilt.external_alignment import view_order
+from subtomo.tilt.fiducials import align_fiducials
 
 __all__ = ["AlignTiltsParams", "run"]
 
@@ -39,7 +46,7 @@ log = logging.getLogger("subtomo")
 
 @dataclass
 class AlignTiltsParams:
-    """Options of "Align tilt series" (fiducial-less)."""
+    """Options of "Align tilt series"."""
 
     i: str = option(..., "--i", help="Tilt series: tomograms.star or a job's global STAR.")
     thickness: int = option(
@@ -56,6 +63,12 @@ class AlignTiltsParams:
     )
     tilt_angles: bool = option(
         True, "--tilt_angles/--no_tilt_angles", help="Refine the tilt angles too."
+    )
+    fiducial: bool = option(
+        False, "--fiducial/--no_fiducial", help="Align on gold beads (fiducials)."
+    )
+    bead_diameter: float = option(
+        100.0, "--bead_diameter", help="Gold bead diameter (--fiducial).", unit="Å"
     )
     output_dir: str | None = output_dir_option()
     project_dir: str = "."
@@ -91,6 +104,12 @@ def _plan(params: AlignTiltsParams, series: TiltSeries) -> _Plan:
         round(float(series.row.get("rlnTomoSizeY", image_size[1]))),
         int(depth),
     )
+    if params.fiducial and params.bead_diameter / (2 * series.pixel_size) < 1.5:
+        raise InputError(
+            f"--bead_diameter {params.bead_diameter} Å is under 3 pixels of "
+            f"{series.pixel_size} Å: too small to detect",
+            **where,
+        )
     return _Plan(series, image_size, size, view_order(series.tilts))
 
 
@@ -100,14 +119,51 @@ def _binning(params: AlignTiltsParams, image_size: tuple[int, int]) -> int:
     return max(1, 2 ** math.ceil(math.log2(max(image_size) / 128)))
 
 
-def _align(params: AlignTiltsParams, plan: _Plan) -> AlignmentResult:
+@dataclass
+class _Aligned:
+    """One series aligned: the alignment, per tilt its residual (px) and flag, the report's
+    numbers, and the fitted beads (fiducial mode; ``(n, 3)`` px from the tomogram centre, and
+    their residuals, px)."""
+
+    alignment: TiltAlignment
+    residual_px: torch.Tensor
+    flagged: torch.Tensor
+    summary: dict[str, str]
+    beads: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _align(params: AlignTiltsParams, plan: _Plan) -> _Aligned:
     series = plan.series
     rotations = table_rotations(series.tilts)
     y_tilt = torch.rad2deg(torch.asin((-rotations[:, 2, 0]).clamp(-1, 1)))
     z_rot = torch.rad2deg(torch.atan2(rotations[:, 1, 0], rotations[:, 0, 0]))
     images = tilt_images(series)
     max_shift = params.max_shift if params.max_shift > 0 else min(plan.image_size) / 4
-    return align_tilt_series(
+    if params.fiducial:
+        try:
+            model = align_fiducials(
+                images,
+                y_tilt,
+                z_rot,
+                params.bead_diameter / (2 * series.pixel_size),
+                max_shift=max_shift,
+            )
+        except ValueError as error:
+            raise InputError(str(error), file=series.tilt_file, block=series.name) from None
+        summary = {
+            "axis change (deg)": f"{model.axis_correction:+.2f}",
+            "tilt offset (deg)": f"{model.tilt_offset:+.2f}",
+            "beads": str(len(model.positions)),
+            "bead residual (px RMS)": f"{model.rms_px:.2f}",
+        }
+        return _Aligned(
+            model.alignment,
+            model.residual_px,
+            model.flagged,
+            summary,
+            (model.positions, model.bead_residual_px),
+        )
+    result = align_tilt_series(
         images,
         y_tilt,
         z_rot,
@@ -119,6 +175,8 @@ def _align(params: AlignTiltsParams, plan: _Plan) -> AlignmentResult:
         refine_axis=params.axis_search > 0,
         refine_tilt_angles=params.tilt_angles,
     )
+    summary = {"axis change (deg)": f"{result.axis_correction:+.2f}"}
+    return _Aligned(result.alignment, result.residual_px, result.flagged, summary)
 
 
 def run(params: AlignTiltsParams) -> dict[str, str]:
@@ -136,7 +194,7 @@ def run(params: AlignTiltsParams) -> dict[str, str]:
         inputs=inputs,
     ) as (job, outputs):
         table = tomograms.global_table.copy()
-        tables, rows, tilt_rows = {}, [], []
+        tables, rows, tilt_rows, beads = {}, [], [], []
         for k, plan in enumerate(plans):
             series = plan.series
             result = _align(params, plan)
@@ -144,6 +202,21 @@ def run(params: AlignTiltsParams) -> dict[str, str]:
             for column, values in result.alignment.columns(series.pixel_size).items():
                 tilts[column] = values.cpu().numpy()
             tilts["subtomoAlignResidual"] = result.residual_px.cpu().numpy()
+            if result.beads is not None:
+                positions, residuals = (v.cpu().numpy() for v in result.beads)
+                beads.append(
+                    pd.DataFrame(
+                        {
+                            "rlnTomoName": series.name,
+                            **{
+                                f"rlnCenteredCoordinate{a}Angst": positions[:, i]
+                                * series.pixel_size
+                                for i, a in enumerate("XYZ")
+                            },
+                            "subtomoBeadResidual": residuals,
+                        }
+                    )
+                )
             tilts["subtomoAlignFlagged"] = result.flagged.cpu().numpy().astype(int)
             tables[series.name] = tilts.iloc[plan.order].reset_index(drop=True)
             for axis, value in zip("XYZ", plan.size, strict=True):
@@ -159,8 +232,8 @@ def run(params: AlignTiltsParams) -> dict[str, str]:
                     "tilt series": series.name,
                     "tilts": series.n_tilts,
                     "ZRot (deg)": f"{float(result.alignment.z_rot.mean()):.2f}",
-                    "axis change (deg)": f"{result.axis_correction:+.2f}",
-                    "median residual (px)": f"{float(result.residual_px.median()):.2f}",
+                    **result.summary,
+                    "median residual (px)": f"{float(result.residual_px.nanmedian()):.2f}",
                     "flagged tilts (deg)": ", ".join(f"{a:.1f}" for a in flagged) or "none",
                 }
             )
@@ -178,18 +251,24 @@ def run(params: AlignTiltsParams) -> dict[str, str]:
                 )
             log.info(
                 "%s: %d tilts aligned, median residual %.2f px, %d flagged",
-                series.name, series.n_tilts, float(result.residual_px.median()), len(flagged),
+                series.name, series.n_tilts, float(result.residual_px.nanmedian()), len(flagged),
             )  # fmt: skip
         out = job.path("aligned_tilt_series.star")
         TomogramSet.from_tables(table, tables).write(out, job.path("tilt_series"))
         outputs[job.alias + "aligned_tilt_series.star"] = (
             "TomogramGroupMetadata.star.relion.tomo.aligntiltseries"
         )
+        if beads:
+            write_star(job.path("fiducials.star"), {"fiducials": pd.concat(beads)})
         write_job_report(
             job,
             outputs,
-            summary={"method": "fiducial-less: stretched cross-correlation, common lines, "
-                     "projection matching", "rounds": params.rounds},
+            summary=(
+                {"method": f"fiducial: beads of {params.bead_diameter:g} Å, tracked and fitted"}
+                if params.fiducial
+                else {"method": "fiducial-less: stretched cross-correlation, common lines, "
+                      "projection matching", "rounds": params.rounds}
+            ),
             tables={"tilt series": rows, "tilts": tilt_rows},
         )  # fmt: skip
     return outputs
