@@ -1,6 +1,7 @@
 """Reconstruct tomograms (``subtomo reconstruct-tomograms``; RELION's "Reconstruct tomograms",
 ``Tomograms/jobNNN/``): weighted back-projection or SIRT of each aligned tilt series at a
-binning, with per-tilt CTF phase flipping in depth strips and optional dose weighting
+binning, with per-tilt CTF phase flipping in depth strips (``--ctf_3d``: at every voxel depth;
+``--wiener``: Wiener-weighted instead of flipped, conventions §21) and optional dose weighting
 (:mod:`subtomo.tilt.tomogram`).
 
 Writes what RELION writes (relion5-upstream.md §6): ``tomograms/rec_<name>.mrc`` (voxel size
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -64,6 +65,12 @@ class ReconstructTomogramsParams:
     ctf: bool = option(True, "--ctf/--no_ctf", help="Phase-flip each tilt in depth strips.")
     strip: float = option(
         0.0, "--strip", help="Depth strip height; <= 0: CTF phase moves <= π/2.", unit="Å"
+    )
+    ctf_3d: bool = option(
+        False, "--ctf_3d/--no_ctf_3d", help="3D CTF correction: a depth every voxel (NovaCTF)."
+    )
+    wiener: float = option(
+        0.0, "--wiener", help="WBP: weight each depth by CTF/(CTF²+this); 0: phase flip."
     )
     dose_weighting: bool = option(
         False, "--dose_weighting/--no_dose_weighting", help="Dose-weight each tilt."
@@ -136,6 +143,11 @@ def _ctf(series: TiltSeries) -> CtfParams:
     )
 
 
+def _ctf_label(params: ReconstructTomogramsParams) -> str:
+    how = f"Wiener-weighted (ε {params.wiener:g})" if params.wiener > 0 else "phase-flipped"
+    return how + (", every voxel depth (3D)" if params.ctf_3d else ", depth strips")
+
+
 def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -196,7 +208,7 @@ def _plan(params: ReconstructTomogramsParams, series: TiltSeries, device: torch.
             file=params.i,
             block=series.name,
         )
-    ctf = _ctf(series) if params.ctf else None
+    ctf = replace(_ctf(series), wiener=params.wiener) if params.ctf else None
     return _Plan(series, size, (w, h), images, ctf)
 
 
@@ -218,6 +230,10 @@ def run(params: ReconstructTomogramsParams) -> dict[str, str]:
         raise InputError(f"--method must be one of {', '.join(_METHODS)}, found {params.method!r}")
     if params.bin < 1 or params.iter < 1 or not 0 < params.relax < 2 or params.sirt_like < 0:
         raise InputError("--bin and --iter must be >= 1, --relax in (0, 2), --sirt_like >= 0")
+    if params.wiener < 0 or (params.wiener > 0 and params.method == "sirt"):
+        raise InputError("--wiener must be >= 0, and 0 with --method sirt (SIRT phase-flips)")
+    if (params.ctf_3d or params.wiener > 0) and not params.ctf:
+        raise InputError("--ctf_3d and --wiener correct the CTF: drop --no_ctf")
     device = resolve_device(params.device)
     tomograms = TomogramSet.read(params.i, require_series=True)
     plans = [_plan(params, s, device) for s in tomograms]
@@ -254,6 +270,7 @@ def run(params: ReconstructTomogramsParams) -> dict[str, str]:
                         pre_exposure=dose,
                         pixel_size=series.pixel_size,
                         strip_angst=params.strip,
+                        ctf_3d=params.ctf_3d,
                         slab_elements=params.slab_elements,
                         progress=lambda x: bar.advance(task, x),
                     )
@@ -274,7 +291,7 @@ def run(params: ReconstructTomogramsParams) -> dict[str, str]:
                         "voxels (x y z)": " ".join(map(str, grid.shape[::-1])),
                         "voxel size (Å)": f"{series.pixel_size * b:.2f}",
                         "halves": "yes" if len(plan.images) > 1 else "no",
-                        "CTF": "phase-flipped" if plan.ctf is not None else "none",
+                        "CTF": _ctf_label(params) if plan.ctf is not None else "none",
                     }
                 )
                 log.info(

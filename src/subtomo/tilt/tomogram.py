@@ -119,7 +119,9 @@ def fourier_bin(images: torch.Tensor, binning: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class CtfParams:
     """Per-tilt CTF of a series: defocus U/V (Å), angle and phase shift (deg) as ``(t,)``;
-    voltage (kV), Cs (mm), amplitude contrast, hand (±1), defocus slope and ``px`` (Å)."""
+    voltage (kV), Cs (mm), amplitude contrast, hand (±1), defocus slope and ``px`` (Å).
+    ``wiener`` > 0: each depth is multiplied by ``CTF / (CTF² + wiener)`` instead of the sign
+    of its CTF (a Wiener filter per tilt and depth, conventions §21; WBP only)."""
 
     defocus_u: torch.Tensor
     defocus_v: torch.Tensor
@@ -131,15 +133,24 @@ class CtfParams:
     hand: int
     slope: float
     pixel_size: float
+    wiener: float = 0.0
 
 
-def strip_depths(grid: TomogramGrid, ctf: CtfParams | None, strip_angst: float) -> torch.Tensor:
+def strip_depths(
+    grid: TomogramGrid, ctf: CtfParams | None, strip_angst: float, ctf_3d: bool = False
+) -> torch.Tensor:
     """Depths (bin-1 px) of the strips: one (0) without CTF, else evenly spaced over the
     volume's depths at most ``strip_angst`` apart (<= 0: so that the CTF phase at the binned
-    Nyquist frequency moves by at most π/2 between strips)."""
+    Nyquist frequency moves by at most π/2 between strips). ``ctf_3d``: one binned voxel apart
+    (3D CTF correction, conventions §21), or as many as one tilt's ``STRIP_BYTES`` hold."""
     if ctf is None:
         return torch.zeros(1, dtype=torch.float64)
     lo, hi = grid.depth_range
+    if ctf_3d:  # at most STRIP_BYTES of strips per tilt (the memory bound)
+        h, w = grid.image_shape
+        count = max(2, math.ceil((hi - lo) / grid.binning) + 1)
+        count = min(count, max(2, STRIP_BYTES // (4 * h * w)))
+        return torch.linspace(lo, hi, count, dtype=torch.float64)
     if strip_angst <= 0:
         kv = ctf.voltage * 1e3
         wavelength = 12.2643247 / math.sqrt(kv * (1 + 0.978466e-6 * kv))
@@ -235,7 +246,8 @@ def _filtered_strips(
 ) -> torch.Tensor:
     """``(t, K, h, w)``: each binned tilt (made zero-mean), zero-padded 2x, multiplied in
     Fourier space by ``weights`` (ramp, dose) and, per strip, the sign of its CTF at the
-    strip's depth; cropped back. ``grid`` and ``ctf`` hold these tilts only."""
+    strip's depth (or its Wiener weight, ``ctf.wiener``); cropped back. ``grid`` and
+    ``ctf`` hold these tilts only."""
     t, h, w = images.shape
     device = images.device
     if zero_mean:
@@ -256,7 +268,7 @@ def _filtered_strips(
             continue
         shift = ctf.hand * ctf.slope * ctf.pixel_size * depths.cpu()  # ctf_2d moves them
         for k in range(len(depths)):  # one strip at a time: memory of one CTF grid
-            signs = ctf_2d(
+            values = ctf_2d(
                 ctf.defocus_u[f].cpu() + shift[k],
                 ctf.defocus_v[f].cpu() + shift[k],
                 ctf.defocus_angle[f],
@@ -267,8 +279,12 @@ def _filtered_strips(
                 (hp, wp),
                 phase_shift_deg=ctf.phase_shift[f],
                 device=device,
-            ).sign()  # (n, hp, wp')
-            out[f, k] = torch.fft.irfft2(spectrum[:, 0] * signs, s=(hp, wp))[..., :h, :w]
+            )  # (n, hp, wp')
+            if ctf.wiener > 0:
+                values = values / (values.square() + ctf.wiener)
+            else:
+                values = values.sign()
+            out[f, k] = torch.fft.irfft2(spectrum[:, 0] * values, s=(hp, wp))[..., :h, :w]
     return out
 
 
@@ -483,17 +499,19 @@ def reconstruct_wbp(
     pixel_size: float = 1.0,
     sirt_like: int = 0,
     strip_angst: float = 0.0,
+    ctf_3d: bool = False,
     slab_elements: int = SLAB_ELEMENTS,
     progress: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """Weighted back-projection ``(d, h, w)`` of binned tilt images ``(t, h/b, w/b)``.
 
-    ``ctf``: phase flip per depth strip; ``pre_exposure`` (e/Å², ``(t,)``): dose-weight each
+    ``ctf``: phase flip per depth strip (``ctf_3d``: strips one voxel apart, see
+    :func:`strip_depths`); ``pre_exposure`` (e/Å², ``(t,)``): dose-weight each
     tilt (§1.5); ``pixel_size`` is bin-1 ``px`` in Å; ``sirt_like`` > 0 replaces the ramp by
     the SIRT-like filter of that many iterations.
     """
     device = images.device
-    depths = strip_depths(grid, ctf, strip_angst)
+    depths = strip_depths(grid, ctf, strip_angst, ctf_3d)
     weights = _Filter(_angular_shares(grid), sirt_like, pre_exposure, pixel_size)
     volume = torch.zeros(grid.shape, dtype=torch.float32, device=device)
     _back_project_filtered(
@@ -520,16 +538,20 @@ def reconstruct_sirt(
     pre_exposure: torch.Tensor | None = None,
     pixel_size: float = 1.0,
     strip_angst: float = 0.0,
+    ctf_3d: bool = False,
     slab_elements: int = SLAB_ELEMENTS,
     progress: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """SIRT ``(d, h, w)`` from zero: ``x += λ/t · Bᵀ R (b − B x)`` where ``B`` projects
     (:func:`project`) and, with ``ctf``, phase-flips each depth strip before summing the
     strips, ``Bᵀ`` is :func:`back_project` of the flipped strips, and ``R`` divides by each
-    ray's length through the volume."""
+    ray's length through the volume. ``ctf_3d``: strips one voxel apart. Raises
+    ``ValueError`` for a Wiener-weighted ``ctf`` (its model is the phase flip)."""
+    if ctf is not None and ctf.wiener > 0:
+        raise ValueError("SIRT phase-flips: Wiener weighting is for WBP")
     device = images.device
     t = images.shape[0]
-    depths = strip_depths(grid, ctf, strip_angst)
+    depths = strip_depths(grid, ctf, strip_angst, ctf_3d)
     dose = _Filter(pre_exposure=pre_exposure, pixel_size=pixel_size)
     data = _filtered_strips(images, grid, torch.zeros(1), weights=dose, ctf=None)[:, 0]
 
