@@ -3,13 +3,15 @@
 A 1k x 1k x 41 tilt series (-60..60°, tilt axis 84°, shifts of a few pixels; the image content
 does not change the cost) is reconstructed into a ``W x H x D`` bin-1 tomogram at each
 ``--bin``: WBP (ramp), WBP with CTF phase flipping in depth strips (4 µm underfocus at
-1.35 Å/px) and ``--sirt`` SIRT iterations. Prints wall and CPU seconds, output voxels/s,
-voxel-tilt samples/s, the number of depth strips and the peak memory (RSS on CPU; allocated
-CUDA memory on a GPU). The tilt images are binned (Fourier crop) inside the timing.
+1.35 Å/px), with ``--ctf-3d`` at every voxel depth, and ``--sirt`` SIRT iterations. Prints
+wall and CPU seconds, output voxels/s, voxel-tilt samples/s, the number of depth strips and
+the peak memory (RSS on CPU; allocated CUDA memory on a GPU). The tilt images are binned
+(Fourier crop) inside the timing.
 
     python benchmarks/tomograms.py                          # bin 4, 1024 x 1024 x 512
     python benchmarks/tomograms.py --bin 1 --thickness 64   # bin 1 on a 64-slice slab
     python benchmarks/tomograms.py --device cuda
+    python benchmarks/tomograms.py --size 512 --thickness 128 --bin 2 --sirt 0 --ctf-3d
 
 On shared cores set ``OMP_WAIT_POLICY=PASSIVE`` (as the ``subtomo`` command does): spinning
 OpenMP threads otherwise count as CPU seconds (bin-4 SIRT x3: 64 CPU s in a run beside another
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--thickness", type=int, default=512, help="bin-1 tomogram depth (px)")
     ap.add_argument("--bin", type=int, nargs="+", default=[4])
     ap.add_argument("--sirt", type=int, default=3, help="SIRT iterations (0: skip)")
+    ap.add_argument("--ctf-3d", action="store_true", help="also WBP + CTF at every voxel depth")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -86,6 +89,15 @@ def main() -> None:
             ("WBP", lambda x, grid=grid: reconstruct_wbp(x, grid, pixel_size=PX)),
             ("WBP + CTF", lambda x, grid=grid: reconstruct_wbp(x, grid, ctf=ctf, pixel_size=PX)),
         ]
+        if args.ctf_3d:
+            runs.append(
+                (
+                    "WBP + CTF 3D",
+                    lambda x, grid=grid: reconstruct_wbp(
+                        x, grid, ctf=ctf, pixel_size=PX, ctf_3d=True
+                    ),
+                )
+            )
         if args.sirt:
             runs.append(
                 (
@@ -103,7 +115,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-            strips = len(strip_depths(grid, ctf, 0.0)) if "CTF" in name else 1
+            strips = len(strip_depths(grid, ctf, 0.0, "3D" in name)) if "CTF" in name else 1
             passes = 2 * args.sirt + 1 if name.startswith("SIRT") else 1
             print(
                 f"bin {b} {name:10s} {grid.shape[2]}x{grid.shape[1]}x{grid.shape[0]}: "
