@@ -24,6 +24,7 @@ from subtomo.ml.autorefine import (
     auto_refine,
     current_image_size,
     expected_accuracies,
+    gold_standard_iteration,
     gold_standard_spectra,
     halfset_fsc,
     hidden_variable_changes,
@@ -34,7 +35,7 @@ from subtomo.ml.autorefine import (
     update_auto_sampling,
 )
 from subtomo.ml.batch import fourier_points
-from subtomo.ml.engine import ParticleResults
+from subtomo.ml.engine import ParticleResults, particle_sphere
 from subtomo.ml.likelihood import centred_data, pose_scores
 from subtomo.ml.projector import Projector
 from subtomo.reconstruct import FourierAccumulator
@@ -497,3 +498,36 @@ def test_halves_see_only_their_particles(refined) -> None:
     for it, _ in log:
         assert set(it.results[0].index.tolist()) == set(range(16))
         assert set(it.results[1].index.tolist()) == set(range(16, 32))
+
+
+def test_auto_solvent_mask_flattens_the_next_references(v70, refined) -> None:
+    """With ``auto_solvent_mask`` the next references are the same reconstruction flattened
+    with the FSC's loose mask instead of the particle sphere (a mask that leaves out a good
+    part of the sphere here); the final, joined map keeps the sphere."""
+    _, px = v70
+    halves, _, _, models = refined
+
+    def _gen() -> torch.Generator:  # the same phase randomisation in every call
+        return torch.Generator().manual_seed(5)
+
+    options = AutoSamplingOptions(particle_diameter_angst=BOX * px * 0.8, pixel_size=px,
+                                  healpix_order=3, auto_local_healpix_order=3)  # fmt: skip
+    sampling = AutoRefineState.initial(options).sampling(options)
+    feeds = tuple((lambda b=b: b) for b, _ in halves)
+    refs = {}
+    for auto in (False, True):
+        params = EngineParams(particle_diameter_angst=BOX * px * 0.8, seed=3,
+                              auto_solvent_mask=auto)  # fmt: skip
+        it = gold_standard_iteration(models, feeds, sampling, params, generator=_gen())
+        refs[auto] = it.models[0].references[0]
+    sphere = particle_sphere(params, BOX, px)
+    mask = refinement_mask(*it.half_maps, px, sphere)
+    assert mask.sum() < 0.8 * sphere.sum(), (mask.sum(), sphere.sum())
+    torch.testing.assert_close(refs[True] * sphere, refs[False] * mask, atol=1e-6, rtol=1e-4)
+    assert (refs[True] - refs[False]).abs().max() > 0
+    final = gold_standard_iteration(models, feeds, sampling, params, final=True,
+                                   generator=_gen())  # fmt: skip
+    plain = gold_standard_iteration(models, feeds, sampling,
+                                    dataclasses.replace(params, auto_solvent_mask=False),
+                                    final=True, generator=_gen())  # fmt: skip
+    torch.testing.assert_close(final.models[0].references, plain.models[0].references)

@@ -84,6 +84,11 @@ class Refine3DParams:
     solvent_correct_fsc: bool = option(
         False, "--solvent_correct_fsc", help="Use solvent-flattened FSCs."
     )
+    auto_solvent_mask: bool = option(
+        True,
+        "--auto_solvent_mask/--no_auto_solvent_mask",
+        help="Without --solvent_mask: flatten the references with the loose mask of the FSC.",
+    )
     sym: str = option("C1", "--sym", help="Symmetry (C, D, T, O, I).")
     particle_diameter: float = option(
         0.0, "--particle_diameter", help="Mask diameter; 0: 0.9 of the box.", unit="Å"
@@ -225,6 +230,7 @@ def run(params: Refine3DParams) -> dict[str, str]:
         incr_size=params.incr_size,
         reference_mask=mask,
         seed=params.random_seed,
+        auto_solvent_mask=params.auto_solvent_mask and mask is None,
     )  # fmt: skip
     options = _options(params, box, pixel)
     n_trans = max(1, int((4 / 3) * math.pi * (params.offset_range / params.offset_step) ** 3))

@@ -599,6 +599,12 @@ def gold_standard_iteration(
     put FSC 0.5 at 29 Å while the half maps inside the particle agreed to 19 Å, which held
     the image size, the regularisation and so the angular accuracy down.
 
+    With ``params.auto_solvent_mask`` (and no ``reference_mask``) the next references are
+    flattened with that loose mask instead of the particle sphere: the tau2 of the
+    regularisation comes from the FSC inside the mask, so the references then carry the
+    noise the FSC measured, not the solvent's around the particle. The final, joined map
+    keeps the sphere, as RELION's does.
+
     ``batches[h]()`` yields the particles of half ``h + 1`` only. ``final``: every frequency
     up to Nyquist, posterior mean poses (``EngineParams.mean_poses``), the halves' sums are
     joined and the FSC converted (§7.2), and the merged map is reconstructed. Sums are
@@ -648,6 +654,8 @@ def gold_standard_iteration(
     shell = join_shell(n, px, low_resol_join_angst, n * px / max(previous, 1))
     join_low_resolution(acc1, acc2, shell)
     size = current_image_size(fsc, ssnr, n, models[0].current_size, incr_size, mean_pmax)
+    if params.auto_solvent_mask and params.reference_mask is None:
+        params = dataclasses.replace(params, reference_mask=fsc_mask.to(acc1.device))
     new = tuple(
         dataclasses.replace(
             maximise(m, s, params, c1, tau2=tau2[None], ssnr=ssnr[None]), current_size=size

@@ -67,6 +67,9 @@ class EngineParams:
     leaves out its own contribution to that class's reference (:func:`self_term_scores`).
     ``mean_poses``: the results hold each particle's posterior mean pose near its most
     probable one instead of that grid point (Refine3D's final iteration).
+    ``auto_solvent_mask``: without ``reference_mask``, gold-standard refinement flattens the
+    references of the next iteration with the loose mask its FSC was taken in (see
+    :func:`subtomo.ml.autorefine.gold_standard_iteration`).
     """
 
     particle_diameter_angst: float
@@ -84,6 +87,7 @@ class EngineParams:
     seeded_classes: bool = False
     leave_one_out: bool = False
     mean_poses: bool = False
+    auto_solvent_mask: bool = False
 
 
 @dataclass
