@@ -3,15 +3,16 @@ ranks (issue #20).
 
 Simulates two data sets once (reused from ``--workdir``): for refine3d ``--particles``
 extracted as 2D stacks with a reconstructed reference; for reconstruct ``--rec-particles``
-(default 600, about a minute of single-core work, so that the ranks' start-up of a few
-seconds does not hide the scaling), reconstructed from the tilt series (cutting, CTF and
-insertion: the job's whole work). Then runs each job with 1 process on 1 core
-(``OMP_NUM_THREADS=1``) and with
-``torchrun --nproc_per_node N`` (each rank on cores / N threads), as a user runs them, start-up
-included. Prints wall seconds, the speed-up ``t1 / tN`` and the parallel efficiency
-``t1 / (N tN)``, plus one process on all cores for reference, and checks that the N-rank map
-equals the one-process map (relative max difference). Prints the load average before and
-after (a shared machine's other work slows the ranks unevenly).
+(default 600) reconstructed from the tilt series at ``--rec-box`` (cutting, CTF and
+insertion: the job's whole work; a minute or more of single-core work, so that the ranks'
+start-up of a few seconds does not hide the scaling). Then runs each job with 1 process on
+1 core (``OMP_NUM_THREADS=1``) and with ``torchrun --nproc_per_node N`` (each rank on
+cores / N threads), as a user runs them, start-up included. Prints wall seconds, the
+speed-up ``t1 / tN`` and the parallel efficiency ``t1 / (N tN)`` (and the same from the
+jobs' own times in run.out, start-up excluded), plus one process on all cores for
+reference, and checks that the N-rank map equals the one-process map (relative max
+difference). Prints the load average before and after (a shared machine's other work slows
+the ranks unevenly).
 
     python benchmarks/scaling.py --workdir /tmp/bench_scaling --ranks 2
     python benchmarks/scaling.py --workdir /tmp/bench_scaling --ranks 4 --device cuda
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,10 +57,12 @@ def _simulate(out: Path, particles: int, box: int) -> None:
                    check=True, capture_output=True)  # fmt: skip
 
 
-def _prepare(work: Path, particles: int, rec_particles: int, box: int) -> None:
-    if not (work / "reconstruct_data" / "particles.star").is_file():
-        _simulate(work / "reconstruct_data", rec_particles, box)
-    if (work / "rec" / "merged.mrc").is_file():
+def _prepare(work: Path, particles: int, rec_particles: int, box: int, jobs: list[str]) -> None:
+    """The data sets of ``jobs`` not yet in ``work``."""
+    data = work / "reconstruct_data"
+    if "reconstruct" in jobs and not (data / "particles.star").is_file():
+        _simulate(data, rec_particles, box)
+    if "refine3d" not in jobs or (work / "rec" / "merged.mrc").is_file():
         return
     _simulate(work, particles, box)
     for step in (["extract", "--p", "particles_picked.star", "--t", "tomograms.star",
@@ -68,24 +72,31 @@ def _prepare(work: Path, particles: int, rec_particles: int, box: int) -> None:
                        capture_output=True)  # fmt: skip
 
 
+def _job_seconds(job: Path) -> float:
+    """The job's own time from its ``run.out`` (``# finished in X s``: no start-up)."""
+    found = re.findall(r"# finished in ([0-9.]+) s", (job / "run.out").read_text())
+    return float(found[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_scaling"))
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--particles", type=int, default=150)
     parser.add_argument("--rec-particles", type=int, default=600)
+    parser.add_argument("--rec-box", type=int, default=96, help="reconstruct's box (px)")
     parser.add_argument("--jobs", nargs="+", default=["reconstruct", "refine3d"])
     parser.add_argument("--box", type=int, default=48)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    _prepare(work, args.particles, args.rec_particles, args.box)
+    _prepare(work, args.particles, args.rec_particles, args.box, args.jobs)
     cores = os.cpu_count() or 1
     jobs = {
         "reconstruct": (["reconstruct", "--p", "reconstruct_data/particles.star",
                          "--t", "reconstruct_data/tomograms.star", "--from", "tilt_series",
-                         "--box", str(args.box), "--device", args.device], "merged.mrc"),
+                         "--box", str(args.rec_box), "--device", args.device], "merged.mrc"),
         "refine3d": (["refine3d", "--ios", "ext/optimisation_set.star", "--ref",
                       "rec/merged.mrc", "--ini_high", "40", "--healpix_order", "3",
                       "--sigma_ang", "3", "--offset_range", "2", "--offset_step", "1",
@@ -95,18 +106,22 @@ def main() -> None:
     print(f"reconstruct {args.rec_particles}, refine3d {args.particles} particles x 41 tilts, "
           f"box {args.box}, {cores} cores, device {args.device}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print("job          1 rank/1 core  1 rank/all   N ranks   speed-up  efficiency  max diff")
+    print("job          1 rank/1 core  1 rank/all   N ranks   speed-up  efficiency  max diff"
+          "   in-job 1/N (s), efficiency")  # fmt: skip
     for name in args.jobs:
         cmd, out = jobs[name]
         times = {}
         for tag, threads, ranks in (("one", 1, 1), ("all", None, 1), ("n", None, args.ranks)):
             times[tag] = _run([*cmd, "--o", f"{name}_{tag}"], work, threads, ranks)
+        inside = {tag: _job_seconds(work / f"{name}_{tag}") for tag in times}
         a, _ = read_mrc(work / f"{name}_one" / out)
         b, _ = read_mrc(work / f"{name}_n" / out)
         diff = float((a - b).abs().max() / a.abs().max())
         speed = times["one"] / times["n"]
         print(f"{name:12s} {times['one']:10.1f} s {times['all']:9.1f} s {times['n']:8.1f} s "
-              f"{speed:9.2f} {speed / args.ranks:10.0%}  {diff:8.1e}")  # fmt: skip
+              f"{speed:9.2f} {speed / args.ranks:10.0%}  {diff:8.1e}   "
+              f"{inside['one']:.1f}/{inside['n']:.1f}, "
+              f"{inside['one'] / inside['n'] / args.ranks:.0%}")  # fmt: skip
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
