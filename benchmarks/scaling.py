@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -31,7 +32,8 @@ from pathlib import Path
 from subtomo.io import read_mrc
 
 
-def _run(args: list[str], cwd: Path, threads: int | None, ranks: int = 1) -> float:
+def _run(args: list[str], cwd: Path, threads: int | None, ranks: int = 1) -> tuple[float, float]:
+    """Wall and CPU seconds (all processes) of one command line."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -39,11 +41,14 @@ def _run(args: list[str], cwd: Path, threads: int | None, ranks: int = 1) -> flo
     if ranks > 1:
         prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                   "--nproc_per_node", str(ranks), "-m", "subtomo.cli"]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([*prefix, *args], cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-2000:])
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def _simulate(out: Path, particles: int, box: int) -> None:
@@ -107,12 +112,12 @@ def main() -> None:
           f"box {args.box}, {cores} cores, device {args.device}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("job          1 rank/1 core  1 rank/all   N ranks   speed-up  efficiency  max diff"
-          "   in-job 1/N (s), efficiency")  # fmt: skip
+          "   in-job 1/N (s), efficiency   CPU s 1/N, CPU 1/N")  # fmt: skip
     for name in args.jobs:
         cmd, out = jobs[name]
-        times = {}
+        times, cpu = {}, {}
         for tag, threads, ranks in (("one", 1, 1), ("all", None, 1), ("n", None, args.ranks)):
-            times[tag] = _run([*cmd, "--o", f"{name}_{tag}"], work, threads, ranks)
+            times[tag], cpu[tag] = _run([*cmd, "--o", f"{name}_{tag}"], work, threads, ranks)
         inside = {tag: _job_seconds(work / f"{name}_{tag}") for tag in times}
         a, _ = read_mrc(work / f"{name}_one" / out)
         b, _ = read_mrc(work / f"{name}_n" / out)
@@ -121,7 +126,8 @@ def main() -> None:
         print(f"{name:12s} {times['one']:10.1f} s {times['all']:9.1f} s {times['n']:8.1f} s "
               f"{speed:9.2f} {speed / args.ranks:10.0%}  {diff:8.1e}   "
               f"{inside['one']:.1f}/{inside['n']:.1f}, "
-              f"{inside['one'] / inside['n'] / args.ranks:.0%}")  # fmt: skip
+              f"{inside['one'] / inside['n'] / args.ranks:.0%}   "
+              f"{cpu['one']:.0f}/{cpu['n']:.0f}, {cpu['one'] / cpu['n']:.0%}")  # fmt: skip
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
