@@ -1,12 +1,18 @@
 """Strong scaling of ``subtomo reconstruct`` and ``subtomo refine3d`` over torch.distributed
 ranks (issue #20).
 
-Simulates a data set once (reused from ``--workdir``), extracts 2D stacks and reconstructs a
-reference, then runs each job with 1 process on 1 core (``OMP_NUM_THREADS=1``) and with
-``torchrun --nproc_per_node N`` (each rank on cores / N threads), as a user runs them, start-up
-included. Prints wall seconds, the speed-up ``t1 / tN`` and the parallel efficiency
-``t1 / (N tN)``, plus one process on all cores for reference, and checks that the N-rank map
-equals the one-process map (relative max difference).
+Simulates two data sets once (reused from ``--workdir``): for refine3d ``--particles``
+extracted as 2D stacks with a reconstructed reference; for reconstruct ``--rec-particles``
+(default 600) reconstructed from the tilt series at ``--rec-box`` (cutting, CTF and
+insertion: the job's whole work; a minute or more of single-core work, so that the ranks'
+start-up of a few seconds does not hide the scaling). Then runs each job with 1 process on
+1 core (``OMP_NUM_THREADS=1``) and with ``torchrun --nproc_per_node N`` (each rank on
+cores / N threads), as a user runs them, start-up included. Prints wall seconds, the
+speed-up ``t1 / tN`` and the parallel efficiency ``t1 / (N tN)`` (and the same from the
+jobs' own times in run.out, start-up excluded), plus one process on all cores for
+reference, and checks that the N-rank map equals the one-process map (relative max
+difference). Prints the load average before and after (a shared machine's other work slows
+the ranks unevenly).
 
     python benchmarks/scaling.py --workdir /tmp/bench_scaling --ranks 2
     python benchmarks/scaling.py --workdir /tmp/bench_scaling --ranks 4 --device cuda
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import resource
 import subprocess
 import sys
 import time
@@ -24,7 +32,8 @@ from pathlib import Path
 from subtomo.io import read_mrc
 
 
-def _run(args: list[str], cwd: Path, threads: int | None, ranks: int = 1) -> float:
+def _run(args: list[str], cwd: Path, threads: int | None, ranks: int = 1) -> tuple[float, float]:
+    """Wall and CPU seconds (all processes) of one command line."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -32,21 +41,35 @@ def _run(args: list[str], cwd: Path, threads: int | None, ranks: int = 1) -> flo
     if ranks > 1:
         prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                   "--nproc_per_node", str(ranks), "-m", "subtomo.cli"]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([*prefix, *args], cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-2000:])
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
-def _prepare(work: Path, particles: int, box: int) -> None:
-    if (work / "rec" / "merged.mrc").is_file():
-        return
-    subprocess.run([sys.executable, "-m", "subtomo.cli", "simulate", "--out", str(work),
+def _simulate(out: Path, particles: int, box: int) -> None:
+    """``particles`` in tomograms of 256 x 256 x 96 px holding at most 60 each (the layout
+    places about 73 at box 48)."""
+    subprocess.run([sys.executable, "-m", "subtomo.cli", "simulate", "--out", str(out),
                     "--particles", str(particles), "--box", str(box), "--tilt-step", "3",
                     "--noise", "gaussian", "--snr", "0.05", "--pose-error-deg", "6",
-                    "--shift-error-px", "1.5", "--tomograms", "4", "--seed", "1"],
+                    "--shift-error-px", "1.5", "--tomograms", str(max(4, -(-particles // 60))),
+                    "--seed", "1"],
                    check=True, capture_output=True)  # fmt: skip
+
+
+def _prepare(work: Path, particles: int, rec_particles: int, box: int, jobs: list[str]) -> None:
+    """The data sets of ``jobs`` not yet in ``work``."""
+    data = work / "reconstruct_data"
+    if "reconstruct" in jobs and not (data / "particles.star").is_file():
+        _simulate(data, rec_particles, box)
+    if "refine3d" not in jobs or (work / "rec" / "merged.mrc").is_file():
+        return
+    _simulate(work, particles, box)
     for step in (["extract", "--p", "particles_picked.star", "--t", "tomograms.star",
                   "--box", str(box), "--float32", "--o", "ext"],
                  ["reconstruct", "--ios", "ext/optimisation_set.star", "--o", "rec"]):  # fmt: skip
@@ -54,40 +77,58 @@ def _prepare(work: Path, particles: int, box: int) -> None:
                        capture_output=True)  # fmt: skip
 
 
+def _job_seconds(job: Path) -> float:
+    """The job's own time from its ``run.out`` (``# finished in X s``: no start-up)."""
+    found = re.findall(r"# finished in ([0-9.]+) s", (job / "run.out").read_text())
+    return float(found[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_scaling"))
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--particles", type=int, default=200)
+    parser.add_argument("--particles", type=int, default=150)
+    parser.add_argument("--rec-particles", type=int, default=600)
+    parser.add_argument("--rec-box", type=int, default=96, help="reconstruct's box (px)")
+    parser.add_argument("--jobs", nargs="+", default=["reconstruct", "refine3d"])
     parser.add_argument("--box", type=int, default=48)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    _prepare(work, args.particles, args.box)
+    _prepare(work, args.particles, args.rec_particles, args.box, args.jobs)
     cores = os.cpu_count() or 1
     jobs = {
-        "reconstruct": (["reconstruct", "--ios", "ext/optimisation_set.star",
-                         "--device", args.device], "merged.mrc"),
+        "reconstruct": (["reconstruct", "--p", "reconstruct_data/particles.star",
+                         "--t", "reconstruct_data/tomograms.star", "--from", "tilt_series",
+                         "--box", str(args.rec_box), "--device", args.device], "merged.mrc"),
         "refine3d": (["refine3d", "--ios", "ext/optimisation_set.star", "--ref",
                       "rec/merged.mrc", "--ini_high", "40", "--healpix_order", "3",
                       "--sigma_ang", "3", "--offset_range", "2", "--offset_step", "1",
                       "--iter", "3", "--device", args.device, "--random_seed", "1"],
                      "run_class001.mrc"),
     }  # fmt: skip
-    print(f"{args.particles} particles x 41 tilts, box {args.box}, {cores} cores, "
-          f"device {args.device}")  # fmt: skip
-    print("job          1 rank/1 core  1 rank/all   N ranks   speed-up  efficiency  max diff")
-    for name, (cmd, out) in jobs.items():
-        times = {}
+    print(f"reconstruct {args.rec_particles}, refine3d {args.particles} particles x 41 tilts, "
+          f"box {args.box}, {cores} cores, device {args.device}, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print("job          1 rank/1 core  1 rank/all   N ranks   speed-up  efficiency  max diff"
+          "   in-job 1/N (s), efficiency   CPU s 1/N, CPU 1/N")  # fmt: skip
+    for name in args.jobs:
+        cmd, out = jobs[name]
+        times, cpu = {}, {}
         for tag, threads, ranks in (("one", 1, 1), ("all", None, 1), ("n", None, args.ranks)):
-            times[tag] = _run([*cmd, "--o", f"{name}_{tag}"], work, threads, ranks)
+            times[tag], cpu[tag] = _run([*cmd, "--o", f"{name}_{tag}"], work, threads, ranks)
+        inside = {tag: _job_seconds(work / f"{name}_{tag}") for tag in times}
         a, _ = read_mrc(work / f"{name}_one" / out)
         b, _ = read_mrc(work / f"{name}_n" / out)
         diff = float((a - b).abs().max() / a.abs().max())
         speed = times["one"] / times["n"]
         print(f"{name:12s} {times['one']:10.1f} s {times['all']:9.1f} s {times['n']:8.1f} s "
-              f"{speed:9.2f} {speed / args.ranks:10.0%}  {diff:8.1e}")  # fmt: skip
+              f"{speed:9.2f} {speed / args.ranks:10.0%}  {diff:8.1e}   "
+              f"{inside['one']:.1f}/{inside['n']:.1f}, "
+              f"{inside['one'] / inside['n'] / args.ranks:.0%}   "
+              f"{cpu['one']:.0f}/{cpu['n']:.0f}, {cpu['one'] / cpu['n']:.0%}")  # fmt: skip
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # as the subtomo command does (cli.main): OpenMP threads that spin while waiting for work
@@ -66,3 +68,24 @@ def stack_project(root: Path, *more: list[str]) -> Path:
     finally:
         os.chdir(cwd)
     return root
+
+
+def torchrun(args: list[str], cwd: Path, ranks: int = 2) -> subprocess.CompletedProcess:
+    """``subtomo args`` under ``torchrun --standalone`` with ``ranks`` gloo ranks (CPU)."""
+    return _torchrun(["-m", "subtomo.cli", *args], cwd, ranks)
+
+
+def torchrun_commands(lines: list[str], cwd: Path, ranks: int = 2) -> subprocess.CompletedProcess:
+    """Several ``subtomo`` command lines run in turn in one ``torchrun`` launch (one start-up
+    of the ranks and of torch for them all)."""
+    return _torchrun([str(Path(__file__).with_name("torchrun_commands.py")), *lines], cwd, ranks)
+
+
+def _torchrun(program: list[str], cwd: Path, ranks: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")]
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(ranks), *program]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

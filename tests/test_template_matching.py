@@ -17,7 +17,6 @@ from scipy.stats import norm
 from subtomo.geometry import euler_to_matrix, projection_matrices
 from subtomo.masks import soft_sphere
 from subtomo.picking import (
-    TiltCtf,
     false_alarm_cutoff,
     find_peaks,
     match_template,
@@ -26,6 +25,7 @@ from subtomo.picking import (
     tail_cutoff,
     tilt_weights,
 )
+from subtomo.tilt.tomogram import CtfParams
 
 N = 24
 
@@ -141,10 +141,10 @@ def test_ctf_weight_is_the_tilts_ctf_and_flips_to_its_modulus() -> None:
     ctf = dict(
         defocus_u=torch.full((t,), 30000.0), defocus_v=torch.full((t,), 30000.0),
         defocus_angle=torch.zeros(t), phase_shift=torch.zeros(t),
-        voltage=300.0, cs=2.7, amplitude_contrast=0.07,
+        voltage=300.0, cs=2.7, amplitude_contrast=0.07, hand=1, slope=1.0, pixel_size=10.0,
     )  # fmt: skip
-    raw = tilt_weights(rot, 32, 10.0, ctf=TiltCtf(**ctf, phase_flipped=False))
-    flipped = tilt_weights(rot, 32, 10.0, ctf=TiltCtf(**ctf, phase_flipped=True))
+    raw = tilt_weights(rot, 32, 10.0, ctf=CtfParams(**ctf), phase_flipped=False)
+    flipped = tilt_weights(rot, 32, 10.0, ctf=CtfParams(**ctf), phase_flipped=True)
     line = raw[0, 0, :]  # along x: the untilted tilt (and its neighbours) only
     assert (line < -0.5).any() and (line > 0.5).any()  # CTF oscillates
     assert torch.allclose(flipped[0, 0, :], line.abs(), atol=0.05)

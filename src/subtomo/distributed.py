@@ -16,28 +16,36 @@ and ``MASTER_ADDR`` defaults to the first host of ``SLURM_JOB_NODELIST``
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 __all__ = [
     "all_gather_object",
+    "all_reduce",
     "barrier",
     "broadcast_object",
     "init_from_environment",
     "is_distributed",
     "is_main",
     "local_rank",
+    "own_files",
     "rank",
     "shard",
+    "shard_groups",
     "world_size",
+    "writes_files",
 ]
 
 T = TypeVar("T")
+K = TypeVar("K")
+
+_own_files = 0  # depth of open own_files() blocks (threads of this process share it)
 
 #: Seconds a collective waits for the other ranks before the job fails (a rank that died
 #: without closing its connections).
@@ -74,6 +82,25 @@ def world_size() -> int:
 def is_main() -> bool:
     """Whether this process writes files and prints progress (rank 0)."""
     return rank() == 0
+
+
+@contextlib.contextmanager
+def own_files() -> Iterator[None]:
+    """Inside this block every rank writes its files: those of the items :func:`shard` gave
+    it (a tilt series' tomogram, a particle's stack, a movie's sum), distinct on every rank,
+    so per-item output is written in parallel rather than sent to rank 0 (§22). Files that
+    several ranks compute alike (STAR tables, maps, reports) stay rank 0's."""
+    global _own_files
+    _own_files += 1
+    try:
+        yield
+    finally:
+        _own_files -= 1
+
+
+def writes_files() -> bool:
+    """Whether this process's writes reach the disk: rank 0, or any rank in :func:`own_files`."""
+    return _own_files > 0 or is_main()
 
 
 def local_rank() -> int:
@@ -144,6 +171,15 @@ def shard(items: Sequence[T]) -> Sequence[T]:
     return items[rank() :: world_size()]
 
 
+def shard_groups(groups: Sequence[tuple[K, Sequence[T]]]) -> list[tuple[K, Sequence[T]]]:
+    """This rank's share of ``(key, items)`` groups (a tomogram and its particles): whole
+    groups round robin when there are at least as many as ranks (each rank reads only its
+    tilt series), else every group with its items sharded; empty shares are left out."""
+    if len(groups) >= world_size():
+        return list(shard(groups))
+    return [(key, part) for key, items in groups if len(part := shard(items))]
+
+
 def barrier() -> None:
     """Wait for every rank (no-op for one process)."""
     dist = _group()
@@ -159,6 +195,15 @@ def broadcast_object(obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_reduce(tensor: Any, op: str = "sum") -> Any:
+    """``tensor`` reduced in place over the ranks with ``op`` (``sum``, ``max``, ``min``) and
+    returned (no-op for one process)."""
+    dist = _group()
+    if dist is not None:
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
+    return tensor
 
 
 def all_gather_object(obj: T) -> list[T]:

@@ -2,7 +2,8 @@
 
 A job killed mid-write leaves either the previous file or none, never half a file. Under
 ``torch.distributed`` only rank 0 writes: on the other ranks (which run the same code) the
-writer fills a private temporary file that is then deleted (:mod:`subtomo.distributed`).
+writer fills a private temporary file that is then deleted, except for the files of their
+own share inside :func:`subtomo.distributed.own_files`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from subtomo.distributed import is_main
+from subtomo.distributed import writes_files
 
 __all__ = ["atomic_path"]
 
@@ -24,10 +25,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name keeps the final suffix (``.mrc``, ``.star``) so that writers which
     look at the extension behave the same. On a rank other than 0 of a ``torch.distributed``
-    run the file is written to a private temporary folder and discarded.
+    run (outside :func:`subtomo.distributed.own_files`) the file is written to a private
+    temporary folder and discarded.
     """
     final = Path(path)
-    if not is_main():
+    if not writes_files():
         with tempfile.TemporaryDirectory(prefix="subtomo-rank") as scratch:
             yield Path(scratch) / final.name
         return

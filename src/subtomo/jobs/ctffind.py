@@ -16,20 +16,25 @@ rlnCtfMaxResolution (Å, not clamped: 999 marks a tilt without Thon rings) [, rl
 rlnCtfImage), plots and ``report.html``. A tilt without Thon rings (a constant image, or no
 ring above the noise) keeps the series' median defocus with figure of merit 0 and resolution
 999, is listed in the report and is dropped by ``subtomo exclude-tilts --max_resolution``.
+Under torch.distributed the series are shared out over the ranks (each writes its spectra and
+plots); rank 0 writes the STAR files.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from rich.progress import Progress
 
 from subtomo.data import TiltSeries, TomogramSet, read_tilt
 from subtomo.device import resolve_device
+from subtomo.distributed import all_gather_object, own_files, shard
 from subtomo.errors import InputError
 from subtomo.io import read_mrc_header, write_mrc, write_star
 from subtomo.project import run_job, write_job_report
@@ -177,6 +182,70 @@ def _plots(job, name: str, series: TiltSeries, fit: SeriesFit, px: float) -> Non
                     title=f"{name}: spectra (left) and fits (right)")  # fmt: skip
 
 
+@dataclass
+class _Fitted:
+    """One series' results for the tables: its tilt table, the tilts without Thon rings,
+    the global columns to set and the summary lines."""
+
+    table: pd.DataFrame
+    excluded: list[dict[str, str]]
+    columns: dict[str, float]
+    summary: dict[str, str]
+
+
+def _fit_series(
+    params: CtfFindParams,
+    job,
+    series: TiltSeries,
+    paths: dict[str, list[Path]],
+    device: torch.device,
+    advance: Callable[[int], None],
+) -> _Fitted:
+    """Fit one series' CTFs, write its diagnostic spectra and plots; its table rows."""
+    px = series.pixel_size
+    optics = (series.voltage_kv, series.cs_mm, series.amplitude_contrast)
+    fit = estimate_series(
+        lambda f, s=series: read_tilt(s, f), table_rotations(series.tilts), optics,
+        px, _search(params, series), progress=advance, device=device,
+    )  # fmt: skip
+    images, excluded = [], []
+    for f, path in enumerate(paths[series.name]):
+        out = job.path(f"{series.name}/{path.stem}.ctf")
+        if fit.diagnostics[f] is None:
+            images.append("None")
+            excluded.append({
+                "tilt series": series.name, "image": path.name,
+                "tilt (deg)": f"{_tilt_angles(series)[f]:.1f}",
+                "why": "no Thon rings above the noise (constant or blank image)",
+            })  # fmt: skip
+            continue
+        write_mrc(out, fit.diagnostics[f], px)
+        images.append(f"{job.alias}{series.name}/{path.stem}.ctf:mrc")
+    given = series.hand
+    significant = fit.hand != 0 and abs(fit.hand_beta) > 3 * fit.hand_error
+    if significant and fit.hand != given:
+        log.warning("%s: the defocus gradient says rlnTomoHand = %+d, the input has "
+                    "%+d%s", series.name, fit.hand, given,
+                    "; writing the fitted hand" if params.set_hand else "")  # fmt: skip
+    columns = {
+        "subtomoSampleThicknessNm": fit.thickness_nm,
+        "subtomoHandFit": fit.hand_beta,
+        "subtomoHandFitError": fit.hand_error,
+    }
+    if significant and params.set_hand:
+        columns = {"rlnTomoHand": fit.hand, **columns}
+    summary = {
+        f"{series.name}: hand": (
+            f"{fit.hand:+d} (β = {fit.hand_beta:.2f} ± {fit.hand_error:.2f}, input "
+            f"{given:+d}{', not significant' if not significant else ''})"
+        ),
+        f"{series.name}: sample thickness": f"{fit.thickness_nm:.0f} nm",
+    }
+    _plots(job, series.name, series, fit, px)
+    table = _tilt_table(series, fit, images, params.phase_shift)
+    return _Fitted(table, excluded, columns, summary)
+
+
 def run(params: CtfFindParams) -> dict[str, str]:
     """Estimate the CTF of every tilt; returns ``{output path: RELION node type}``."""
     device = resolve_device(params.device)
@@ -187,53 +256,30 @@ def run(params: CtfFindParams) -> dict[str, str]:
                  project_dir=params.project_dir, inputs=inputs) as (job, outputs):  # fmt: skip
         global_table = tomograms.global_table.copy()
         tables, excluded, fits_rows, summary = {}, [], [], {}
+        series_list = list(tomograms)
+        mine = list(shard(range(len(series_list))))  # whole series: the hand fit uses all tilts
+        with Progress(transient=True) as bar, own_files():
+            task = bar.add_task("fitting CTFs", total=sum(series_list[k].n_tilts for k in mine))
+            fitted = [
+                _fit_series(params, job, series_list[k], paths, device,
+                            lambda n: bar.advance(task, n))
+                for k in mine
+            ]  # fmt: skip
+        records = {k: r for shares in all_gather_object(list(zip(mine, fitted, strict=True)))
+                   for k, r in shares}  # fmt: skip
+        for k, series in enumerate(series_list):
+            record = records[k]
+            tables[series.name] = record.table
+            excluded.extend(record.excluded)
+            for column, value in record.columns.items():
+                global_table.loc[k, column] = value
+            summary.update(record.summary)
+            shown = record.table.drop(
+                columns=["rlnMicrographName", "rlnMicrographMovieName"], errors="ignore"
+            )
+            shown.insert(0, "rlnTomoName", series.name)
+            fits_rows.append(shown)
         total = sum(s.n_tilts for s in tomograms)
-        with Progress(transient=True) as bar:
-            task = bar.add_task("fitting CTFs", total=total)
-            for k, series in enumerate(tomograms):
-                px = series.pixel_size
-                optics = (series.voltage_kv, series.cs_mm, series.amplitude_contrast)
-                fit = estimate_series(
-                    lambda f, s=series: read_tilt(s, f), table_rotations(series.tilts), optics,
-                    px, _search(params, series), progress=lambda n: bar.advance(task, n),
-                    device=device,
-                )  # fmt: skip
-                images = []
-                for f, path in enumerate(paths[series.name]):
-                    out = job.path(f"{series.name}/{path.stem}.ctf")
-                    if fit.diagnostics[f] is None:
-                        images.append("None")
-                        excluded.append({
-                            "tilt series": series.name, "image": path.name,
-                            "tilt (deg)": f"{_tilt_angles(series)[f]:.1f}",
-                            "why": "no Thon rings above the noise (constant or blank image)",
-                        })  # fmt: skip
-                        continue
-                    write_mrc(out, fit.diagnostics[f], px)
-                    images.append(f"{job.alias}{series.name}/{path.stem}.ctf:mrc")
-                tables[series.name] = _tilt_table(series, fit, images, params.phase_shift)
-                given = series.hand
-                significant = fit.hand != 0 and abs(fit.hand_beta) > 3 * fit.hand_error
-                if significant and fit.hand != given:
-                    log.warning("%s: the defocus gradient says rlnTomoHand = %+d, the input has "
-                                "%+d%s", series.name, fit.hand, given,
-                                "; writing the fitted hand" if params.set_hand else "")  # fmt: skip
-                if significant and params.set_hand:
-                    global_table.loc[k, "rlnTomoHand"] = fit.hand
-                global_table.loc[k, "subtomoSampleThicknessNm"] = fit.thickness_nm
-                global_table.loc[k, "subtomoHandFit"] = fit.hand_beta
-                global_table.loc[k, "subtomoHandFitError"] = fit.hand_error
-                summary[f"{series.name}: hand"] = (
-                    f"{fit.hand:+d} (β = {fit.hand_beta:.2f} ± {fit.hand_error:.2f}, input "
-                    f"{given:+d}{', not significant' if not significant else ''})"
-                )
-                summary[f"{series.name}: sample thickness"] = f"{fit.thickness_nm:.0f} nm"
-                _plots(job, series.name, series, fit, px)
-                shown = tables[series.name].drop(
-                    columns=["rlnMicrographName", "rlnMicrographMovieName"], errors="ignore"
-                )
-                shown.insert(0, "rlnTomoName", series.name)
-                fits_rows.append(shown)
         out = job.path("tilt_series_ctf.star")
         TomogramSet.from_tables(global_table, tables).write(out, job.path("tilt_series"))
         outputs[job.alias + "tilt_series_ctf.star"] = GLOBAL_NODE

@@ -5,6 +5,8 @@ binned, centred, premultiplied by ``-CTF · dose`` and written as a 2D stack
 (``Subtomograms/<particle>_stack2d.mrcs``) or splatted into a RELION-4 style 3D
 pseudo-subtomogram (``_data.mrc`` + ``_weights.mrc``). Writes ``particles.star`` (offsets
 applied unless asked not to) and ``optimisation_set.star`` into ``Extract/jobNNN/``.
+Under torch.distributed the tomograms (or, with fewer tomograms than ranks, each tomogram's
+particles) are shared out; each rank writes its particles' files, rank 0 the STAR files.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from subtomo.data import (
     require_box_fits,
 )
 from subtomo.device import resolve_device
+from subtomo.distributed import all_gather_object, own_files, shard_groups
 from subtomo.errors import InputError
 from subtomo.fourier import irfft_centered
 from subtomo.geometry import matrix_to_euler
@@ -255,19 +258,21 @@ def run(params: ExtractParams) -> dict[str, str]:
         files = [""] * len(parts)
         vectors = [""] * len(parts)
         names = parts.tomo_names
-        with Progress(transient=True) as bar:
-            task = bar.add_task("extracting particles", total=len(parts))
-            order = list(dict.fromkeys(names))
-            reading = prefetched_tilt_images([tomos[t] for t in order], device=device)
-            for tomo, (series, images) in zip(order, reading, strict=True):
-                rows = np.flatnonzero(names == tomo)
+        groups = shard_groups([(t, np.flatnonzero(names == t)) for t in dict.fromkeys(names)])
+        mine = []  # (rows kept, files, visible vectors) of this rank's tomograms
+        with Progress(transient=True) as bar, own_files():
+            task = bar.add_task("extracting particles", total=sum(len(r) for _, r in groups))
+            reading = prefetched_tilt_images([tomos[t] for t, _ in groups], device=device)
+            for (_, rows), (series, images) in zip(groups, reading, strict=True):
                 keep, f, v = _extract_series(
                     params, parts.subset(rows), series, images, motion, job.directory, device,
                     lambda n: bar.advance(task, n),
                 )  # fmt: skip
-                kept[rows[keep]] = True
-                for r, name, vec in zip(rows[keep], f, v, strict=True):
-                    files[r], vectors[r] = name, vec
+                mine.append((rows[keep], f, v))
+        for rows, f, v in (share for shares in all_gather_object(mine) for share in shares):
+            kept[rows] = True
+            for r, name, vec in zip(rows, f, v, strict=True):
+                files[r], vectors[r] = name, vec
         if not kept.any():
             raise InputError(
                 f"no particle has {params.min_frames} or more visible tilts (--min_frames) "

@@ -26,7 +26,8 @@ every ``.`` replaced by ``_``):
 
 Dose weighting (``--dose_weighting``, off as in RELION's tomo mode, where the later jobs
 weight each tilt by its pre-exposure) uses the frames' dose *within* the tilt only, so the
-tilt's pre-exposure is not applied twice.
+tilt's pre-exposure is not applied twice. Under torch.distributed the movies are shared out
+over the ranks, each writing its movies' sums and motion STARs; rank 0 writes the tables.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from rich.progress import Progress
 from subtomo.ctf import dose_weights
 from subtomo.data import TomogramSet
 from subtomo.device import resolve_device
+from subtomo.distributed import all_gather_object, own_files, shard
 from subtomo.errors import InputError
 from subtomo.io import read_star, write_mrc, write_star
 from subtomo.io.movies import (
@@ -375,12 +377,21 @@ def run(params: MotionCorrParams) -> dict[str, str]:
         inputs=inputs,
     ) as (job, outputs):  # fmt: skip
         tables, plot_curves, labels = {}, {}, []
-        with Progress(transient=True) as bar:
-            task = bar.add_task("aligning movies", total=n_movies)
-            for item in work:
-                tables[item.name] = _correct_series(params, job, item, gain, device, bar, task)
-                plot_curves[item.name] = tables[item.name]["rlnAccumMotionTotal"].tolist()
-                labels = [f"{a:g}" for a in tables[item.name]["rlnTomoNominalStageTiltAngle"]]
+        doses = [_frame_doses(params, item) for item in work]
+        movies = shard([(k, i) for k, item in enumerate(work) for i in range(len(item.headers))])
+        with Progress(transient=True) as bar, own_files():
+            task = bar.add_task("aligning movies", total=len(movies))
+            mine = {}
+            for k, i in movies:
+                mine[k, i] = _correct_one(params, job, work[k], i, doses[k], gain, device)
+                bar.advance(task)
+        motion = {key: m for shares in all_gather_object(mine) for key, m in shares.items()}
+        for k, item in enumerate(work):
+            tables[item.name] = _series_table(
+                params, job, item, [motion[k, i] for i in range(len(item.headers))]
+            )
+            plot_curves[item.name] = tables[item.name]["rlnAccumMotionTotal"].tolist()
+            labels = [f"{a:g}" for a in tables[item.name]["rlnTomoNominalStageTiltAngle"]]
         global_table = tomos.global_table.copy()
         px_out = global_table["rlnMicrographOriginalPixelSize"].astype(float) * params.bin_factor
         global_table = global_table.drop(
@@ -401,63 +412,69 @@ def run(params: MotionCorrParams) -> dict[str, str]:
     return outputs
 
 
-def _correct_series(
-    params: MotionCorrParams, job, item: _Work, gain: torch.Tensor | None,
-    device: torch.device, bar: Progress, task,
-) -> pd.DataFrame:  # fmt: skip
-    """Correct every movie of one series; its per-tilt table with the new columns."""
-    tilts = item.tilts.copy()
-    frame_dose = None
+def _frame_doses(params: MotionCorrParams, item: _Work) -> np.ndarray | None:
+    """Dose per frame (e/Å²) of each movie of a series for dose weighting; None: none."""
     if params.dose_per_frame > 0:
-        frame_dose = np.full(len(tilts), params.dose_per_frame)
-    elif params.dose_weighting:
-        frame_dose = _tilt_doses(tilts) / np.array([h.n_frames for h in item.headers])
-        if not (frame_dose > 0).all():
-            raise InputError(
-                "--dose_weighting needs --dose_per_frame: the pre-exposures give no dose",
-                file=params.input_star,
-            )
+        return np.full(len(item.tilts), params.dose_per_frame)
+    if not params.dose_weighting:
+        return None
+    frame_dose = _tilt_doses(item.tilts) / np.array([h.n_frames for h in item.headers])
+    if not (frame_dose > 0).all():
+        raise InputError(
+            "--dose_weighting needs --dose_per_frame: the pre-exposures give no dose",
+            file=params.input_star,
+        )
+    return frame_dose
+
+
+def _correct_one(
+    params: MotionCorrParams, job, item: _Work, i: int, frame_dose: np.ndarray | None,
+    gain: torch.Tensor | None, device: torch.device,
+) -> tuple[float, float, float]:  # fmt: skip
+    """Correct movie ``i`` of a series and write its sums and motion STAR (or, with
+    ``--only_do_unfinished``, read back a finished one); its accumulated motion
+    (total, early, late; movie pixels)."""
+    header = item.headers[i]
+    movie = str(item.tilts["rlnMicrographMovieName"].iloc[i])
     rate = params.dose_per_frame if params.dose_per_frame > 0 else 1.0
-    names, metas, evens, odds, motion = [], [], [], [], []
-    for i, header in enumerate(item.headers):
-        movie = str(tilts["rlnMicrographMovieName"].iloc[i])
-        root = job.path(output_root(movie))
-        root.parent.mkdir(parents=True, exist_ok=True)
-        suffixes = ("", "_EVN", "_ODD") if params.even_odd_split else ("",)
-        done = [root.with_name(root.name + suffix + ".mrc") for suffix in suffixes]
-        if params.only_do_unfinished and all(
-            p.is_file() for p in [*done, root.with_suffix(".star")]
-        ):
-            shifts, iterations = -read_motion_star(root.with_suffix(".star"))[1], 0
-        else:
-            dose = None if frame_dose is None else float(frame_dose[i])
-            result = correct_movie(header, gain, params, item.pixel_size, dose, device)
-            px_out = item.pixel_size * params.bin_factor
-            for path, sum_image in zip(done, (result.total, result.even, result.odd), strict=False):
-                write_mrc(path, sum_image, px_out, float16=params.float16)
-            # written last: its presence marks the movie done (--only_do_unfinished)
-            _motion_star(
-                root.with_suffix(".star"), header, movie, params, tilts.iloc[i],
-                item.pixel_size, item.voltage, result.shifts, rate, result.coefficients,
-            )  # fmt: skip
-            shifts, iterations = result.shifts, result.iterations
-        alias = job.alias + output_root(movie)
-        names.append(alias + ".mrc")
-        metas.append(alias + ".star")
-        evens.append(alias + "_EVN.mrc")
-        odds.append(alias + "_ODD.mrc")
-        pre = float(tilts["rlnMicrographPreExposure"].iloc[i])
-        motion.append(accumulated_motion(shifts, pre, rate))
-        log.info(
-            "%s: %d frames, drift %.2f px in %d iterations", movie, header.n_frames,
-            motion[-1][0], iterations,
+    root = job.path(output_root(movie))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    suffixes = ("", "_EVN", "_ODD") if params.even_odd_split else ("",)
+    done = [root.with_name(root.name + suffix + ".mrc") for suffix in suffixes]
+    if params.only_do_unfinished and all(p.is_file() for p in [*done, root.with_suffix(".star")]):
+        shifts, iterations = -read_motion_star(root.with_suffix(".star"))[1], 0
+    else:
+        dose = None if frame_dose is None else float(frame_dose[i])
+        result = correct_movie(header, gain, params, item.pixel_size, dose, device)
+        px_out = item.pixel_size * params.bin_factor
+        for path, sum_image in zip(done, (result.total, result.even, result.odd), strict=False):
+            write_mrc(path, sum_image, px_out, float16=params.float16)
+        # written last: its presence marks the movie done (--only_do_unfinished)
+        _motion_star(
+            root.with_suffix(".star"), header, movie, params, item.tilts.iloc[i],
+            item.pixel_size, item.voltage, result.shifts, rate, result.coefficients,
         )  # fmt: skip
-        bar.advance(task)
-    tilts["rlnMicrographName"] = names
-    tilts["rlnMicrographMetadata"] = metas
+        shifts, iterations = result.shifts, result.iterations
+    pre = float(item.tilts["rlnMicrographPreExposure"].iloc[i])
+    motion = accumulated_motion(shifts, pre, rate)
+    log.info(
+        "%s: %d frames, drift %.2f px in %d iterations", movie, header.n_frames, motion[0],
+        iterations,
+    )  # fmt: skip
+    return motion
+
+
+def _series_table(
+    params: MotionCorrParams, job, item: _Work, motion: list[tuple[float, float, float]]
+) -> pd.DataFrame:
+    """A series' per-tilt table with the outputs' names and the accumulated ``motion``."""
+    tilts = item.tilts.copy()
+    aliases = [job.alias + output_root(str(m)) for m in tilts["rlnMicrographMovieName"]]
+    tilts["rlnMicrographName"] = [a + ".mrc" for a in aliases]
+    tilts["rlnMicrographMetadata"] = [a + ".star" for a in aliases]
     if params.even_odd_split:
-        tilts["rlnMicrographNameEven"] = evens
-        tilts["rlnMicrographNameOdd"] = odds
+        tilts["rlnMicrographNameEven"] = [a + "_EVN.mrc" for a in aliases]
+        tilts["rlnMicrographNameOdd"] = [a + "_ODD.mrc" for a in aliases]
     values = np.array(motion)
     for k, column in enumerate(("Total", "Early", "Late")):
         tilts[f"rlnAccumMotion{column}"] = values[:, k]

@@ -9,7 +9,9 @@ Writes what RELION writes (relion5-upstream.md §6): ``tomograms/rec_<name>.mrc`
 images when the series has them), ``tomograms.star`` with rlnTomoSizeX/Y/Z (bin-1 pixels),
 rlnTomoTomogramBinning (always written: the Python pickers need it) and
 rlnTomoReconstructedTomogram[Half1/Half2], the per-tilt tables unchanged, and ``report.html``.
-Binned voxel ``(i, j, k)`` sits at bin-1 position ``b·(i, j, k)``, as RELION's.
+Binned voxel ``(i, j, k)`` sits at bin-1 position ``b·(i, j, k)``, as RELION's. Under
+torch.distributed the volumes (series and halves) are shared out over the ranks, each rank
+writing its own; rank 0 writes the STAR files.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.progress import Progress
 from subtomo.data import TiltSeries, TomogramSet
 from subtomo.data.paths import resolve_path
 from subtomo.device import resolve_device
+from subtomo.distributed import own_files, shard
 from subtomo.errors import InputError
 from subtomo.io import numeric_column, read_mrc, read_mrc_header, write_mrc
 from subtomo.project import run_job, write_job_report
@@ -36,6 +39,7 @@ from subtomo.tilt.tomogram import (
     fourier_bin,
     reconstruct_sirt,
     reconstruct_wbp,
+    series_ctf,
     tomogram_grid,
 )
 
@@ -118,29 +122,13 @@ def _size(params: ReconstructTomogramsParams, series: TiltSeries, image: tuple[i
 
 
 def _ctf(series: TiltSeries) -> CtfParams:
-    def column(name: str, default: float | None = None) -> torch.Tensor:
-        values = numeric_column(series.tilts, name, series.tilt_file, series.name, default=default)
-        return torch.from_numpy(values)
-
     if "rlnDefocusU" not in series.tilts.columns:
         raise InputError(
             "no CTF (rlnDefocusU): run subtomo ctffind first, or use --no_ctf",
             file=series.tilt_file,
             block=series.name,
         )
-    u = column("rlnDefocusU")
-    return CtfParams(
-        u,
-        column("rlnDefocusV", None) if "rlnDefocusV" in series.tilts.columns else u,
-        column("rlnDefocusAngle", 0.0),
-        column("rlnPhaseShift", 0.0),
-        series.voltage_kv,
-        series.cs_mm,
-        series.amplitude_contrast,
-        series.hand,
-        series.defocus_slope,
-        series.pixel_size,
-    )
+    return series_ctf(series)
 
 
 def _ctf_label(params: ReconstructTomogramsParams) -> str:
@@ -212,6 +200,11 @@ def _plan(params: ReconstructTomogramsParams, series: TiltSeries, device: torch.
     return _Plan(series, size, (w, h), images, ctf)
 
 
+def _name(series: TiltSeries, half: str) -> str:
+    """The tomogram's file in the job directory (RELION's names)."""
+    return f"tomograms/rec_{series.name}{'_' + half.lower() if half else ''}.mrc"
+
+
 def _binned(paths: list[Path], b: int, device: torch.device) -> torch.Tensor:
     """Tilt images read one at a time and Fourier-cropped: ``(t, h/b, w/b)``."""
     return torch.stack(
@@ -246,61 +239,64 @@ def run(params: ReconstructTomogramsParams) -> dict[str, str]:
         inputs=inputs,
     ) as (job, outputs):
         table = tomograms.global_table.copy()
-        rows = []
-        total = sum(len(p.images) for p in plans)
-        with Progress(transient=True) as bar:
-            task = bar.add_task("reconstructing", total=total)
-            for k, plan in enumerate(plans):
-                series, b = plan.series, params.bin
-                grid = tomogram_grid(
-                    series.projection_matrices(plan.image_size), plan.size, plan.image_size, b
+        rows, grids = [], []
+        for k, plan in enumerate(plans):
+            series, b = plan.series, params.bin
+            grids.append(tomogram_grid(
+                series.projection_matrices(plan.image_size), plan.size, plan.image_size, b
+            ))  # fmt: skip
+            for axis, value in zip("XYZ", plan.size, strict=True):
+                table.loc[k, f"rlnTomoSize{axis}"] = value
+            table.loc[k, "rlnTomoTomogramBinning"] = float(b)
+            for half in plan.images:
+                table.loc[k, f"rlnTomoReconstructedTomogram{half}"] = job.alias + _name(
+                    series, half
                 )
+            rows.append(
+                {
+                    "tilt series": series.name,
+                    "tilts": series.n_tilts,
+                    "voxels (x y z)": " ".join(map(str, grids[k].shape[::-1])),
+                    "voxel size (Å)": f"{series.pixel_size * b:.2f}",
+                    "halves": "yes" if len(plan.images) > 1 else "no",
+                    "CTF": _ctf_label(params) if plan.ctf is not None else "none",
+                }
+            )
+        # one volume (a series or one of its halves) per item, shared out over the ranks
+        work = shard([(k, half) for k, plan in enumerate(plans) for half in plan.images])
+        with Progress(transient=True) as bar, own_files():
+            task = bar.add_task("reconstructing", total=len(work))
+            for k, half in work:
+                plan, b = plans[k], params.bin
+                series = plan.series
                 dose = (
                     torch.from_numpy(series.pre_exposure).to(device)
                     if params.dose_weighting
                     else None
                 )
-                for axis, value in zip("XYZ", plan.size, strict=True):
-                    table.loc[k, f"rlnTomoSize{axis}"] = value
-                table.loc[k, "rlnTomoTomogramBinning"] = float(b)
-                for half, paths in plan.images.items():
-                    images = _binned(paths, b, device)
-                    common = dict(
-                        ctf=plan.ctf,
-                        pre_exposure=dose,
-                        pixel_size=series.pixel_size,
-                        strip_angst=params.strip,
-                        ctf_3d=params.ctf_3d,
-                        slab_elements=params.slab_elements,
-                        progress=lambda x: bar.advance(task, x),
-                    )
-                    if params.method == "sirt":
-                        volume = reconstruct_sirt(
-                            images, grid, iterations=params.iter, relaxation=params.relax, **common
-                        )
-                    else:
-                        volume = reconstruct_wbp(images, grid, sirt_like=params.sirt_like, **common)
-                    name = f"tomograms/rec_{series.name}{'_' + half.lower() if half else ''}.mrc"
-                    write_mrc(job.path(name), volume, series.pixel_size * b)
-                    table.loc[k, f"rlnTomoReconstructedTomogram{half}"] = job.alias + name
-                    del volume, images
-                rows.append(
-                    {
-                        "tilt series": series.name,
-                        "tilts": series.n_tilts,
-                        "voxels (x y z)": " ".join(map(str, grid.shape[::-1])),
-                        "voxel size (Å)": f"{series.pixel_size * b:.2f}",
-                        "halves": "yes" if len(plan.images) > 1 else "no",
-                        "CTF": _ctf_label(params) if plan.ctf is not None else "none",
-                    }
+                images = _binned(plan.images[half], b, device)
+                common = dict(
+                    ctf=plan.ctf,
+                    pre_exposure=dose,
+                    pixel_size=series.pixel_size,
+                    strip_angst=params.strip,
+                    ctf_3d=params.ctf_3d,
+                    slab_elements=params.slab_elements,
+                    progress=lambda x: bar.advance(task, x),
                 )
+                if params.method == "sirt":
+                    volume = reconstruct_sirt(
+                        images, grids[k], iterations=params.iter, relaxation=params.relax,
+                        **common,
+                    )  # fmt: skip
+                else:
+                    volume = reconstruct_wbp(images, grids[k], sirt_like=params.sirt_like, **common)
+                write_mrc(job.path(_name(series, half)), volume, series.pixel_size * b)
+                del volume, images
                 log.info(
-                    "%s: %s tomogram %s at bin %d",
-                    series.name,
-                    params.method.upper(),
-                    "x".join(map(str, grid.shape[::-1])),
-                    b,
-                )
+                    "%s%s: %s tomogram %s at bin %d", series.name, f" {half}" if half else "",
+                    params.method.upper(), "x".join(map(str, grids[k].shape[::-1])), b,
+                )  # fmt: skip
         tables = {s.name: s.tilts for s in tomograms}
         TomogramSet.from_tables(table, tables).write(
             job.path("tomograms.star"), job.path("tilt_series")

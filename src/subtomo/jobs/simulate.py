@@ -17,6 +17,9 @@ to it)::
     particles.star, particles_picked.star              true and perturbed poses (+ optics)
     truth.mrc [, truth_<species>.mrc]                  maps as used, tilt-series pixel size
     simulation.json                                    every parameter, the seed, the species
+    tomograms/rec_<tomo>.mrc                           with --full-tomogram (--crowded): each
+                                                       tomogram, for picking; tomograms.star
+                                                       names it (rlnTomoReconstructedTomogram)
 
 With ``--movie-frames N`` each tilt image (normalised) is also the specimen of a counting
 movie of N frames (:mod:`subtomo.simulate.movies`): drift, optional local deformation, a
@@ -50,7 +53,7 @@ from subtomo.io import read_mrc, write_mrc, write_star
 from subtomo.io.mdoc import write_mdoc
 from subtomo.io.movies import unorient_gain, write_movie
 from subtomo.project.options import option
-from subtomo.simulate import SimulationParams, Species, simulate
+from subtomo.simulate import Simulation, SimulationParams, Species, simulate
 from subtomo.simulate.detector import DetectorParams, apply_detector, truth_tables
 from subtomo.simulate.movies import (
     MovieOptions,
@@ -59,6 +62,7 @@ from subtomo.simulate.movies import (
     local_deformation,
     simulate_movie,
 )
+from subtomo.simulate.tomograms import CarbonEdge, simulated_tomograms
 
 __all__ = ["SimulateJob", "SimulateParams", "parse_tomogram_size", "run"]
 
@@ -67,13 +71,16 @@ log = logging.getLogger("subtomo")
 
 @dataclass
 class SimulateJob:
-    """The output directory (project directory), the simulation parameters and the movies'
-    (``None``: no movies)."""
+    """The output directory (project directory), the simulation parameters, the movies'
+    (``None``: no movies), the detector's, whether to write the tomograms and their carbon
+    edge (``None``: none)."""
 
     out: Path
     simulation: SimulationParams = field(default_factory=SimulationParams)
     movies: MovieOptions | None = None
     detector: DetectorParams | None = None
+    full_tomogram: bool = False
+    carbon: CarbonEdge | None = None
 
 
 def parse_tomogram_size(text: str) -> tuple[int, int, int]:
@@ -179,6 +186,14 @@ class SimulateParams:
     detector_dark_tilts: tuple[int, ...] = option(
         (), "--dark-tilt", help="0-based row (tilt order) of a dark tilt; repeat."
     )
+    full_tomogram: bool = option(
+        False, "--full-tomogram", "--crowded",
+        help="Also write each whole tomogram (WBP, bin 1, phase-flipped) for picking.",
+    )  # fmt: skip
+    carbon_edge: float = option(
+        0.0, "--carbon-edge", help="With --full-tomogram: carbon film beyond this distance "
+        "from the centre (along x); 0: none.", unit="px",
+    )  # fmt: skip
 
     def job(self) -> SimulateJob:
         """The preset with the options given."""
@@ -186,7 +201,7 @@ class SimulateParams:
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if f.name not in ("output_dir", "preset")
-            and not f.name.startswith(("movie_", "detector_"))
+            and not f.name.startswith(("movie_", "detector_", "full_", "carbon_"))
         }
         if self.maps and self.species_fraction is None:
             changes["species_fraction"] = ()  # own maps: equal shares, not the preset's
@@ -207,8 +222,10 @@ class SimulateParams:
                 else 0.0, hot_pixels=self.detector_hot_pixels, xrays=self.detector_xrays,
                 dark_tilts=tuple(self.detector_dark_tilts),
             )  # fmt: skip
+        carbon = CarbonEdge(angle_deg=0.0, offset_px=self.carbon_edge) if self.carbon_edge else None
         return SimulateJob(out=Path(self.output_dir), simulation=simulation, movies=movies,
-                           detector=detector)  # fmt: skip
+                           detector=detector, full_tomogram=self.full_tomogram or bool(carbon),
+                           carbon=carbon)  # fmt: skip
 
 
 def _species_name(path: Path) -> str:
@@ -264,6 +281,21 @@ def _write_movies(
         truth[file] = [shifts, local]
         names.append(Path(file).name)
     return names
+
+
+def _write_tomograms(sim: Simulation, carbon: CarbonEdge | None) -> pd.DataFrame:
+    """``tomograms/rec_<name>.mrc`` for every series (:func:`simulated_tomograms`: rendered
+    again without detector effects, CTF phase-flipped; voxel ``v`` at tomogram position
+    ``v`` px) and the global table with rlnTomoReconstructedTomogram and binning 1."""
+    table = sim.global_table.copy()
+    names = table["rlnTomoName"].tolist()
+    for name, tomogram in simulated_tomograms(sim, carbon=carbon):
+        path = f"tomograms/rec_{name}.mrc"
+        write_mrc(path, tomogram, sim.params.pixel_size)
+        table.loc[names.index(name), "rlnTomoReconstructedTomogram"] = path
+        log.info("wrote the tomogram of %s", name)
+    table["rlnTomoTomogramBinning"] = 1.0
+    return table
 
 
 def _write_motion_truth(truth: dict[str, list]) -> None:
@@ -365,9 +397,10 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
             tilt_truth, defects = zip(*detector_truth, strict=True)
             write_star("detector_truth.star", {"tilts": pd.concat(tilt_truth, ignore_index=True)})
             write_star("defects.star", {"defects": pd.concat(defects, ignore_index=True)})
-        TomogramSet.from_tables(sim.global_table, tilt_tables).write(
-            "tomograms.star", "tilt_series"
-        )
+        global_table = sim.global_table
+        if job.full_tomogram:
+            global_table = _write_tomograms(sim, job.carbon)
+        TomogramSet.from_tables(global_table, tilt_tables).write("tomograms.star", "tilt_series")
         outputs["tomograms.star"] = "TomogramGroupMetadata.star.relion.tomo"
         if any(
             getattr(params, k)

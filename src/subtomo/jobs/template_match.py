@@ -41,7 +41,6 @@ from subtomo.geometry import matrix_to_euler, orientation_grid_by_step
 from subtomo.io import read_mrc, read_mrc_header, write_mrc
 from subtomo.masks import soft_sphere
 from subtomo.picking import (
-    TiltCtf,
     false_alarm_cutoff,
     find_peaks,
     match_template,
@@ -52,6 +51,7 @@ from subtomo.project import run_job, write_job_report
 from subtomo.project.options import device_option, option, output_dir_option
 from subtomo.report.picking import plot_peak_scores, plot_picks
 from subtomo.simulate.maps import particle_radius_px, rescale_map
+from subtomo.tilt.tomogram import series_ctf
 
 __all__ = ["TemplateMatchParams", "run"]
 
@@ -212,18 +212,12 @@ def _weights(params: TemplateMatchParams, tomo: _Tomogram, box: int) -> torch.Te
     size = series.tomogram_size
     # only the rotations are used: the image size (the translations) does not matter
     matrices = series.projection_matrices((size[0], size[1]))
-    ctf = None
-    if params.ctf:
-        ctf = TiltCtf(
-            torch.from_numpy(series.defocus_u), torch.from_numpy(series.defocus_v),
-            torch.from_numpy(series.defocus_angle), torch.from_numpy(series.phase_shift),
-            series.voltage_kv, series.cs_mm, series.amplitude_contrast,
-            phase_flipped=params.phase_flipped,
-        )  # fmt: skip
+    ctf = series_ctf(series) if params.ctf else None
     dose = torch.from_numpy(series.pre_exposure) if params.dose_weighting else None
     beta = series.bfactor_per_electron_dose or 0.0
     return tilt_weights(
-        matrices[:, :3, :3], box, tomo.voxel_size, ctf=ctf, pre_exposure=dose,
+        matrices[:, :3, :3], box, tomo.voxel_size, ctf=ctf,
+        phase_flipped=params.phase_flipped, pre_exposure=dose,
         bfactor_per_electron_dose=beta,
     )  # fmt: skip
 

@@ -32,7 +32,6 @@ from subtomo.picking.surfaces import (
 )
 from subtomo.picking.template_matching import (
     MatchResult,
-    TiltCtf,
     match_template,
     rotate_volumes,
     tilt_weights,
@@ -43,7 +42,6 @@ __all__ = [
     "LocatedPicks",
     "MatchResult",
     "TailFit",
-    "TiltCtf",
     "binned_shape",
     "centred_angst",
     "false_alarm_cutoff",

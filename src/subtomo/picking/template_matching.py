@@ -34,6 +34,10 @@ orientation index are kept; ``sigma`` is the root-mean-square over orientations 
 orientation's score standard deviation over the voxels (pytom-match-pick's search statistics),
 which sets the false-alarm cut-off (:mod:`subtomo.picking.peaks`).
 
+Under torch.distributed the orientation batches are shared out over the ranks (one per GPU)
+and the per-voxel maxima reduced (:func:`match_template`): the same scores, orientations and
+``sigma`` as one process.
+
 Memory: the tomogram's spectrum, the statistics volumes and ``batch`` orientations' score
 volumes, whatever the number of orientations. Per orientation: the zero-padded template's
 forward FFT, one product with the tomogram's spectrum (which carries, once, the phase ramp that
@@ -52,25 +56,11 @@ import torch
 import torch.nn.functional as F
 
 from subtomo.ctf import ctf_phase, dose_weight_at
+from subtomo.distributed import all_gather_object, all_reduce, is_distributed, shard
 from subtomo.fourier import fftfreq_grid
+from subtomo.tilt.tomogram import CtfParams
 
-__all__ = ["MatchResult", "TiltCtf", "match_template", "rotate_volumes", "tilt_weights"]
-
-
-@dataclass(frozen=True)
-class TiltCtf:
-    """The CTF of each tilt: defocus U/V (Å, underfocus positive), angle and phase shift
-    (degrees) as ``(t,)``; voltage (kV), Cs (mm) and amplitude contrast of the series.
-    ``phase_flipped``: the tomogram was CTF phase-flipped (the template gets ``|CTF|``)."""
-
-    defocus_u: torch.Tensor
-    defocus_v: torch.Tensor
-    defocus_angle: torch.Tensor
-    phase_shift: torch.Tensor
-    voltage: float
-    cs: float
-    amplitude_contrast: float
-    phase_flipped: bool = True
+__all__ = ["MatchResult", "match_template", "rotate_volumes", "tilt_weights"]
 
 
 @dataclass
@@ -91,7 +81,8 @@ def tilt_weights(
     box: int,
     voxel_size: float,
     *,
-    ctf: TiltCtf | None = None,
+    ctf: CtfParams | None = None,
+    phase_flipped: bool = True,
     pre_exposure: torch.Tensor | None = None,
     bfactor_per_electron_dose: float = 0.0,
 ) -> torch.Tensor:
@@ -99,7 +90,9 @@ def tilt_weights(
     unshifted rfft layout, tomogram frame (see the module docstring).
 
     ``rotations`` ``(t, 3, 3)``: the tilts' ``R_f`` (the 3x3 part of their projection
-    matrices); ``voxel_size`` in Å; ``ctf`` per tilt (None: no CTF); ``pre_exposure`` e/Å²
+    matrices); ``voxel_size`` in Å; ``ctf`` per tilt (None: no CTF; its defocus at the
+    specimen centre: hand and slope are not used), ``phase_flipped`` the tomogram was CTF
+    phase-flipped (the template gets ``|CTF|``); ``pre_exposure`` e/Å²
     ``(t,)`` (None: no dose weighting); ``bfactor_per_electron_dose`` β of §1.5 (0: Grant &
     Grigorieff).
     """
@@ -131,7 +124,7 @@ def tilt_weights(
                                             device=device).reshape(shape),
         )  # fmt: skip
         value = -torch.sin(gamma)
-        if ctf.phase_flipped:
+        if phase_flipped:
             value = value.abs()
     if pre_exposure is not None:
         dose = torch.as_tensor(pre_exposure, dtype=torch.float64, device=device)
@@ -227,7 +220,9 @@ def match_template(
     :func:`tilt_weights` ``(N, N, N//2+1)`` (None: none); ``spherical_mask``: the mask is the
     same in every orientation; ``valid`` (bool ``(d, h, w)``) the voxels whose scores enter
     ``sigma`` (None: all); ``batch`` orientations at once (memory); ``progress`` gets the
-    number of orientations done after each batch. Runs on the tomogram's device.
+    number of orientations done after each batch. Runs on the tomogram's device; under
+    torch.distributed every rank passes the same arguments, searches its share of the
+    batches and returns the result over all of them.
     """
     start = time.perf_counter()
     device = tomogram.device
@@ -249,8 +244,8 @@ def match_template(
     a = torch.as_tensor(matrices, dtype=torch.float64)
     sparse = (slice(None, None, 2),) * 3  # sigma from every 8th voxel
     n_sample = int(valid[sparse].sum()) if valid is not None else math.prod(best[sparse].shape)
-    variance_sum = 0.0
-    for first in range(0, len(a), batch):
+    variances = {}  # first orientation of a batch -> its share of the score variance
+    for first in shard(range(0, len(a), batch)):
         chunk = a[first : first + batch].to(device)
         rotated = rotate_volumes(template, chunk)
         if weights is not None:
@@ -271,13 +266,23 @@ def match_template(
         scores = scores * scale
         sample = scores[(slice(None), *sparse)]
         sample = sample if valid is None else sample[:, valid[sparse]]
-        variance_sum += float((sample.reshape(len(chunk), -1) ** 2).sum()) / n_sample
+        variances[first] = float((sample.reshape(len(chunk), -1) ** 2).sum()) / n_sample
         top, where = scores.max(dim=0)
         better = top > best
         best = torch.maximum(best, top)
         best_index.masked_scatter_(better, where[better] + first)
         if progress is not None:
             progress(len(chunk))
+    # over the ranks: the best score, the first orientation reaching it (as one process
+    # keeps the first), the variances summed in batch order (the same bits as one process)
+    if is_distributed():
+        local = best.clone()
+        all_reduce(best, "max")
+        unset = torch.iinfo(torch.int64).max
+        best_index = all_reduce(torch.where(local == best, best_index, unset), "min")
+    variance_sum = 0.0
+    for _, share in sorted(v for part in all_gather_object(variances) for v in part.items()):
+        variance_sum += share
     return MatchResult(
         scores=best,
         orientation=best_index,

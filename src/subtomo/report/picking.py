@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from subtomo.report.plots import _save, _subplots
+from subtomo.report.plots import _save, _subplots, histogram_figure
 
 __all__ = ["plot_peak_scores", "plot_picks"]
 
@@ -27,9 +27,11 @@ def plot_peak_scores(
     peaks per bin (``tail(s)`` = background peaks above ``s``), the fitted range shaded and
     each cut-off ``{label: score}`` as a vertical line."""
     v = np.asarray(peak_scores, dtype=np.float64)
-    fig, ax = _subplots(figsize=(7, 4))
     edges = np.linspace(v.min(), max(v.max(), *cutoffs.values()) + 1e-6, 60)
-    ax.hist(v, bins=edges, color="steelblue", edgecolor="white", label=f"{len(v)} peaks")
+    fig, ax, _ = histogram_figure(
+        v, bins=edges, xlabel="peak score (local normalised correlation)",
+        ylabel="peaks per bin", title=title, label=f"{len(v)} peaks", figsize=(7, 4),
+    )  # fmt: skip
     centres = 0.5 * (edges[1:] + edges[:-1])
     per_bin = tail(edges[:-1]) - tail(edges[1:])
     shown = per_bin > 0.05
@@ -39,9 +41,6 @@ def plot_peak_scores(
         ax.axvline(value, color=colour, lw=1.2, label=f"{label} {value:.3f}")
     ax.set_yscale("log")
     ax.set_ylim(0.5, None)
-    ax.set_xlabel("peak score (local normalised correlation)")
-    ax.set_ylabel("peaks per bin")
-    ax.set_title(title)
     ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -20,6 +20,7 @@ import torch
 from subtomo.io import atomic_path
 
 __all__ = [
+    "histogram_figure",
     "import_in_background",
     "plot_angular_distribution",
     "plot_central_slices",
@@ -119,6 +120,28 @@ def plot_guinier(
     return _save(fig, path)
 
 
+def histogram_figure(
+    values: np.ndarray | torch.Tensor,
+    *,
+    bins: int | np.ndarray,
+    xlabel: str,
+    ylabel: str = "count",
+    title: str = "",
+    label: str | None = None,
+    figsize: tuple[float, float] = (6, 3.8),
+):
+    """A figure with the histogram of the finite ``values`` drawn (``bins``: a count or the
+    edges); returns ``(fig, ax, values)`` for the caller's marks, then :func:`_save`."""
+    v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    v = v[np.isfinite(v)].ravel()
+    fig, ax = _subplots(figsize=figsize)
+    ax.hist(v, bins=bins, color="steelblue", edgecolor="white", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig, ax, v
+
+
 def plot_histogram(
     path: str | os.PathLike,
     values: np.ndarray | torch.Tensor,
@@ -128,17 +151,11 @@ def plot_histogram(
     title: str = "",
 ) -> Path:
     """Histogram of ``values`` with the median marked."""
-    v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    v = v[np.isfinite(v)].ravel()
-    fig, ax = _subplots(figsize=(6, 3.8))
-    ax.hist(v, bins=bins, color="steelblue", edgecolor="white")
+    fig, ax, v = histogram_figure(values, bins=bins, xlabel=xlabel, title=title)
     if v.size:
         med = float(np.median(v))
         ax.axvline(med, color="red", lw=1.0, label=f"median {med:.2f}")
         ax.legend(fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    ax.set_title(title)
     return _save(fig, path)
 
 

@@ -30,7 +30,7 @@ from subtomo.ctf import ctf_2d, dose_weights
 from subtomo.data import TomogramSet
 from subtomo.fourier import fftfreq_grid
 from subtomo.simulate.simulate import Simulation
-from subtomo.tilt.tomogram import CtfParams, reconstruct_wbp, tomogram_grid
+from subtomo.tilt.tomogram import reconstruct_wbp, series_ctf, tomogram_grid
 
 __all__ = ["CarbonEdge", "carbon_edge_images", "simulated_tomograms"]
 
@@ -119,11 +119,5 @@ def simulated_tomograms(
         grid = tomogram_grid(matrices, size, image_size, 1)
         flip = None
         if ctf and sim.params.ctf:
-            t = series.n_tilts
-            flip = CtfParams(
-                torch.from_numpy(series.defocus_u), torch.from_numpy(series.defocus_v),
-                torch.from_numpy(series.defocus_angle), torch.zeros(t, dtype=torch.float64),
-                series.voltage_kv, series.cs_mm, series.amplitude_contrast, series.hand,
-                series.defocus_slope, series.pixel_size,
-            )  # fmt: skip
+            flip = series_ctf(series)
         yield name, reconstruct_wbp(images, grid, ctf=flip, pixel_size=series.pixel_size)

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from subtomo.ctf import ctf_2d, dose_weights
+from subtomo.data import TiltSeries
 from subtomo.geometry import tomogram_centre_px
+from subtomo.io import numeric_column
 
 __all__ = [
     "CtfParams",
@@ -42,6 +44,7 @@ __all__ = [
     "project",
     "reconstruct_sirt",
     "reconstruct_wbp",
+    "series_ctf",
     "strip_depths",
     "tomogram_grid",
 ]
@@ -134,6 +137,23 @@ class CtfParams:
     slope: float
     pixel_size: float
     wiener: float = 0.0
+
+
+def series_ctf(series: TiltSeries) -> CtfParams:
+    """The per-tilt CTF of a series' tables (rlnDefocusU required; V defaults to U, the
+    angle and phase shift to 0)."""
+    u = torch.from_numpy(series.defocus_u)
+    has_v = "rlnDefocusV" in series.tilts.columns
+    return CtfParams(
+        u, torch.from_numpy(series.defocus_v) if has_v else u,
+        torch.from_numpy(
+            numeric_column(
+                series.tilts, "rlnDefocusAngle", series.tilt_file, series.name, default=0.0
+            )
+        ),
+        torch.from_numpy(series.phase_shift), series.voltage_kv, series.cs_mm,
+        series.amplitude_contrast, series.hand, series.defocus_slope, series.pixel_size,
+    )  # fmt: skip
 
 
 def strip_depths(
