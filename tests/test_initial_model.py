@@ -255,3 +255,24 @@ def test_bad_options_are_one_line_errors(change, message) -> None:
     with pytest.raises(InputError, match=message):
         run(params)
     assert not Path("InitialModel").exists()
+
+
+def test_the_ml_options_are_declared_once() -> None:
+    """Class3D, Refine3D and the initial model take every option they share from
+    ``project.options.ML_OPTIONS`` (or ``ParticleInputs``): same flags, help and unit (only
+    defaults differ); a redeclared copy with its own help or flags fails."""
+    from subtomo.jobs.class3d import Class3DParams
+    from subtomo.jobs.refine3d import Refine3DParams
+    from subtomo.project.options import ML_OPTIONS, options_of
+
+    seen: dict[str, set] = {}
+    for params_type in (Class3DParams, Refine3DParams, InitialModelParams):
+        for _f, meta in options_of(params_type):
+            seen.setdefault(meta.flags[0], set()).add(
+                (meta.flags, meta.help.split(" (default")[0], meta.unit)
+            )
+    differ = {flags for flags, v in seen.items() if len(v) > 1}
+    # Refine3D's --ref names two half maps (Class3D's: K maps); its --particles has --i
+    assert differ == {"--ref", "--particles"}
+    declared = {meta.flags[0] for meta in ML_OPTIONS.values()}
+    assert {"--ini_high", "--K", "--iter", "--tau2_fudge", "--particle_diameter"} <= declared
