@@ -115,6 +115,22 @@ def test_class3d_two_ranks_equals_one(project) -> None:
     assert (a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()).all()
 
 
+def test_initial_model_two_ranks_equals_one(project) -> None:
+    """De novo initial model (K = 2) with each mini-batch's batches split over 2 ranks: the
+    same classes, poses and maps as one process (a rank whose batches were lost, or whose
+    results were not gathered, would move the step and the poses)."""
+    args = ["initial-model", "--ios", "ext/optimisation_set.star", "--K", "2", "--iter", "2",
+            "--grad_ini_subset", "12", "--grad_fin_subset", "16", "--ini_high", "100",
+            "--maxres", "80", "--device", "cpu", "--random_seed", "5", *SMALL_BATCHES]  # fmt: skip
+    one, two = _one_and_two_ranks(project, args, "ini")
+    _same_maps(one, two, ["run_it002_class001.mrc", "run_it002_class002.mrc", "initial_model.mrc"])
+    a = read_star(one / "run_it002_data.star")["particles"]
+    b = read_star(two / "run_it002_data.star")["particles"]
+    assert (a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()).all()
+    for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst"):
+        assert np.abs(a[column].to_numpy() - b[column].to_numpy()).max() < 0.01, column
+
+
 def test_bad_input_ends_every_rank_with_one_line(project) -> None:
     """Both ranks read the inputs before the job starts: one error line each, no job dir."""
     done = _torchrun(["reconstruct", "--ios", "missing.star", "--o", "bad"], project)

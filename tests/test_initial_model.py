@@ -4,6 +4,7 @@ axes), the de novo model from random orientations against the simulated truth, b
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,59 @@ def test_symmetry_is_applied_after_the_c1_run(project) -> None:
     assert "C2 applied after C1" in report
 
 
+def _written(job: Path, names: list[str]) -> dict[str, bytes]:
+    """The files' bytes, without the time stamp starfile writes into a STAR file's first line
+    and mrcfile into a map's labels, and with the job directory's name (in the paths the
+    STAR files hold) replaced by ``JOB``."""
+    out = {}
+    for name in names:
+        data = (job / name).read_bytes()
+        if name.endswith(".star"):
+            out[name] = data.split(b"\n", 1)[1].replace(str(job).encode(), b"JOB")
+        else:
+            out[name] = data[:224] + data[1024:]
+    return out
+
+
+def test_continue_is_bit_identical_to_the_uninterrupted_run(project) -> None:
+    """A run continued from the checkpoint of its first iteration (files copied to a new
+    directory, as after a kill) writes the same maps and STAR files, byte for byte, as the
+    run that was not interrupted; the job.star of the continue says so."""
+    args = ["initial-model", "--ios", "ext/optimisation_set.star", "--iter", "3", "--K", "2",
+            "--grad_ini_subset", "20", "--grad_fin_subset", "30", "--ini_high", "100",
+            "--maxres", "80", "--particle_diameter", "500", "--device", "cpu"]  # fmt: skip
+    names = ["run_it003_class001.mrc", "run_it003_class002.mrc", "run_it003_data.star",
+             "run_it003_model.star", "initial_model.mrc"]  # fmt: skip
+    with contextlib.chdir(project):
+        result = CliRunner().invoke(app, [*args, "--o", "InitialModel/whole"])
+        assert result.exit_code == 0, result.output
+        whole = Path("InitialModel/whole")
+        cut = Path("InitialModel/cut")
+        cut.mkdir()
+        for path in [*whole.glob("run_it001_*"), whole / "job.star"]:
+            shutil.copy(path, cut / path.name)
+        result = CliRunner().invoke(app, ["initial-model", "--continue", str(cut)])
+        assert result.exit_code == 0, result.output
+        assert "rlnJobIsContinue\t\t\t1" in (cut / "job.star").read_text()
+        assert _written(cut, names) == _written(whole, names)
+        # the continue resumed after iteration 1 (it did not start again)
+        assert "Continuing from iteration 1" in (cut / "run.out").read_text()
+
+
+def test_3d_pseudo_subtomograms_are_refused_in_one_line(project) -> None:
+    """The ML engine reads 2D stacks only (as Class3D and Refine3D): particles extracted as
+    3D pseudo-subtomograms get one error naming the file and column, and no job directory."""
+    with contextlib.chdir(project):
+        run_extract(ExtractParams(
+            particles="particles_picked.star", tomograms="tomograms.star", box=32,
+            stack2d=False, float16=False, output_dir="ext3d", device="cpu",
+        ))  # fmt: skip
+        with pytest.raises(InputError, match="3D pseudo-subtomograms") as err:
+            run(InitialModelParams(ios="ext3d/optimisation_set.star", output_dir="InitialModel/3d"))
+        assert err.value.column == "rlnTomoSubTomosAre2DStacks"
+        assert not Path("InitialModel/3d").exists()
+
+
 def test_angle_priors_are_required_for_sigma_tilt(project) -> None:
     with contextlib.chdir(project), pytest.raises(InputError, match="rlnAngleTiltPrior"):
         run(InitialModelParams(ios="ext/optimisation_set.star", sigma_tilt=10.0,
@@ -201,3 +255,24 @@ def test_bad_options_are_one_line_errors(change, message) -> None:
     with pytest.raises(InputError, match=message):
         run(params)
     assert not Path("InitialModel").exists()
+
+
+def test_the_ml_options_are_declared_once() -> None:
+    """Class3D, Refine3D and the initial model take every option they share from
+    ``project.options.ML_OPTIONS`` (or ``ParticleInputs``): same flags, help and unit (only
+    defaults differ); a redeclared copy with its own help or flags fails."""
+    from subtomo.jobs.class3d import Class3DParams
+    from subtomo.jobs.refine3d import Refine3DParams
+    from subtomo.project.options import ML_OPTIONS, options_of
+
+    seen: dict[str, set] = {}
+    for params_type in (Class3DParams, Refine3DParams, InitialModelParams):
+        for _f, meta in options_of(params_type):
+            seen.setdefault(meta.flags[0], set()).add(
+                (meta.flags, meta.help.split(" (default")[0], meta.unit)
+            )
+    differ = {flags for flags, v in seen.items() if len(v) > 1}
+    # Refine3D's --ref names two half maps (Class3D's: K maps); its --particles has --i
+    assert differ == {"--ref", "--particles"}
+    declared = {meta.flags[0] for meta in ML_OPTIONS.values()}
+    assert {"--ini_high", "--K", "--iter", "--tau2_fudge", "--particle_diameter"} <= declared

@@ -61,9 +61,9 @@ from subtomo.project import resolve_options, run_job
 from subtomo.project.options import (
     ParticleInputs,
     continue_option,
+    ml_option,
     option,
     output_dir_option,
-    resumable,
     resumable_defaults,
 )
 from subtomo.report import plot_central_slices, write_html_report
@@ -81,46 +81,34 @@ class Class3DParams(ParticleInputs):
     ref: tuple[str, ...] = option(
         (), "--ref", help="Reference map: one (perturbed into K classes) or one per class."
     )
-    ref_correct_greyscale: bool = option(
-        False, "--ref_correct_greyscale", help="Reference is on the absolute grey scale."
-    )
-    ini_high: float = option(60.0, "--ini_high", help="Initial low-pass; <= 0: none.", unit="Å")
-    solvent_mask: str | None = option(None, "--solvent_mask", help="Reference mask (MRC).")
-    K: int = option(1, "--K", "--classes", help="Number of classes.")
-    iter: int | None = resumable(25, "--iter", help="Number of iterations")
-    tau2_fudge: float = option(1.0, "--tau2_fudge", help="Regularisation parameter T.")
-    particle_diameter: float = option(
-        -1.0, "--particle_diameter", help="Mask diameter; <= 0: the box.", unit="Å"
-    )
-    zero_mask: bool = option(False, "--zero_mask", help="Zeros outside the mask.")
+    ref_correct_greyscale: bool = ml_option("ref_correct_greyscale", False)
+    ini_high: float = ml_option("ini_high", 60.0)
+    solvent_mask: str | None = ml_option("solvent_mask", None)
+    K: int = ml_option("K", 1)
+    iter: int | None = ml_option("iter", 25)
+    tau2_fudge: float = ml_option("tau2_fudge", 1.0)
+    particle_diameter: float = ml_option("particle_diameter", -1.0)
+    zero_mask: bool = ml_option("zero_mask", False)
     flatten_solvent: bool = option(
         True, "--flatten_solvent/--no_flatten_solvent", help="Mask the references."
     )
-    sym: str = option("C1", "--sym", help="Point-group symmetry.")
+    sym: str = ml_option("sym", "C1")
     skip_align: bool = option(
         False, "--skip_align", "--no-align", help="Classification without alignment."
     )
-    healpix_order: int = option(2, "--healpix_order", help="Angular sampling (HEALPix order).")
-    offset_range: float = option(5.0, "--offset_range", help="Offset range.", unit="px")
-    offset_step: float = option(1.0, "--offset_step", help="Offset step.", unit="px")
-    sigma_ang: float = option(
-        -1.0, "--sigma_ang", help="Local searches: prior sigma; <= 0: global.", unit="deg"
-    )
-    oversampling: int = option(1, "--oversampling", help="Adaptive oversampling order (0 or 1).")
-    sigma_tilt: float = option(
-        -1.0, "--sigma_tilt", help="Tilt prior width (rlnAngleTiltPrior); <= 0: off.", unit="deg"
-    )
-    sigma_psi: float = option(
-        -1.0, "--sigma_psi", help="Psi prior width (rlnAnglePsiPrior); <= 0: off.", unit="deg"
-    )
-    strict_highres_exp: float = option(
-        -1.0, "--strict_highres_exp", help="Limit the E-step resolution; <= 0: none.", unit="Å"
-    )
+    healpix_order: int = ml_option("healpix_order", 2)
+    offset_range: float = ml_option("offset_range", 5.0)
+    offset_step: float = ml_option("offset_step", 1.0)
+    sigma_ang: float = ml_option("sigma_ang", -1.0)
+    oversampling: int = ml_option("oversampling", 1)
+    sigma_tilt: float = ml_option("sigma_tilt", -1.0)
+    sigma_psi: float = ml_option("sigma_psi", -1.0)
+    strict_highres_exp: float = ml_option("strict_highres_exp", -1.0)
     adaptive_fraction: float = option(
         0.999, "--adaptive_fraction", help="Fraction of the probability mass oversampled."
     )
-    pad: float = option(2.0, "--pad", help="Padding factor.")
-    random_seed: int = option(0, "--random_seed", help="Random seed.")
+    pad: float = ml_option("pad", 2.0)
+    random_seed: int = ml_option("random_seed", 0)
     class_init: str = option(
         "pca", "--class_init",
         help="How one reference becomes K classes in iteration 1: 'pca' (k-means on the "
@@ -137,14 +125,10 @@ class Class3DParams(ParticleInputs):
         "its own contribution (otherwise, at low SNR, no particle ever changes class).",
     )  # fmt: skip
     continue_from: str | None = continue_option()
-    memory_gb: float | None = resumable(
-        2.0, "--memory-gb", help="E-step memory per batch", unit="GB"
-    )
-    cache_gb: float | None = resumable(
-        2.0, "--cache-gb", help="Keep the stacks in memory up to this", unit="GB"
-    )
+    memory_gb: float | None = ml_option("memory_gb", 2.0)
+    cache_gb: float | None = ml_option("cache_gb", 2.0)
     max_slices: int = 4096  # reference slices computed at once (not on the command line)
-    device: str | None = resumable("auto", "--device", help="auto | cpu | cuda[:N]")
+    device: str | None = ml_option("device", "auto")
     output_dir: str | None = output_dir_option()
     project_dir: str = "."
 

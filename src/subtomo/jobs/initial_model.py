@@ -7,11 +7,16 @@ orientation searches, the resolution growing from ``--ini_high`` to ``--maxres``
 (:mod:`subtomo.ml.initial_model`). With ``--sym`` other than C1 the run is C1 and the final
 map is moved onto the symmetry axes and symmetrised (``--impose_sym``: the symmetry is
 imposed throughout). ``--sigma_tilt``/``--sigma_psi`` use the pickers' surface-normal priors
-(rlnAngleTilt/PsiPrior). Every ``--grad_write_iter`` iterations and at the end it writes RELION's
-``run_itNNN_classNNN.mrc``, ``_data.star``, ``_model.star``, ``_optimiser.star`` and
-``_sampling.star``, then ``initial_model.mrc`` (the largest class, in the symmetry frame);
-the report shows the central sections of every class at every iteration, the class sizes and
-the resolution estimate.
+(rlnAngleTilt/PsiPrior). Every ``--grad_write_iter`` iterations (default every one) and at
+the end it writes RELION's ``run_itNNN_classNNN.mrc``, ``_data.star``, ``_model.star``,
+``_optimiser.star`` and ``_sampling.star`` with a checkpoint beside them, so that
+``--continue`` (the job directory: its last complete iteration, or a
+``run_itNNN_optimiser.star``) ends as the uninterrupted run, byte for byte; then
+``initial_model.mrc`` (the largest class, in the symmetry frame); the report shows the central
+sections of every class at every written iteration, the class sizes and the resolution
+estimate. Under torch.distributed the ranks split each mini-batch's batches (conventions §19).
+Particles must be 2D stacks: the engine does not read 3D pseudo-subtomograms (nor do Class3D
+and Refine3D).
 
 Hand: the tilt geometry fixes the hand of the map only as far as the tomograms' own hand is
 right, and at low resolution the mirror image fits the data almost as well; the report says
@@ -22,6 +27,7 @@ report gives the correlation of the map and of its mirror with the truth after a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -33,11 +39,12 @@ import torch
 
 from subtomo.data import OptimisationSet, read_map_checked, read_particle_inputs, relative_to_cwd
 from subtomo.device import resolve_device
+from subtomo.distributed import is_main
 from subtomo.errors import InputError
 from subtomo.geometry.orientations import orientation_grid
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.io import write_mrc
-from subtomo.ml import EngineParams, Sampling, initial_sigma2, translation_grid
+from subtomo.ml import EngineParams, MLModel, Sampling, initial_sigma2, translation_grid
 from subtomo.ml.align_maps import align_maps, symmetrise_volume, symmetry_frame, transform_volume
 from subtomo.ml.initial_model import (
     GradientSchedule,
@@ -51,13 +58,21 @@ from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
 from subtomo.ml.starfiles import (
     IterationFiles,
     estimated_resolution_angst,
+    save_checkpoint,
     write_data_star,
     write_model_star,
     write_optimiser_star,
     write_sampling_star,
 )
-from subtomo.project import run_job
-from subtomo.project.options import ParticleInputs, device_option, option, output_dir_option
+from subtomo.project import resolve_options, run_job
+from subtomo.project.options import (
+    ParticleInputs,
+    continue_option,
+    ml_option,
+    option,
+    output_dir_option,
+    resumable_defaults,
+)
 from subtomo.report import plot_central_slices, write_html_report
 from subtomo.report.plots import plot_class_progress
 
@@ -70,48 +85,47 @@ log = logging.getLogger("subtomo")
 class InitialModelParams(ParticleInputs):
     """Options of "3D initial model" (RELION flag names; ``grad_*``: the gradient schedule)."""
 
-    iter: int = option(20, "--iter", help="Number of iterations (mini-batches).")
-    K: int = option(1, "--K", "--classes", help="Number of classes.")
-    sym: str = option("C1", "--sym", help="Point-group symmetry.")
+    iter: int | None = ml_option("iter", 20)
+    K: int = ml_option("K", 1)
+    sym: str = ml_option("sym", "C1")
     impose_sym: bool = option(
         False, "--impose_sym/--c1_then_sym",
         help="Impose --sym in every iteration instead of running C1 and aligning the final "
         "map to the symmetry axes (RELION's default).",
     )  # fmt: skip
-    tau2_fudge: float = option(4.0, "--tau2_fudge", help="Regularisation parameter T.")
-    particle_diameter: float = option(
-        -1.0, "--particle_diameter", help="Mask diameter; <= 0: the box.", unit="Å"
-    )
-    zero_mask: bool = option(True, "--zero_mask/--no_zero_mask", help="Zeros outside the mask.")
-    ini_high: float = option(60.0, "--ini_high", help="Resolution of the first iterations.",
-                             unit="Å")  # fmt: skip
+    tau2_fudge: float = ml_option("tau2_fudge", 4.0)
+    particle_diameter: float = ml_option("particle_diameter", -1.0)
+    zero_mask: bool = ml_option("zero_mask", True)
+    ini_high: float = ml_option("ini_high", 60.0)
     maxres: float = option(
         -1.0, "--maxres", help="Resolution of the last iterations; <= 0: 3 pixels.", unit="Å"
     )
-    healpix_order: int = option(1, "--healpix_order", help="Angular sampling (HEALPix order).")
-    oversampling: int = option(1, "--oversampling", help="Adaptive oversampling order (0 or 1).")
-    offset_range: float = option(2.0, "--offset_range", help="Offset range.", unit="px")
-    offset_step: float = option(2.0, "--offset_step", help="Offset step.", unit="px")
-    sigma_tilt: float = option(
-        -1.0, "--sigma_tilt", help="Tilt prior width (surface normals); <= 0: off.", unit="deg"
-    )
-    sigma_psi: float = option(-1.0, "--sigma_psi", help="Psi prior width; <= 0: off.", unit="deg")
+    healpix_order: int = ml_option("healpix_order", 1)
+    oversampling: int = ml_option("oversampling", 1)
+    offset_range: float = ml_option("offset_range", 2.0)
+    offset_step: float = ml_option("offset_step", 2.0)
+    sigma_tilt: float = ml_option("sigma_tilt", -1.0)
+    sigma_psi: float = ml_option("sigma_psi", -1.0)
     grad_ini_subset: int = option(100, "--grad_ini_subset", help="First mini-batch size.")
     grad_fin_subset: int = option(200, "--grad_fin_subset", help="Final mini-batch size.")
     grad_ini_stepsize: float = option(0.6, "--grad_ini_stepsize", help="First step lambda.")
     grad_fin_stepsize: float = option(0.3, "--grad_fin_stepsize", help="Final step lambda.")
     grad_momentum: float = option(0.5, "--grad_momentum", help="Momentum mu of the steps.")
-    write_iter: int = option(10, "--grad_write_iter", help="Write files every N iterations.")
+    write_iter: int = option(
+        1, "--grad_write_iter",
+        help="Write the files and a checkpoint every N iterations (RELION: 10; here every "
+        "iteration, so that --continue loses none).",
+    )  # fmt: skip
     truth: str | None = option(
         None, "--truth", help="Known map (simulations): report the correlation of both hands."
     )
-    random_seed: int = option(0, "--random_seed", help="Random seed.")
-    pad: float = option(2.0, "--pad", help="Padding factor.")
-    memory_gb: float = option(2.0, "--memory-gb", help="E-step memory per batch", unit="GB")
-    cache_gb: float = option(2.0, "--cache-gb", help="Keep the stacks in memory up to this",
-                             unit="GB")  # fmt: skip
+    random_seed: int = ml_option("random_seed", 0)
+    pad: float = ml_option("pad", 2.0)
+    continue_from: str | None = continue_option()
+    memory_gb: float | None = ml_option("memory_gb", 2.0)
+    cache_gb: float | None = ml_option("cache_gb", 2.0)
     max_slices: int = 4096  # reference slices computed at once (not on the command line)
-    device: str = device_option()
+    device: str | None = ml_option("device", "auto")
     output_dir: str | None = output_dir_option()
     project_dir: str = "."
 
@@ -170,7 +184,9 @@ def _engine(params: InitialModelParams, box: int, px: float) -> EngineParams:
 
 
 def _write_iteration(files: IterationFiles, model, state, parts, opt, sampling, params,
-                     optimiser: dict[str, Any]) -> None:  # fmt: skip
+                     optimiser: dict[str, Any], checkpoint: dict[str, Any]) -> None:  # fmt: skip
+    """All files of one iteration, the checkpoint and then the optimiser file last (together
+    they mark the iteration complete for ``--continue``)."""
     maps = [files.class_map(c) for c in range(model.n_classes)]
     for path, volume in zip(maps, model.references, strict=True):
         write_mrc(path, volume.cpu(), model.pixel_size)
@@ -189,6 +205,7 @@ def _write_iteration(files: IterationFiles, model, state, parts, opt, sampling, 
         particles=Path(relative_to_cwd(files.data)), tomograms=opt.tomograms,
         trajectories=opt.trajectories,
     ).write(files.optimisation_set)  # fmt: skip
+    save_checkpoint(files.checkpoint, checkpoint)
     write_optimiser_star(files.optimiser, files, optimiser)
 
 
@@ -206,8 +223,14 @@ def _final_map(model, params: InitialModelParams) -> tuple[torch.Tensor, float |
     return symmetrise_volume(placed, params.sym), cc
 
 
+#: Options a ``--continue`` may change (when given); all others come from the checkpoint.
+_DEFAULTS = resumable_defaults(InitialModelParams)
+_CONTINUE_OVERRIDES = (*_DEFAULTS, "output_dir", "continue_from")
+
+
 def run(params: InitialModelParams) -> dict[str, str]:
-    """Run the job; returns ``{output path: RELION node type}``."""
+    """Run (or continue) the job; returns ``{output path: RELION node type}``."""
+    params, checkpoint = resolve_options(params, _CONTINUE_OVERRIDES, _DEFAULTS)
     _check(params)
     device = resolve_device(params.device)
     parts, tomos, _, opt = read_particle_inputs(
@@ -229,50 +252,61 @@ def run(params: InitialModelParams) -> dict[str, str]:
     inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
     with run_job(
         "InitialModel", params, output_dir=params.output_dir, project_dir=params.project_dir,
-        inputs=inputs,
+        is_continue=checkpoint is not None, inputs=inputs,
     ) as (job, outputs):  # fmt: skip
         n = len(parts)
         schedule = _schedule(params, px)
         sampling = _sampling(params, px)
         engine = _engine(params, box, px)
-        n_rot = len(orientation_grid(params.healpix_order, sampling.symmetry)[0])
-        n_trans = len(translation_grid(sampling.offset_range_angst, sampling.offset_step_angst))
-        batch_size = batch_size_for_memory(
-            params.memory_gb * 2**30, probe.max_tilts, box, n_translations=n_trans,
-            n_poses=params.K * n_rot * n_trans,
-        )  # fmt: skip
+        if checkpoint is not None:
+            batch_size = int(checkpoint["batch_size"])
+        else:
+            n_rot = len(orientation_grid(params.healpix_order, sampling.symmetry)[0])
+            n_trans = len(translation_grid(sampling.offset_range_angst,
+                                           sampling.offset_step_angst))  # fmt: skip
+            batch_size = batch_size_for_memory(
+                params.memory_gb * 2**30, probe.max_tilts, box, n_translations=n_trans,
+                n_poses=params.K * n_rot * n_trans,
+            )  # fmt: skip
         loader = StackLoader(parts, tomos, batch_size=batch_size,
                              cache_bytes=params.cache_gb * 2**30)  # fmt: skip
         log.info(
             "3D initial model of %d particles (box %d, %.3f Å/px) into %d classes: %d "
-            "iterations, mini-batches %d -> %d, %g -> %g Å, HEALPix order %d (%d rotations x "
-            "%d translations), symmetry %s%s", n, box, px, params.K, params.iter,
+            "iterations, mini-batches %d -> %d, %g -> %g Å, HEALPix order %d, symmetry %s%s; "
+            "%d particles per batch", n, box, px, params.K, params.iter,
             schedule.subset(0, n), schedule.subset(params.iter, n),
             schedule.resolution_start_angst, schedule.resolution_end_angst,
-            params.healpix_order, n_rot, n_trans, params.sym,
-            " imposed" if params.impose_sym else " applied after a C1 run",
+            params.healpix_order, params.sym,
+            " imposed" if params.impose_sym else " applied after a C1 run", batch_size,
         )  # fmt: skip
-        state = ParticleState.from_particles(parts, params.K)
-        state.rotations = random_rotations(n, torch.Generator().manual_seed(params.random_seed))
-        sigma2 = initial_sigma2(loader.batches(state), loader.n_optics_groups, box)
-        first = minibatch(0, schedule.subset(0, n) * params.K, n, params.random_seed)
-        model = denovo_model(
-            loader.batches(state, first), sigma2, params.K, box, px, engine, sampling.symmetry,
-            schedule.resolution_start_angst, sigma_offset_angst=max(params.offset_range * px, 10.0),
-            device=device,
-        )  # fmt: skip
-        velocity = torch.zeros_like(model.references)
-        history = [_history_entry(model, 0.0)]
-        files = IterationFiles(job.directory, 0)
-        started = time.perf_counter()
-        for it in range(params.iter):
+        if checkpoint is not None:
+            model = MLModel.from_state_dict(checkpoint["model"], device)
+            velocity = checkpoint["velocity"].to(device)
+            state = ParticleState.from_state_dict(checkpoint["particles"])
+            history = list(checkpoint["history"])
+            log.info("Continuing from iteration %d", model.iteration)
+        else:
+            state = ParticleState.from_particles(parts, params.K)
+            state.rotations = random_rotations(n, torch.Generator().manual_seed(params.random_seed))
+            sigma2 = initial_sigma2(loader.batches(state), loader.n_optics_groups, box)
+            first = minibatch(0, schedule.subset(0, n) * params.K, n, params.random_seed)
+            model = denovo_model(
+                loader.batches(state, first, shard=True), sigma2, params.K, box, px, engine,
+                sampling.symmetry, schedule.resolution_start_angst,
+                sigma_offset_angst=max(params.offset_range * px, 10.0), device=device,
+            )  # fmt: skip
+            velocity = torch.zeros_like(model.references)
+            history = [_history_entry(model, 0.0)]
+        files = IterationFiles(job.directory, model.iteration)
+        started = time.perf_counter() - history[-1]["seconds"]
+        for it in range(model.iteration, params.iter):
             size = image_size(schedule.resolution_angst(it), box, px)
             idx = minibatch(it, schedule.subset(it, n), n, params.random_seed)
             t0 = time.perf_counter()
             model, velocity, results = gradient_iteration(
-                model, velocity, loader.batches(state, idx), sampling, engine, n_particles=n,
-                step=schedule.step(it), momentum=schedule.momentum, current_size=size,
-                device=device,
+                model, velocity, loader.batches(state, idx, shard=True), sampling, engine,
+                n_particles=n, step=schedule.step(it), momentum=schedule.momentum,
+                current_size=size, device=device,
             )  # fmt: skip
             state.update(results)
             history.append(_history_entry(model, time.perf_counter() - started))
@@ -283,28 +317,38 @@ def run(params: InitialModelParams) -> dict[str, str]:
                 " ".join(f"{p:.3f}" for p in model.class_priors.tolist()),
                 history[-1]["resolution_angst"],
             )  # fmt: skip
+            last = it == params.iter - 1
+            if not is_main() or (model.iteration % params.write_iter and not last):
+                continue  # rank 0 writes (torch.distributed)
             _plot_classes(job, model)
-            if model.iteration % params.write_iter == 0 or it == params.iter - 1:
-                files = IterationFiles(job.directory, model.iteration)
-                _write_iteration(files, model, state, parts, opt, sampling, params, {
-                    "rlnCurrentIteration": model.iteration,
-                    "rlnNumberOfIterations": params.iter,
-                    "rlnDoSplitRandomHalves": 0,
-                    "rlnDoAutoRefine": 0,
-                    "rlnRandomSeed": params.random_seed,
-                    "rlnTau2FudgeFactor": params.tau2_fudge,
-                    "rlnParticleDiameter": engine.particle_diameter_angst,
-                    "rlnHasConverged": int(it == params.iter - 1),
-                })  # fmt: skip
-        final, sym_cc = _final_map(model, params)
-        write_mrc(job.path("initial_model.mrc"), final, px)
+            files = IterationFiles(job.directory, model.iteration)
+            _write_iteration(files, model, state, parts, opt, sampling, params, {
+                "rlnCurrentIteration": model.iteration,
+                "rlnNumberOfIterations": params.iter,
+                "rlnDoSplitRandomHalves": 0,
+                "rlnDoAutoRefine": 0,
+                "rlnRandomSeed": params.random_seed,
+                "rlnTau2FudgeFactor": params.tau2_fudge,
+                "rlnParticleDiameter": engine.particle_diameter_angst,
+                "rlnHasConverged": int(last),
+            }, {
+                "params": dataclasses.asdict(params),
+                "batch_size": batch_size,
+                "model": model.state_dict(),
+                "velocity": velocity.cpu().clone(),
+                "particles": state.state_dict(),
+                "history": history,
+            })  # fmt: skip
+        if is_main():
+            final, sym_cc = _final_map(model, params)
+            write_mrc(job.path("initial_model.mrc"), final, px)
+            hand = _hand_report(final, truth, px, model.current_resolution_angst)
+            _report(job, params, history, model, sym_cc, hand)
         outputs[str(files.data)] = "ParticleGroupMetadata.star.relion.tomo.initialmodel"
         outputs[str(files.optimiser)] = "ProcessData.star.relion.optimiser.initialmodel"
         for c in range(model.n_classes):
             outputs[str(files.class_map(c))] = "DensityMap.mrc.relion.initialmodel"
         outputs[job.alias + "initial_model.mrc"] = "DensityMap.mrc.relion.initialmodel"
-        hand = _hand_report(final, truth, px, model.current_resolution_angst)
-        _report(job, params, history, model, sym_cc, hand)
     return outputs
 
 

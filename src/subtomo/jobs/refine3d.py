@@ -52,9 +52,9 @@ from subtomo.ml.starfiles import (
 from subtomo.project import resolve_options, run_job, write_job_report
 from subtomo.project.options import (
     continue_option,
+    ml_option,
     option,
     output_dir_option,
-    resumable,
     resumable_defaults,
 )
 from subtomo.report.plots import plot_series
@@ -74,13 +74,9 @@ class Refine3DParams:
     ref: str | None = option(
         None, "--ref", help="Reference map (*half1*: its *half2* is the second half's)."
     )
-    ref_correct_greyscale: bool = option(
-        False, "--ref_correct_greyscale", help="Reference map is on absolute greyscale."
-    )
-    ini_high: float = option(
-        60.0, "--ini_high", help="Initial low-pass filter; <= 0: none.", unit="Å"
-    )
-    solvent_mask: str | None = option(None, "--solvent_mask", help="Reference mask (MRC).")
+    ref_correct_greyscale: bool = ml_option("ref_correct_greyscale", False)
+    ini_high: float = ml_option("ini_high", 60.0)
+    solvent_mask: str | None = ml_option("solvent_mask", None)
     solvent_correct_fsc: bool = option(
         False, "--solvent_correct_fsc", help="Use solvent-flattened FSCs."
     )
@@ -89,26 +85,20 @@ class Refine3DParams:
         "--auto_solvent_mask/--no_auto_solvent_mask",
         help="Without --solvent_mask: flatten the references with the loose mask of the FSC.",
     )
-    sym: str = option("C1", "--sym", help="Symmetry (C, D, T, O, I).")
-    particle_diameter: float = option(
-        0.0, "--particle_diameter", help="Mask diameter; 0: 0.9 of the box.", unit="Å"
-    )
-    zero_mask: bool = option(True, "--zero_mask/--no_zero_mask", help="Mask with zeros.")
-    tau2_fudge: float = option(1.0, "--tau2_fudge", help="Regularisation parameter T.")
-    healpix_order: int = option(2, "--healpix_order", help="Initial HEALPix order.")
-    offset_range: float = option(5.0, "--offset_range", help="Initial offset range.", unit="px")
-    offset_step: float = option(1.0, "--offset_step", help="Initial offset step.", unit="px")
+    sym: str = ml_option("sym", "C1")
+    particle_diameter: float = ml_option("particle_diameter", 0.0)
+    zero_mask: bool = ml_option("zero_mask", True)
+    tau2_fudge: float = ml_option("tau2_fudge", 1.0)
+    healpix_order: int = ml_option("healpix_order", 2)
+    offset_range: float = ml_option("offset_range", 5.0)
+    offset_step: float = ml_option("offset_step", 1.0)
     auto_local_healpix_order: int = option(
         4, "--auto_local_healpix_order", help="Local searches from this HEALPix order."
     )
-    sigma_ang: float = option(
-        -1.0, "--sigma_ang", help="> 0: local searches from the start, this wide.", unit="deg"
-    )
-    oversampling: int = option(1, "--oversampling", help="Adaptive oversampling order.")
-    sigma_tilt: float = option(
-        -1.0, "--sigma_tilt", help="Tilt prior width; <= 0: off.", unit="deg"
-    )
-    sigma_psi: float = option(-1.0, "--sigma_psi", help="Psi prior width; <= 0: off.", unit="deg")
+    sigma_ang: float = ml_option("sigma_ang", -1.0)
+    oversampling: int = ml_option("oversampling", 1)
+    sigma_tilt: float = ml_option("sigma_tilt", -1.0)
+    sigma_psi: float = ml_option("sigma_psi", -1.0)
     auto_ignore_angles: bool = option(
         False, "--auto_ignore_angles", help="Finer sampling and convergence without stable angles."
     )
@@ -118,15 +108,13 @@ class Refine3DParams:
     low_resol_join_halves: float = option(
         40.0, "--low_resol_join_halves", help="Join the halves below this resolution.", unit="Å"
     )
-    strict_highres_exp: float = option(
-        -1.0, "--strict_highres_exp", help="Limit the E-step resolution; <= 0: none.", unit="Å"
-    )
+    strict_highres_exp: float = ml_option("strict_highres_exp", -1.0)
     incr_size: int = 10  # --incr_size (not on the command line)
-    max_iter: int | None = resumable(50, "--iter", help="Iterations at most before the final one")
-    pad: float = option(2.0, "--pad", help="Padding factor.")
-    random_seed: int = option(0, "--random_seed", help="Random seed.")
-    memory_gb: float | None = resumable(2.0, "--memory-gb", help="Memory budget", unit="GB")
-    device: str | None = resumable("auto", "--device", help="auto | cpu | cuda[:N]")
+    max_iter: int | None = ml_option("iter", 50)
+    pad: float = ml_option("pad", 2.0)
+    random_seed: int = ml_option("random_seed", 0)
+    memory_gb: float | None = ml_option("memory_gb", 2.0)
+    device: str | None = ml_option("device", "auto")
     continue_from: str | None = continue_option()
     output_dir: str | None = output_dir_option()
     project_dir: str = "."

@@ -180,7 +180,11 @@ def gradient_iteration(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[MLModel, torch.Tensor, ParticleResults]:
     """One stochastic step on a mini-batch (module docstring); returns the next model, the
-    next momentum ``m`` ``(K, n, n, n)`` and the mini-batch's E-step results."""
+    next momentum ``m`` ``(K, n, n, n)`` and the mini-batch's E-step results.
+
+    Under torch.distributed each rank passes its share of the mini-batch's ``batches``
+    (:meth:`~subtomo.ml.loader.StackLoader.batches` with ``shard=True``): the sums are
+    all-reduced and the results gathered, so every rank steps to the same model."""
     model = dataclasses.replace(model, current_size=current_size)
     sums, results = expectation_pass(
         model, batches, sampling, params, device=device, progress=progress
@@ -210,7 +214,7 @@ def gradient_iteration(
             current_size=current_size,
         ),
         velocity,
-        results,
+        results.all_gathered(),
     )
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "ML_OPTIONS",
     "OPTION",
     "RESUMABLE",
     "Option",
@@ -41,6 +42,7 @@ __all__ = [
     "argument",
     "continue_option",
     "device_option",
+    "ml_option",
     "option",
     "options_of",
     "output_dir_option",
@@ -149,6 +151,70 @@ class ParticleInputs:
     particles: str | None = option(None, "--particles", "--p", help="particles.star.")
     tomograms: str | None = option(None, "--tomograms", "--t", help="tomograms.star.")
     trajectories: str | None = option(None, "--trajectories", "--mot", help="motion.star.")
+
+
+#: The options of the jobs on the ML engine (3D classification, 3D auto-refine, 3D initial
+#: model), declared once: flags, help and unit. Each job takes a field with its own default
+#: (RELION's defaults differ between them) from :func:`ml_option`, in its own field order
+#: (``job.star`` lists the fields in declaration order, as before the declarations were
+#: shared; a base dataclass would impose one order on all three).
+ML_OPTIONS: dict[str, Option] = {
+    "ref_correct_greyscale": Option(
+        ("--ref_correct_greyscale",), "Reference map is on the absolute grey scale."
+    ),
+    "ini_high": Option(
+        ("--ini_high",),
+        "Initial low-pass filter (3D initial model: the resolution of its first iterations); "
+        "<= 0: none.",
+        "Å",
+    ),
+    "solvent_mask": Option(("--solvent_mask",), "Reference mask (MRC)."),
+    "K": Option(("--K", "--classes"), "Number of classes."),
+    "iter": Option(
+        ("--iter",), "Number of iterations (3D auto-refine: at most, before the final one)"
+    ),
+    "tau2_fudge": Option(("--tau2_fudge",), "Regularisation parameter T."),
+    "particle_diameter": Option(
+        ("--particle_diameter",), "Mask diameter; <= 0: the box (3D auto-refine: 0.9 of it).", "Å"
+    ),
+    "zero_mask": Option(("--zero_mask/--no_zero_mask",), "Zeros outside the mask (else noise)."),
+    "sym": Option(("--sym",), "Point-group symmetry (C, D, T, O, I)."),
+    "healpix_order": Option(
+        ("--healpix_order",), "Angular sampling (HEALPix order; 3D auto-refine: the first)."
+    ),
+    "offset_range": Option(("--offset_range",), "Offset range (3D auto-refine: the first).", "px"),
+    "offset_step": Option(("--offset_step",), "Offset step (3D auto-refine: the first).", "px"),
+    "sigma_ang": Option(
+        ("--sigma_ang",), "Local searches from the start, prior sigma; <= 0: global.", "deg"
+    ),
+    "oversampling": Option(("--oversampling",), "Adaptive oversampling order (0 or 1)."),
+    "sigma_tilt": Option(
+        ("--sigma_tilt",),
+        "Tilt prior width (rlnAngleTiltPrior, surface normals); <= 0: off.",
+        "deg",
+    ),
+    "sigma_psi": Option(("--sigma_psi",), "Psi prior width (rlnAnglePsiPrior); <= 0: off.", "deg"),
+    "strict_highres_exp": Option(
+        ("--strict_highres_exp",), "Limit the E-step resolution; <= 0: none.", "Å"
+    ),
+    "pad": Option(("--pad",), "Padding factor."),
+    "random_seed": Option(("--random_seed",), "Random seed."),
+    "memory_gb": Option(("--memory-gb",), "Memory budget of the E-step", "GB"),
+    "cache_gb": Option(("--cache-gb",), "Keep the stacks in memory up to this", "GB"),
+    "device": Option(("--device",), "auto | cpu | cuda[:N]"),
+}
+
+#: :data:`ML_OPTIONS` a ``--continue`` may change (:func:`resumable`).
+_ML_RESUMABLE = frozenset({"iter", "memory_gb", "cache_gb", "device"})
+
+
+def ml_option(name: str, default: Any) -> Any:
+    """The field of the shared ML option ``name`` (:data:`ML_OPTIONS`) with this job's
+    ``default``; ``iter``, ``memory_gb``, ``cache_gb`` and ``device`` are :func:`resumable`."""
+    meta = ML_OPTIONS[name]
+    if name in _ML_RESUMABLE:
+        return resumable(default, *meta.flags, help=meta.help, unit=meta.unit)
+    return option(default, *meta.flags, help=meta.help, unit=meta.unit)
 
 
 def options_of(params_type: type) -> Iterator[tuple[dataclasses.Field, Option]]:
