@@ -47,7 +47,7 @@ def _correlation(predictor: TiltPredictor, state: ParticleState) -> float:
     """Correlation of the data with ``A·A·P`` (the current CTF applied twice) over all."""
     num = den_y = den_m = 0.0
     for patches in predictor.batches(state):
-        model = patches.ctf * patches.ctf * patches.predicted
+        model = patches.applied * patches.ctf * patches.predicted
         y = patches.observed
         num += float((y.conj() * model).real.sum())
         den_y += float(y.abs().square().sum())
