@@ -49,8 +49,15 @@ LAYERS = {
     "project": 5,
     **dict.fromkeys(
         (
-            "reconstruct", "ml", "postprocess", "simulate", "subsets", "tilt", "picking",
-            "report", "tomorefine",
+            "reconstruct",
+            "ml",
+            "postprocess",
+            "simulate",
+            "subsets",
+            "tilt",
+            "picking",
+            "report",
+            "tomorefine",
         ),
         4,
     ),
