@@ -15,7 +15,9 @@ over its tilts give the cost of a per-particle defocus. With the scale left free
 ``s = X/D`` and ``L = −X²/(2D)``.
 
 * Defocus per tilt: a grid of ``δ`` from ``d0`` to ``d1`` (RELION: −3000…3000 Å, 100 steps)
-  for every tilt at once, optionally regularised towards the series' mean
+  for every tilt at once, with a Gaussian prior ``δ²/(2σ_t²)`` on the change (ours: late,
+  dose-damaged tilts carry almost no defocus information, and without it their best grid
+  point is anywhere in the range), optionally regularised towards the series' mean
   (``λ·n_f·(δ_f − δ̄)²``, ``n_f`` the tilt's particles), then local refinement of ``δ`` and
   of the astigmatism change ``a₁ cos 2θ + a₂ sin 2θ`` (shared by the series, or per tilt) by
   L-BFGS on the same sums.
@@ -168,7 +170,8 @@ class DefocusFit:
     (Å), ``astigmatism`` ``(t, 2)`` the change of the astigmatism vector
     ``((U−V)/2·cos 2α, (U−V)/2·sin 2α)`` (Å), ``scale`` the least-squares scale relative to
     the current one (``X/D``), ``cross``/``power`` ``X``/``D`` there, ``cost_before``/
-    ``cost_after`` ``L`` at the current CTF and at the fit (scale free)."""
+    ``cost_after`` ``L`` at the current CTF and at the fit (scale free), ``sigma`` the
+    posterior standard deviation of ``delta`` from the curvature of ``L`` + prior (Å)."""
 
     delta: torch.Tensor
     astigmatism: torch.Tensor
@@ -177,6 +180,7 @@ class DefocusFit:
     power: torch.Tensor
     cost_before: torch.Tensor
     cost_after: torch.Tensor
+    sigma: torch.Tensor
 
     def defocus(
         self, u: np.ndarray, v: np.ndarray, angle_deg: np.ndarray
@@ -205,6 +209,7 @@ def fit_tilt_defocus(
     fit_defocus: bool = True,
     astigmatism: str = "series",
     reg_lambda: float | None = None,
+    sigma_angst: float | None = None,
     iterations: int = 50,
 ) -> DefocusFit:
     """Fit the defocus of every tilt of one series (see the module docstring).
@@ -214,6 +219,7 @@ def fit_tilt_defocus(
     (rad/Å). ``astigmatism``: ``"none"``, ``"series"`` (one change for all tilts: the lens
     does not change between tilts) or ``"tilt"`` (one per tilt, RELION's). ``reg_lambda``:
     pull each tilt's grid search towards the series' mean (``--do_reg_defocus``).
+    ``sigma_angst``: σ_t of the Gaussian prior on each tilt's change (``None``: flat).
     """
     cross, power, dev = stats.cross, stats.power, stats.cross.device
     w = weights.to(dev, torch.float64)
@@ -225,6 +231,8 @@ def fit_tilt_defocus(
         grid = torch.linspace(d0, d1, steps + 1, dtype=torch.float64, device=dev)  # (G,)
         x, d = _grid_terms(cross * w, power * w, grid[:, None] * phi)
         cost = _profile(x, d)  # (t, G)
+        if sigma_angst:
+            cost = cost + grid**2 / (2 * sigma_angst**2)
         delta = grid[cost.argmin(1)]
         if reg_lambda:
             n = stats.count[:, None]
@@ -255,6 +263,8 @@ def fit_tilt_defocus(
             if reg_lambda:
                 diff = _UNIT * p_delta - mean0
                 loss = loss + reg_lambda * (stats.count * diff * diff).sum()
+            if sigma_angst:
+                loss = loss + ((_UNIT * p_delta) ** 2).sum() / (2 * sigma_angst**2)
             loss.backward()
             return loss
 
@@ -262,6 +272,14 @@ def fit_tilt_defocus(
     with torch.no_grad():
         x, d = _terms(cross, power, w, field())
         ast = (p_ast.detach() * _UNIT).expand(t, 2) if n_ast else torch.zeros(t, 2, device=dev)
+        h = 50.0  # Å: curvature of L + prior by central differences
+        around = [
+            _profile(*_terms(cross, power, w, field() + s * h * phi))
+            + (0.0 if not sigma_angst else (_UNIT * p_delta + s * h) ** 2 / (2 * sigma_angst**2))
+            for s in (-1, 0, 1)
+        ]
+        curvature = (around[0] - 2 * around[1] + around[2]) / h**2
+        sigma = torch.where(curvature > 0, curvature.clamp_min(1e-300).rsqrt(), torch.inf)
         return DefocusFit(
             delta=(p_delta.detach() * _UNIT),
             astigmatism=ast.to(torch.float64),
@@ -270,6 +288,7 @@ def fit_tilt_defocus(
             power=d,
             cost_before=cost_before,
             cost_after=_profile(x, d),
+            sigma=sigma,
         )
 
 
