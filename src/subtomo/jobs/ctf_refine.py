@@ -205,7 +205,7 @@ def run(params: CtfRefineParams) -> dict[str, str]:
             box * pixel / max(last, 1), f"; {len(done)} done before" if done else "",
         )  # fmt: skip
         state = ParticleState.from_particles(parts)
-        for name in dict.fromkeys(parts.tomo_names):
+        for name in map(str, dict.fromkeys(parts.tomo_names)):
             if name in done:
                 continue
             rows = np.flatnonzero(parts.tomo_names == name)
@@ -253,7 +253,7 @@ def _write(job, outputs, params, parts, tomos, opt, maps, done) -> None:
         tables[series.name] = table
     tomo_path = job.path("tomograms.star")
     TomogramSet.from_tables(tomos.global_table, tables).write(tomo_path, job.path("tilt_series"))
-    outputs[str(tomo_path)] = "TomogramGroupMetadata.star.relion.tomo.ctfrefine"
+    outputs[job.alias + "tomograms.star"] = "TomogramGroupMetadata.star.relion.tomo.ctfrefine"
     particles_path = opt.particles
     if params.per_particle_defocus:
         offsets = parts.defocus_offsets().numpy().copy()
@@ -263,7 +263,7 @@ def _write(job, outputs, params, parts, tomos, opt, maps, done) -> None:
         table[DEFOCUS_OFFSET] = offsets
         particles_path = job.path("particles.star")
         ParticleSet.from_tables(table, parts.optics, general=parts.general).write(particles_path)
-        outputs[str(particles_path)] = "ParticleGroupMetadata.star.relion.tomo.ctfrefine"
+        outputs[job.alias + "particles.star"] = "ParticleGroupMetadata.star.relion.tomo.ctfrefine"
     out = OptimisationSet(
         particles=Path(relative_to_cwd(particles_path)), tomograms=Path(relative_to_cwd(tomo_path)),
         trajectories=opt.trajectories, reference_map1=maps.path1, reference_map2=maps.path2,
@@ -272,7 +272,7 @@ def _write(job, outputs, params, parts, tomos, opt, maps, done) -> None:
     path = job.path("optimisation_set.star")
     if is_main():
         out.write(path)
-    outputs[str(path)] = "TomoOptimisationSet.star.relion.tomo.ctfrefine"
+    outputs[job.alias + "optimisation_set.star"] = "TomoOptimisationSet.star.relion.tomo.ctfrefine"
 
 
 def _mean_defocus(u: np.ndarray, v: np.ndarray) -> np.ndarray:
