@@ -107,11 +107,11 @@ def _mean_defocus(path: Path) -> np.ndarray:
 
 
 def test_ctf_refine_recovers_defocus_scale_and_particle_defocus(project: Path) -> None:
-    """The job against the true map (both halves) on the nominal stacks: the per-tilt defocus
-    error falls from ~500 to < 120 Å RMS, the fitted scales follow the true Beer–Lambert
-    curve (κ 0.7) to 5% up to the grey scale a, the
-    per-particle defocus error falls by > 30% (noise-free, 11 tilts); ``--continue`` redoes
-    nothing and writes the same tomograms."""
+    """The job against the true map (both halves) on the nominal stacks: the per-tilt
+    defocus error falls from ~500 to < 110 Å RMS (73 measured), the fitted scales follow the
+    true Beer–Lambert curve (κ 0.7) to 2% up to the grey scale a (0.8% measured), the
+    per-particle defocus error falls by > 70% (171 -> 20 Å measured; noise-free, 11 tilts);
+    ``--continue`` redoes nothing and writes the same tomograms."""
     os.chdir(project)
     out = run_ctf_refine(CtfRefineParams(
         ios="ext/optimisation_set.star", ref1="truth.mrc", ref2="truth.mrc",
@@ -123,18 +123,18 @@ def test_ctf_refine_recovers_defocus_scale_and_particle_defocus(project: Path) -
     after = np.sqrt(
         np.mean((_mean_defocus(project / "CtfRefine/job001/tomograms.star") - truth) ** 2)
     )
-    assert before > 350 and after < 120, (before, after)
+    assert before > 350 and after < 110, (before, after)
 
     series = TomogramSet.read(project / "CtfRefine/job001/tomograms.star")["TS_01"]
     true_scale = TomogramSet.read(project / "true_alignment.star")["TS_01"].ctf_scale
     ratio = series.ctf_scale / true_scale  # the amplitude a is the maps' grey scale
-    assert np.ptp(ratio) < 0.05 * ratio.mean()
+    assert np.ptp(ratio) < 0.02 * ratio.mean()
 
     true_offsets = ParticleSet.read(project / "particles.star").defocus_offsets().numpy()
     fitted = ParticleSet.read(project / "CtfRefine/job001/particles.star").defocus_offsets().numpy()
     rms_before = np.sqrt(np.mean(true_offsets**2))
     rms_after = np.sqrt(np.mean((fitted - true_offsets) ** 2))
-    assert rms_after < 0.7 * rms_before, (rms_before, rms_after)
+    assert rms_after < 0.3 * rms_before, (rms_before, rms_after)
 
     first = TomogramSet.read(project / "CtfRefine/job001/tomograms.star")["TS_01"].tilts
     run_ctf_refine(CtfRefineParams(continue_from="CtfRefine/job001"))

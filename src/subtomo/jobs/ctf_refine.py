@@ -10,7 +10,9 @@ rlnDefocusU/V/Angle and rlnCtfScalefactor, ``particles.star`` with
 ``subtomoDefocusOffsetAngst`` when per-particle defoci are fitted, ``optimisation_set.star``
 and ``report.html`` (defocus per tilt before/after, scale against tilt, ice thickness).
 Follow it with a new Extract and Refine3D. ``--continue <job dir>`` resumes after the last
-tilt series done (``ctf_refine_checkpoint.pt``).
+tilt series done (``ctf_refine_checkpoint.pt``) with the options it ran with (only
+``--device`` may change). Under torch.distributed the ranks share each tilt series'
+particles and sum their statistics; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -252,7 +254,10 @@ def _write(job, outputs, params, parts, tomos, opt, maps, done) -> None:
             table["rlnDefocusAngle"], table["rlnCtfScalefactor"] = r.defocus_angle, r.scale
         tables[series.name] = table
     tomo_path = job.path("tomograms.star")
-    TomogramSet.from_tables(tomos.global_table, tables).write(tomo_path, job.path("tilt_series"))
+    if is_main():
+        TomogramSet.from_tables(tomos.global_table, tables).write(
+            tomo_path, job.path("tilt_series")
+        )
     outputs[job.alias + "tomograms.star"] = "TomogramGroupMetadata.star.relion.tomo.ctfrefine"
     particles_path = opt.particles
     if params.per_particle_defocus:
@@ -262,7 +267,10 @@ def _write(job, outputs, params, parts, tomos, opt, maps, done) -> None:
         table = parts.particles.copy()
         table[DEFOCUS_OFFSET] = offsets
         particles_path = job.path("particles.star")
-        ParticleSet.from_tables(table, parts.optics, general=parts.general).write(particles_path)
+        if is_main():
+            ParticleSet.from_tables(table, parts.optics, general=parts.general).write(
+                particles_path
+            )
         outputs[job.alias + "particles.star"] = "ParticleGroupMetadata.star.relion.tomo.ctfrefine"
     out = OptimisationSet(
         particles=Path(relative_to_cwd(particles_path)), tomograms=Path(relative_to_cwd(tomo_path)),

@@ -1,0 +1,150 @@
+"""Accuracy, throughput and peak memory of ``subtomo ctf-refine`` (issue 19).
+
+Simulates the bar's data set once (reused when ``--workdir`` holds it): 300 particles in 2
+tomograms, box 64 at 5 Å/px, 41 tilts (±60°, dose-symmetric, 3 e/Å² per tilt), Gaussian
+noise at ``--snr``, per-tilt defocus errors σ 500 Å, per-particle defocus errors σ 300 Å and
+ice (κ 0.8, normal 5°). Extracts 2D stacks at the true poses with the nominal tomograms and
+without the per-particle defoci (what a user has after Refine3D), then runs ``subtomo
+ctf-refine --per_particle_defocus`` against the true map as both half maps (the CTF fit
+alone; the full cycle with Refine3D and frame alignment is benchmarked elsewhere) and prints
+the per-tilt defocus RMS error before/after, the fits' own posterior σ (the information the
+data hold), the per-particle defocus RMS error before/after, the scales' RMS error relative
+to the true Beer–Lambert curve (up to the maps' grey scale), the wall and CPU time,
+particles/s and the peak RSS (and CUDA memory).
+
+    python benchmarks/ctf_refine.py --workdir /tmp/bench_ctf --snr 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _subtomo(*args: str, cwd: Path) -> None:
+    """One ``subtomo`` command in a child process (its memory is not ours)."""
+    subprocess.run([sys.executable, "-m", "subtomo.cli", *args], cwd=cwd, check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+def _prepare(args: argparse.Namespace, work: Path) -> None:
+    if not (work / "truth.mrc").is_file():
+        start = time.perf_counter()
+        _subtomo(
+            "simulate", "--out", ".", "--preset", "benchmark", "--particles",
+            str(args.particles), "--tomograms", str(args.tomograms), "--box", str(args.box),
+            "--pixel-size", str(args.pixel_size), "--tomogram-size", args.tomogram_size,
+            "--tilt-step", "3", "--snr", str(args.snr), "--defocus-error",
+            str(args.defocus_error), "--particle-defocus-error", str(args.particle_error),
+            "--ice-kappa", str(args.kappa), "--ice-normal", "5", "--seed", str(args.seed),
+            cwd=work,
+        )  # fmt: skip
+        print(f"simulated in {time.perf_counter() - start:.0f} s: {work}")
+    if not (work / "ext/particles.star").is_file():
+        from subtomo.data import DEFOCUS_OFFSET, ParticleSet
+
+        nominal = ParticleSet.read(work / "particles.star")
+        nominal.particles = nominal.particles.drop(columns=[DEFOCUS_OFFSET])
+        nominal.write(work / "particles_nominal.star")
+        _subtomo("extract", "--p", "particles_nominal.star", "--t", "tomograms.star",
+                 "--box", str(args.box), "--float32", "--o", "ext", cwd=work)  # fmt: skip
+
+
+def _per_tilt(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Per tilt series: the mean defocus (Å), rlnCtfScalefactor or rlnTomoYTilt (deg)."""
+    from subtomo.data import TomogramSet
+
+    values = {
+        "defocus": lambda s: (s.defocus_u + s.defocus_v) / 2,
+        "scale": lambda s: s.ctf_scale,
+        "tilt": lambda s: np.asarray(s.tilts["rlnTomoYTilt"], dtype=np.float64),
+    }[what]
+    return {s.name: values(s) for s in TomogramSet.read(path)}
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="/tmp/bench_ctf_refine")
+    parser.add_argument("--particles", type=int, default=300)
+    parser.add_argument("--tomograms", type=int, default=2)
+    parser.add_argument("--box", type=int, default=64)
+    parser.add_argument("--pixel-size", type=float, default=5.0)
+    parser.add_argument("--tomogram-size", default="1024,1024,128")
+    parser.add_argument("--snr", type=float, default=0.05)
+    parser.add_argument("--defocus-error", type=float, default=500.0)
+    parser.add_argument("--particle-error", type=float, default=300.0)
+    parser.add_argument("--kappa", type=float, default=0.8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    _prepare(args, work)
+    os.chdir(work)
+
+    import torch
+
+    from subtomo.data import ParticleSet
+    from subtomo.jobs.ctf_refine import CtfRefineParams, run
+
+    out = Path(f"CtfRefine/bench_{int(time.time())}")
+    wall, cpu = time.perf_counter(), time.process_time()
+    run(
+        CtfRefineParams(
+            ios="ext/optimisation_set.star",
+            ref1="truth.mrc",
+            ref2="truth.mrc",
+            per_particle_defocus=True,
+            device=args.device,
+            output_dir=str(out),
+        )
+    )
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    true = _per_tilt(Path("true_alignment.star"), "defocus")
+    nominal = _per_tilt(Path("tomograms.star"), "defocus")
+    fitted = _per_tilt(out / "tomograms.star", "defocus")
+    before = np.concatenate([nominal[n] - true[n] for n in true])
+    after = np.concatenate([fitted[n] - true[n] for n in true])
+    check = torch.load(out / "ctf_refine_checkpoint.pt", weights_only=True)["results"]
+    sigma = np.concatenate([check[n]["sigma"].numpy() for n in true])
+    tilt = np.concatenate(list(_per_tilt(Path("tomograms.star"), "tilt").values()))
+    low = np.abs(tilt) <= 20  # the tilts nearest 0°, least damaged by the dose
+    scale = _per_tilt(out / "tomograms.star", "scale")
+    true_scale = _per_tilt(Path("true_alignment.star"), "scale")
+    ratio = [scale[n] / true_scale[n] for n in true]
+    scale_error = _rms(np.concatenate([r / r.mean() - 1 for r in ratio]))
+    truth_p = ParticleSet.read("particles.star").defocus_offsets().numpy()
+    fitted_p = ParticleSet.read(out / "particles.star").defocus_offsets().numpy()
+    n_part = len(truth_p)
+    print(f"data: {n_part} particles, {args.tomograms} tomograms, box {args.box} at "
+          f"{args.pixel_size} Å/px, 41 tilts, SNR {args.snr}")  # fmt: skip
+    print(
+        f"per-tilt defocus RMS error: all tilts {_rms(before):.0f} -> {_rms(after):.0f} Å "
+        f"(fit's posterior σ RMS {_rms(sigma):.0f} Å); "
+        f"{_rms(before[low]):.0f} -> {_rms(after[low]):.0f} Å (σ {_rms(sigma[low]):.0f} Å) "
+        f"at |tilt| <= 20°"
+    )
+    print(f"per-tilt scale RMS error (Beer–Lambert, up to the grey scale): {scale_error:.1%}")
+    print(f"per-particle defocus RMS error: before {_rms(truth_p):.0f} Å, after "
+          f"{_rms(fitted_p - truth_p):.0f} Å")  # fmt: skip
+    print(f"time {wall:.1f} s wall, {cpu:.1f} s CPU: {n_part / wall:.1f} particles/s, "
+          f"{n_part * 41 / wall:.0f} tilt images/s; peak RSS {peak:.0f} MiB"
+          + (f", CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+             if torch.cuda.is_available() else ""))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
