@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import subtomo
 from conftest import run_subtomo
 from subtomo.data import DEFOCUS_OFFSET, ParticleSet, TomogramSet
 from subtomo.errors import InputError
@@ -152,3 +155,24 @@ def test_ctf_refine_refuses_maps_of_another_box(project: Path, tmp_path: Path) -
             ref2=str(tmp_path / "small.mrc"), output_dir="CtfRefine/bad",
         ))  # fmt: skip
     assert not (project / "CtfRefine/bad").exists()
+
+
+def test_two_ranks_give_the_same_tomograms(project: Path) -> None:
+    """2 gloo ranks (torchrun) share each tilt series' particles and sum the statistics:
+    the same per-tilt defocus and scale as one process (to float rounding)."""
+    os.chdir(project)
+    args = ["ctf-refine", "--ios", "ext/optimisation_set.star", "--ref1", "truth.mrc",
+            "--ref2", "truth.mrc", "--batch", "4", "--no_bias_correction"]  # fmt: skip
+    run_subtomo([*args, "--o", "CtfRefine/one"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(Path(subtomo.__file__).parents[1])  # this checkout's package
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "2", "-m", "subtomo.cli", *args, "--o", "CtfRefine/two"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = TomogramSet.read(project / "CtfRefine/one/tomograms.star")["TS_01"]
+    two = TomogramSet.read(project / "CtfRefine/two/tomograms.star")["TS_01"]
+    np.testing.assert_allclose(two.defocus_u, one.defocus_u, atol=1.0)
+    np.testing.assert_allclose(two.ctf_scale, one.ctf_scale, rtol=1e-3)
