@@ -331,11 +331,13 @@ def fsc_weights(
     threshold: float = FSC_THRESHOLD,
 ) -> tuple[torch.Tensor, int]:
     """RELION's default frequency weight (§11): 1 from ``kmin_angst`` (Å, lower resolutions
-    excluded) up to the shell where the (masked) half-map FSC falls below ``threshold``,
-    0 elsewhere. Returns the weights per shell ``(n//2+1,)`` and that last shell."""
+    excluded) up to the last shell before the (masked) half-map FSC falls below
+    ``threshold`` (shell 0, the mean, left out of that test), 0 elsewhere. Returns the
+    weights per shell ``(n//2+1,)`` and that last shell."""
     n = half_maps.shape[-1]
     curve = fsc_maps(half_maps[0], half_maps[1], mask)
-    last = max(1, fsc_threshold_shell(curve, threshold))
+    # shell 0 is the mean: masked half maps have ~0 mean, so its FSC says nothing
+    last = 1 + fsc_threshold_shell(curve[1:], threshold)
     shells = torch.arange(n // 2 + 1, device=curve.device)
     low = int(np.ceil(n * pixel_size / kmin_angst)) if kmin_angst > 0 else 0
     weights = ((shells >= low) & (shells <= last)).float()
