@@ -216,7 +216,8 @@ def fit_tilt_defocus(
 
     ``weights`` ``(K,)`` (:func:`frequency_weights`), ``freq`` ``(K, 2)`` the points' xy
     frequencies (any unit: only their direction θ is used), ``defocus_phase`` ``(K,)`` ``φ``
-    (rad/Å). ``astigmatism``: ``"none"``, ``"series"`` (one change for all tilts: the lens
+    (rad/Å). ``fit_defocus=False`` fits neither defocus nor astigmatism (only the scale).
+    ``astigmatism``: ``"none"``, ``"series"`` (one change for all tilts: the lens
     does not change between tilts) or ``"tilt"`` (one per tilt, RELION's). ``reg_lambda``:
     pull each tilt's grid search towards the series' mean (``--do_reg_defocus``).
     ``sigma_angst``: σ_t of the Gaussian prior on each tilt's change (``None``: flat).
@@ -241,7 +242,7 @@ def fit_tilt_defocus(
                 delta = grid[(cost + reg_lambda * n * (grid - mean) ** 2).argmin(1)]
     theta = torch.atan2(freq[:, 1].to(dev, torch.float64), freq[:, 0].to(dev, torch.float64))
     basis = torch.stack([torch.cos(2 * theta), torch.sin(2 * theta)])  # (2, K)
-    n_ast = {"none": 0, "series": 1, "tilt": t}[astigmatism]
+    n_ast = {"none": 0, "series": 1, "tilt": t}[astigmatism] if fit_defocus else 0
     p_delta = (delta / _UNIT).clone().requires_grad_(fit_defocus)
     p_ast = torch.zeros((max(n_ast, 1), 2), dtype=torch.float64, device=dev)
     p_ast.requires_grad_(n_ast > 0)
