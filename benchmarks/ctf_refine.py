@@ -16,6 +16,10 @@ particles/s and the peak RSS (and CUDA memory).
 
     python benchmarks/ctf_refine.py --workdir /tmp/bench_ctf --snr 0.05
     python benchmarks/ctf_refine.py --workdir /tmp/bench_ctf --snr 0.05 --reference data
+    python benchmarks/ctf_refine.py --workdir /tmp/bench_ctf --snr 1 --reference data --rounds 2
+
+``--rounds 2`` runs the cycle twice (ctf-refine, then Extract with the refined CTF and, with
+``--reference data``, Reconstruct, then ctf-refine again) and prints each round.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--reference", choices=("truth", "data"), default="truth")
+    parser.add_argument("--rounds", type=int, default=1, help="ctf-refine + extract cycles")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -101,56 +106,66 @@ def main() -> None:
 
     import torch
 
-    from subtomo.data import ParticleSet
+    from subtomo.data import OptimisationSet, ParticleSet
     from subtomo.jobs.ctf_refine import CtfRefineParams, run
 
-    out = Path(f"CtfRefine/bench_{int(time.time())}")
-    wall, cpu = time.perf_counter(), time.process_time()
-    run(
-        CtfRefineParams(
-            ios="ext/optimisation_set.star",
-            ref1="truth.mrc" if args.reference == "truth" else "rec/half1.mrc",
-            ref2="truth.mrc" if args.reference == "truth" else "rec/half2.mrc",
-            per_particle_defocus=True,
-            device=args.device,
-            output_dir=str(out),
-        )
-    )
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    true = _per_tilt(Path("true_alignment.star"), "defocus")
-    nominal = _per_tilt(Path("tomograms.star"), "defocus")
-    fitted = _per_tilt(out / "tomograms.star", "defocus")
-    before = np.concatenate([nominal[n] - true[n] for n in true])
-    after = np.concatenate([fitted[n] - true[n] for n in true])
-    check = torch.load(out / "ctf_refine_checkpoint.pt", weights_only=True)["results"]
-    sigma = np.concatenate([check[n]["sigma"].numpy() for n in true])
-    tilt = np.concatenate(list(_per_tilt(Path("tomograms.star"), "tilt").values()))
-    low = np.abs(tilt) <= 20  # the tilts nearest 0°, least damaged by the dose
-    scale = _per_tilt(out / "tomograms.star", "scale")
-    true_scale = _per_tilt(Path("true_alignment.star"), "scale")
-    ratio = [scale[n] / true_scale[n] for n in true]
-    scale_error = _rms(np.concatenate([r / r.mean() - 1 for r in ratio]))
+    tag = int(time.time())
+    ios = Path("ext/optimisation_set.star")
+    refs = ("truth.mrc", "truth.mrc") if args.reference == "truth" else (
+        "rec/half1.mrc", "rec/half2.mrc")  # fmt: skip
     truth_p = ParticleSet.read("particles.star").defocus_offsets().numpy()
-    fitted_p = ParticleSet.read(out / "particles.star").defocus_offsets().numpy()
     n_part = len(truth_p)
     print(f"data: {n_part} particles, {args.tomograms} tomograms, box {args.box} at "
           f"{args.pixel_size} Å/px, 41 tilts, SNR {args.snr}; "
           f"reference {args.reference}")  # fmt: skip
-    print(
-        f"per-tilt defocus RMS error: all tilts {_rms(before):.0f} -> {_rms(after):.0f} Å "
-        f"(fit's posterior σ RMS {_rms(sigma):.0f} Å); "
-        f"{_rms(before[low]):.0f} -> {_rms(after[low]):.0f} Å (σ {_rms(sigma[low]):.0f} Å) "
-        f"at |tilt| <= 20°"
-    )
-    print(f"per-tilt scale RMS error (Beer–Lambert, up to the grey scale): {scale_error:.1%}")
-    print(f"per-particle defocus RMS error: before {_rms(truth_p):.0f} Å, after "
-          f"{_rms(fitted_p - truth_p):.0f} Å")  # fmt: skip
-    print(f"time {wall:.1f} s wall, {cpu:.1f} s CPU: {n_part / wall:.1f} particles/s, "
-          f"{n_part * 41 / wall:.0f} tilt images/s; peak RSS {peak:.0f} MiB"
-          + (f", CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
-             if torch.cuda.is_available() else ""))  # fmt: skip
+    true = _per_tilt(Path("true_alignment.star"), "defocus")
+    tomograms = Path("tomograms.star")
+    for round_ in range(1, args.rounds + 1):
+        if round_ > 1:  # the cycle: extract with the refined CTF (and reconstruct)
+            _subtomo("extract", "--ios", str(ios), "--box", str(args.box), "--float32",
+                     "--o", f"ext_{tag}_{round_}", cwd=Path.cwd())  # fmt: skip
+            ios = Path(f"ext_{tag}_{round_}/optimisation_set.star")
+            if args.reference == "data":
+                _subtomo("reconstruct", "--ios", str(ios), "--o", f"rec_{tag}_{round_}",
+                         cwd=Path.cwd())  # fmt: skip
+                refs = (f"rec_{tag}_{round_}/half1.mrc", f"rec_{tag}_{round_}/half2.mrc")
+        out = Path(f"CtfRefine/bench_{tag}_{round_}")
+        wall, cpu = time.perf_counter(), time.process_time()
+        run(CtfRefineParams(ios=str(ios), ref1=refs[0], ref2=refs[1],
+                            per_particle_defocus=True, device=args.device,
+                            output_dir=str(out)))  # fmt: skip
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        nominal = _per_tilt(tomograms, "defocus")
+        fitted = _per_tilt(out / "tomograms.star", "defocus")
+        before = np.concatenate([nominal[n] - true[n] for n in true])
+        after = np.concatenate([fitted[n] - true[n] for n in true])
+        check = torch.load(out / "ctf_refine_checkpoint.pt", weights_only=True)["results"]
+        sigma = np.concatenate([check[n]["sigma"].numpy() for n in true])
+        tilt = np.concatenate(list(_per_tilt(tomograms, "tilt").values()))
+        low = np.abs(tilt) <= 20  # the tilts nearest 0°, least damaged by the dose
+        scale = _per_tilt(out / "tomograms.star", "scale")
+        true_scale = _per_tilt(Path("true_alignment.star"), "scale")
+        ratio = [scale[n] / true_scale[n] for n in true]
+        scale_error = _rms(np.concatenate([r / r.mean() - 1 for r in ratio]))
+        input_p = ParticleSet.read(OptimisationSet.read(ios).particles).defocus_offsets()
+        fitted_p = ParticleSet.read(out / "particles.star").defocus_offsets().numpy()
+        print(f"round {round_}:")
+        print(
+            f"  per-tilt defocus RMS error: all tilts {_rms(before):.0f} -> {_rms(after):.0f} Å "
+            f"(fit's posterior σ RMS {_rms(sigma):.0f} Å); "
+            f"{_rms(before[low]):.0f} -> {_rms(after[low]):.0f} Å (σ {_rms(sigma[low]):.0f} Å) "
+            f"at |tilt| <= 20°"
+        )
+        print(f"  per-tilt scale RMS error (Beer–Lambert, up to the grey scale): "
+              f"{scale_error:.1%}")  # fmt: skip
+        print(f"  per-particle defocus RMS error: {_rms(input_p.numpy() - truth_p):.0f} -> "
+              f"{_rms(fitted_p - truth_p):.0f} Å")  # fmt: skip
+        print(f"  time {wall:.1f} s wall, {cpu:.1f} s CPU: {n_part / wall:.1f} particles/s, "
+              f"{n_part * 41 / wall:.0f} tilt images/s; peak RSS {peak:.0f} MiB"
+              + (f", CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+                 if torch.cuda.is_available() else ""))  # fmt: skip
+        ios, tomograms = out / "optimisation_set.star", out / "tomograms.star"
 
 
 if __name__ == "__main__":
