@@ -47,6 +47,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         picked.write("particles_nominal.star")
         run_subtomo(["extract", "--p", "particles_nominal.star", "--t", "tomograms.star",
                      "--box", "64", "--float32", "--o", "ext"])  # fmt: skip
+        run_subtomo(["mask", "--i", "truth.mrc", "--lowpass", "20", "--ini_threshold", "2",
+                     "--extend_inimask", "3", "--width_soft_edge", "5", "--o", "mask"])  # fmt: skip
     finally:
         os.chdir(cwd)
     return root
@@ -118,7 +120,7 @@ def test_ctf_refine_recovers_defocus_scale_and_particle_defocus(project: Path) -
     os.chdir(project)
     out = run_ctf_refine(CtfRefineParams(
         ios="ext/optimisation_set.star", ref1="truth.mrc", ref2="truth.mrc",
-        per_particle_defocus=True, output_dir="CtfRefine/job001",
+        mask="mask/mask.mrc", per_particle_defocus=True, output_dir="CtfRefine/job001",
     ))  # fmt: skip
     assert "CtfRefine/job001/tomograms.star" in out
     truth = _mean_defocus(project / "true_alignment.star")
@@ -146,13 +148,19 @@ def test_ctf_refine_recovers_defocus_scale_and_particle_defocus(project: Path) -
 
 
 def test_ctf_refine_refuses_maps_of_another_box(project: Path, tmp_path: Path) -> None:
-    """Half maps not at the stacks' box: one InputError naming rlnImageSize, no job dir."""
+    """Half maps not at the stacks' box, or no mask: one InputError each, no job dir."""
     os.chdir(project)
-    write_mrc(tmp_path / "small.mrc", torch.rand(32, 32, 32), 5.0)
+    small = str(tmp_path / "small.mrc")
+    write_mrc(small, torch.rand(32, 32, 32), 5.0)
     with pytest.raises(InputError, match="rlnImageSize"):
         run_ctf_refine(CtfRefineParams(
-            ios="ext/optimisation_set.star", ref1=str(tmp_path / "small.mrc"),
-            ref2=str(tmp_path / "small.mrc"), output_dir="CtfRefine/bad",
+            ios="ext/optimisation_set.star", ref1=small, ref2=small, mask=small,
+            output_dir="CtfRefine/bad",
+        ))  # fmt: skip
+    with pytest.raises(InputError, match="mask"):
+        run_ctf_refine(CtfRefineParams(
+            ios="ext/optimisation_set.star", ref1="truth.mrc", ref2="truth.mrc",
+            output_dir="CtfRefine/bad",
         ))  # fmt: skip
     assert not (project / "CtfRefine/bad").exists()
 
@@ -162,7 +170,8 @@ def test_two_ranks_give_the_same_tomograms(project: Path) -> None:
     the same per-tilt defocus and scale as one process (to float rounding)."""
     os.chdir(project)
     args = ["ctf-refine", "--ios", "ext/optimisation_set.star", "--ref1", "truth.mrc",
-            "--ref2", "truth.mrc", "--batch", "4", "--no_bias_correction"]  # fmt: skip
+            "--ref2", "truth.mrc", "--mask", "mask/mask.mrc", "--batch", "4",
+            "--no_bias_correction"]  # fmt: skip
     run_subtomo([*args, "--o", "CtfRefine/one"])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["PYTHONPATH"] = str(Path(subtomo.__file__).parents[1])  # this checkout's package

@@ -72,7 +72,9 @@ class CtfRefineParams(ParticleInputs):
 
     ref1: str | None = option(None, "--ref1", help="Half map 1 (default: the --ios one).")
     ref2: str | None = option(None, "--ref2", help="Half map 2 (default: the --ios one).")
-    mask: str | None = option(None, "--mask", help="Reference mask (default: the --ios one).")
+    mask: str | None = option(
+        None, "--mask", help="Reference mask (required; default: the --ios one)."
+    )
     do_defocus: bool = option(
         True, "--do_defocus/--no_defocus", help="Fit the defocus of every tilt."
     )
@@ -179,6 +181,12 @@ def run(params: CtfRefineParams) -> dict[str, str]:
         maps = read_half_maps(params.ref1, params.ref2, None, params.mask, -1.0, device)
     else:
         maps = read_half_maps(None, None, params.ios, params.mask, -1.0, device)
+    if maps.mask is None:  # as RELION: unmasked maps put noise and neighbours in the model
+        raise InputError(
+            "CTF refinement needs a reference mask: give --mask (or an optimisation set with "
+            "rlnTomoReferenceMaskFile)",
+            file=params.ios,
+        )
     if abs(maps.pixel_size - pixel) > 1e-3 * pixel:
         raise InputError(
             f"half maps have {maps.pixel_size:.4f} Å/px, the particle stacks {pixel:.4f}",
@@ -188,9 +196,7 @@ def run(params: CtfRefineParams) -> dict[str, str]:
     loader = StackLoader(
         parts, tomos, batch_size=params.batch_size, cache_bytes=params.memory_gb * 2**30
     )
-    halves = torch.stack([maps.half1, maps.half2]).float()
-    if maps.mask is not None:
-        halves = halves * maps.mask
+    halves = torch.stack([maps.half1, maps.half2]).float() * maps.mask
     weight, last = fsc_weights(halves, pixel, kmin_angst=params.kmin)
     predictor = TiltPredictor(loader, halves, max_shell=last, device=device)
     inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo",

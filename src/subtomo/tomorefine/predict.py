@@ -178,9 +178,9 @@ class TiltPredictor:
         self.half = torch.from_numpy(subset.astype(np.int64) - 1)
         self.projectors = [Projector(h[None].to(self.device), padding) for h in half_maps]
         self.points = fourier_points(n, max_shell, self.device)
-        # for simulated observations: twice the box (the same frequencies in cycles/Å), and
-        # every frequency of the box
-        self.canvas_points = fourier_points(2 * n, 2 * max_shell + 4, self.device)
+        # for simulated observations: a canvas of twice the box up to the box's Nyquist
+        # frequency (the data hold them all), and every frequency of the box
+        self.canvas_points = fourier_points(2 * n, n, self.device)
         self.full_points = fourier_points(n, n, self.device)
         self.circle_cropped = circle_cropped
         px = loader.pixel_size
