@@ -6,7 +6,8 @@ noise at ``--snr``, per-tilt defocus errors σ 500 Å, per-particle defocus erro
 ice (κ 0.8, normal 5°). Extracts 2D stacks at the true poses with the nominal tomograms and
 without the per-particle defoci (what a user has after Refine3D), then runs ``subtomo
 ctf-refine --per_particle_defocus`` against the true map as both half maps (the CTF fit
-alone; the full cycle with Refine3D and frame alignment is benchmarked elsewhere), or with
+alone; the full cycle with Refine3D and frame alignment is benchmarked elsewhere; the mask
+from the true map), or with
 ``--reference data`` against half maps reconstructed from the stacks at the true poses
 (``subtomo reconstruct``: with the nominal CTFs, as after a Refine3D), and prints
 the per-tilt defocus RMS error before/after, the fits' own posterior σ (the information the
@@ -62,6 +63,10 @@ def _prepare(args: argparse.Namespace, work: Path) -> None:
         nominal.write(work / "particles_nominal.star")
         _subtomo("extract", "--p", "particles_nominal.star", "--t", "tomograms.star",
                  "--box", str(args.box), "--float32", "--o", "ext", cwd=work)  # fmt: skip
+    if not (work / "mask/mask.mrc").is_file():  # the reference mask, from the true map
+        _subtomo("mask", "--i", "truth.mrc", "--lowpass", "20", "--ini_threshold", "2",
+                 "--extend_inimask", "3", "--width_soft_edge", "5", "--o", "mask",
+                 cwd=work)  # fmt: skip
     if args.reference == "data" and not (work / "rec/half1.mrc").is_file():
         _subtomo("reconstruct", "--ios", "ext/optimisation_set.star", "--o", "rec", cwd=work)
 
@@ -131,7 +136,7 @@ def main() -> None:
                 refs = (f"rec_{tag}_{round_}/half1.mrc", f"rec_{tag}_{round_}/half2.mrc")
         out = Path(f"CtfRefine/bench_{tag}_{round_}")
         wall, cpu = time.perf_counter(), time.process_time()
-        run(CtfRefineParams(ios=str(ios), ref1=refs[0], ref2=refs[1],
+        run(CtfRefineParams(ios=str(ios), ref1=refs[0], ref2=refs[1], mask="mask/mask.mrc",
                             per_particle_defocus=True, device=args.device,
                             output_dir=str(out)))  # fmt: skip
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
