@@ -43,7 +43,6 @@ from subtomo.ml.starfiles import load_checkpoint, save_checkpoint
 from subtomo.project import run_job, write_job_report
 from subtomo.project.options import (
     ParticleInputs,
-    continue_option,
     device_option,
     option,
     output_dir_option,
@@ -115,7 +114,11 @@ class CtfRefineParams(ParticleInputs):
     batch_size: int = option(32, "--batch", help="Particles per batch.")
     memory_gb: float = option(2.0, "--memory-gb", help="Stacks kept in memory", unit="GB")
     device: str = device_option()
-    continue_from: str | None = continue_option()
+    continue_from: str | None = option(
+        None, "--continue",
+        help="Resume a ctf-refine job directory after its last finished tilt series, with the "
+        "options it ran with (only --device may change).",
+    )  # fmt: skip
     output_dir: str | None = output_dir_option()
     project_dir: str = "."
 
