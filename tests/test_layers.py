@@ -51,6 +51,7 @@ LAYERS = {
         ("reconstruct", "ml", "postprocess", "simulate", "subsets", "tilt", "picking", "report"),
         4,
     ),
+    "tomorefine": 4,
     "data": 3,
     **dict.fromkeys(("geometry", "ctf", "fourier", "masks"), 2),
     "io": 1,

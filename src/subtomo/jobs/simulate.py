@@ -7,7 +7,8 @@ to it)::
                                                        acquisition index)
     tilt_series/<tomo>.star                            per-tilt table (data_<tomo>), angle order
     tomograms.star                                     data_global
-    true_alignment.star, tilt_series_true/<tomo>.star  with alignment errors: the true alignment
+    true_alignment.star, tilt_series_true/<tomo>.star  with alignment or defocus errors or ice:
+                                                       the true alignment, defocus and scale
     fiducials.star                                     with --beads: the beads' true centres
     <tomo>.mdoc                                        SerialEM-style, acquisition order
     frames/<tomo>_<k:03d>_<angle:.1f>.mrc|tif          with --movie-frames: one movie per tilt
@@ -159,6 +160,16 @@ class SimulateParams:
     bead_radius_px: float | None = _preset("--bead-radius", help="Bead radius", unit="px")
     pose_error_deg: float | None = _preset("--pose-error-deg", help="σ of picked poses", unit="deg")
     shift_error_px: float | None = _preset("--shift-error-px", help="σ of picked shifts", unit="px")
+    defocus_error_angst: float | None = _preset(
+        "--defocus-error", help="σ of the defocus error per tilt", unit="Å"
+    )
+    particle_defocus_error_angst: float | None = _preset(
+        "--particle-defocus-error", help="σ of the defocus error per particle", unit="Å"
+    )
+    ice_kappa: float | None = _preset("--ice-kappa", help="Beer–Lambert κ of the ice (1: none)")
+    ice_normal_deg: float | None = _preset(
+        "--ice-normal", help="Ice normal from z towards x", unit="deg"
+    )
     seed: int | None = _preset("--seed", help="Random seed")
     batch_size: int | None = _preset("--batch", help="Patches rendered at once")
     device: str | None = _preset("--device", help="auto | cpu | cuda[:N]")
@@ -405,8 +416,9 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
         if any(
             getattr(params, k)
             for k in ("tilt_error_deg", "tilt_shift_error_px", "tilt_angle_error_deg",
-                      "in_plane_error_deg", "axis_error_deg", "tilt_offset_deg")
-        ):  # fmt: skip
+                      "in_plane_error_deg", "axis_error_deg", "tilt_offset_deg",
+                      "defocus_error_angst")
+        ) or params.ice_kappa != 1.0:  # fmt: skip
             true_tables = {
                 name: sim.true_tilt_tables[name].assign(
                     rlnMicrographName=table["rlnMicrographName"]

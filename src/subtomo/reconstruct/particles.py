@@ -26,6 +26,7 @@ from subtomo.ctf import (
     electron_wavelength_angstrom,
     particle_defocus,
 )
+from subtomo.errors import InputError
 from subtomo.fourier import rfft_centered
 from subtomo.geometry import project_particles, tomogram_centre_px
 from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, phase_ramp
@@ -38,6 +39,7 @@ __all__ = [
     "ParticleGeometry",
     "TiltSeriesCtf",
     "ctf_of_tilt_series",
+    "ctf_quadrature",
     "extract_slices",
     "insert_stacks",
     "insert_tilt_series",
@@ -104,7 +106,8 @@ class ParticleGeometry:
 
     ``centres_px`` ``(n, 3)``: decentred bin-1 pixels including the origin offsets;
     ``uv`` ``(n, t, 2)``: image positions with trajectories; ``depth`` ``(n, t)``: depth in
-    pixels (without trajectories, for the CTF); ``a_sub``/``a_part`` ``(n, 3, 3)``: the
+    pixels for the CTF (without trajectories, §1.4, plus any per-particle defocus expressed
+    as depth, §23); ``a_sub``/``a_part`` ``(n, 3, 3)``: the
     subtomogram and particle rotations; ``tilt_rotations`` ``(t, 3, 3)``: R_f.
     """
 
@@ -130,13 +133,17 @@ def particle_geometry(
     pixel_size: float,
     tomogram_size: Sequence[int],
     trajectories_angst: torch.Tensor | None = None,
+    defocus_offset_angst: torch.Tensor | None = None,
+    defocus_per_px: float = 1.0,
 ) -> ParticleGeometry:
     """Positions and rotations of ``n`` particles of one tilt series (§1.3, §2.2).
 
     ``centered_angst`` ``(n, 3)`` = rlnCenteredCoordinate*Angst, ``origins_angst`` ``(n, 3)``
     = rlnOrigin*Angst (subtomogram frame), ``a_sub``/``a_part`` ``(n, 3, 3)``, ``projection``
     the ``(t, 4, 4)`` P_f, ``trajectories_angst`` optional ``(n, t, 3)``. The centre is
-    ``p = C/px + c_tomo - A_sub·o/px``.
+    ``p = C/px + c_tomo - A_sub·o/px``. ``defocus_offset_angst`` ``(n,)`` per-particle
+    defocus (§23) enters ``depth`` as ``offset / defocus_per_px`` (hand·slope·px, Å of
+    defocus per pixel of depth, §1.4), so every CTF made from ``depth`` includes it.
     """
     a_sub = torch.as_tensor(a_sub, dtype=torch.float64)
     centres = torch.as_tensor(centered_angst, dtype=torch.float64) / pixel_size
@@ -146,6 +153,12 @@ def particle_geometry(
     uv, depth = project_particles(
         projection, centres, tomogram_size, trajectories_angst, pixel_size
     )
+    if defocus_offset_angst is not None and bool((defocus_offset_angst != 0).any()):
+        if defocus_per_px == 0:
+            raise InputError("a per-particle defocus needs rlnTomoDefocusSlope != 0")
+        depth = depth + torch.as_tensor(defocus_offset_angst, dtype=depth.dtype)[:, None] / (
+            defocus_per_px
+        )
     return ParticleGeometry(
         centres_px=centres,
         uv=uv,
@@ -174,6 +187,8 @@ def series_geometry(
         series.pixel_size,
         series.tomogram_size,
         traj,
+        parts.defocus_offsets(),
+        series.hand * series.defocus_slope * series.pixel_size,
     )
 
 
@@ -228,6 +243,42 @@ def _series_tables(
     return quadrature, dose, scale * (ky / size) ** 2, scale * (kx / size) ** 2
 
 
+def ctf_quadrature(
+    ctf: TiltSeriesCtf,
+    frames: torch.Tensor,
+    depth_px: torch.Tensor,
+    size: int,
+    binning: float,
+    *,
+    use_bfactor: bool = True,
+    cutoff_fract: float | None = None,
+    defocus_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(-sin γ + i cos γ)·E·dose`` ``(b, size, size//2+1)`` complex, and the dose weights.
+
+    The real part is the ``CTF · dose`` of :func:`premultiply_filter`; the imaginary part is
+    its quadrature, so that the CTF with the defocus changed by ``δ`` Å is
+    ``Re[Q · e^{-iπλδ|k|²}]`` (what CTF refinement scans). ``defocus_offset`` ``(b,)`` Å is
+    added to the depth-dependent defocus of each observation (a per-particle defocus, §23).
+    See :func:`premultiply_filter` for the other parameters.
+    """
+    dev = frames.device
+    quadrature, dose, phase_y, phase_x = _series_tables(
+        ctf, binning * ctf.pixel_size, size, use_bfactor, cutoff_fract, dev
+    )
+    shift, _ = particle_defocus(
+        0.0, 0.0, depth_px.to(dev), ctf.pixel_size, ctf.hand, ctf.defocus_slope
+    )  # (b,) Å
+    shift = shift.double()
+    if defocus_offset is not None:
+        shift = shift + defocus_offset.to(dev, torch.float64)
+    shift = shift[:, None]
+    turn_y = torch.polar(torch.ones_like(phase_y), shift * phase_y).to(quadrature.dtype)
+    turn_x = torch.polar(torch.ones_like(phase_x), shift * phase_x).to(quadrature.dtype)
+    turned = quadrature[frames] * turn_y[:, :, None]
+    return turned.mul_(turn_x[:, None, :]), dose[frames]
+
+
 def premultiply_filter(
     ctf: TiltSeriesCtf,
     frames: torch.Tensor,
@@ -237,11 +288,13 @@ def premultiply_filter(
     *,
     use_bfactor: bool = True,
     cutoff_fract: float | None = None,
+    defocus_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``CTF · dose`` for ``b`` observations ``(b, size, size//2+1)`` and the dose weights.
 
     ``frames`` ``(b,)`` indexes the tilt, ``depth_px`` ``(b,)`` is the depth of the particle
-    in that tilt (bin-1 pixels, §1.4). The pixel size is ``binning · ctf.pixel_size``.
+    in that tilt (bin-1 pixels, §1.4); ``defocus_offset`` ``(b,)`` an optional per-particle
+    defocus in Å on top of it (§23). The pixel size is ``binning · ctf.pixel_size``.
     ``use_bfactor=False`` drops the per-tilt rlnCtfBfactor (relion_refine's 2D-stack CTF);
     with ``cutoff_fract`` both are zero beyond the dose cut-off
     (:func:`subtomo.ctf.dose_cutoff_mask`, RELION's ``--cutoff_fract``).
@@ -249,23 +302,16 @@ def premultiply_filter(
     The depth shifts both defoci by ``Δz`` Å, i.e. ``γ`` by ``δ = -π λ Δz |k|²``; so the CTF
     is evaluated once per tilt (:func:`subtomo.ctf.ctf_2d`, float64; cached per series, see
     :func:`_series_tables`) and per observation only
-    ``-sin(γ + δ)·E = Re[(-sin γ + i cos γ)·E·e^{iδ}]``, where ``e^{iδ}`` is the outer product
-    of ``e^{-iπλΔz k_y²}`` and ``e^{-iπλΔz k_x²}`` (formed in float64). Unlike
-    :func:`~subtomo.ctf.ctf_2d` there is no 1e-8 floor on ``|CTF|``: nothing divides by it.
+    ``-sin(γ + δ)·E = Re[(-sin γ + i cos γ)·E·e^{iδ}]`` (:func:`ctf_quadrature`), where
+    ``e^{iδ}`` is the outer product of ``e^{-iπλΔz k_y²}`` and ``e^{-iπλΔz k_x²}`` (formed in
+    float64). Unlike :func:`~subtomo.ctf.ctf_2d` there is no 1e-8 floor on ``|CTF|``: nothing
+    divides by it.
     """
-    dev = frames.device
-    quadrature, dose, phase_y, phase_x = _series_tables(
-        ctf, binning * ctf.pixel_size, size, use_bfactor, cutoff_fract, dev
-    )
-    shift, _ = particle_defocus(
-        0.0, 0.0, depth_px.to(dev), ctf.pixel_size, ctf.hand, ctf.defocus_slope
-    )  # (b,) Å
-    shift = shift.double()[:, None]
-    turn_y = torch.polar(torch.ones_like(phase_y), shift * phase_y).to(quadrature.dtype)
-    turn_x = torch.polar(torch.ones_like(phase_x), shift * phase_x).to(quadrature.dtype)
-    turned = quadrature[frames] * turn_y[:, :, None]
-    values = torch.real(turned.mul_(turn_x[:, None, :]))
-    return values.contiguous(), dose[frames]
+    quadrature, dose = ctf_quadrature(
+        ctf, frames, depth_px, size, binning, use_bfactor=use_bfactor,
+        cutoff_fract=cutoff_fract, defocus_offset=defocus_offset,
+    )  # fmt: skip
+    return torch.real(quadrature).contiguous(), dose
 
 
 def visible_frames(uv: torch.Tensor, image_size: Sequence[int], margin_px: float) -> torch.Tensor:
