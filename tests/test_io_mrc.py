@@ -122,3 +122,15 @@ def test_header_stats_of_a_large_volume_are_summed_in_chunks(monkeypatch) -> Non
     assert (lo, hi) == (float(volume.min()), float(volume.max()))
     assert mean == pytest.approx(float(volume.mean()), rel=1e-6)
     assert std == pytest.approx(float(volume.astype(np.float64).std()), rel=1e-6)
+
+
+def test_a_rank_that_does_not_write_leaves_no_file(tmp_path, monkeypatch) -> None:
+    """On a torch.distributed rank other than 0, write_mrc fills a private file and discards
+    it, and must not read the final path back (rank 0 may not have written it yet: the
+    2-rank Reconstruct failed with 'No such file' when it had not)."""
+    import subtomo.io.atomic as atomic
+
+    monkeypatch.setattr(atomic, "writes_files", lambda: False)
+    path = tmp_path / "rank1.mrc"
+    write_mrc(path, torch.zeros(3, 5, 7), 2.5)  # a shape no other test writes: not cached
+    assert not path.exists() and list(tmp_path.iterdir()) == []

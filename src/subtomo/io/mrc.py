@@ -212,14 +212,16 @@ def write_mrc(
             if array.size:  # memoryview cannot cast an empty array
                 out.write(memoryview(array).cast("B"))
         return
-    with atomic_path(path) as tmp, _MrcWriter(tmp, stats) as mrc:
-        mrc.set_data(array)
-        if stack:
-            mrc.set_image_stack()
-        mrc.voxel_size = float(voxel_size)
-        mrc.header.origin = (0.0, 0.0, 0.0)
-        dtype = mrc.header.dtype
-    with open(path, "rb") as written:
-        header = np.frombuffer(written.read(dtype.itemsize), dtype=dtype).copy()
+    with atomic_path(path) as tmp:
+        with _MrcWriter(tmp, stats) as mrc:
+            mrc.set_data(array)
+            if stack:
+                mrc.set_image_stack()
+            mrc.voxel_size = float(voxel_size)
+            mrc.header.origin = (0.0, 0.0, 0.0)
+            dtype = mrc.header.dtype
+        # read back from the temporary file: a rank that does not write has no final file
+        with open(tmp, "rb") as written:
+            header = np.frombuffer(written.read(dtype.itemsize), dtype=dtype).copy()
     if int(header["nsymbt"][0]) == 0:  # the data follow the header directly
         _HEADERS[key] = header  # one dict store: safe from the Extract worker threads
