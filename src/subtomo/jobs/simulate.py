@@ -9,6 +9,7 @@ to it)::
     tomograms.star                                     data_global
     true_alignment.star, tilt_series_true/<tomo>.star  with alignment errors: the true alignment
     fiducials.star                                     with --beads: the beads' true centres
+    true_motion.star                                   with --motion-s-vel: true trajectories
     <tomo>.mdoc                                        SerialEM-style, acquisition order
     frames/<tomo>_<k:03d>_<angle:.1f>.mrc|tif          with --movie-frames: one movie per tilt
     gain.mrc, motion_truth.star [, motion_truth_local.npz]   the movies' gain and true motion
@@ -152,6 +153,12 @@ class SimulateParams:
     bead_radius_px: float | None = _preset("--bead-radius", help="Bead radius", unit="px")
     pose_error_deg: float | None = _preset("--pose-error-deg", help="σ of picked poses", unit="deg")
     shift_error_px: float | None = _preset("--shift-error-px", help="σ of picked shifts", unit="px")
+    motion_s_vel: float | None = _preset(
+        "--motion-s-vel", help="Particle motion: velocity σ; 0: none", unit="Å/(e/Å²)"
+    )
+    motion_s_div: float | None = _preset(
+        "--motion-s-div", help="Particle motion: correlation length", unit="Å"
+    )
     seed: int | None = _preset("--seed", help="Random seed")
     batch_size: int | None = _preset("--batch", help="Patches rendered at once")
     device: str | None = _preset("--device", help="auto | cpu | cuda[:N]")
@@ -384,6 +391,9 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
                 "true_alignment.star", "tilt_series_true"
             )
             outputs["true_alignment.star"] = "TomogramGroupMetadata.star.relion.tomo"
+        if params.motion_s_vel > 0:
+            sim.true_motion.write("true_motion.star")
+            outputs["true_motion.star"] = "TomoTrajectoryData.star.relion.tomo"
         if params.beads:
             centre = np.asarray(params.tomogram_size, dtype=np.float64) / 2
             rows = [

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from subtomo.data import Trajectories
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.geometry import (
@@ -47,6 +48,7 @@ from subtomo.simulate.layout import (
     vesicle_layout,
 )
 from subtomo.simulate.maps import Species, demo_species, particle_radius_px, rescale_map
+from subtomo.simulate.motion import particle_motion
 from subtomo.simulate.projection import VolumeProjector
 
 __all__ = ["PRESETS", "Simulation", "SimulationParams", "simulate"]
@@ -79,6 +81,10 @@ class SimulationParams:
     dense as the densest voxel of the maps, without CTF; ``Simulation.bead_positions`` has
     their truth. Their positions come from their own generator, so the rest of the data set
     does not change with them.
+
+    Particle motion (:func:`~subtomo.simulate.motion.particle_motion`, own generator):
+    ``motion_s_vel`` Å per e/Å² (0: none) and ``motion_s_div`` Å, the frame-alignment prior
+    (§20); ``Simulation.true_motion`` has the trajectories (motion.star, §3).
     """
 
     preset: str = "tiny"
@@ -116,6 +122,8 @@ class SimulationParams:
     bead_radius_px: float = 5.0
     pose_error_deg: float = 0.0
     shift_error_px: float = 0.0
+    motion_s_vel: float = 0.0
+    motion_s_div: float = 5000.0
     seed: int = 0
     device: str = "auto"
     batch_size: int = 1024
@@ -168,6 +176,7 @@ class _TomogramTruth:
     species: torch.Tensor  # (n,)
     noise_seed: int
     beads_px: torch.Tensor  # (k, 3) decentred px
+    motion_angst: torch.Tensor  # (n, t, 3) trajectories, tomogram axes
 
 
 @dataclass
@@ -210,6 +219,7 @@ class Simulation:
             images = render_tilt_series(
                 projectors, truth.species, truth.rotations, truth.positions_px, truth.geometry,
                 self._optics, batch_size=self.params.batch_size,
+                displacements_px=truth.motion_angst / self.params.pixel_size,
             )  # fmt: skip
             if len(truth.beads_px):
                 images = images + _bead_images(
@@ -228,6 +238,14 @@ class Simulation:
                 )
             yield truth.name, images
             del images  # one stack alive at a time
+
+    @property
+    def true_motion(self) -> Trajectories:
+        """The particles' true trajectories (zeros without motion), by rlnTomoParticleName."""
+        names = self.particles["rlnTomoParticleName"].tolist()
+        return Trajectories.from_displacements(
+            names, torch.cat([truth.motion_angst for truth in self._truth])
+        )
 
     @property
     def true_tilt_tables(self) -> dict[str, pd.DataFrame]:
@@ -488,6 +506,10 @@ def simulate(
             tomogram_size=size,
             image_size=image_size,
         )
+        motion_rng = np.random.default_rng([params.seed, 2_000_003, i])  # own: data unchanged
+        motion = particle_motion(
+            motion_rng, centred, scheme.pre_exposure, params.motion_s_vel, params.motion_s_div
+        )
         truths.append(
             _TomogramTruth(
                 name=name,
@@ -497,6 +519,7 @@ def simulate(
                 species=torch.as_tensor(species_index[members]),
                 noise_seed=int(seeds[1 + i].generate_state(1)[0]),
                 beads_px=torch.as_tensor(beads),
+                motion_angst=torch.as_tensor(motion),
             )
         )
 
