@@ -48,8 +48,10 @@ LAYERS = {
     "jobs": 6,
     "project": 5,
     **dict.fromkeys(
-        ("reconstruct", "ml", "postprocess", "simulate", "subsets", "tilt", "picking", "report",
-         "tomorefine"),
+        (
+            "reconstruct", "ml", "postprocess", "simulate", "subsets", "tilt", "picking",
+            "report", "tomorefine",
+        ),
         4,
     ),
     "data": 3,

@@ -38,6 +38,7 @@ __all__ = [
     "ParticleGeometry",
     "TiltSeriesCtf",
     "ctf_of_tilt_series",
+    "ctf_quadrature",
     "extract_slices",
     "insert_stacks",
     "insert_tilt_series",
@@ -228,6 +229,42 @@ def _series_tables(
     return quadrature, dose, scale * (ky / size) ** 2, scale * (kx / size) ** 2
 
 
+def ctf_quadrature(
+    ctf: TiltSeriesCtf,
+    frames: torch.Tensor,
+    depth_px: torch.Tensor,
+    size: int,
+    binning: float,
+    *,
+    use_bfactor: bool = True,
+    cutoff_fract: float | None = None,
+    defocus_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(-sin γ + i cos γ)·E·dose`` ``(b, size, size//2+1)`` complex, and the dose weights.
+
+    The real part is the ``CTF · dose`` of :func:`premultiply_filter`; the imaginary part is
+    its quadrature, so that the CTF with the defocus changed by ``δ`` Å is
+    ``Re[Q · e^{-iπλδ|k|²}]`` (what CTF refinement scans). ``defocus_offset`` ``(b,)`` Å is
+    added to the depth-dependent defocus of each observation (a per-particle defocus, §20).
+    See :func:`premultiply_filter` for the other parameters.
+    """
+    dev = frames.device
+    quadrature, dose, phase_y, phase_x = _series_tables(
+        ctf, binning * ctf.pixel_size, size, use_bfactor, cutoff_fract, dev
+    )
+    shift, _ = particle_defocus(
+        0.0, 0.0, depth_px.to(dev), ctf.pixel_size, ctf.hand, ctf.defocus_slope
+    )  # (b,) Å
+    shift = shift.double()
+    if defocus_offset is not None:
+        shift = shift + defocus_offset.to(dev, torch.float64)
+    shift = shift[:, None]
+    turn_y = torch.polar(torch.ones_like(phase_y), shift * phase_y).to(quadrature.dtype)
+    turn_x = torch.polar(torch.ones_like(phase_x), shift * phase_x).to(quadrature.dtype)
+    turned = quadrature[frames] * turn_y[:, :, None]
+    return turned.mul_(turn_x[:, None, :]), dose[frames]
+
+
 def premultiply_filter(
     ctf: TiltSeriesCtf,
     frames: torch.Tensor,
@@ -237,11 +274,13 @@ def premultiply_filter(
     *,
     use_bfactor: bool = True,
     cutoff_fract: float | None = None,
+    defocus_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``CTF · dose`` for ``b`` observations ``(b, size, size//2+1)`` and the dose weights.
 
     ``frames`` ``(b,)`` indexes the tilt, ``depth_px`` ``(b,)`` is the depth of the particle
-    in that tilt (bin-1 pixels, §1.4). The pixel size is ``binning · ctf.pixel_size``.
+    in that tilt (bin-1 pixels, §1.4); ``defocus_offset`` ``(b,)`` an optional per-particle
+    defocus in Å on top of it (§20). The pixel size is ``binning · ctf.pixel_size``.
     ``use_bfactor=False`` drops the per-tilt rlnCtfBfactor (relion_refine's 2D-stack CTF);
     with ``cutoff_fract`` both are zero beyond the dose cut-off
     (:func:`subtomo.ctf.dose_cutoff_mask`, RELION's ``--cutoff_fract``).
@@ -249,23 +288,16 @@ def premultiply_filter(
     The depth shifts both defoci by ``Δz`` Å, i.e. ``γ`` by ``δ = -π λ Δz |k|²``; so the CTF
     is evaluated once per tilt (:func:`subtomo.ctf.ctf_2d`, float64; cached per series, see
     :func:`_series_tables`) and per observation only
-    ``-sin(γ + δ)·E = Re[(-sin γ + i cos γ)·E·e^{iδ}]``, where ``e^{iδ}`` is the outer product
-    of ``e^{-iπλΔz k_y²}`` and ``e^{-iπλΔz k_x²}`` (formed in float64). Unlike
-    :func:`~subtomo.ctf.ctf_2d` there is no 1e-8 floor on ``|CTF|``: nothing divides by it.
+    ``-sin(γ + δ)·E = Re[(-sin γ + i cos γ)·E·e^{iδ}]`` (:func:`ctf_quadrature`), where
+    ``e^{iδ}`` is the outer product of ``e^{-iπλΔz k_y²}`` and ``e^{-iπλΔz k_x²}`` (formed in
+    float64). Unlike :func:`~subtomo.ctf.ctf_2d` there is no 1e-8 floor on ``|CTF|``: nothing
+    divides by it.
     """
-    dev = frames.device
-    quadrature, dose, phase_y, phase_x = _series_tables(
-        ctf, binning * ctf.pixel_size, size, use_bfactor, cutoff_fract, dev
-    )
-    shift, _ = particle_defocus(
-        0.0, 0.0, depth_px.to(dev), ctf.pixel_size, ctf.hand, ctf.defocus_slope
-    )  # (b,) Å
-    shift = shift.double()[:, None]
-    turn_y = torch.polar(torch.ones_like(phase_y), shift * phase_y).to(quadrature.dtype)
-    turn_x = torch.polar(torch.ones_like(phase_x), shift * phase_x).to(quadrature.dtype)
-    turned = quadrature[frames] * turn_y[:, :, None]
-    values = torch.real(turned.mul_(turn_x[:, None, :]))
-    return values.contiguous(), dose[frames]
+    quadrature, dose = ctf_quadrature(
+        ctf, frames, depth_px, size, binning, use_bfactor=use_bfactor,
+        cutoff_fract=cutoff_fract, defocus_offset=defocus_offset,
+    )  # fmt: skip
+    return torch.real(quadrature).contiguous(), dose
 
 
 def visible_frames(uv: torch.Tensor, image_size: Sequence[int], margin_px: float) -> torch.Tensor:

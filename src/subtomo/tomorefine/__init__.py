@@ -1,5 +1,5 @@
-"""Tomography refinement of the acquisition: frame alignment (per-tilt alignment and particle
-motion, :mod:`subtomo.tomorefine.frame_align`) against the half maps."""
+"""Refinement of the tilt-series model against the half maps: CTF refinement, frame alignment
+(per-tilt alignment and particle motion) and the observed/predicted tilt patches they share."""
 
 from subtomo.tomorefine.frame_align import (
     FrameAlignSettings,
@@ -9,13 +9,18 @@ from subtomo.tomorefine.frame_align import (
     observe_series,
 )
 from subtomo.tomorefine.motion import gp_basis, gp_kernel
+from subtomo.tomorefine.predict import TiltPatches, TiltPredictor, fsc_weights, shell_noise_sums
 
 __all__ = [
     "FrameAlignSettings",
     "SeriesFit",
     "SeriesObservations",
+    "TiltPatches",
+    "TiltPredictor",
     "align_series",
+    "fsc_weights",
     "gp_basis",
     "gp_kernel",
     "observe_series",
+    "shell_noise_sums",
 ]

@@ -1,0 +1,291 @@
+"""Observed and predicted tilt patches of particles, for CTF refinement and frame alignment.
+
+Both refinements compare every visible tilt image of a particle with a prediction made from
+the half map of the particle's own half set (rlnRandomSubset, §11, §20), never the other one,
+so that each half set stays independent. A :class:`TiltPredictor` gives them, batch by batch,
+on the ML engine's loaders and projectors (one code path for CPU and CUDA):
+
+* ``observed`` ``Y``: the tilt images as :class:`~subtomo.ml.loader.StackLoader` reads them
+  (rfft, centre ``n//2`` at the Fourier origin, premultiplied by the CTF the stacks were made
+  with, ``A = CTF·w``, §5.6);
+* ``predicted`` ``P``: the central slice of the half map at ``R_f A_sub A_part`` (§2.2, §4),
+  moved to where the particle sits in the image (its offset ``o``: ``-[R_f A_sub o]_xy / px``
+  pixels from the box centre, §1.3), **without** CTF or dose;
+* ``quadrature`` ``Q = (-sin γ + i cos γ)·w`` at the particle's depth with the current
+  tomograms.star (and rlnCtfScalefactor): ``Re Q = A``, and the CTF with the defocus changed
+  by ``δ`` Å is ``Re[Q·e^{iφδ}]`` with ``φ = defocus_phase = -πλ|k|²`` (rad per Å).
+
+So the model of the data is ``Y ≈ A·s·Re[Q e^{iφδ}]·P + A·N`` (``s`` a scale, ``N`` the noise
+of the recorded image, variance ``σ²(|k|)`` per real/imaginary part): a CTF fit varies ``δ``
+and ``s``, a frame alignment multiplies ``P`` by shift phasors. The Gaussian log-likelihood is
+``-Σ |Y - A·c·P|² / (2σ²)`` (the ``A²`` of the noise cancels against the ``A`` of the model),
+so the least-squares fits weight frequencies by ``1/σ²`` (:func:`shell_noise_sums`) times the
+FSC weight of :func:`fsc_weights`.
+
+The stacks are assumed to have been extracted with the CTF of the tomograms.star given (as in
+RELION's cycle, where every refinement is followed by a new extraction); rlnCtfBfactor is
+left out as in relion_refine's 2D-stack CTF (§5.6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from subtomo.ctf import electron_wavelength_angstrom
+from subtomo.errors import InputError
+from subtomo.fourier import FSC_THRESHOLD, fsc_maps, fsc_threshold_shell
+from subtomo.ml.batch import FourierPoints, fourier_points
+from subtomo.ml.likelihood import shift_phases
+from subtomo.ml.loader import ParticleState, StackLoader
+from subtomo.ml.projector import Projector
+from subtomo.reconstruct.particles import ctf_quadrature
+
+__all__ = ["TiltPatches", "TiltPredictor", "fsc_weights", "shell_noise_sums"]
+
+
+@dataclass
+class TiltPatches:
+    """``b`` particles with up to ``f`` visible tilts each, at ``K`` Fourier points.
+
+    Attributes
+    ----------
+    index:
+        ``(b,)`` long, particle rows in the particle set (file order).
+    half:
+        ``(b,)`` long, 0 or 1: the half set (rlnRandomSubset - 1) whose map made ``predicted``.
+    tomo_names:
+        ``(b,)`` rlnTomoName of each particle.
+    visible:
+        ``(b, f)`` bool, which stacked tilts exist (the rest are zero).
+    frames:
+        ``(b, f)`` long, tilt-table row of each stacked tilt (0 where not visible).
+    tilt_rotations:
+        ``(b, f, 3, 3)`` ``R_f A_sub`` (subtomogram frame -> tilt image, §2.2).
+    depth_defocus:
+        ``(b, f)`` Å, the particle's defocus relative to its tilt's central defocus
+        (``hand·slope·px·dz_f``, §1.4, plus any per-particle defocus, §20).
+    observed:
+        ``(b, f, K)`` complex, premultiplied data ``Y``.
+    predicted:
+        ``(b, f, K)`` complex, projection ``P`` of the own half map at the particle's pose and
+        offset, no CTF.
+    quadrature:
+        ``(b, f, K)`` complex, ``Q``; ``Re Q`` is the current ``CTF·dose`` (the filter on
+        ``Y``), ``dose`` the dose weights alone ``(b, f, K)``.
+    points:
+        The Fourier points (``points.freq`` cycles/pixel, ``points.shell`` ``round(|k| n)``).
+    defocus_phase:
+        ``(K,)`` ``φ = -πλ|k|²`` in radians per Å of defocus (float32).
+    pixel_size:
+        Å per pixel of the patches.
+    """
+
+    index: torch.Tensor
+    half: torch.Tensor
+    tomo_names: np.ndarray
+    visible: torch.Tensor
+    frames: torch.Tensor
+    tilt_rotations: torch.Tensor
+    depth_defocus: torch.Tensor
+    observed: torch.Tensor
+    predicted: torch.Tensor
+    quadrature: torch.Tensor
+    dose: torch.Tensor
+    points: FourierPoints
+    defocus_phase: torch.Tensor
+    pixel_size: float
+
+    @property
+    def ctf(self) -> torch.Tensor:
+        """``(b, f, K)`` the current ``CTF·dose`` (``Re Q``), the filter on ``observed``."""
+        return self.quadrature.real
+
+    def trial_ctf(self, defocus_change: torch.Tensor) -> torch.Tensor:
+        """``CTF·dose`` with the defocus changed by ``defocus_change`` Å (broadcast against
+        ``(b, f, K)``, e.g. ``(b, f, 1)`` or ``(D, 1, 1, 1)`` for a grid of ``D`` trials)."""
+        phase = self.defocus_phase * defocus_change
+        return (self.quadrature * torch.polar(torch.ones_like(phase), phase)).real
+
+
+class TiltPredictor:
+    """:class:`TiltPatches` of a 2D-stack particle set against its two half maps.
+
+    Parameters
+    ----------
+    loader
+        The particles' :class:`~subtomo.ml.loader.StackLoader` (stacks, tilt geometry, CTFs).
+    half_maps
+        ``(2, n, n, n)`` half maps 1 and 2 (zyx, centre ``n//2``) at the stacks' box and pixel
+        size, already masked if a mask is wanted.
+    max_shell
+        Highest Fourier shell ``round(|k| n)`` used (e.g. from :func:`fsc_weights`).
+    device
+        Where the projections and patches are computed.
+    defocus_offset
+        ``(N,)`` per-particle defocus in Å (§20) on top of the depth, or ``None``.
+    """
+
+    def __init__(
+        self,
+        loader: StackLoader,
+        half_maps: torch.Tensor,
+        *,
+        max_shell: int,
+        device: torch.device | str = "cpu",
+        padding: float = 2.0,
+        defocus_offset: torch.Tensor | None = None,
+    ) -> None:
+        n = loader.box
+        if half_maps.shape != (2, n, n, n):
+            raise InputError(
+                f"half maps are {tuple(half_maps.shape[1:])} voxels, the particle stacks "
+                f"{n} x {n} pixels (rlnImageSize); give maps of the stacks' box"
+            )
+        subset = loader.particles.random_subset()
+        bad = np.flatnonzero((subset != 1) & (subset != 2))
+        if len(bad):
+            raise InputError(
+                "rlnRandomSubset must be 1 or 2 (each particle is compared with its own half "
+                "map)",
+                file=loader.particles.source, block="particles", column="rlnRandomSubset",
+                row=int(bad[0]) + 1,
+            )  # fmt: skip
+        self.loader = loader
+        self.device = torch.device(device)
+        self.half = torch.from_numpy(subset.astype(np.int64) - 1)
+        self.projectors = [Projector(h[None].to(self.device), padding) for h in half_maps]
+        self.points = fourier_points(n, max_shell, self.device)
+        px = loader.pixel_size
+        k2 = (self.points.freq.double() / px).square().sum(-1)  # (K,) 1/Å²
+        lam = float(electron_wavelength_angstrom(loader.ctfs[loader.tomo_names[0]].voltage_kv))
+        self.defocus_phase = (-np.pi * lam * k2).float()
+        self.defocus_offset = defocus_offset
+
+    def batches(
+        self,
+        state: ParticleState,
+        indices: np.ndarray | None = None,
+        *,
+        shard: bool = False,
+        tilt_ctf: dict | None = None,
+    ) -> Iterator[TiltPatches]:
+        """Patches of ``indices`` (default all) at the poses of ``state``, batch by batch.
+
+        ``shard``: only this rank's batches (see :meth:`StackLoader.batches`). ``tilt_ctf``
+        ``{rlnTomoName: TiltSeriesCtf}`` replaces the loader's per-tilt CTFs in ``quadrature``
+        (e.g. after a defocus update); ``observed`` is unchanged.
+        """
+        ld = self.loader
+        for batch in ld.batches(state, indices, shard=shard):
+            idx = batch.index
+            b, f = batch.visible.shape
+            frames = ld.frames[idx, :f]
+            depth = ld.depth[idx, :f]
+            names = ld.tomo_names[idx.numpy()]
+            quad, dose, shift = self._ctf(idx, frames, depth, batch.visible, names, tilt_ctf)
+            pts = self.points
+            tilt_rot = batch.tilt_rotations.to(self.device)
+            mats = tilt_rot @ batch.rotations.to(self.device)[:, None]  # (b, f, 3, 3)
+            pred = torch.zeros((b, f, pts.flat.shape[0]), dtype=torch.complex64, device=self.device)
+            half = self.half[idx].to(self.device)
+            for h, projector in enumerate(self.projectors):
+                sel = half == h
+                if bool(sel.any()):
+                    pred[sel] = projector.slices(0, mats[sel], pts)
+            phase = shift_phases(
+                tilt_rot, batch.offsets.to(self.device)[:, None], pts, ld.pixel_size
+            )[:, 0]  # (b, f, K): the particle sits at s, so P e^{-2πi k.s}
+            pred = pred * torch.polar(torch.ones_like(phase), -phase)
+            vis = batch.visible.to(self.device)[..., None]
+            yield TiltPatches(
+                index=idx,
+                half=half,
+                tomo_names=names,
+                visible=batch.visible.to(self.device),
+                frames=frames.to(self.device),
+                tilt_rotations=tilt_rot,
+                depth_defocus=shift.to(self.device),
+                observed=pts.gather(batch.data.to(self.device)),
+                predicted=pred * vis,
+                quadrature=quad * vis,
+                dose=dose * vis,
+                points=pts,
+                defocus_phase=self.defocus_phase,
+                pixel_size=ld.pixel_size,
+            )
+
+    def _ctf(
+        self,
+        idx: torch.Tensor,
+        frames: torch.Tensor,
+        depth: torch.Tensor,
+        visible: torch.Tensor,
+        names: np.ndarray,
+        tilt_ctf: dict | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``Q``, dose ``(b, f, K)`` and the depth defocus ``(b, f)`` Å, per tomogram."""
+        ld, pts = self.loader, self.points
+        b, f = frames.shape
+        quad = torch.zeros((b, f, pts.flat.shape[0]), dtype=torch.complex64, device=self.device)
+        dose = torch.zeros(quad.shape, dtype=torch.float32, device=self.device)
+        shift = torch.zeros((b, f), dtype=torch.float64)
+        offset = (
+            torch.zeros(b, dtype=torch.float64)
+            if self.defocus_offset is None
+            else self.defocus_offset[idx].double()
+        )
+        for name in dict.fromkeys(names):
+            rows = torch.from_numpy(np.flatnonzero(names == name))
+            ctf = (tilt_ctf or ld.ctfs)[name]
+            r, c = torch.nonzero(visible[rows], as_tuple=True)
+            r = rows[r]
+            fr, dz = frames[r, c].to(self.device), depth[r, c]
+            q, w = ctf_quadrature(
+                ctf, fr, dz, ld.box, float(ld.binning[int(idx[r[0]])]), use_bfactor=False,
+                defocus_offset=offset[r],
+            )  # fmt: skip
+            quad[r, c] = pts.gather(q).to(torch.complex64)
+            dose[r, c] = pts.gather(w).float()
+            shift[r, c] = ctf.hand * ctf.defocus_slope * ctf.pixel_size * dz + offset[r]
+        return quad, dose, shift
+
+
+def fsc_weights(
+    half_maps: torch.Tensor,
+    pixel_size: float,
+    *,
+    mask: torch.Tensor | None = None,
+    kmin_angst: float = 30.0,
+    threshold: float = FSC_THRESHOLD,
+) -> tuple[torch.Tensor, int]:
+    """RELION's default frequency weight (§11): 1 from ``kmin_angst`` (Å, lower resolutions
+    excluded) up to the shell where the (masked) half-map FSC falls below ``threshold``,
+    0 elsewhere. Returns the weights per shell ``(n//2+1,)`` and that last shell."""
+    n = half_maps.shape[-1]
+    curve = fsc_maps(half_maps[0], half_maps[1], mask)
+    last = max(1, fsc_threshold_shell(curve, threshold))
+    shells = torch.arange(n // 2 + 1, device=curve.device)
+    low = int(np.ceil(n * pixel_size / kmin_angst)) if kmin_angst > 0 else 0
+    weights = ((shells >= low) & (shells <= last)).float()
+    return weights, last
+
+
+def shell_noise_sums(
+    patches: TiltPatches, model_ctf: torch.Tensor, n_shells: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums per shell ``(n_shells,)`` for the noise power of the recorded images:
+    ``Σ|Y - A·c·P|²/2`` and ``Σ A²`` over all visible patches, with ``c = model_ctf``
+    ``(b, f, K)`` the modelled ``CTF·dose`` (e.g. :attr:`TiltPatches.ctf`). Their ratio,
+    summed over batches (and ranks), estimates ``σ²(|k|)`` per real/imaginary part."""
+    a = patches.ctf
+    residual = (patches.observed - a * model_ctf * patches.predicted).abs().square() / 2
+    shell = patches.points.shell.clamp_max(n_shells - 1)
+    num = torch.zeros(n_shells, dtype=torch.float64, device=a.device)
+    den = torch.zeros(n_shells, dtype=torch.float64, device=a.device)
+    num.index_add_(0, shell, residual.flatten(0, 1).sum(0).double())
+    den.index_add_(0, shell, a.square().flatten(0, 1).sum(0).double())
+    return num, den
