@@ -6,7 +6,7 @@ from subtomo.tomorefine.frame_align import (
     SeriesFit,
     SeriesObservations,
     align_series,
-    observe_series,
+    observe_particles,
 )
 from subtomo.tomorefine.motion import gp_basis, gp_kernel
 from subtomo.tomorefine.predict import TiltPatches, TiltPredictor, fsc_weights, shell_noise_sums
@@ -21,6 +21,6 @@ __all__ = [
     "fsc_weights",
     "gp_basis",
     "gp_kernel",
-    "observe_series",
+    "observe_particles",
     "shell_noise_sums",
 ]

@@ -31,25 +31,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from subtomo.geometry import alignment_from_projection_matrices, projection_matrices
-from subtomo.ml.batch import fourier_points
-from subtomo.ml.projector import Projector
-from subtomo.reconstruct.particles import (
-    ParticleGeometry,
-    TiltSeriesCtf,
-    extract_slices,
-    premultiply_filter,
-)
+from subtomo.ml.loader import ParticleState
 from subtomo.tomorefine.motion import gp_basis, motion_steps, trajectories_from_velocities
+from subtomo.tomorefine.predict import TiltPredictor, shell_noise_sums
 
 __all__ = [
     "FrameAlignSettings",
     "SeriesFit",
     "SeriesObservations",
     "align_series",
-    "observe_series",
+    "observe_particles",
 ]
 
 
@@ -101,77 +96,62 @@ class SeriesObservations:
         return (self.x.real * torch.cos(angle) - self.x.imag * torch.sin(angle)).sum(-1)
 
 
-def observe_series(
-    images: torch.Tensor,
-    geometry: ParticleGeometry,
-    visible: torch.Tensor,
-    halves: torch.Tensor,
-    ctf: TiltSeriesCtf,
-    projectors: tuple[Projector, Projector],
-    max_shell: int,
-    binning: float,
-    batch_size: int = 1024,
-) -> SeriesObservations:
-    """The :class:`SeriesObservations` of one tilt series.
+def observe_particles(
+    predictor: TiltPredictor,
+    state: ParticleState,
+    indices: np.ndarray | None = None,
+) -> dict[str, SeriesObservations]:
+    """The :class:`SeriesObservations` of each tilt series (``{rlnTomoName: ...}``) from the
+    patches of :class:`~subtomo.tomorefine.predict.TiltPredictor` (§20: ``Y ≈ s·A²·P``).
 
-    ``images`` ``(t, h, w)``; ``geometry`` where the particles are now (trajectories
-    included); ``visible`` ``(n, t)`` bool; ``halves`` ``(n,)`` 0/1 picks each particle's
-    half map; ``projectors`` of the two half maps (box ``s``, pixel ``binning·px``);
-    ``max_shell`` the last Fourier shell used (of the ``s`` box).
+    ``indices``: the particles to use (default all); a series' ``particle`` entries count
+    its particles in file order among those. The noise power ``σ²(|k|)`` (per real or
+    imaginary part, :func:`~subtomo.tomorefine.predict.shell_noise_sums`) is pooled over
+    all of them; each series gets its own least-squares scale ``s``.
     """
-    device = images.device
-    box = projectors[0].box
-    points = fourier_points(box, max_shell, device)
+    loader = predictor.loader
+    index = np.arange(len(loader)) if indices is None else np.asarray(indices)
+    names = loader.tomo_names
+    local = np.zeros(len(loader), dtype=np.int64)  # particle -> place in its series
+    for name in dict.fromkeys(names[index]):
+        rows = index[names[index] == name]
+        local[rows] = np.arange(len(rows))
+    n_shells = loader.box // 2 + 1
+    noise = torch.zeros(n_shells, dtype=torch.float64, device=predictor.device)
+    weight = torch.zeros_like(noise)
+    pairs: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+    for patches in predictor.batches(state, index):
+        num, den = shell_noise_sums(patches, patches.ctf, n_shells)
+        noise += num
+        weight += den
+        b, f = torch.nonzero(patches.visible, as_tuple=True)
+        batch_names = patches.tomo_names[b.cpu().numpy()]
+        for name in dict.fromkeys(batch_names):
+            sel = torch.from_numpy(batch_names == name).to(b.device)
+            bb, ff = b[sel], f[sel]
+            pairs.setdefault(name, []).append((
+                torch.from_numpy(local[patches.index.numpy()])[bb.cpu()],
+                patches.frames[bb, ff].cpu(),
+                patches.observed[bb, ff],
+                patches.predicted[bb, ff],
+                patches.ctf[bb, ff],
+            ))  # fmt: skip
+    points = predictor.points
+    sigma2 = (noise / weight.clamp_min(1e-30)).clamp_min(1e-30)[points.shell].float()
     keep = points.shell > 0
-    particle, frame = torch.nonzero(visible.to(device), as_tuple=True)
-    rotations = geometry.matrices().to(device)
-    observed, predicted = [], []
-    for start in range(0, len(particle), batch_size):
-        i, f = particle[start : start + batch_size], frame[start : start + batch_size]
-        uv = geometry.uv.to(device)[i, f]
-        depth = geometry.depth.to(device)[i, f]
-        y, _ = extract_slices(
-            images, f, uv, depth, ctf, box=box, binning=binning, precrop=True,
-            no_ctf=True, invert_contrast=False,
+    hermitian = torch.where(points.freq[:, 0] > 0, 2.0, 1.0).to(sigma2.device)
+    binning = float(loader.binning[index[0]])
+    out = {}
+    for name, parts in pairs.items():
+        particle, frame, y, p, a = (torch.cat(x) for x in zip(*parts, strict=True))
+        cross = (y * p.conj()) * (hermitian / sigma2)  # (m, K)
+        scale = float(cross.real.sum() / (a.square() * p.abs().square() * hermitian / sigma2)
+                      .sum().clamp_min(1e-30))  # fmt: skip
+        out[name] = SeriesObservations(
+            x=(scale * cross)[:, keep], freq=points.freq[keep], particle=particle,
+            frame=frame, binning=binning, scale=scale,
         )  # fmt: skip
-        ctfw, _ = premultiply_filter(ctf, f, depth, box, binning)
-        mats = rotations[i, f].float()
-        slices = torch.zeros(len(i), len(points.flat), dtype=torch.complex64, device=device)
-        for h in (0, 1):
-            sel = halves.to(device)[i] == h
-            if bool(sel.any()):
-                slices[sel] = projectors[h].slices(0, mats[sel], points)
-        observed.append(points.gather(y)[:, keep])
-        predicted.append((-points.gather(ctfw) * slices)[:, keep])
-    y, p = torch.cat(observed), torch.cat(predicted)  # (m, K)
-    shell = points.shell[keep]
-    n_shells = int(shell.max()) + 1 if len(shell) else 1
-    t = int(visible.shape[1])
-    # least-squares scale of the prediction, then the residual power per tilt and shell
-    sigma2 = _tilt_shell_power(y, frame, shell, t, n_shells)
-    cross = (y * p.conj()).real / sigma2
-    scale = float(cross.sum() / (p.abs().square() / sigma2).sum().clamp_min(1e-30))
-    sigma2 = _tilt_shell_power(y - scale * p, frame, shell, t, n_shells)
-    hermitian = torch.where(points.freq[keep, 0] > 0, 2.0, 1.0).to(device)
-    x = (2 * scale) * hermitian * y * p.conj() / sigma2
-    return SeriesObservations(
-        x=x, freq=points.freq[keep].to(device), particle=particle, frame=frame,
-        binning=float(binning), scale=scale,
-    )  # fmt: skip
-
-
-def _tilt_shell_power(
-    values: torch.Tensor, frame: torch.Tensor, shell: torch.Tensor, t: int, n_shells: int
-) -> torch.Tensor:
-    """``(m, K)``: the mean ``|values|²`` over the pairs of each tilt and the points of each
-    shell, broadcast back to every pair and point (floored at a tiny positive value)."""
-    power = values.abs().square().float()
-    per_tilt = torch.zeros(t, power.shape[1], device=power.device).index_add_(0, frame, power)
-    counts = torch.bincount(frame, minlength=t).clamp_min(1)[:, None].float()
-    per_shell = torch.zeros(t, n_shells, device=power.device).index_add_(1, shell, per_tilt)
-    per_shell = per_shell / (counts * torch.bincount(shell, minlength=n_shells).clamp_min(1))
-    mean = per_shell[:, shell][frame]
-    return mean.clamp_min(mean.max() * 1e-12 + 1e-30)
+    return out
 
 
 @dataclass
