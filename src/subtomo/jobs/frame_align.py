@@ -259,7 +259,7 @@ def run(params: FrameAlignParams) -> dict[str, str]:
                 params, predictor, state, parts, tomos[name], np.flatnonzero(names == name),
                 motion,
             )  # fmt: skip
-            fits[name] = dataclasses.asdict(fit)
+            fits[str(name)] = dataclasses.asdict(fit)
             save_checkpoint(job.path(CHECKPOINT), {"params": stored, "series": fits})
         for gathered in all_gather_object(fits):
             fits.update(gathered)

@@ -1,4 +1,4 @@
-"""Simulated particle motion across tilts, drawn from the frame-alignment prior (§20)."""
+"""Simulated particle motion across tilts, drawn from the frame-alignment prior (§21)."""
 
 from __future__ import annotations
 

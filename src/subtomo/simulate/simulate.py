@@ -84,7 +84,7 @@ class SimulationParams:
 
     Particle motion (:func:`~subtomo.simulate.motion.particle_motion`, own generator):
     ``motion_s_vel`` Å per e/Å² (0: none) and ``motion_s_div`` Å, the frame-alignment prior
-    (§20); ``Simulation.true_motion`` has the trajectories (motion.star, §3).
+    (§21); ``Simulation.true_motion`` has the trajectories (motion.star, §3).
     """
 
     preset: str = "tiny"

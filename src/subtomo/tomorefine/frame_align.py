@@ -1,18 +1,17 @@
-"""Tomographic frame alignment (RELION's ``relion_tomo_align``, §11 and §20).
+"""Tomographic frame alignment (RELION's ``relion_tomo_align``, §11, §21).
 
 For one tilt series, every visible (particle, tilt) pair gives a whitened, dose-weighted
-cross-correlation between the observed patch and the prediction from the particle's own half
-map (gold standard). As a function of the particle's image shift ``δ`` (bin-1 px) it is the
-shift-dependent part of the Gaussian log-likelihood
+cross-correlation between its tilt image and the projection of the particle's own half map
+(gold standard), from the patches of :class:`~subtomo.tomorefine.predict.TiltPredictor`
+(``Y ≈ s·A²·P``, §20). As a function of a change ``δ`` (bin-1 px) of the particle's image
+position it is the shift-dependent part of the Gaussian log-likelihood
 
-    CC(δ) = Σ_k 2·a·Re[Y(k)·conj(P(k))·e^{2πi k·δ/b}] / σ²(k)
+    CC(δ) = Σ_k s·Re[Y(k)·conj(P(k))·e^{2πi k·δ/b}] / σ²(|k|)
 
-with ``Y = w·F`` the observed spectrum (particle at the Fourier origin, dose weights ``w``),
-``P = -CTF·w·S`` the prediction (central slice ``S`` of the half map, RELION's CTF, §1.5),
-``σ²`` the residual power per tilt and shell, ``a`` the least-squares scale of the
-prediction, ``b`` the binning of the half maps and the Hermitian half counted twice; the
-frequencies run up to the half maps' FSC = 0.143 (flat weighting, RELION's default). Phase
-shifts are exact and differentiable, so no CC map is interpolated.
+(``σ²`` the noise power per real or imaginary part, ``s`` the least-squares scale, ``b`` the
+binning of the stacks, the Hermitian half counted twice), over the shells up to the half
+maps' FSC = 0.143 (RELION's flat weight). Phase shifts are exact and differentiable, so no CC
+map is interpolated.
 
 The image position of particle ``i`` in tilt ``f`` is ``uv_if = P_f(θ)·(c_i + d_i + t_if/px)``
 with the projection matrix rebuilt from the tilt's angles plus three Tait-Bryan increments
@@ -55,7 +54,7 @@ class FrameAlignSettings:
     ``shift_only``: per-tilt 2D shifts only (no angles, offsets or motion); ``const_a``,
     ``const_s``, ``const_p``: freeze the per-tilt angles, per-tilt shifts, particle offsets;
     ``motion``: fit trajectories with ``s_vel`` (Å per e/Å²), ``s_div`` (Å), ``sq_exp_ker``
-    and ``max_ed`` (§20); ``max_shift_px`` the grid search of the per-tilt shifts (bin-1 px);
+    and ``max_ed`` (§21); ``max_shift_px`` the grid search of the per-tilt shifts (bin-1 px);
     ``iterations`` L-BFGS iterations per stage; ``range_reg`` a penalty
     ``range_reg·Σ|s_f|²`` (px⁻²) on the per-tilt shift increments.
     """
