@@ -15,8 +15,8 @@ from subtomo.errors import InputError
 from subtomo.fourier import fsc_maps
 from subtomo.io import read_mrc
 from subtomo.jobs.frame_align import FrameAlignParams, run
-from subtomo.reconstruct.particles import series_geometry
 from subtomo.simulate.motion import particle_motion
+from subtomo.simulate.truth import image_position_error
 from subtomo.tomorefine import gp_basis, gp_kernel
 from subtomo.tomorefine.motion import motion_steps
 
@@ -44,39 +44,26 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _image_positions(root: Path, tomograms: str, particles: str, motion: str | None) -> dict:
-    """``{rlnTomoParticleName: (t, 2) image positions}`` (bin-1 px) of a set of files."""
-    tomos = TomogramSet.read(root / tomograms)
-    parts = ParticleSet.read(root / particles, tomos)
-    traj = Trajectories.read(root / motion) if motion else None
-    names = parts.particles["rlnTomoParticleName"].astype(str).to_numpy()
-    out = {}
-    for tomo in dict.fromkeys(parts.tomo_names):
-        rows = np.flatnonzero(parts.tomo_names == tomo)
-        series = tomos[tomo]
-        geo = series_geometry(parts.subset(rows), series, traj, series.tomogram_size[:2])
-        out.update(zip(names[rows], geo.uv, strict=True))
-    return out
-
-
 def _errors(root: Path, job: str | None) -> tuple[float, float]:
-    """RMS distance (px) from the true image positions over all (particle, tilt) pairs, and
-    RMS over tilts of the mean distance of each tilt's particles (the per-tilt shift)."""
+    """RMS image-position error (px) over all (particle, tilt) pairs and of the per-tilt mean
+    (:func:`subtomo.simulate.truth.image_position_error`) of a job, or of the stacks' input."""
     cwd = Path.cwd()
     os.chdir(root)  # the tables name files relative to the project
+
+    def files(tomograms: str, particles: str, motion: str | None) -> tuple:
+        tomos = TomogramSet.read(tomograms)
+        traj = Trajectories.read(motion) if motion else None
+        return tomos, ParticleSet.read(particles, tomos), traj
+
     try:
-        truth = _image_positions(root, "true_alignment.star", "particles.star",
-                                 "true_motion.star")  # fmt: skip
+        truth = files("true_alignment.star", "particles.star", "true_motion.star")
         if job is None:
-            found = _image_positions(root, "tomograms.star", "ext/particles.star", None)
-        else:
-            found = _image_positions(
-                root, f"{job}/tomograms.star", f"{job}/particles.star", f"{job}/motion.star"
-            )
+            return image_position_error(truth, files("tomograms.star", "ext/particles.star", None))
+        return image_position_error(
+            truth, files(f"{job}/tomograms.star", f"{job}/particles.star", f"{job}/motion.star")
+        )
     finally:
         os.chdir(cwd)
-    d = torch.stack([found[k] - truth[k] for k in truth])  # (n, t, 2)
-    return float(d.square().sum(-1).mean().sqrt()), float(d.mean(0).square().sum(-1).mean().sqrt())
 
 
 def test_gp_prior_and_simulated_motion() -> None:
