@@ -11,7 +11,7 @@ particle trajectories under RELION's Gaussian-process prior
 ``optimisation_set.star`` and ``report.html`` (shifts per tilt, motion). The stacks must have
 been extracted with the tomograms and trajectories given; re-extract afterwards (RELION's
 refinement cycle). ``--continue <job dir>`` finishes a job cut short: the tilt series already
-fitted (``frame_align_checkpoint.pt``) are kept and the others run with the stored options.
+fitted (``checkpoints/<rlnTomoName>.pt``) are kept and the others run with the stored options.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from subtomo.data import (
     relative_to_cwd,
 )
 from subtomo.device import resolve_device
-from subtomo.distributed import all_gather_object, shard
+from subtomo.distributed import all_gather_object, is_main, shard
 from subtomo.errors import InputError
 from subtomo.geometry import particle_positions_px
 from subtomo.ml.loader import ParticleState, StackLoader
@@ -56,7 +56,7 @@ __all__ = ["FrameAlignParams", "run"]
 
 log = logging.getLogger("subtomo")
 
-CHECKPOINT = "frame_align_checkpoint.pt"
+CHECKPOINTS = "checkpoints"
 _ALIGNMENT = ("rlnTomoXTilt", "rlnTomoYTilt", "rlnTomoZRot", "rlnTomoXShiftAngst",
               "rlnTomoYShiftAngst")  # fmt: skip
 _PROJECTION_ROWS = ("rlnTomoProjX", "rlnTomoProjY", "rlnTomoProjZ", "rlnTomoProjW")
@@ -103,11 +103,15 @@ def _resume(params: FrameAlignParams) -> tuple[FrameAlignParams, dict[str, dict]
     if not params.continue_from:
         return params, {}
     directory = Path(params.continue_from)
-    state = load_checkpoint(directory / CHECKPOINT)
-    stored = {k: tuple(v) if isinstance(v, list) else v for k, v in state["params"].items()}
+    files = sorted((directory / CHECKPOINTS).glob("*.pt"))
+    if not files:
+        raise InputError(f"no fitted tilt series ({CHECKPOINTS}/*.pt) to continue from",
+                         file=directory)  # fmt: skip
+    states = [load_checkpoint(f) for f in files]
+    stored = {k: tuple(v) if isinstance(v, list) else v for k, v in states[0]["params"].items()}
     stored.update(output_dir=str(directory), continue_from=params.continue_from,
                   device=params.device)  # fmt: skip
-    return FrameAlignParams(**stored), dict(state["series"])
+    return FrameAlignParams(**stored), {s["name"]: s["fit"] for s in states}
 
 
 def _image_size(series: TiltSeries) -> tuple[int, int]:
@@ -188,6 +192,11 @@ def _outputs(
     )
 
 
+def _rms(vectors: torch.Tensor) -> float:
+    """RMS length of the vectors along the last axis."""
+    return float(vectors.square().sum(-1).mean().sqrt())
+
+
 def _report_rows(
     tomos: TomogramSet, fits: dict[str, dict]
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
@@ -207,9 +216,9 @@ def _report_rows(
         series_rows.append({
             "tilt series": name,
             "CC before → after": f"{fit['cc_before']:.4g} → {fit['cc_after']:.4g}",
-            "RMS per-tilt shift (px)": f"{float(shifts.square().sum(-1).mean().sqrt()):.2f}",
-            "RMS particle offset (Å)": f"{float(fit['offsets_px'].norm(dim=-1).square().mean().sqrt() * series.pixel_size):.1f}",  # noqa: E501
-            "RMS / max motion (Å)": f"{float(traj.norm(dim=-1).square().mean().sqrt()):.1f} / "
+            "RMS per-tilt shift (px)": f"{_rms(shifts):.2f}",
+            "RMS particle offset (Å)": f"{_rms(fit['offsets_px']) * series.pixel_size:.1f}",
+            "RMS / max motion (Å)": f"{_rms(traj):.1f} / "
             f"{float(traj.norm(dim=-1).max()):.1f}",
         })  # fmt: skip
     return series_rows, tilt_rows
@@ -259,23 +268,25 @@ def run(params: FrameAlignParams) -> dict[str, str]:
                 params, predictor, state, parts, tomos[name], np.flatnonzero(names == name),
                 motion,
             )  # fmt: skip
-            fits[str(name)] = dataclasses.asdict(fit)
-            save_checkpoint(job.path(CHECKPOINT), {"params": stored, "series": fits})
+            name = str(name)  # a numpy string would not load back (weights_only)
+            fits[name] = dataclasses.asdict(fit)
+            state = {"params": stored, "name": name, "fit": fits[name]}
+            save_checkpoint(job.path(f"{CHECKPOINTS}/{name}.pt"), state)
         for gathered in all_gather_object(fits):
             fits.update(gathered)
-        new_tomos, new_parts, new_motion = _outputs(parts, tomos, motion, fits)
         paths = {k: job.path(k) for k in ("tomograms.star", "particles.star", "motion.star")}
-        new_tomos.write(paths["tomograms.star"], job.path("tilt_series"))
-        new_parts.write(paths["particles.star"])
-        new_motion.write(paths["motion.star"])
-        optimisation = OptimisationSet(
-            particles=Path(relative_to_cwd(paths["particles.star"])),
-            tomograms=Path(relative_to_cwd(paths["tomograms.star"])),
-            trajectories=Path(relative_to_cwd(paths["motion.star"])),
-            reference_map1=maps.path1, reference_map2=maps.path2,
-            reference_mask=maps.mask_path, reference_fsc=opt.reference_fsc,
-        )  # fmt: skip
-        optimisation.write(job.path("optimisation_set.star"))
+        if is_main():  # every rank has every fit; rank 0 writes
+            new_tomos, new_parts, new_motion = _outputs(parts, tomos, motion, fits)
+            new_tomos.write(paths["tomograms.star"], job.path("tilt_series"))
+            new_parts.write(paths["particles.star"])
+            new_motion.write(paths["motion.star"])
+            OptimisationSet(
+                particles=Path(relative_to_cwd(paths["particles.star"])),
+                tomograms=Path(relative_to_cwd(paths["tomograms.star"])),
+                trajectories=Path(relative_to_cwd(paths["motion.star"])),
+                reference_map1=maps.path1, reference_map2=maps.path2,
+                reference_mask=maps.mask_path, reference_fsc=opt.reference_fsc,
+            ).write(job.path("optimisation_set.star"))  # fmt: skip
         outputs[str(paths["tomograms.star"])] = "TomogramGroupMetadata.star.relion.tomo"
         outputs[str(paths["particles.star"])] = "ParticleGroupMetadata.star.relion.tomo"
         outputs[str(paths["motion.star"])] = "TomoTrajectoryData.star.relion.tomo"
