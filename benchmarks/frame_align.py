@@ -51,8 +51,8 @@ def _fsc_shells(root: Path, rec: str) -> tuple[float, float]:
     """Shells where the merged map's FSC against the truth crosses 0.5 and 0.143."""
     merged, _ = read_mrc(root / rec / "merged.mrc")
     truth, _ = read_mrc(root / "truth.mrc")
-    curve = fsc_maps(merged.double(), truth.double())
-    return crossing_shell(curve, 0.5), crossing_shell(curve, 0.143)
+    curve = fsc_maps(merged.double(), truth.double())[1:]  # shell 0 (the mean) says nothing
+    return 1 + crossing_shell(curve, 0.5), 1 + crossing_shell(curve, 0.143)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from subtomo.data import (
 from subtomo.device import resolve_device
 from subtomo.distributed import all_gather_object, is_main, shard
 from subtomo.errors import InputError
+from subtomo.fourier import fsc_maps, fsc_threshold_shell
 from subtomo.geometry import particle_positions_px
 from subtomo.ml.loader import ParticleState, StackLoader
 from subtomo.ml.starfiles import load_checkpoint, save_checkpoint
@@ -48,7 +49,6 @@ from subtomo.tomorefine import (
     SeriesFit,
     TiltPredictor,
     align_series,
-    fsc_weights,
     observe_particles,
 )
 
@@ -247,7 +247,9 @@ def run(params: FrameAlignParams) -> dict[str, str]:
     halves = torch.stack([maps.half1, maps.half2]).float()
     if maps.mask is not None:
         halves = halves * maps.mask
-    _, last = fsc_weights(halves, maps.pixel_size, mask=maps.mask, kmin_angst=0.0)
+    # the last shell before the FSC falls below 0.143 (§11's flat weight); shell 0 (the mean,
+    # near zero in both halves) says nothing about the resolution
+    last = 1 + fsc_threshold_shell(fsc_maps(halves[0], halves[1], maps.mask)[1:])
     predictor = TiltPredictor(loader, halves, max_shell=last, device=device)
     inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
     with run_job(
