@@ -23,14 +23,15 @@ from subtomo.tomorefine.motion import motion_steps
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """24 noisy particles (10 Å/px, box 48, 21 tilts) with per-tilt shift errors (σ 1.5 px)
-    and particle motion (1 Å per e/Å²), stacks extracted with the nominal alignment, then
-    frame alignment against the true map without and with the motion model."""
+    """24 noisy particles in 2 tomograms (10 Å/px, box 48, 21 tilts) with per-tilt shift
+    errors (σ 1.5 px) and particle motion (1 Å per e/Å²), stacks extracted with the nominal
+    alignment, then frame alignment against the true map without and with the motion model."""
     root = tmp_path_factory.mktemp("frame_align")
     cwd = Path.cwd()
     try:
         os.chdir(root)
-        run_subtomo(["simulate", "--out", ".", "--particles", "24", "--noise", "gaussian",
+        run_subtomo(["simulate", "--out", ".", "--particles", "24", "--tomograms", "2",
+                     "--noise", "gaussian",
                      "--snr", "0.1", "--tilt-shift-error-px", "1.5", "--motion-s-vel", "1.0",
                      "--seed", "1"])  # fmt: skip
         run_subtomo(["extract", "--p", "particles.star", "--t", "tomograms.star", "--box",

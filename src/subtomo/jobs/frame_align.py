@@ -5,13 +5,14 @@ Reads extracted 2D-stack particles (``--ios`` or ``--p/--t/--mot``) and the half
 with the projection of its own half map (:class:`subtomo.tomorefine.TiltPredictor`), and fits
 per tilt series: per-tilt shifts (and angles), particle offsets and, with ``--motion``,
 particle trajectories under RELION's Gaussian-process prior
-(:mod:`subtomo.tomorefine.frame_align`). Writes into ``FrameAlignTomo/jobNNN/``:
-``tomograms.star`` (+ ``tilt_series/``) with the refined per-tilt alignment,
-``particles.star`` with the new centred coordinates, ``motion.star``,
-``optimisation_set.star`` and ``report.html`` (shifts per tilt, motion). The stacks must have
-been extracted with the tomograms and trajectories given; re-extract afterwards (RELION's
-refinement cycle). ``--continue <job dir>`` finishes a job cut short: the tilt series already
-fitted (``checkpoints/<rlnTomoName>.pt``) are kept and the others run with the stored options.
+(:mod:`subtomo.tomorefine.frame_align`). Writes into ``Polish/jobNNN/`` (RELION 5's
+directory, shared with SPA polishing): ``tomograms.star`` (+ ``tilt_series/``) with the
+refined per-tilt alignment, ``particles.star`` with the new centred coordinates,
+``motion.star``, ``optimisation_set.star`` and ``report.html`` (shifts per tilt, motion).
+The stacks must have been extracted with the tomograms and trajectories given; re-extract
+afterwards (RELION's refinement cycle). ``--continue <job dir>`` finishes a job cut short:
+the tilt series already fitted (``checkpoints/<rlnTomoName>.pt``) are kept and the others
+run with the stored options.
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def run(params: FrameAlignParams) -> dict[str, str]:
     predictor = TiltPredictor(loader, halves, max_shell=last, device=device)
     inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo"}
     with run_job(
-        "FrameAlignTomo", params, output_dir=params.output_dir, project_dir=params.project_dir,
+        "Polish", params, output_dir=params.output_dir, project_dir=params.project_dir,
         is_continue=bool(params.continue_from), inputs=inputs,
     ) as (job, outputs):  # fmt: skip
         log.info(
@@ -272,8 +273,8 @@ def run(params: FrameAlignParams) -> dict[str, str]:
             )  # fmt: skip
             name = str(name)  # a numpy string would not load back (weights_only)
             fits[name] = dataclasses.asdict(fit)
-            state = {"params": stored, "name": name, "fit": fits[name]}
-            save_checkpoint(job.path(f"{CHECKPOINTS}/{name}.pt"), state)
+            checkpoint = {"params": stored, "name": name, "fit": fits[name]}
+            save_checkpoint(job.path(f"{CHECKPOINTS}/{name}.pt"), checkpoint)
         for gathered in all_gather_object(fits):
             fits.update(gathered)
         paths = {k: job.path(k) for k in ("tomograms.star", "particles.star", "motion.star")}

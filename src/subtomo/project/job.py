@@ -33,7 +33,7 @@ RELION_TYPE_LABELS = {
     "PostProcess": "relion.postprocess",
     "LocalRes": "relion.localres.own",
     "Picks": "relion.picktomo",
-    "FrameAlignTomo": "relion.framealigntomo",
+    "Polish": "relion.framealigntomo",
 }
 """RELION 5's process type label of each job directory type that RELION also has."""
 
