@@ -48,12 +48,10 @@ LAYERS = {
     "jobs": 6,
     "project": 5,
     **dict.fromkeys(
-        (
-            "reconstruct", "ml", "postprocess", "simulate", "subsets", "tilt", "picking",
-            "report", "tomorefine",
-        ),
+        ("reconstruct", "ml", "postprocess", "simulate", "subsets", "tilt", "picking", "report"),
         4,
     ),
+    "tomorefine": 4,
     "data": 3,
     **dict.fromkeys(("geometry", "ctf", "fourier", "masks"), 2),
     "io": 1,

@@ -188,6 +188,10 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "Print and plot the FSC between two maps and where it crosses 0.5 and 0.143.",
         show=_fsc_table,
     ),
+    "ctf-refine": JobCommand(
+        "subtomo.jobs.ctf_refine", "CtfRefineParams",
+        "Tomo CTF refinement: per-tilt defocus, astigmatism and ice scale (+ per particle).",
+    ),
     "refine3d": JobCommand(
         "subtomo.jobs.refine3d", "Refine3DParams",
         "3D auto-refine: gold-standard refinement until convergence, then a joined iteration.",

@@ -2,6 +2,7 @@
 
 from subtomo.ctf.ctf import ctf_2d, ctf_phase, electron_wavelength_angstrom, particle_defocus
 from subtomo.ctf.dose import dose_cutoff_mask, dose_weight_at, dose_weights
+from subtomo.ctf.ice import ice_normal, ice_scale
 
 __all__ = [
     "ctf_2d",
@@ -10,5 +11,7 @@ __all__ = [
     "dose_weight_at",
     "dose_weights",
     "electron_wavelength_angstrom",
+    "ice_normal",
+    "ice_scale",
     "particle_defocus",
 ]

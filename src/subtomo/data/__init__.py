@@ -10,7 +10,12 @@ from subtomo.data.maps import (
 )
 from subtomo.data.mtf import read_mtf
 from subtomo.data.optimisation_set import OptimisationSet
-from subtomo.data.particles import ParticleSet, pixel_size_of, stack_image_indices
+from subtomo.data.particles import (
+    DEFOCUS_OFFSET,
+    ParticleSet,
+    pixel_size_of,
+    stack_image_indices,
+)
 from subtomo.data.paths import relative_to_cwd, resolve_path, strip_image_name
 from subtomo.data.tomograms import (
     TiltSeries,
@@ -23,6 +28,7 @@ from subtomo.data.trajectories import Trajectories
 from subtomo.data.validate import require_box_fits, require_particles, validate_particles
 
 __all__ = [
+    "DEFOCUS_OFFSET",
     "MASK_TOLERANCE",
     "PIXEL_SIZE_TOLERANCE_ANGST",
     "HalfMaps",

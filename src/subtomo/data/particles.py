@@ -26,12 +26,14 @@ from subtomo.errors import InputError
 from subtomo.geometry import euler_to_matrix
 from subtomo.io import numeric_column, parse_vector, read_star, require_block, write_star
 
-__all__ = ["ParticleSet", "pixel_size_of", "stack_image_indices"]
+__all__ = ["DEFOCUS_OFFSET", "ParticleSet", "pixel_size_of", "stack_image_indices"]
 
 _STACKS_2D = "rlnTomoSubTomosAre2DStacks"
 _CENTERED = tuple(f"rlnCenteredCoordinate{a}Angst" for a in "XYZ")
 _LEGACY = tuple(f"rlnCoordinate{a}" for a in "XYZ")
 _ORIGINS = tuple(f"rlnOrigin{a}Angst" for a in "XYZ")
+#: Per-particle defocus in Å on top of the depth term (not a RELION column, §20).
+DEFOCUS_OFFSET = "subtomoDefocusOffsetAngst"
 
 
 class ParticleSet:
@@ -191,6 +193,11 @@ class ParticleSet:
     def origins_angst(self) -> torch.Tensor:
         """(n, 3) rlnOriginX/Y/ZAngst in Å, subtomogram frame (zeros where absent)."""
         return torch.from_numpy(self._columns(_ORIGINS, default=0.0))
+
+    def defocus_offsets(self) -> torch.Tensor:
+        """``(n,)`` per-particle defocus in Å (``subtomoDefocusOffsetAngst``, §20; 0 where
+        absent), added to the depth-dependent defocus of every tilt."""
+        return torch.from_numpy(self._columns([DEFOCUS_OFFSET], default=0.0)[:, 0])
 
     def _matrices(self, prefix: str) -> torch.Tensor:
         columns = [f"{prefix}{a}" for a in ("Rot", "Tilt", "Psi")]

@@ -7,7 +7,8 @@ to it)::
                                                        acquisition index)
     tilt_series/<tomo>.star                            per-tilt table (data_<tomo>), angle order
     tomograms.star                                     data_global
-    true_alignment.star, tilt_series_true/<tomo>.star  with alignment errors: the true alignment
+    true_alignment.star, tilt_series_true/<tomo>.star  with alignment or defocus errors or ice:
+                                                       the true alignment, defocus and scale
     fiducials.star                                     with --beads: the beads' true centres
     true_motion.star                                   with --motion-s-vel: true trajectories
     <tomo>.mdoc                                        SerialEM-style, acquisition order
@@ -158,6 +159,16 @@ class SimulateParams:
     )
     motion_s_div: float | None = _preset(
         "--motion-s-div", help="Particle motion: correlation length", unit="Å"
+    )
+    defocus_error_angst: float | None = _preset(
+        "--defocus-error", help="σ of the defocus error per tilt", unit="Å"
+    )
+    particle_defocus_error_angst: float | None = _preset(
+        "--particle-defocus-error", help="σ of the defocus error per particle", unit="Å"
+    )
+    ice_kappa: float | None = _preset("--ice-kappa", help="Beer–Lambert κ of the ice (1: none)")
+    ice_normal_deg: float | None = _preset(
+        "--ice-normal", help="Ice normal from z towards x", unit="deg"
     )
     seed: int | None = _preset("--seed", help="Random seed")
     batch_size: int | None = _preset("--batch", help="Patches rendered at once")
@@ -379,8 +390,9 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
         if any(
             getattr(params, k)
             for k in ("tilt_error_deg", "tilt_shift_error_px", "tilt_angle_error_deg",
-                      "in_plane_error_deg", "axis_error_deg", "tilt_offset_deg")
-        ):  # fmt: skip
+                      "in_plane_error_deg", "axis_error_deg", "tilt_offset_deg",
+                      "defocus_error_angst")
+        ) or params.ice_kappa != 1.0:  # fmt: skip
             true_tables = {
                 name: sim.true_tilt_tables[name].assign(
                     rlnMicrographName=table["rlnMicrographName"]

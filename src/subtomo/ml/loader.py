@@ -207,6 +207,8 @@ class StackLoader:
                 sub.centered_coordinates_angst(tomograms), sub.origins_angst(),
                 sub.subtomogram_matrices(), sub.particle_matrices(),
                 series.projection_matrices((2, 2)), series.pixel_size, series.tomogram_size,
+                defocus_offset_angst=sub.defocus_offsets(),
+                defocus_per_px=series.hand * series.defocus_slope * series.pixel_size,
             )  # fmt: skip
             tilts = geo.matrices(include_particle=False)  # (m, t, 3, 3) R_f A_sub
             for j, i in enumerate(rows):

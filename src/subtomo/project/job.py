@@ -28,6 +28,7 @@ RELION_TYPE_LABELS = {
     "Reconstruct": "relion.reconstructparticletomo",
     "Class3D": "relion.class3d.tomo",
     "Refine3D": "relion.refine3d.tomo",
+    "CtfRefine": "relion.ctfrefinetomo",
     "InitialModel": "relion.initialmodel.tomo",
     "MaskCreate": "relion.maskcreate",
     "PostProcess": "relion.postprocess",

@@ -26,6 +26,7 @@ from subtomo.ctf import (
     electron_wavelength_angstrom,
     particle_defocus,
 )
+from subtomo.errors import InputError
 from subtomo.fourier import rfft_centered
 from subtomo.geometry import project_particles, tomogram_centre_px
 from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, phase_ramp
@@ -105,7 +106,8 @@ class ParticleGeometry:
 
     ``centres_px`` ``(n, 3)``: decentred bin-1 pixels including the origin offsets;
     ``uv`` ``(n, t, 2)``: image positions with trajectories; ``depth`` ``(n, t)``: depth in
-    pixels (without trajectories, for the CTF); ``a_sub``/``a_part`` ``(n, 3, 3)``: the
+    pixels for the CTF (without trajectories, §1.4, plus any per-particle defocus expressed
+    as depth, §20); ``a_sub``/``a_part`` ``(n, 3, 3)``: the
     subtomogram and particle rotations; ``tilt_rotations`` ``(t, 3, 3)``: R_f.
     """
 
@@ -131,13 +133,17 @@ def particle_geometry(
     pixel_size: float,
     tomogram_size: Sequence[int],
     trajectories_angst: torch.Tensor | None = None,
+    defocus_offset_angst: torch.Tensor | None = None,
+    defocus_per_px: float = 1.0,
 ) -> ParticleGeometry:
     """Positions and rotations of ``n`` particles of one tilt series (§1.3, §2.2).
 
     ``centered_angst`` ``(n, 3)`` = rlnCenteredCoordinate*Angst, ``origins_angst`` ``(n, 3)``
     = rlnOrigin*Angst (subtomogram frame), ``a_sub``/``a_part`` ``(n, 3, 3)``, ``projection``
     the ``(t, 4, 4)`` P_f, ``trajectories_angst`` optional ``(n, t, 3)``. The centre is
-    ``p = C/px + c_tomo - A_sub·o/px``.
+    ``p = C/px + c_tomo - A_sub·o/px``. ``defocus_offset_angst`` ``(n,)`` per-particle
+    defocus (§20) enters ``depth`` as ``offset / defocus_per_px`` (hand·slope·px, Å of
+    defocus per pixel of depth, §1.4), so every CTF made from ``depth`` includes it.
     """
     a_sub = torch.as_tensor(a_sub, dtype=torch.float64)
     centres = torch.as_tensor(centered_angst, dtype=torch.float64) / pixel_size
@@ -147,6 +153,12 @@ def particle_geometry(
     uv, depth = project_particles(
         projection, centres, tomogram_size, trajectories_angst, pixel_size
     )
+    if defocus_offset_angst is not None and bool((defocus_offset_angst != 0).any()):
+        if defocus_per_px == 0:
+            raise InputError("a per-particle defocus needs rlnTomoDefocusSlope != 0")
+        depth = depth + torch.as_tensor(defocus_offset_angst, dtype=depth.dtype)[:, None] / (
+            defocus_per_px
+        )
     return ParticleGeometry(
         centres_px=centres,
         uv=uv,
@@ -175,6 +187,8 @@ def series_geometry(
         series.pixel_size,
         series.tomogram_size,
         traj,
+        parts.defocus_offsets(),
+        series.hand * series.defocus_slope * series.pixel_size,
     )
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TiltScheme", "alignment_errors", "tilt_defocus", "tilt_scheme"]
+__all__ = ["TiltScheme", "alignment_errors", "ctf_errors", "tilt_defocus", "tilt_scheme"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +106,19 @@ def alignment_errors(
         "x_shift_px": shifts[0],
         "y_shift_px": shifts[1],
     }
+
+
+def ctf_errors(
+    seed: int,
+    tomogram: int,
+    n_tilts: int,
+    n_particles: int,
+    tilt_sigma: float,
+    particle_sigma: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Defocus errors in Å: ``(n_tilts,)`` per tilt (on U and V, σ ``tilt_sigma``) and
+    ``(n_particles,)`` per particle (σ ``particle_sigma``, §20), Gaussian, from their own
+    generator (seeded by ``seed`` and the tomogram index), so the rest of a data set does not
+    change with them."""
+    rng = np.random.default_rng([seed, tomogram, 2_000_003])
+    return rng.normal(0.0, tilt_sigma, n_tilts), rng.normal(0.0, particle_sigma, n_particles)

@@ -58,7 +58,9 @@ class TiltGeometry:
 
     ``matrices`` ``(t, 4, 4)`` projection matrices (the *true* ones, with any alignment error),
     ``defocus_u``/``defocus_v`` (Å) and ``defocus_angle`` (deg) the central CTF per tilt,
-    ``pre_exposure`` (e/Å²) per tilt, ``tomogram_size`` (W, H, D) and ``image_size`` (w, h) px.
+    ``pre_exposure`` (e/Å²) per tilt, ``tomogram_size`` (W, H, D) and ``image_size`` (w, h) px;
+    ``scale`` ``(t,)`` the signal scale of each tilt (rlnCtfScalefactor, e.g. ice attenuation
+    :func:`subtomo.ctf.ice_scale`), ``None`` for 1.
     """
 
     matrices: torch.Tensor
@@ -68,6 +70,7 @@ class TiltGeometry:
     pre_exposure: torch.Tensor
     tomogram_size: tuple[int, int, int]
     image_size: tuple[int, int]
+    scale: torch.Tensor | None = None
 
 
 def _mtf_grid(optics: Optics, size: int, device: torch.device) -> torch.Tensor | None:
@@ -106,6 +109,7 @@ def render_tilt_series(
     optics: Optics,
     batch_size: int = 1024,
     displacements_px: torch.Tensor | None = None,
+    defocus_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Noise-free tilt images ``(t, h, w)`` float32: minus the sum of the particle images.
 
@@ -124,6 +128,8 @@ def render_tilt_series(
     displacements_px
         Optional ``(n, t, 3)`` particle motion (px, tomogram axes, §3): moves the image
         position, not the depth of the CTF.
+    defocus_offsets
+        ``(n,)`` per-particle defocus in Å added to the depth-dependent one (§20), or ``None``.
     """
     device = projectors[0].dft.device
     s = projectors[0].size
@@ -135,6 +141,8 @@ def render_tilt_series(
     mtf = _mtf_grid(optics, s, device)
     if mtf is not None:
         weights = weights * mtf
+    if geometry.scale is not None:
+        weights = weights * geometry.scale.to(device=device, dtype=weights.dtype)[:, None, None]
     k = fftfreq_grid((s, s), device=device, dtype=torch.float64)  # (s, s', xy) cycles/px
     per_batch = max(1, batch_size // t)
     tilts = torch.arange(t, device=device)
@@ -154,6 +162,9 @@ def render_tilt_series(
                     geometry.defocus_u.to(device), geometry.defocus_v.to(device), depth,
                     optics.pixel_size, optics.hand,
                 )  # fmt: skip
+                if defocus_offsets is not None:
+                    extra = defocus_offsets[idx].to(device=device, dtype=u.dtype)[:, None]
+                    u, v = u + extra, v + extra
                 spectra = spectra * ctf_2d(
                     u, v, geometry.defocus_angle.to(device), optics.voltage_kv,
                     optics.cs_mm, optics.amplitude_contrast, optics.pixel_size, s, device=device,

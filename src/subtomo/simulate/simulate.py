@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from subtomo.ctf import ice_scale
 from subtomo.data import Trajectories
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
@@ -31,7 +32,7 @@ from subtomo.geometry import (
     project_particles,
     projection_matrices,
 )
-from subtomo.simulate.acquisition import alignment_errors, tilt_defocus, tilt_scheme
+from subtomo.simulate.acquisition import alignment_errors, ctf_errors, tilt_defocus, tilt_scheme
 from subtomo.simulate.imaging import (
     Optics,
     TiltGeometry,
@@ -85,6 +86,14 @@ class SimulationParams:
     Particle motion (:func:`~subtomo.simulate.motion.particle_motion`, own generator):
     ``motion_s_vel`` Å per e/Å² (0: none) and ``motion_s_div`` Å, the frame-alignment prior
     (§21); ``Simulation.true_motion`` has the trajectories (motion.star, §3).
+
+    CTF errors (:func:`~subtomo.simulate.acquisition.ctf_errors`, own generator): the images
+    have the tilt's defocus plus an error of σ ``defocus_error_angst`` (Å) per tilt, the
+    tables keep the defocus without it (``true_tilt_tables`` has the truth); each particle's
+    defocus is off by σ ``particle_defocus_error_angst`` (Å), kept in the true particles'
+    ``subtomoDefocusOffsetAngst`` (§20). ``ice_kappa`` < 1 scales the signal of each tilt by
+    the Beer–Lambert law ``κ^(1/|cos θ|)`` of an ice normal ``ice_normal_deg`` from z towards x
+    (:func:`subtomo.ctf.ice_scale`; the truth in ``true_tilt_tables``' rlnCtfScalefactor).
     """
 
     preset: str = "tiny"
@@ -124,6 +133,10 @@ class SimulationParams:
     shift_error_px: float = 0.0
     motion_s_vel: float = 0.0
     motion_s_div: float = 5000.0
+    defocus_error_angst: float = 0.0
+    particle_defocus_error_angst: float = 0.0
+    ice_kappa: float = 1.0
+    ice_normal_deg: float = 0.0
     seed: int = 0
     device: str = "auto"
     batch_size: int = 1024
@@ -177,6 +190,7 @@ class _TomogramTruth:
     noise_seed: int
     beads_px: torch.Tensor  # (k, 3) decentred px
     motion_angst: torch.Tensor  # (n, t, 3) trajectories, tomogram axes
+    defocus_offsets: torch.Tensor | None = None  # (n,) Å per particle
 
 
 @dataclass
@@ -202,6 +216,7 @@ class Simulation:
     acquisition_order: dict[str, np.ndarray]
     true_matrices: dict[str, torch.Tensor]
     bead_positions: dict[str, np.ndarray] = field(default_factory=dict)
+    true_ctf: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     _truth: list[_TomogramTruth] = field(repr=False, default_factory=list)
     _optics: Optics = field(repr=False, default_factory=Optics)
     _radius_px: float = 0.0
@@ -220,6 +235,7 @@ class Simulation:
                 projectors, truth.species, truth.rotations, truth.positions_px, truth.geometry,
                 self._optics, batch_size=self.params.batch_size,
                 displacements_px=truth.motion_angst / self.params.pixel_size,
+                defocus_offsets=truth.defocus_offsets,
             )  # fmt: skip
             if len(truth.beads_px):
                 images = images + _bead_images(
@@ -249,14 +265,16 @@ class Simulation:
 
     @property
     def true_tilt_tables(self) -> dict[str, pd.DataFrame]:
-        """``tilt_tables`` with rlnTomoXTilt/YTilt/ZRot/X/YShiftAngst of the true matrices."""
+        """``tilt_tables`` with rlnTomoXTilt/YTilt/ZRot/X/YShiftAngst of the true matrices and
+        the true rlnDefocusU/V and rlnCtfScalefactor."""
         size = tuple(int(s) for s in self.params.tomogram_size)
         tables = {}
         for name, table in self.tilt_tables.items():
             true = alignment_from_projection_matrices(
                 self.true_matrices[name], self.params.pixel_size, size, size[:2]
             )
-            tables[name] = table.assign(**{k: v.numpy() for k, v in true.items()})
+            true_ctf = self.true_ctf.get(name, {})
+            tables[name] = table.assign(**{k: v.numpy() for k, v in true.items()}, **true_ctf)
         return tables
 
 
@@ -389,7 +407,7 @@ def simulate(
     angles = torch.as_tensor(scheme.angles_deg, dtype=torch.float64)
     nominal = projection_matrices(zeros, angles, zeros + z_rot, zeros, zeros, px, size, image_size)
 
-    global_rows, tilt_tables, true_matrices, orders = [], {}, {}, {}
+    global_rows, tilt_tables, true_matrices, orders, true_ctf = [], {}, {}, {}, {}
     particle_frames, picked_frames, truths = [], [], []
     bead_positions: dict[str, np.ndarray] = {}
     for i, members in enumerate(per_tomo):
@@ -422,6 +440,10 @@ def simulate(
         )  # fmt: skip
         bead_positions[name] = beads
         n = len(members)
+        tilt_err, part_err = ctf_errors(
+            params.seed, i, t, n, params.defocus_error_angst, params.particle_defocus_error_angst
+        )
+        scale = ice_scale(true[:, :3, :3], 1.0, params.ice_kappa, params.ice_normal_deg)
         if params.layout == "vesicle":
             lay = vesicle_layout(rng, n, size, radius, fits)
             a_sub, a_part = surface_orientations(lay.normals, rng.uniform(-180, 180, n))
@@ -440,7 +462,7 @@ def simulate(
             "rlnTomoParticleName": [f"{name}/{k + 1}" for k in range(n)],
         }
         frames = []
-        for coords, part in ((centred, a_part), (picked_centred, picked_part)):
+        for picked, (coords, part) in enumerate(((centred, a_part), (picked_centred, picked_part))):
             df = pd.DataFrame(table)
             for axis, col in enumerate("XYZ"):
                 df[f"rlnCenteredCoordinate{col}Angst"] = coords[:, axis]
@@ -459,6 +481,8 @@ def simulate(
             df["rlnRandomSubset"] = subset[members]
             df["rlnOpticsGroup"] = 1
             df["subtomoSpecies"] = [species[s].name for s in species_index[members]]
+            if params.particle_defocus_error_angst and not picked:
+                df["subtomoDefocusOffsetAngst"] = part_err
             frames.append(df)
         particle_frames.append(frames[0])
         picked_frames.append(frames[1])
@@ -496,15 +520,19 @@ def simulate(
             }
         )
         true_matrices[name] = true
+        true_du, true_dv = du + tilt_err, dv + tilt_err
+        true_ctf[name] = {"rlnDefocusU": true_du, "rlnDefocusV": true_dv,
+                          "rlnCtfScalefactor": scale.numpy()}  # fmt: skip
         orders[name] = scheme.order
         geometry = TiltGeometry(
             matrices=true,
-            defocus_u=torch.as_tensor(du),
-            defocus_v=torch.as_tensor(dv),
+            defocus_u=torch.as_tensor(true_du),
+            defocus_v=torch.as_tensor(true_dv),
             defocus_angle=torch.as_tensor(dang),
             pre_exposure=torch.as_tensor(scheme.pre_exposure, dtype=torch.float64),
             tomogram_size=size,
             image_size=image_size,
+            scale=scale if params.ice_kappa != 1.0 else None,
         )
         motion_rng = np.random.default_rng([params.seed, 2_000_003, i])  # own: data unchanged
         motion = particle_motion(
@@ -520,6 +548,7 @@ def simulate(
                 noise_seed=int(seeds[1 + i].generate_state(1)[0]),
                 beads_px=torch.as_tensor(beads),
                 motion_angst=torch.as_tensor(motion),
+                defocus_offsets=torch.as_tensor(part_err),
             )
         )
 
@@ -558,6 +587,7 @@ def simulate(
         acquisition_order=orders,
         true_matrices=true_matrices,
         bead_positions=bead_positions,
+        true_ctf=true_ctf,
         _truth=truths,
         _optics=optics,
         _radius_px=radius,

@@ -11,9 +11,13 @@ on the ML engine's loaders and projectors (one code path for CPU and CUDA):
 * ``predicted`` ``P``: the central slice of the half map at ``R_f A_sub A_part`` (§2.2, §4),
   moved to where the particle sits in the image (its offset ``o``: ``-[R_f A_sub o]_xy / px``
   pixels from the box centre, §1.3), **without** CTF or dose;
-* ``quadrature`` ``Q = (-sin γ + i cos γ)·w`` at the particle's depth with the current
-  tomograms.star (and rlnCtfScalefactor): ``Re Q = A``, and the CTF with the defocus changed
-  by ``δ`` Å is ``Re[Q·e^{iφδ}]`` with ``φ = defocus_phase = -πλ|k|²`` (rad per Å).
+* ``applied`` ``A``: the filter on ``Y``, the ``CTF·dose`` of the tomograms.star the loader
+  was given (with rlnCtfScalefactor and the particle's own defocus, §20);
+* ``quadrature`` ``Q = (-sin γ + i cos γ)·w`` at the particle's depth with the modelled CTF
+  (the same as ``A``'s unless :meth:`TiltPredictor.batches` is given other per-tilt CTFs or
+  the predictor extra per-particle defoci): ``Re Q`` is that CTF, and the CTF with the
+  defocus changed by ``δ`` Å is ``Re[Q·e^{iφδ}]`` with ``φ = defocus_phase = -πλ|k|²`` (rad
+  per Å).
 
 So the model of the data is ``Y ≈ A·s·Re[Q e^{iφδ}]·P + A·N`` (``s`` a scale, ``N`` the noise
 of the recorded image, variance ``σ²(|k|)`` per real/imaginary part): a CTF fit varies ``δ``
@@ -37,11 +41,18 @@ import torch
 
 from subtomo.ctf import electron_wavelength_angstrom
 from subtomo.errors import InputError
-from subtomo.fourier import FSC_THRESHOLD, fsc_maps, fsc_threshold_shell
+from subtomo.fourier import (
+    FSC_THRESHOLD,
+    fsc_maps,
+    fsc_threshold_shell,
+    irfft_centered,
+    rfft_centered,
+)
 from subtomo.ml.batch import FourierPoints, fourier_points
 from subtomo.ml.likelihood import shift_phases
 from subtomo.ml.loader import ParticleState, StackLoader
 from subtomo.ml.projector import Projector
+from subtomo.reconstruct.extraction import circle_crop
 from subtomo.reconstruct.particles import ctf_quadrature
 
 __all__ = ["TiltPatches", "TiltPredictor", "fsc_weights", "shell_noise_sums"]
@@ -74,8 +85,10 @@ class TiltPatches:
         ``(b, f, K)`` complex, projection ``P`` of the own half map at the particle's pose and
         offset, no CTF.
     quadrature:
-        ``(b, f, K)`` complex, ``Q``; ``Re Q`` is the current ``CTF·dose`` (the filter on
-        ``Y``), ``dose`` the dose weights alone ``(b, f, K)``.
+        ``(b, f, K)`` complex, ``Q``; ``Re Q`` is the modelled ``CTF·dose``, ``dose`` the dose
+        weights alone ``(b, f, K)``.
+    applied:
+        ``(b, f, K)`` real, ``A``: the ``CTF·dose`` already on ``observed``.
     points:
         The Fourier points (``points.freq`` cycles/pixel, ``points.shell`` ``round(|k| n)``).
     defocus_phase:
@@ -98,10 +111,11 @@ class TiltPatches:
     points: FourierPoints
     defocus_phase: torch.Tensor
     pixel_size: float
+    applied: torch.Tensor
 
     @property
     def ctf(self) -> torch.Tensor:
-        """``(b, f, K)`` the current ``CTF·dose`` (``Re Q``), the filter on ``observed``."""
+        """``(b, f, K)`` the modelled ``CTF·dose`` (``Re Q``)."""
         return self.quadrature.real
 
     def trial_ctf(self, defocus_change: torch.Tensor) -> torch.Tensor:
@@ -125,8 +139,12 @@ class TiltPredictor:
         Highest Fourier shell ``round(|k| n)`` used (e.g. from :func:`fsc_weights`).
     device
         Where the projections and patches are computed.
+    circle_cropped
+        Whether extraction circle-cropped the stacks (``subtomo extract`` and RELION do,
+        unless ``--no_circle_crop``): :meth:`batches` ``simulate`` does it too.
     defocus_offset
-        ``(N,)`` per-particle defocus in Å (§20) on top of the depth, or ``None``.
+        ``(N,)`` per-particle defocus in Å added to the particles' own (§20) in ``quadrature``
+        (not in ``applied``), or ``None``.
     """
 
     def __init__(
@@ -138,6 +156,7 @@ class TiltPredictor:
         device: torch.device | str = "cpu",
         padding: float = 2.0,
         defocus_offset: torch.Tensor | None = None,
+        circle_cropped: bool = True,
     ) -> None:
         n = loader.box
         if half_maps.shape != (2, n, n, n):
@@ -159,6 +178,11 @@ class TiltPredictor:
         self.half = torch.from_numpy(subset.astype(np.int64) - 1)
         self.projectors = [Projector(h[None].to(self.device), padding) for h in half_maps]
         self.points = fourier_points(n, max_shell, self.device)
+        # for simulated observations: twice the box (the same frequencies in cycles/Å), and
+        # every frequency of the box
+        self.canvas_points = fourier_points(2 * n, 2 * max_shell + 4, self.device)
+        self.full_points = fourier_points(n, n, self.device)
+        self.circle_cropped = circle_cropped
         px = loader.pixel_size
         k2 = (self.points.freq.double() / px).square().sum(-1)  # (K,) 1/Å²
         lam = float(electron_wavelength_angstrom(loader.ctfs[loader.tomo_names[0]].voltage_kv))
@@ -172,35 +196,60 @@ class TiltPredictor:
         *,
         shard: bool = False,
         tilt_ctf: dict | None = None,
+        simulate: bool = False,
     ) -> Iterator[TiltPatches]:
         """Patches of ``indices`` (default all) at the poses of ``state``, batch by batch.
 
         ``shard``: only this rank's batches (see :meth:`StackLoader.batches`). ``tilt_ctf``
         ``{rlnTomoName: TiltSeriesCtf}`` replaces the loader's per-tilt CTFs in ``quadrature``
         (e.g. after a defocus update); ``observed`` is unchanged.
+
+        ``simulate``: ``observed`` is instead the noise-free data the model predicts,
+        the particle's image with the modelled CTF (``Re Q``) made on a canvas of twice the
+        box, cut to the box, premultiplied by ``A`` and circle-cropped as extraction does
+        (§5.2–5.3), so the signal that the CTF delocalises out of the circle is lost as in the
+        data. Fitting these
+        patches like the data measures the bias of a fit (at box 64, 5 Å/px and 3 µm the
+        defocus of a 250 Å particle comes out ~300 Å low without it; benchmarks/ctf_refine.py).
         """
         ld = self.loader
         for batch in ld.batches(state, indices, shard=shard):
             idx = batch.index
-            b, f = batch.visible.shape
+            f = batch.visible.shape[1]
             frames = ld.frames[idx, :f]
             depth = ld.depth[idx, :f]
             names = ld.tomo_names[idx.numpy()]
-            quad, dose, shift = self._ctf(idx, frames, depth, batch.visible, names, tilt_ctf)
+            geometry = (idx, frames, depth, batch.visible, names)
             pts = self.points
+            quad, dose, shift = self._ctf(*geometry, tilt_ctf, self.defocus_offset, pts)
+            applied = quad.real
+            if tilt_ctf is not None or self.defocus_offset is not None:
+                applied = self._ctf(*geometry, None, None, pts)[0].real
             tilt_rot = batch.tilt_rotations.to(self.device)
             mats = tilt_rot @ batch.rotations.to(self.device)[:, None]  # (b, f, 3, 3)
-            pred = torch.zeros((b, f, pts.flat.shape[0]), dtype=torch.complex64, device=self.device)
             half = self.half[idx].to(self.device)
-            for h, projector in enumerate(self.projectors):
-                sel = half == h
-                if bool(sel.any()):
-                    pred[sel] = projector.slices(0, mats[sel], pts)
-            phase = shift_phases(
-                tilt_rot, batch.offsets.to(self.device)[:, None], pts, ld.pixel_size
-            )[:, 0]  # (b, f, K): the particle sits at s, so P e^{-2πi k.s}
-            pred = pred * torch.polar(torch.ones_like(phase), -phase)
+            offsets = batch.offsets.to(self.device)[:, None]
+            pred = self._project(mats, half, tilt_rot, offsets, pts)
             vis = batch.visible.to(self.device)[..., None]
+            observed = pts.gather(batch.data.to(self.device))
+            if simulate:
+                canvas, full = self.canvas_points, self.full_points
+                model = self._ctf(*geometry, tilt_ctf, self.defocus_offset, canvas)[0].real
+                image = canvas.scatter(model * self._project(mats, half, tilt_rot, offsets, canvas))
+                n = ld.box
+                lo = n // 2
+                raw = irfft_centered(image, (2 * n, 2 * n))[..., lo : lo + n, lo : lo + n]
+                filt = full.scatter(self._ctf(*geometry, None, None, full)[0].real)
+                pre = torch.from_numpy(ld.premultiplied)[idx].to(self.device)[:, None, None, None]
+                if self.circle_cropped:  # extraction crops after premultiplying, if it does
+                    crop = circle_crop(raw, n / 2)
+                    post = circle_crop(irfft_centered(filt * rfft_centered(raw, 2), (n, n)), n / 2)
+                    spectra = torch.where(
+                        pre, rfft_centered(post, 2), filt * rfft_centered(crop, 2)
+                    )
+                else:
+                    spectra = filt * rfft_centered(raw, 2)
+                observed = pts.gather(spectra)
             yield TiltPatches(
                 index=idx,
                 half=half,
@@ -209,14 +258,34 @@ class TiltPredictor:
                 frames=frames.to(self.device),
                 tilt_rotations=tilt_rot,
                 depth_defocus=shift.to(self.device),
-                observed=pts.gather(batch.data.to(self.device)),
+                observed=observed * vis,
                 predicted=pred * vis,
                 quadrature=quad * vis,
                 dose=dose * vis,
                 points=pts,
                 defocus_phase=self.defocus_phase,
                 pixel_size=ld.pixel_size,
+                applied=applied * vis,
             )
+
+    def _project(
+        self,
+        mats: torch.Tensor,
+        half: torch.Tensor,
+        tilt_rot: torch.Tensor,
+        offsets: torch.Tensor,
+        pts: FourierPoints,
+    ) -> torch.Tensor:
+        """``P e^{-2πi k.s}`` ``(b, f, K)`` at ``pts``: each particle's own half map at
+        ``R_f A_sub A_part`` (``mats``), moved to where the particle sits (its offset)."""
+        b, f = mats.shape[:2]
+        pred = torch.zeros((b, f, pts.flat.shape[0]), dtype=torch.complex64, device=self.device)
+        for h, projector in enumerate(self.projectors):
+            sel = half == h
+            if bool(sel.any()):
+                pred[sel] = projector.slices(0, mats[sel], pts)
+        phase = shift_phases(tilt_rot, offsets, pts, self.loader.pixel_size)[:, 0]  # (b, f, K)
+        return pred * torch.polar(torch.ones_like(phase), -phase)
 
     def _ctf(
         self,
@@ -226,18 +295,17 @@ class TiltPredictor:
         visible: torch.Tensor,
         names: np.ndarray,
         tilt_ctf: dict | None,
+        extra: torch.Tensor | None,
+        pts: FourierPoints,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``Q``, dose ``(b, f, K)`` and the depth defocus ``(b, f)`` Å, per tomogram."""
-        ld, pts = self.loader, self.points
+        """``Q``, dose ``(b, f, K)`` at ``pts`` and the depth defocus ``(b, f)`` Å, per
+        tomogram."""
+        ld = self.loader
         b, f = frames.shape
         quad = torch.zeros((b, f, pts.flat.shape[0]), dtype=torch.complex64, device=self.device)
         dose = torch.zeros(quad.shape, dtype=torch.float32, device=self.device)
         shift = torch.zeros((b, f), dtype=torch.float64)
-        offset = (
-            torch.zeros(b, dtype=torch.float64)
-            if self.defocus_offset is None
-            else self.defocus_offset[idx].double()
-        )
+        offset = torch.zeros(b, dtype=torch.float64) if extra is None else extra[idx].double()
         for name in dict.fromkeys(names):
             rows = torch.from_numpy(np.flatnonzero(names == name))
             ctf = (tilt_ctf or ld.ctfs)[name]
@@ -245,7 +313,7 @@ class TiltPredictor:
             r = rows[r]
             fr, dz = frames[r, c].to(self.device), depth[r, c]
             q, w = ctf_quadrature(
-                ctf, fr, dz, ld.box, float(ld.binning[int(idx[r[0]])]), use_bfactor=False,
+                ctf, fr, dz, pts.box, float(ld.binning[int(idx[r[0]])]), use_bfactor=False,
                 defocus_offset=offset[r],
             )  # fmt: skip
             quad[r, c] = pts.gather(q).to(torch.complex64)
@@ -263,11 +331,13 @@ def fsc_weights(
     threshold: float = FSC_THRESHOLD,
 ) -> tuple[torch.Tensor, int]:
     """RELION's default frequency weight (§11): 1 from ``kmin_angst`` (Å, lower resolutions
-    excluded) up to the shell where the (masked) half-map FSC falls below ``threshold``,
-    0 elsewhere. Returns the weights per shell ``(n//2+1,)`` and that last shell."""
+    excluded) up to the last shell before the (masked) half-map FSC falls below
+    ``threshold`` (shell 0, the mean, left out of that test), 0 elsewhere. Returns the
+    weights per shell ``(n//2+1,)`` and that last shell."""
     n = half_maps.shape[-1]
     curve = fsc_maps(half_maps[0], half_maps[1], mask)
-    last = max(1, fsc_threshold_shell(curve, threshold))
+    # shell 0 is the mean: masked half maps have ~0 mean, so its FSC says nothing
+    last = 1 + fsc_threshold_shell(curve[1:], threshold)
     shells = torch.arange(n // 2 + 1, device=curve.device)
     low = int(np.ceil(n * pixel_size / kmin_angst)) if kmin_angst > 0 else 0
     weights = ((shells >= low) & (shells <= last)).float()
@@ -279,9 +349,10 @@ def shell_noise_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums per shell ``(n_shells,)`` for the noise power of the recorded images:
     ``Σ|Y - A·c·P|²/2`` and ``Σ A²`` over all visible patches, with ``c = model_ctf``
-    ``(b, f, K)`` the modelled ``CTF·dose`` (e.g. :attr:`TiltPatches.ctf`). Their ratio,
+    ``(b, f, K)`` the modelled ``CTF·dose`` (e.g. :attr:`TiltPatches.ctf`), ``A`` =
+    :attr:`TiltPatches.applied`. Their ratio,
     summed over batches (and ranks), estimates ``σ²(|k|)`` per real/imaginary part."""
-    a = patches.ctf
+    a = patches.applied
     residual = (patches.observed - a * model_ctf * patches.predicted).abs().square() / 2
     shell = patches.points.shell.clamp_max(n_shells - 1)
     num = torch.zeros(n_shells, dtype=torch.float64, device=a.device)

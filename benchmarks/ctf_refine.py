@@ -1,0 +1,172 @@
+"""Accuracy, throughput and peak memory of ``subtomo ctf-refine`` (issue 19).
+
+Simulates the bar's data set once (reused when ``--workdir`` holds it): 300 particles in 2
+tomograms, box 64 at 5 Å/px, 41 tilts (±60°, dose-symmetric, 3 e/Å² per tilt), Gaussian
+noise at ``--snr``, per-tilt defocus errors σ 500 Å, per-particle defocus errors σ 300 Å and
+ice (κ 0.8, normal 5°). Extracts 2D stacks at the true poses with the nominal tomograms and
+without the per-particle defoci (what a user has after Refine3D), then runs ``subtomo
+ctf-refine --per_particle_defocus`` against the true map as both half maps (the CTF fit
+alone; the full cycle with Refine3D and frame alignment is benchmarked elsewhere), or with
+``--reference data`` against half maps reconstructed from the stacks at the true poses
+(``subtomo reconstruct``: with the nominal CTFs, as after a Refine3D), and prints
+the per-tilt defocus RMS error before/after, the fits' own posterior σ (the information the
+data hold), the per-particle defocus RMS error before/after, the scales' RMS error relative
+to the true Beer–Lambert curve (up to the maps' grey scale), the wall and CPU time,
+particles/s and the peak RSS (and CUDA memory).
+
+    python benchmarks/ctf_refine.py --workdir /tmp/bench_ctf --snr 0.05
+    python benchmarks/ctf_refine.py --workdir /tmp/bench_ctf --snr 0.05 --reference data
+    python benchmarks/ctf_refine.py --workdir /tmp/bench_ctf --snr 1 --reference data --rounds 2
+
+``--rounds 2`` runs the cycle twice (ctf-refine, then Extract with the refined CTF and, with
+``--reference data``, Reconstruct, then ctf-refine again) and prints each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _subtomo(*args: str, cwd: Path) -> None:
+    """One ``subtomo`` command in a child process (its memory is not ours)."""
+    subprocess.run([sys.executable, "-m", "subtomo.cli", *args], cwd=cwd, check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+def _prepare(args: argparse.Namespace, work: Path) -> None:
+    if not (work / "truth.mrc").is_file():
+        start = time.perf_counter()
+        _subtomo(
+            "simulate", "--out", ".", "--preset", "benchmark", "--particles",
+            str(args.particles), "--tomograms", str(args.tomograms), "--box", str(args.box),
+            "--pixel-size", str(args.pixel_size), "--tomogram-size", args.tomogram_size,
+            "--tilt-step", "3", "--snr", str(args.snr), "--defocus-error",
+            str(args.defocus_error), "--particle-defocus-error", str(args.particle_error),
+            "--ice-kappa", str(args.kappa), "--ice-normal", "5", "--seed", str(args.seed),
+            cwd=work,
+        )  # fmt: skip
+        print(f"simulated in {time.perf_counter() - start:.0f} s: {work}")
+    if not (work / "ext/particles.star").is_file():
+        from subtomo.data import DEFOCUS_OFFSET, ParticleSet
+
+        nominal = ParticleSet.read(work / "particles.star")
+        nominal.particles = nominal.particles.drop(columns=[DEFOCUS_OFFSET])
+        nominal.write(work / "particles_nominal.star")
+        _subtomo("extract", "--p", "particles_nominal.star", "--t", "tomograms.star",
+                 "--box", str(args.box), "--float32", "--o", "ext", cwd=work)  # fmt: skip
+    if args.reference == "data" and not (work / "rec/half1.mrc").is_file():
+        _subtomo("reconstruct", "--ios", "ext/optimisation_set.star", "--o", "rec", cwd=work)
+
+
+def _per_tilt(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Per tilt series: the mean defocus (Å), rlnCtfScalefactor or rlnTomoYTilt (deg)."""
+    from subtomo.data import TomogramSet
+
+    values = {
+        "defocus": lambda s: (s.defocus_u + s.defocus_v) / 2,
+        "scale": lambda s: s.ctf_scale,
+        "tilt": lambda s: np.asarray(s.tilts["rlnTomoYTilt"], dtype=np.float64),
+    }[what]
+    return {s.name: values(s) for s in TomogramSet.read(path)}
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="/tmp/bench_ctf_refine")
+    parser.add_argument("--particles", type=int, default=300)
+    parser.add_argument("--tomograms", type=int, default=2)
+    parser.add_argument("--box", type=int, default=64)
+    parser.add_argument("--pixel-size", type=float, default=5.0)
+    parser.add_argument("--tomogram-size", default="1024,1024,128")
+    parser.add_argument("--snr", type=float, default=0.05)
+    parser.add_argument("--defocus-error", type=float, default=500.0)
+    parser.add_argument("--particle-error", type=float, default=300.0)
+    parser.add_argument("--kappa", type=float, default=0.8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--reference", choices=("truth", "data"), default="truth")
+    parser.add_argument("--rounds", type=int, default=1, help="ctf-refine + extract cycles")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    _prepare(args, work)
+    os.chdir(work)
+
+    import torch
+
+    from subtomo.data import OptimisationSet, ParticleSet
+    from subtomo.jobs.ctf_refine import CtfRefineParams, run
+
+    tag = int(time.time())
+    ios = Path("ext/optimisation_set.star")
+    refs = ("truth.mrc", "truth.mrc") if args.reference == "truth" else (
+        "rec/half1.mrc", "rec/half2.mrc")  # fmt: skip
+    truth_p = ParticleSet.read("particles.star").defocus_offsets().numpy()
+    n_part = len(truth_p)
+    print(f"data: {n_part} particles, {args.tomograms} tomograms, box {args.box} at "
+          f"{args.pixel_size} Å/px, 41 tilts, SNR {args.snr}; "
+          f"reference {args.reference}")  # fmt: skip
+    true = _per_tilt(Path("true_alignment.star"), "defocus")
+    tomograms = Path("tomograms.star")
+    for round_ in range(1, args.rounds + 1):
+        if round_ > 1:  # the cycle: extract with the refined CTF (and reconstruct)
+            _subtomo("extract", "--ios", str(ios), "--box", str(args.box), "--float32",
+                     "--o", f"ext_{tag}_{round_}", cwd=Path.cwd())  # fmt: skip
+            ios = Path(f"ext_{tag}_{round_}/optimisation_set.star")
+            if args.reference == "data":
+                _subtomo("reconstruct", "--ios", str(ios), "--o", f"rec_{tag}_{round_}",
+                         cwd=Path.cwd())  # fmt: skip
+                refs = (f"rec_{tag}_{round_}/half1.mrc", f"rec_{tag}_{round_}/half2.mrc")
+        out = Path(f"CtfRefine/bench_{tag}_{round_}")
+        wall, cpu = time.perf_counter(), time.process_time()
+        run(CtfRefineParams(ios=str(ios), ref1=refs[0], ref2=refs[1],
+                            per_particle_defocus=True, device=args.device,
+                            output_dir=str(out)))  # fmt: skip
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        nominal = _per_tilt(tomograms, "defocus")
+        fitted = _per_tilt(out / "tomograms.star", "defocus")
+        before = np.concatenate([nominal[n] - true[n] for n in true])
+        after = np.concatenate([fitted[n] - true[n] for n in true])
+        check = torch.load(out / "ctf_refine_checkpoint.pt", weights_only=True)["results"]
+        sigma = np.concatenate([check[n]["sigma"].numpy() for n in true])
+        tilt = np.concatenate(list(_per_tilt(tomograms, "tilt").values()))
+        low = np.abs(tilt) <= 20  # the tilts nearest 0°, least damaged by the dose
+        scale = _per_tilt(out / "tomograms.star", "scale")
+        true_scale = _per_tilt(Path("true_alignment.star"), "scale")
+        ratio = [scale[n] / true_scale[n] for n in true]
+        scale_error = _rms(np.concatenate([r / r.mean() - 1 for r in ratio]))
+        input_p = ParticleSet.read(OptimisationSet.read(ios).particles).defocus_offsets()
+        fitted_p = ParticleSet.read(out / "particles.star").defocus_offsets().numpy()
+        print(f"round {round_}:")
+        print(
+            f"  per-tilt defocus RMS error: all tilts {_rms(before):.0f} -> {_rms(after):.0f} Å "
+            f"(fit's posterior σ RMS {_rms(sigma):.0f} Å); "
+            f"{_rms(before[low]):.0f} -> {_rms(after[low]):.0f} Å (σ {_rms(sigma[low]):.0f} Å) "
+            f"at |tilt| <= 20°"
+        )
+        print(f"  per-tilt scale RMS error (Beer–Lambert, up to the grey scale): "
+              f"{scale_error:.1%}")  # fmt: skip
+        print(f"  per-particle defocus RMS error: {_rms(input_p.numpy() - truth_p):.0f} -> "
+              f"{_rms(fitted_p - truth_p):.0f} Å")  # fmt: skip
+        print(f"  time {wall:.1f} s wall, {cpu:.1f} s CPU: {n_part / wall:.1f} particles/s, "
+              f"{n_part * 41 / wall:.0f} tilt images/s; peak RSS {peak:.0f} MiB"
+              + (f", CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+                 if torch.cuda.is_available() else ""))  # fmt: skip
+        ios, tomograms = out / "optimisation_set.star", out / "tomograms.star"
+
+
+if __name__ == "__main__":
+    main()

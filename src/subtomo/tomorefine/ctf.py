@@ -1,0 +1,393 @@
+"""Tomo CTF refinement on observed/predicted tilt patches (§11, §20).
+
+The model of a patch is ``Y ≈ A·s·c·P`` (:mod:`subtomo.tomorefine.predict`) with the trial
+``CTF·dose`` ``c = Re[Q e^{iφδ}]`` for a defocus change ``δ(k)`` Å (``φ = -πλ|k|²``), so with
+``C = cos φδ``, ``S = sin φδ``: ``c = Re Q·C − Im Q·S``. The negative log-likelihood of a
+tilt (frequency weights ``w = FSC weight / σ²``) is, up to a constant,
+
+    L(δ, s) = −s·X(δ) + s²·D(δ)/2,
+    X = Σ_k w (C·Σ A Re(Ȳ P) Re Q − S·Σ A Re(Ȳ P) Im Q),
+    D = Σ_k w (C²·Σ A²|P|² Re Q² − 2CS·Σ A²|P|² Re Q Im Q + S²·Σ A²|P|² Im Q²),
+
+so five sums per tilt and Fourier point over the tilt's particles (:class:`TiltStatistics`)
+give the cost of any defocus, astigmatism and scale of that tilt; the same sums per particle
+over its tilts give the cost of a per-particle defocus. With the scale left free the best
+``s = X/D`` and ``L = −X²/(2D)``.
+
+* Defocus per tilt: a grid of ``δ`` from ``d0`` to ``d1`` (RELION: −3000…3000 Å, 100 steps)
+  for every tilt at once, with a Gaussian prior ``δ²/(2σ_t²)`` on the change (ours: late,
+  dose-damaged tilts carry almost no defocus information, and without it their best grid
+  point is anywhere in the range), optionally regularised towards the series' mean
+  (``λ·n_f·(δ_f − δ̄)²``, ``n_f`` the tilt's particles), then local refinement of ``δ`` and
+  of the astigmatism change ``a₁ cos 2θ + a₂ sin 2θ`` (shared by the series, or per tilt) by
+  L-BFGS on the same sums.
+* Scale: ``s_f = X/D`` at the fitted defocus, then the Beer–Lambert law
+  ``a·κ^(1/|cos θ_f|)`` (:func:`subtomo.ctf.ice_scale`) fitted to ``L`` of every tilt.
+* Per-particle defocus: the posterior mode of ``L_p(δ) + δ²/(2σ²)`` over the particle's tilts
+  (scale 1, the per-tilt scale being in ``Q``): a grid of ±4σ, then a parabola through the
+  best point and its neighbours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from subtomo.ctf import ice_scale
+from subtomo.tomorefine.predict import TiltPatches, shell_noise_sums
+
+__all__ = [
+    "DefocusFit",
+    "IceFit",
+    "TiltStatistics",
+    "accumulate_tilts",
+    "fit_ice_scale",
+    "fit_particle_defocus",
+    "fit_tilt_defocus",
+    "frequency_weights",
+]
+
+_UNIT = 100.0  # Å: the optimiser's unit of defocus
+
+
+@dataclass
+class TiltStatistics:
+    """Sums over the particles of one tilt series (float64), per tilt and Fourier point.
+
+    ``cross`` ``(t, 2, K)``: ``Σ A·Re(Ȳ P)·(Re Q, Im Q)``; ``power`` ``(t, 3, K)``:
+    ``Σ A²|P|²·(Re Q², Re Q·Im Q, Im Q²)``; ``count`` ``(t,)`` observations; ``noise``
+    ``(2, n_shells)`` the :func:`~subtomo.tomorefine.shell_noise_sums` of the current CTF.
+    """
+
+    cross: torch.Tensor
+    power: torch.Tensor
+    count: torch.Tensor
+    noise: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n_tilts: int, n_points: int, n_shells: int, device) -> TiltStatistics:
+        z = torch.zeros
+        return cls(
+            z((n_tilts, 2, n_points), dtype=torch.float64, device=device),
+            z((n_tilts, 3, n_points), dtype=torch.float64, device=device),
+            z(n_tilts, dtype=torch.float64, device=device),
+            z((2, n_shells), dtype=torch.float64, device=device),
+        )
+
+    def add(self, other: TiltStatistics) -> None:
+        """Add ``other`` in place (e.g. another rank's sums)."""
+        for name in ("cross", "power", "count", "noise"):
+            getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
+
+    def noise_power(self) -> torch.Tensor:
+        """``σ²`` per shell ``(n_shells,)`` of the recorded images (0 where unknown)."""
+        num, den = self.noise
+        return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+
+
+def _sums(patches: TiltPatches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per observation ``(b, f, 2, K)`` cross and ``(b, f, 3, K)`` power terms."""
+    a, q = patches.applied, patches.quadrature
+    g = a * (patches.observed.conj() * patches.predicted).real
+    h = (a * patches.predicted.abs()).square()
+    qr, qi = q.real, q.imag
+    cross = torch.stack([g * qr, g * qi], dim=2)
+    power = torch.stack([h * qr * qr, h * qr * qi, h * qi * qi], dim=2)
+    return cross.double(), power.double()
+
+
+def accumulate_tilts(
+    patches: TiltPatches, stats: dict[str, TiltStatistics], n_tilts: dict[str, int], n_shells: int
+) -> None:
+    """Add the patches' sums to ``stats[rlnTomoName]`` (created with ``n_tilts[name]`` rows)."""
+    cross, power = _sums(patches)
+    dev = cross.device
+    for name in dict.fromkeys(patches.tomo_names):
+        rows = torch.from_numpy(np.flatnonzero(patches.tomo_names == name)).to(dev)
+        if name not in stats:
+            stats[name] = TiltStatistics.zeros(n_tilts[name], cross.shape[-1], n_shells, dev)
+        st = stats[name]
+        vis = patches.visible[rows]
+        frames = patches.frames[rows][vis]
+        st.cross.index_add_(0, frames, cross[rows][vis])
+        st.power.index_add_(0, frames, power[rows][vis])
+        st.count.index_add_(0, frames, torch.ones_like(frames, dtype=torch.float64))
+        sub = dataclasses.replace(patches, **_select(patches, rows))
+        num, den = shell_noise_sums(sub, sub.ctf, n_shells)
+        st.noise[0] += num
+        st.noise[1] += den
+
+
+def _select(patches: TiltPatches, rows: torch.Tensor) -> dict:
+    """The per-observation fields of ``patches`` at particle rows ``rows``."""
+    names = ("observed", "predicted", "quadrature", "dose", "applied", "visible", "frames")
+    return {n: getattr(patches, n)[rows] for n in names}
+
+
+def frequency_weights(
+    stats: TiltStatistics, fsc_weight: torch.Tensor, shells: torch.Tensor
+) -> torch.Tensor:
+    """``w = FSC weight / σ²`` ``(K,)`` at the points with shell numbers ``shells``."""
+    sigma2 = stats.noise_power().to(fsc_weight.device)
+    per_shell = torch.where(sigma2 > 0, fsc_weight.double() / sigma2.clamp_min(1e-300), 0.0)
+    return per_shell[shells.clamp_max(len(per_shell) - 1)]
+
+
+def _terms(
+    cross: torch.Tensor, power: torch.Tensor, w: torch.Tensor, phase: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X, D`` ``(...)`` from sums ``(..., 2, K)``/``(..., 3, K)`` and the phase ``φδ``
+    ``(..., K)`` (broadcast)."""
+    c, s = torch.cos(phase), torch.sin(phase)
+    x = (w * (c * cross[..., 0, :] - s * cross[..., 1, :])).sum(-1)
+    d = w * (c * c * power[..., 0, :] - 2 * c * s * power[..., 1, :] + s * s * power[..., 2, :])
+    return x, d.sum(-1)
+
+
+def _grid_terms(
+    cross: torch.Tensor, power: torch.Tensor, phase: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X, D`` ``(n, G)`` for weighted sums ``(n, 2|3, K)`` (``w`` already multiplied in) at
+    ``G`` trial phases ``(G, K)``, as matrix products."""
+    c, s = torch.cos(phase), torch.sin(phase)
+    x = cross[:, 0] @ c.T - cross[:, 1] @ s.T
+    d = power[:, 0] @ (c * c).T - 2 * power[:, 1] @ (c * s).T + power[:, 2] @ (s * s).T
+    return x, d
+
+
+def _profile(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``L`` with the best non-negative scale: ``−max(X, 0)²/(2D)``."""
+    return -x.clamp_min(0).square() / (2 * d.clamp_min(1e-300))
+
+
+@dataclass
+class DefocusFit:
+    """Per-tilt results ``(t,)`` of one tilt series: ``delta`` the change of the mean defocus
+    (Å), ``astigmatism`` ``(t, 2)`` the change of the astigmatism vector
+    ``((U−V)/2·cos 2α, (U−V)/2·sin 2α)`` (Å), ``scale`` the least-squares scale relative to
+    the current one (``X/D``), ``cross``/``power`` ``X``/``D`` there, ``cost_before``/
+    ``cost_after`` ``L`` at the current CTF and at the fit (scale free), ``sigma`` the
+    posterior standard deviation of ``delta`` from the curvature of ``L`` + prior (Å)."""
+
+    delta: torch.Tensor
+    astigmatism: torch.Tensor
+    scale: torch.Tensor
+    cross: torch.Tensor
+    power: torch.Tensor
+    cost_before: torch.Tensor
+    cost_after: torch.Tensor
+    sigma: torch.Tensor
+
+    def defocus(
+        self, u: np.ndarray, v: np.ndarray, angle_deg: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """New rlnDefocusU/V (Å, U ≥ V) and rlnDefocusAngle (deg) from the current ones."""
+        mean = (u + v) / 2 + self.delta.cpu().numpy()
+        alpha = np.deg2rad(angle_deg)
+        half = (u - v) / 2
+        ast = self.astigmatism.cpu().numpy()
+        bx = half * np.cos(2 * alpha) + ast[:, 0]
+        by = half * np.sin(2 * alpha) + ast[:, 1]
+        h = np.hypot(bx, by)
+        new_angle = np.rad2deg(np.arctan2(by, bx) / 2)
+        return mean + h, mean - h, new_angle
+
+
+def fit_tilt_defocus(
+    stats: TiltStatistics,
+    weights: torch.Tensor,
+    freq: torch.Tensor,
+    defocus_phase: torch.Tensor,
+    *,
+    d0: float = -3000.0,
+    d1: float = 3000.0,
+    steps: int = 100,
+    fit_defocus: bool = True,
+    astigmatism: str = "series",
+    reg_lambda: float | None = None,
+    sigma_angst: float | None = None,
+    iterations: int = 50,
+) -> DefocusFit:
+    """Fit the defocus of every tilt of one series (see the module docstring).
+
+    ``weights`` ``(K,)`` (:func:`frequency_weights`), ``freq`` ``(K, 2)`` the points' xy
+    frequencies (any unit: only their direction θ is used), ``defocus_phase`` ``(K,)`` ``φ``
+    (rad/Å). ``fit_defocus=False`` fits neither defocus nor astigmatism (only the scale).
+    ``astigmatism``: ``"none"``, ``"series"`` (one change for all tilts: the lens
+    does not change between tilts) or ``"tilt"`` (one per tilt, RELION's). ``reg_lambda``:
+    pull each tilt's grid search towards the series' mean (``--do_reg_defocus``).
+    ``sigma_angst``: σ_t of the Gaussian prior on each tilt's change (``None``: flat).
+    """
+    cross, power, dev = stats.cross, stats.power, stats.cross.device
+    w = weights.to(dev, torch.float64)
+    phi = defocus_phase.to(dev, torch.float64)
+    t = cross.shape[0]
+    cost_before = _profile(*_terms(cross, power, w, torch.zeros_like(phi)))
+    delta = torch.zeros(t, dtype=torch.float64, device=dev)
+    if fit_defocus:
+        grid = torch.linspace(d0, d1, steps + 1, dtype=torch.float64, device=dev)  # (G,)
+        x, d = _grid_terms(cross * w, power * w, grid[:, None] * phi)
+        cost = _profile(x, d)  # (t, G)
+        if sigma_angst:
+            cost = cost + grid**2 / (2 * sigma_angst**2)
+        delta = grid[cost.argmin(1)]
+        if reg_lambda:
+            n = stats.count[:, None]
+            for _ in range(10):
+                mean = delta[stats.count > 0].mean() if bool((stats.count > 0).any()) else 0.0
+                delta = grid[(cost + reg_lambda * n * (grid - mean) ** 2).argmin(1)]
+    theta = torch.atan2(freq[:, 1].to(dev, torch.float64), freq[:, 0].to(dev, torch.float64))
+    basis = torch.stack([torch.cos(2 * theta), torch.sin(2 * theta)])  # (2, K)
+    n_ast = {"none": 0, "series": 1, "tilt": t}[astigmatism] if fit_defocus else 0
+    p_delta = (delta / _UNIT).clone().requires_grad_(fit_defocus)
+    p_ast = torch.zeros((max(n_ast, 1), 2), dtype=torch.float64, device=dev)
+    p_ast.requires_grad_(n_ast > 0)
+    params = [p for p in (p_delta, p_ast) if p.requires_grad]
+    mean0 = delta[stats.count > 0].mean() if bool((stats.count > 0).any()) else 0.0
+
+    def field() -> torch.Tensor:
+        ast = (p_ast @ basis) if n_ast else torch.zeros_like(phi)
+        return _UNIT * (p_delta[:, None] + ast) * phi  # (t, K)
+
+    if params:
+        optimiser = torch.optim.LBFGS(
+            params, max_iter=iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-9
+        )
+
+        def closure() -> torch.Tensor:
+            optimiser.zero_grad()
+            loss = _profile(*_terms(cross, power, w, field())).sum()
+            if reg_lambda:
+                diff = _UNIT * p_delta - mean0
+                loss = loss + reg_lambda * (stats.count * diff * diff).sum()
+            if sigma_angst:
+                loss = loss + ((_UNIT * p_delta) ** 2).sum() / (2 * sigma_angst**2)
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+    with torch.no_grad():
+        x, d = _terms(cross, power, w, field())
+        ast = (p_ast.detach() * _UNIT).expand(t, 2) if n_ast else torch.zeros(t, 2, device=dev)
+        h = 50.0  # Å: curvature of L + prior by central differences
+        around = [
+            _profile(*_terms(cross, power, w, field() + s * h * phi))
+            + (0.0 if not sigma_angst else (_UNIT * p_delta + s * h) ** 2 / (2 * sigma_angst**2))
+            for s in (-1, 0, 1)
+        ]
+        curvature = (around[0] - 2 * around[1] + around[2]) / h**2
+        sigma = torch.where(curvature > 0, curvature.clamp_min(1e-300).rsqrt(), torch.inf)
+        return DefocusFit(
+            delta=(p_delta.detach() * _UNIT),
+            astigmatism=ast.to(torch.float64),
+            scale=torch.where(d > 0, x / d.clamp_min(1e-300), torch.ones_like(x)),
+            cross=x,
+            power=d,
+            cost_before=cost_before,
+            cost_after=_profile(x, d),
+            sigma=sigma,
+        )
+
+
+def fit_particle_defocus(
+    patches: TiltPatches,
+    weights: dict[str, torch.Tensor],
+    sigma_angst: float,
+    *,
+    steps: int = 160,
+) -> torch.Tensor:
+    """Per-particle defocus change ``(b,)`` Å: the posterior mode with a Gaussian prior of σ
+    ``sigma_angst`` (Å), on a grid of ±4σ refined by a parabola. ``weights`` per
+    rlnTomoName ``(K,)``; the patches' ``quadrature`` must hold the refined per-tilt CTFs."""
+    cross, power = _sums(patches)  # (b, f, ., K)
+    cross, power = cross.sum(1), power.sum(1)
+    dev = cross.device
+    w = torch.stack([weights[str(n)].to(dev, torch.float64) for n in patches.tomo_names])
+    grid = torch.linspace(-4 * sigma_angst, 4 * sigma_angst, steps + 1, dtype=torch.float64)
+    grid = grid.to(dev)
+    phase = grid[:, None] * patches.defocus_phase.to(dev, torch.float64)  # (G, K)
+    x, d = _grid_terms(cross * w[:, None], power * w[:, None], phase)  # (b, G)
+    cost = -x + d / 2 + grid**2 / (2 * sigma_angst**2)  # (b, G)
+    best = cost.argmin(1).clamp(1, steps - 1)
+    lo, mid, hi = (cost.gather(1, (best + k)[:, None])[:, 0] for k in (-1, 0, 1))
+    curvature = lo - 2 * mid + hi
+    step = grid[1] - grid[0]
+    shift = torch.where(curvature > 0, 0.5 * (lo - hi) / curvature.clamp_min(1e-300), 0.0)
+    return grid[best] + shift.clamp(-1, 1) * step
+
+
+@dataclass
+class IceFit:
+    """Beer–Lambert fit per tilt series: ``amplitude`` a, ``kappa`` κ, ``normal_deg`` φ."""
+
+    amplitude: float
+    kappa: float
+    normal_deg: float
+
+    @property
+    def thickness_mfp(self) -> float:
+        """Ice thickness in inelastic mean free paths, ``−ln κ``."""
+        return -math.log(max(self.kappa, 1e-12))
+
+
+def fit_ice_scale(
+    tilt_rotations: list[torch.Tensor],
+    cross: list[torch.Tensor],
+    power: list[torch.Tensor],
+    current: list[torch.Tensor],
+    *,
+    per_tomogram: bool = False,
+    iterations: int = 200,
+) -> tuple[list[IceFit], list[torch.Tensor]]:
+    """Fit ``scale_f = a·κ^(1/|cos θ_f|)`` to the tilts of several series at once.
+
+    Per series: ``tilt_rotations`` ``(t, 3, 3)`` R_f, ``cross``/``power`` ``(t,)`` ``X``/``D``
+    of :class:`DefocusFit` (relative to the ``current`` rlnCtfScalefactor ``(t,)``). ``a`` is
+    shared by all series unless ``per_tomogram``; κ and the ice-normal angle φ are per series.
+    Returns the fits and the new absolute scales per series.
+    """
+    n = len(cross)
+    x = [c.detach().double().cpu() for c in cross]
+    d = [p.detach().double().cpu() for p in power]
+    cur = [torch.as_tensor(c, dtype=torch.float64).cpu() for c in current]
+    raw = [
+        c * torch.where(dd > 0, xx / dd.clamp_min(1e-300), 1.0)
+        for c, xx, dd in zip(cur, x, d, strict=True)
+    ]
+    log_a0 = math.log(max(float(torch.cat(raw).max()), 1e-6) / 0.88)
+    log_a = torch.full((n if per_tomogram else 1,), log_a0, dtype=torch.float64)
+    logit_k = torch.full((n,), 2.0, dtype=torch.float64)  # κ = 0.88
+    phi = torch.zeros(n, dtype=torch.float64)
+    params = [p.requires_grad_() for p in (log_a, logit_k, phi)]
+    mats = [r.detach().double().cpu() for r in tilt_rotations]
+
+    def model(i: int) -> torch.Tensor:
+        a = torch.exp(log_a[i if per_tomogram else 0])
+        return ice_scale(mats[i], a, torch.sigmoid(logit_k[i]), 10.0 * phi[i])
+
+    optimiser = torch.optim.LBFGS(params, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = torch.zeros((), dtype=torch.float64)
+        for i in range(n):
+            r = model(i) / cur[i]
+            loss = loss + (-r * x[i] + r * r * d[i] / 2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    with torch.no_grad():
+        fits = [
+            IceFit(
+                amplitude=float(torch.exp(log_a[i if per_tomogram else 0])),
+                kappa=float(torch.sigmoid(logit_k[i])),
+                normal_deg=float(10.0 * phi[i]),
+            )
+            for i in range(n)
+        ]
+        return fits, [model(i) for i in range(n)]
