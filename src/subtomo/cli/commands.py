@@ -139,6 +139,10 @@ COMMANDS: dict[str, JobCommand | FunctionCommand | CommandGroup] = {
         "subtomo.jobs.import_alignment", "ImportAlignmentParams",
         "Import IMOD, AreTomo, Warp XML or RELION-4 matrix alignments as RELION 5 columns.",
     ),
+    "frame-align": JobCommand(
+        "subtomo.jobs.frame_align", "FrameAlignParams",
+        "Tomo frame alignment: per-tilt shifts/angles, particle offsets and motion.",
+    ),
     "align-tilts": JobCommand(
         "subtomo.jobs.align_tilts", "AlignTiltsParams",
         "Align tilt series without fiducials: stretched xcorr, tilt axis, projection matching.",

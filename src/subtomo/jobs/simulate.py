@@ -10,6 +10,7 @@ to it)::
     true_alignment.star, tilt_series_true/<tomo>.star  with alignment or defocus errors or ice:
                                                        the true alignment, defocus and scale
     fiducials.star                                     with --beads: the beads' true centres
+    true_motion.star                                   with --motion-s-vel: true trajectories
     <tomo>.mdoc                                        SerialEM-style, acquisition order
     frames/<tomo>_<k:03d>_<angle:.1f>.mrc|tif          with --movie-frames: one movie per tilt
     gain.mrc, motion_truth.star [, motion_truth_local.npz]   the movies' gain and true motion
@@ -160,6 +161,12 @@ class SimulateParams:
     bead_radius_px: float | None = _preset("--bead-radius", help="Bead radius", unit="px")
     pose_error_deg: float | None = _preset("--pose-error-deg", help="σ of picked poses", unit="deg")
     shift_error_px: float | None = _preset("--shift-error-px", help="σ of picked shifts", unit="px")
+    motion_s_vel: float | None = _preset(
+        "--motion-s-vel", help="Particle motion: velocity σ; 0: none", unit="Å/(e/Å²)"
+    )
+    motion_s_div: float | None = _preset(
+        "--motion-s-div", help="Particle motion: correlation length", unit="Å"
+    )
     defocus_error_angst: float | None = _preset(
         "--defocus-error", help="σ of the defocus error per tilt", unit="Å"
     )
@@ -429,6 +436,9 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
                 "true_alignment.star", "tilt_series_true"
             )
             outputs["true_alignment.star"] = "TomogramGroupMetadata.star.relion.tomo"
+        if params.motion_s_vel > 0:
+            sim.true_motion.write("true_motion.star")
+            outputs["true_motion.star"] = "TomoTrajectoryData.star.relion.tomo"
         if params.beads:
             centre = np.asarray(params.tomogram_size, dtype=np.float64) / 2
             rows = [

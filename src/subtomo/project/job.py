@@ -34,6 +34,7 @@ RELION_TYPE_LABELS = {
     "PostProcess": "relion.postprocess",
     "LocalRes": "relion.localres.own",
     "Picks": "relion.picktomo",
+    "Polish": "relion.framealigntomo",
 }
 """RELION 5's process type label of each job directory type that RELION also has."""
 

@@ -108,6 +108,7 @@ def render_tilt_series(
     geometry: TiltGeometry,
     optics: Optics,
     batch_size: int = 1024,
+    displacements_px: torch.Tensor | None = None,
     defocus_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Noise-free tilt images ``(t, h, w)`` float32: minus the sum of the particle images.
@@ -124,6 +125,9 @@ def render_tilt_series(
         ``(n, 3)`` particle centres, decentred bin-1 px (xyz).
     batch_size
         Most patches (particle x tilt) rendered at once; peak memory grows with it, not with n.
+    displacements_px
+        Optional ``(n, t, 3)`` particle motion (px, tomogram axes, §3): moves the image
+        position, not the depth of the CTF.
     defocus_offsets
         ``(n,)`` per-particle defocus in Å added to the depth-dependent one (§23), or ``None``.
     """
@@ -147,8 +151,9 @@ def render_tilt_series(
         for start in range(0, len(members), per_batch):
             idx = torch.as_tensor(members[start : start + per_batch])
             uv, depth = project_particles(
-                geometry.matrices, positions_px[idx], geometry.tomogram_size
-            )
+                geometry.matrices, positions_px[idx], geometry.tomogram_size,
+                None if displacements_px is None else displacements_px[idx],
+            )  # fmt: skip
             uv, depth = uv.to(device), depth.to(device)  # (b, t, 2), (b, t)
             rot = tilt_rot @ rotations[idx].to(device=device, dtype=torch.float64)[:, None]
             spectra = project_rfft(projector, rot) * weights  # (b, t, s, s')

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from subtomo.ctf import ice_scale
+from subtomo.data import Trajectories
 from subtomo.device import resolve_device
 from subtomo.errors import InputError
 from subtomo.geometry import (
@@ -48,6 +49,7 @@ from subtomo.simulate.layout import (
     vesicle_layout,
 )
 from subtomo.simulate.maps import Species, demo_species, particle_radius_px, rescale_map
+from subtomo.simulate.motion import particle_motion
 from subtomo.simulate.projection import VolumeProjector
 
 __all__ = ["PRESETS", "Simulation", "SimulationParams", "simulate"]
@@ -80,6 +82,10 @@ class SimulationParams:
     dense as the densest voxel of the maps, without CTF; ``Simulation.bead_positions`` has
     their truth. Their positions come from their own generator, so the rest of the data set
     does not change with them.
+
+    Particle motion (:func:`~subtomo.simulate.motion.particle_motion`, own generator):
+    ``motion_s_vel`` Å per e/Å² (0: none) and ``motion_s_div`` Å, the frame-alignment prior
+    (§21); ``Simulation.true_motion`` has the trajectories (motion.star, §3).
 
     CTF errors (:func:`~subtomo.simulate.acquisition.ctf_errors`, own generator): the images
     have the tilt's defocus plus an error of σ ``defocus_error_angst`` (Å) per tilt, the
@@ -125,6 +131,8 @@ class SimulationParams:
     bead_radius_px: float = 5.0
     pose_error_deg: float = 0.0
     shift_error_px: float = 0.0
+    motion_s_vel: float = 0.0
+    motion_s_div: float = 5000.0
     defocus_error_angst: float = 0.0
     particle_defocus_error_angst: float = 0.0
     ice_kappa: float = 1.0
@@ -181,6 +189,7 @@ class _TomogramTruth:
     species: torch.Tensor  # (n,)
     noise_seed: int
     beads_px: torch.Tensor  # (k, 3) decentred px
+    motion_angst: torch.Tensor  # (n, t, 3) trajectories, tomogram axes
     defocus_offsets: torch.Tensor | None = None  # (n,) Å per particle
 
 
@@ -225,6 +234,7 @@ class Simulation:
             images = render_tilt_series(
                 projectors, truth.species, truth.rotations, truth.positions_px, truth.geometry,
                 self._optics, batch_size=self.params.batch_size,
+                displacements_px=truth.motion_angst / self.params.pixel_size,
                 defocus_offsets=truth.defocus_offsets,
             )  # fmt: skip
             if len(truth.beads_px):
@@ -244,6 +254,14 @@ class Simulation:
                 )
             yield truth.name, images
             del images  # one stack alive at a time
+
+    @property
+    def true_motion(self) -> Trajectories:
+        """The particles' true trajectories (zeros without motion), by rlnTomoParticleName."""
+        names = self.particles["rlnTomoParticleName"].tolist()
+        return Trajectories.from_displacements(
+            names, torch.cat([truth.motion_angst for truth in self._truth])
+        )
 
     @property
     def true_tilt_tables(self) -> dict[str, pd.DataFrame]:
@@ -516,6 +534,10 @@ def simulate(
             image_size=image_size,
             scale=scale if params.ice_kappa != 1.0 else None,
         )
+        motion_rng = np.random.default_rng([params.seed, 2_000_003, i])  # own: data unchanged
+        motion = particle_motion(
+            motion_rng, centred, scheme.pre_exposure, params.motion_s_vel, params.motion_s_div
+        )
         truths.append(
             _TomogramTruth(
                 name=name,
@@ -525,6 +547,7 @@ def simulate(
                 species=torch.as_tensor(species_index[members]),
                 noise_seed=int(seeds[1 + i].generate_state(1)[0]),
                 beads_px=torch.as_tensor(beads),
+                motion_angst=torch.as_tensor(motion),
                 defocus_offsets=torch.as_tensor(part_err),
             )
         )

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import torch
 
-from subtomo.data import TomogramSet
+from subtomo.data import ParticleSet, TomogramSet, Trajectories
 from subtomo.errors import InputError
+from subtomo.reconstruct.particles import series_geometry
 from subtomo.tilt.external_alignment import ALIGNMENT_COLUMNS
 
-__all__ = ["TOMOGRAM_COLUMNS", "alignment_error", "with_true_alignment"]
+__all__ = ["TOMOGRAM_COLUMNS", "alignment_error", "image_position_error", "with_true_alignment"]
 
 #: Global columns of a reconstructed tomogram (unbinned tilt-series pixels).
 TOMOGRAM_COLUMNS = ("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ")
@@ -109,3 +111,39 @@ def alignment_error(
     moved = p @ g[:3, :3].T + g[:3, 3]
     distance = (target - _image_positions(matrices, moved)).square().sum(-1)
     return distance.mean(-1).sqrt(), g
+
+
+def _image_positions(
+    tomograms: TomogramSet, particles: ParticleSet, motion: Trajectories | None
+) -> dict[str, torch.Tensor]:
+    """``{rlnTomoParticleName: (t, 2)}`` image positions (bin-1 px, §1.3, trajectories in)."""
+    names = particles.particles["rlnTomoParticleName"].astype(str).to_numpy()
+    out: dict[str, torch.Tensor] = {}
+    for tomo in dict.fromkeys(particles.tomo_names):
+        rows = np.flatnonzero(particles.tomo_names == tomo)
+        series = tomograms[tomo]
+        geo = series_geometry(particles.subset(rows), series, motion, series.tomogram_size[:2])
+        out.update(zip(names[rows], geo.uv, strict=True))
+    return out
+
+
+def image_position_error(
+    truth: tuple[TomogramSet, ParticleSet, Trajectories | None],
+    found: tuple[TomogramSet, ParticleSet, Trajectories | None],
+) -> tuple[float, float]:
+    """How far ``found`` (tomograms, particles, trajectories) puts the particles in the tilt
+    images from where ``truth`` does (the simulator's true alignment, particles and motion),
+    matched by rlnTomoParticleName: the RMS distance (px) over every (particle, tilt) pair,
+    and the RMS over the tilts of each series of the mean displacement of their particles
+    (the error of the per-tilt shifts). Tilt series must have the same tilts in both."""
+    true_uv = _image_positions(*truth)
+    found_uv = _image_positions(*found)
+    tomo = dict(zip(found[1].particles["rlnTomoParticleName"].astype(str), found[1].tomo_names,
+                    strict=True))  # fmt: skip
+    by_series: dict[str, list[torch.Tensor]] = {}
+    for name, uv in found_uv.items():
+        by_series.setdefault(tomo[name], []).append(uv - true_uv[name])
+    d = [torch.stack(v) for v in by_series.values()]  # (n_s, t, 2) each
+    pairs = torch.cat([x.reshape(-1, 2) for x in d])
+    tilts = torch.cat([x.mean(0) for x in d])
+    return float(pairs.square().sum(-1).mean().sqrt()), float(tilts.square().sum(-1).mean().sqrt())
