@@ -55,7 +55,7 @@ def _defocus(path: str) -> np.ndarray:
 
 
 def _particle_defocus(path: str, names: list[str]) -> np.ndarray:
-    """Per-particle defocus offsets (Å, §20) of ``names`` (0 where the column is absent)."""
+    """Per-particle defocus offsets (Å, §23) of ``names`` (0 where the column is absent)."""
     parts = ParticleSet.read(path)
     by_name = dict(zip(parts.particles["rlnTomoParticleName"].astype(str),
                        parts.defocus_offsets().numpy(), strict=True))  # fmt: skip

@@ -1,4 +1,4 @@
-"""Tomo frame alignment (``subtomo frame-align``, RELION's ``relion_tomo_align``, §11, §21).
+"""Tomo frame alignment (``subtomo frame-align``, RELION's ``relion_tomo_align``, §11, §24).
 
 Reads extracted 2D-stack particles (``--ios`` or ``--p/--t/--mot``) and the half maps
 (``--ref1/--ref2`` or the optimisation set's, ``--mask``), compares every visible tilt image

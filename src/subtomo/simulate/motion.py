@@ -1,4 +1,4 @@
-"""Simulated particle motion across tilts, drawn from the frame-alignment prior (§21)."""
+"""Simulated particle motion across tilts, drawn from the frame-alignment prior (§24)."""
 
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ class SimulationParams:
 
     Particle motion (:func:`~subtomo.simulate.motion.particle_motion`, own generator):
     ``motion_s_vel`` Å per e/Å² (0: none) and ``motion_s_div`` Å, the frame-alignment prior
-    (§21); ``Simulation.true_motion`` has the trajectories (motion.star, §3).
+    (§24); ``Simulation.true_motion`` has the trajectories (motion.star, §3).
 
     CTF errors (:func:`~subtomo.simulate.acquisition.ctf_errors`, own generator): the images
     have the tilt's defocus plus an error of σ ``defocus_error_angst`` (Å) per tilt, the

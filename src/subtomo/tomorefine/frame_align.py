@@ -1,9 +1,9 @@
-"""Tomographic frame alignment (RELION's ``relion_tomo_align``, §11, §21).
+"""Tomographic frame alignment (RELION's ``relion_tomo_align``, §11, §24).
 
 For one tilt series, every visible (particle, tilt) pair gives a whitened, dose-weighted
 cross-correlation between its tilt image and the projection of the particle's own half map
 (gold standard), from the patches of :class:`~subtomo.tomorefine.predict.TiltPredictor`
-(``Y ≈ s·A²·P``, §20). As a function of a change ``δ`` (bin-1 px) of the particle's image
+(``Y ≈ s·A²·P``, §23). As a function of a change ``δ`` (bin-1 px) of the particle's image
 position it is the shift-dependent part of the Gaussian log-likelihood
 
     CC(δ) = Σ_k s·Re[Y(k)·conj(P(k))·e^{2πi k·δ/b}] / σ²(|k|)
@@ -54,7 +54,7 @@ class FrameAlignSettings:
     ``shift_only``: per-tilt 2D shifts only (no angles, offsets or motion); ``const_a``,
     ``const_s``, ``const_p``: freeze the per-tilt angles, per-tilt shifts, particle offsets;
     ``motion``: fit trajectories with ``s_vel`` (Å per e/Å²), ``s_div`` (Å), ``sq_exp_ker``
-    and ``max_ed`` (§21); ``max_shift_px`` the grid search of the per-tilt shifts (bin-1 px);
+    and ``max_ed`` (§24); ``max_shift_px`` the grid search of the per-tilt shifts (bin-1 px);
     ``iterations`` L-BFGS iterations per stage; ``range_reg`` a penalty
     ``range_reg·Σ|s_f|²`` (px⁻²) on the per-tilt shift increments.
     """
@@ -101,7 +101,7 @@ def observe_particles(
     indices: np.ndarray | None = None,
 ) -> dict[str, SeriesObservations]:
     """The :class:`SeriesObservations` of each tilt series (``{rlnTomoName: ...}``) from the
-    patches of :class:`~subtomo.tomorefine.predict.TiltPredictor` (§20: ``Y ≈ s·A²·P``).
+    patches of :class:`~subtomo.tomorefine.predict.TiltPredictor` (§23: ``Y ≈ s·A²·P``).
 
     ``indices``: the particles to use (default all); a series' ``particle`` entries count
     its particles in file order among those. The noise power ``σ²(|k|)`` (per real or

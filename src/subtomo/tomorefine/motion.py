@@ -1,4 +1,4 @@
-"""Particle motion across tilts with RELION's Gaussian-process prior (§21).
+"""Particle motion across tilts with RELION's Gaussian-process prior (§24).
 
 A particle's trajectory ``t_f`` (Å, tomogram axes, motion.star §3) is zero at the first tilt
 acquired and the cumulative sum of one 3D velocity per later tilt, in acquisition (dose)
