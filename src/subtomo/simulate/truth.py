@@ -113,7 +113,7 @@ def alignment_error(
     return distance.mean(-1).sqrt(), g
 
 
-def _image_positions(
+def _particle_image_positions(
     tomograms: TomogramSet, particles: ParticleSet, motion: Trajectories | None
 ) -> dict[str, torch.Tensor]:
     """``{rlnTomoParticleName: (t, 2)}`` image positions (bin-1 px, §1.3, trajectories in)."""
@@ -136,8 +136,8 @@ def image_position_error(
     matched by rlnTomoParticleName: the RMS distance (px) over every (particle, tilt) pair,
     and the RMS over the tilts of each series of the mean displacement of their particles
     (the error of the per-tilt shifts). Tilt series must have the same tilts in both."""
-    true_uv = _image_positions(*truth)
-    found_uv = _image_positions(*found)
+    true_uv = _particle_image_positions(*truth)
+    found_uv = _particle_image_positions(*found)
     tomo = dict(zip(found[1].particles["rlnTomoParticleName"].astype(str), found[1].tomo_names,
                     strict=True))  # fmt: skip
     by_series: dict[str, list[torch.Tensor]] = {}
