@@ -68,6 +68,24 @@ def test_outputs_and_pose_improvement(project) -> None:
     assert set(halves) == {1, 2}
 
 
+def test_optimisation_sets_name_files_that_exist(project) -> None:
+    """Every optimisation set Refine3D writes names files it wrote: the final one the
+    unfiltered half maps (the only half maps the final iteration writes), so ctf-refine and
+    frame-align can start from it."""
+    from subtomo.data.optimisation_set import OptimisationSet
+
+    r1 = project / "r1"
+    sets = [*sorted(r1.glob("run_it*_optimisation_set.star")), r1 / "run_optimisation_set.star"]
+    for path in sets:
+        ios = OptimisationSet.read(path)
+        for f in (ios.particles, ios.tomograms, ios.reference_map1, ios.reference_map2):
+            if f is not None:
+                f = f if f.is_absolute() else project / f
+                assert f.is_file(), (path.name, f)
+    final = OptimisationSet.read(r1 / "run_optimisation_set.star")
+    assert str(final.reference_map1).endswith("run_half1_class001_unfil.mrc")
+
+
 def test_model_star_holds_the_estimated_accuracies(project) -> None:
     """run_model.star and each iteration's half models carry auto-refine's accuracy
     estimates (the checkpointed state's, RELION's rlnAccuracy*), not the sampling steps

@@ -356,9 +356,13 @@ class _Writer:
             write_mrc(files.class_map(0), model.references[0], px)
             write_model_star(files.model(), model, [str(files.class_map(0))], **common)
         write_sampling_star(files.sampling, sampling, px)
+        # the half maps this iteration wrote: the final one writes only the unfiltered halves
+        maps = [files.class_map(0, h) for h in halves]
+        if final:
+            maps = [m.with_name(m.name.replace(".mrc", "_unfil.mrc")) for m in maps]
         ios = dataclasses.replace(
-            self.opt, particles=files.data, reference_map1=files.class_map(0, 1),
-            reference_map2=files.class_map(0, 2), path=None,
+            self.opt, particles=files.data, reference_map1=maps[0], reference_map2=maps[1],
+            path=None,
         )  # fmt: skip
         if self.params.solvent_mask:
             ios.reference_mask = Path(self.params.solvent_mask)
