@@ -132,9 +132,14 @@ def main() -> None:
     previous = "r0"
     for c in range(1, a.cycles + 1):
         ios = f"{previous}/run_optimisation_set.star"
-        t1 = _subtomo("ctf-refine", "--ios", ios, "--per_particle_defocus", "--o", f"ctf{c}")
-        t2 = _subtomo("frame-align", "--ios", f"ctf{c}/optimisation_set.star", "--motion",
-                      "--o", f"fa{c}")  # fmt: skip
+        # the final run_optimisation_set.star of Refine3D names run_half?_class001.mrc, which
+        # it does not write: give the unfiltered half maps
+        refs = [f"--ref{h}" if k == 0 else f"{previous}/run_half{h}_class001_unfil.mrc"
+                for h in (1, 2) for k in (0, 1)]  # fmt: skip
+        t1 = _subtomo("ctf-refine", "--ios", ios, *refs, "--per_particle_defocus",
+                      "--o", f"ctf{c}")  # fmt: skip
+        t2 = _subtomo("frame-align", "--ios", f"ctf{c}/optimisation_set.star", *refs,
+                      "--motion", "--o", f"fa{c}")  # fmt: skip
         t3 = _subtomo("extract", "--ios", f"fa{c}/optimisation_set.star", "--box", box,
                       "--float32", "--o", f"e{c}")  # fmt: skip
         t4 = _subtomo("refine3d", "--ios", f"e{c}/optimisation_set.star", "--ref",
