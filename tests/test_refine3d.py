@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from conftest import stack_project
 from subtomo.cli.main import app
 from subtomo.data import ParticleSet
+from subtomo.data.optimisation_set import OptimisationSet
 from subtomo.errors import InputError
 from subtomo.geometry import rotation_angle_deg
 from subtomo.io import read_mrc, read_star
@@ -72,8 +73,6 @@ def test_optimisation_sets_name_files_that_exist(project) -> None:
     """Every optimisation set Refine3D writes names files it wrote: the final one the
     unfiltered half maps (the only half maps the final iteration writes), so ctf-refine and
     frame-align can start from it."""
-    from subtomo.data.optimisation_set import OptimisationSet
-
     r1 = project / "r1"
     sets = [*sorted(r1.glob("run_it*_optimisation_set.star")), r1 / "run_optimisation_set.star"]
     for path in sets:

@@ -50,6 +50,7 @@ from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
 from subtomo.ml.seeding import pca_classes
 from subtomo.ml.starfiles import (
     IterationFiles,
+    classification_optimiser_values,
     estimated_resolution_angst,
     save_checkpoint,
     write_data_star,
@@ -363,13 +364,13 @@ def run(params: Class3DParams) -> dict[str, str]:
             if not is_main():  # rank 0 writes (torch.distributed)
                 return
             optimiser = {
-                "rlnCurrentIteration": model.iteration,
-                "rlnNumberOfIterations": params.iter,
-                "rlnDoSplitRandomHalves": 0,
-                "rlnDoAutoRefine": 0,
-                "rlnRandomSeed": params.random_seed,
-                "rlnTau2FudgeFactor": params.tau2_fudge,
-                "rlnParticleDiameter": engine.particle_diameter_angst,
+                **classification_optimiser_values(
+                    model.iteration,
+                    params.iter,
+                    params.random_seed,
+                    params.tau2_fudge,
+                    engine.particle_diameter_angst,
+                ),
                 **changes,
                 "rlnNumberOfIterWithoutResolutionGain": 0,
                 "rlnNumberOfIterWithoutChangingAssignments": 0,

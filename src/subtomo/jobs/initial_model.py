@@ -57,6 +57,7 @@ from subtomo.ml.initial_model import (
 from subtomo.ml.loader import ParticleState, StackLoader, batch_size_for_memory
 from subtomo.ml.starfiles import (
     IterationFiles,
+    classification_optimiser_values,
     estimated_resolution_angst,
     save_checkpoint,
     write_data_star,
@@ -323,13 +324,10 @@ def run(params: InitialModelParams) -> dict[str, str]:
             _plot_classes(job, model)
             files = IterationFiles(job.directory, model.iteration)
             _write_iteration(files, model, state, parts, opt, sampling, params, {
-                "rlnCurrentIteration": model.iteration,
-                "rlnNumberOfIterations": params.iter,
-                "rlnDoSplitRandomHalves": 0,
-                "rlnDoAutoRefine": 0,
-                "rlnRandomSeed": params.random_seed,
-                "rlnTau2FudgeFactor": params.tau2_fudge,
-                "rlnParticleDiameter": engine.particle_diameter_angst,
+                **classification_optimiser_values(
+                    model.iteration, params.iter, params.random_seed, params.tau2_fudge,
+                    engine.particle_diameter_angst,
+                ),
                 "rlnHasConverged": int(last),
             }, {
                 "params": dataclasses.asdict(params),

@@ -36,6 +36,7 @@ from subtomo.ml.sampling import Sampling
 
 __all__ = [
     "IterationFiles",
+    "classification_optimiser_values",
     "estimated_resolution_angst",
     "load_checkpoint",
     "save_checkpoint",
@@ -279,6 +280,22 @@ def write_model_star(
         }
     )
     write_star(path, blocks)
+
+
+def classification_optimiser_values(
+    iteration: int, n_iterations: int, seed: int, tau2_fudge: float, diameter_angst: float
+) -> dict[str, Any]:
+    """The ``optimiser_general`` values Class3D and initial-model share (no halves, no
+    auto-refine), in RELION's order; each job adds its own after them."""
+    return {
+        "rlnCurrentIteration": iteration,
+        "rlnNumberOfIterations": n_iterations,
+        "rlnDoSplitRandomHalves": 0,
+        "rlnDoAutoRefine": 0,
+        "rlnRandomSeed": seed,
+        "rlnTau2FudgeFactor": tau2_fudge,
+        "rlnParticleDiameter": diameter_angst,
+    }
 
 
 def write_optimiser_star(
