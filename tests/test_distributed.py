@@ -67,11 +67,23 @@ def _one_and_two_ranks(project: Path, args: list[str], tag: str) -> tuple[Path, 
 
 
 def test_reconstruct_two_ranks_equals_one(project) -> None:
-    """Each rank inserts its share of every tomogram's particles; the all-reduced sums give
-    the one-process half maps (float summation order only)."""
+    """Each rank inserts half the particles of the one tomogram (from their 2D stacks); the
+    all-reduced sums give the one-process half maps (float summation order only)."""
     one, two = _one_and_two_ranks(
         project, ["reconstruct", "--ios", "ext/optimisation_set.star"], "rec"
     )
+    _same_maps(one, two, ["half1.mrc", "half2.mrc", "merged.mrc"], rtol=1e-5)
+
+
+def test_reconstruct_tilt_series_two_ranks_equals_one(tmp_path) -> None:
+    """From the tilt series of 3 tomograms of 3 particles: rank 0 inserts TS_01's and one of
+    TS_02's, rank 1 the others (balanced, each rank reading only its tilt series); the
+    summed accumulators give the one-process maps (float summation order only)."""
+    run_subtomo(["simulate", "--out", str(tmp_path), "--tomograms", "3", "--particles", "9",
+                 "--tilt-step", "10", "--seed", "3"])  # fmt: skip
+    args = ["reconstruct", "--p", "particles.star", "--t", "tomograms.star",
+            "--from", "tilt_series", "--box", "24", "--bin", "2"]  # fmt: skip
+    one, two = _one_and_two_ranks(tmp_path, args, "rec")
     _same_maps(one, two, ["half1.mrc", "half2.mrc", "merged.mrc"], rtol=1e-5)
 
 
@@ -150,6 +162,29 @@ def test_one_process_is_the_identity(monkeypatch) -> None:
     assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
     assert distributed.broadcast_object(3) == 3
     distributed.barrier()
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5, 7])
+def test_shard_groups_balances_particles_keeping_tomograms_whole(monkeypatch, ranks) -> None:
+    """Over all ranks every item once, in its group; item counts within one of each other;
+    at most ranks - 1 groups split (a rank reads only the tilt series it uses)."""
+    sizes = {"a": 7, "b": 0, "c": 2, "d": 5, "e": 1}
+    groups = [(key, np.arange(n) + 100 * k) for k, (key, n) in enumerate(sizes.items())]
+    monkeypatch.setattr(distributed, "world_size", lambda: ranks)
+    shares = []
+    for r in range(ranks):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(distributed.shard_groups(groups))
+    got = {key: [] for key in sizes}
+    for share in shares:
+        assert all(len(items) for _, items in share)
+        for key, items in share:
+            got[key].extend(items.tolist())
+    assert got == {key: items.tolist() for key, items in groups}
+    counts = [sum(len(items) for _, items in share) for share in shares]
+    assert max(counts) - min(counts) <= 1, counts
+    readers = [sum(key in dict(share) for share in shares) for key in sizes]
+    assert sum(n - 1 for n in readers if n) <= ranks - 1, readers
 
 
 def test_slurm_environment(monkeypatch) -> None:

@@ -172,12 +172,23 @@ def shard(items: Sequence[T]) -> Sequence[T]:
 
 
 def shard_groups(groups: Sequence[tuple[K, Sequence[T]]]) -> list[tuple[K, Sequence[T]]]:
-    """This rank's share of ``(key, items)`` groups (a tomogram and its particles): whole
-    groups round robin when there are at least as many as ranks (each rank reads only its
-    tilt series), else every group with its items sharded; empty shares are left out."""
-    if len(groups) >= world_size():
-        return list(shard(groups))
-    return [(key, part) for key, items in groups if len(part := shard(items))]
+    """This rank's share of ``(key, items)`` groups (a tomogram and its particles), balanced
+    by item count while keeping groups whole where it can: the items of all groups, in order,
+    are cut into ``world_size()`` runs of equal length (within one item), and a rank gets the
+    pieces of the groups its run covers. So each rank reads only the tilt series of its
+    particles; a group is split only where a cut falls inside it (at most
+    ``world_size() - 1`` groups, e.g. the particles of a single tomogram). Empty pieces are
+    left out."""
+    total = sum(len(items) for _, items in groups)
+    first, end = total * rank() // world_size(), total * (rank() + 1) // world_size()
+    out: list[tuple[K, Sequence[T]]] = []
+    start = 0  # index of the group's first item in the concatenated items
+    for key, items in groups:
+        lo, hi = max(first - start, 0), min(end - start, len(items))
+        if lo < hi:
+            out.append((key, items[lo:hi]))
+        start += len(items)
+    return out
 
 
 def barrier() -> None:

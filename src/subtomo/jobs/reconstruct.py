@@ -10,7 +10,7 @@ with ``data_<tag>.mrc`` and ``weight_<tag>.mrc`` into ``Reconstruct/jobNNN/``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +29,7 @@ from subtomo.data import (
     stack_image_indices,
 )
 from subtomo.device import resolve_device
-from subtomo.distributed import all_gather_object, shard
+from subtomo.distributed import all_gather_object, is_main, shard_groups
 from subtomo.errors import InputError
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.io import read_mrc, write_mrc
@@ -73,13 +73,12 @@ class ReconstructParams(ParticleInputs):
     project_dir: str = "."
 
 
-def _by_tomogram(parts: ParticleSet) -> Iterator[tuple[str, np.ndarray]]:
-    """Each tomogram's particle rows, this rank's share under torch.distributed."""
+def _by_tomogram(parts: ParticleSet) -> list[tuple[str, np.ndarray]]:
+    """Each tomogram's particle rows, this rank's share under torch.distributed: equal numbers
+    of particles per rank, whole tomograms where possible (:func:`shard_groups`), so that a
+    rank reads and prepares only the tilt series it inserts from."""
     names = parts.tomo_names
-    for name in dict.fromkeys(names):
-        rows = shard(np.flatnonzero(names == name))
-        if len(rows):
-            yield name, rows
+    return shard_groups([(name, np.flatnonzero(names == name)) for name in dict.fromkeys(names)])
 
 
 def _halves(parts: ParticleSet) -> torch.Tensor:
@@ -124,7 +123,7 @@ def _insert_from_tilt_series(
 ) -> int:
     halves = _halves(parts)
     count = 0
-    groups = list(_by_tomogram(parts))
+    groups = _by_tomogram(parts)
     reading = prefetched_tilt_images([tomos[name] for name, _ in groups], device=device)
     for (_, rows), (series, images) in zip(groups, reading, strict=True):
         size = (images.shape[-1], images.shape[-2])  # images (t, h, w): the next one is read
@@ -277,6 +276,7 @@ def _finalise(
     """Symmetrise, divide, taper and write ``<tag>.mrc``, ``data_<tag>.mrc``, ``weight_<tag>``.
 
     Half maps only when the particles have rlnRandomSubset (RELION); merged sums both.
+    Under torch.distributed the ranks' sums are added up and rank 0 alone finishes the maps.
     """
     for acc in accs:
         acc.all_reduce()
@@ -298,7 +298,8 @@ def _finalise(
         write_mrc(job.path(f"data_{tag}.mrc"), parts.data, pixel)
         write_mrc(job.path(f"weight_{tag}.mrc"), parts.weight, pixel)
 
-    map_batches(finalise, list(tags), cpu_workers(device, len(tags)))  # independent maps
+    if is_main():  # the other ranks' writes would be discarded: leave the maps to rank 0
+        map_batches(finalise, list(tags), cpu_workers(device, len(tags)))  # independent maps
     for tag in tags:
         kind = "DensityMap.mrc" if tag == "merged" else "DensityMap.mrc.halfmap"
         outputs[str(job.path(f"{tag}.mrc"))] = kind

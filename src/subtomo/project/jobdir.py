@@ -143,9 +143,10 @@ def run_job(
     if world_size() > 1:
         log.info("# %d ranks (torch.distributed)", world_size())
     outputs: dict[str, str] = {}
-    from subtomo.report.plots import import_in_background  # torch: not for `subtomo jobs`
+    if main:  # rank 0 alone writes the report: its plotting library, ready when the job ends
+        from subtomo.report.plots import import_in_background  # torch: not for `subtomo jobs`
 
-    import_in_background()  # the report's plotting library, ready when the job ends
+        import_in_background()
     try:
         yield job, outputs
         barrier()  # every rank done: the outputs are complete when the job is marked so
