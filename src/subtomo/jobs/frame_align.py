@@ -48,6 +48,7 @@ from subtomo.project.options import ParticleInputs, device_option, option, outpu
 from subtomo.tomorefine import (
     FrameAlignSettings,
     SeriesFit,
+    SeriesGeometry,
     TiltPredictor,
     align_series,
     observe_particles,
@@ -144,11 +145,11 @@ def _fit_series(
     else:
         trajectories = motion.displacements_angst(names, series.n_tilts)
     size = _image_size(series)
-    fit = align_series(
-        obs, series.projection_matrices(size), centres, trajectories,
+    geometry = SeriesGeometry(
+        series.projection_matrices(size), centres, trajectories,
         torch.as_tensor(series.pre_exposure), series.pixel_size, series.tomogram_size, size,
-        params.settings(),
     )  # fmt: skip
+    fit = align_series(obs, geometry, params.settings())
     log.info(
         "%s: %d particles, %d tilt images, scale %.3g, CC %.4g -> %.4g, mean |shift| %.2f px",
         series.name, len(rows), len(obs.frame), obs.scale, fit.cc_before, fit.cc_after,

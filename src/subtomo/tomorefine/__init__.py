@@ -4,6 +4,7 @@
 from subtomo.tomorefine.frame_align import (
     FrameAlignSettings,
     SeriesFit,
+    SeriesGeometry,
     SeriesObservations,
     align_series,
     observe_particles,
@@ -14,6 +15,7 @@ from subtomo.tomorefine.predict import TiltPatches, TiltPredictor, fsc_weights, 
 __all__ = [
     "FrameAlignSettings",
     "SeriesFit",
+    "SeriesGeometry",
     "SeriesObservations",
     "TiltPatches",
     "TiltPredictor",

@@ -28,7 +28,7 @@ change a projection at these resolutions).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from subtomo.tomorefine.predict import TiltPredictor, shell_noise_sums
 __all__ = [
     "FrameAlignSettings",
     "SeriesFit",
+    "SeriesGeometry",
     "SeriesObservations",
     "align_series",
     "observe_particles",
@@ -153,6 +154,32 @@ def observe_particles(
     return out
 
 
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """The current model of one tilt series with ``n`` particles and ``t`` tilts.
+
+    ``projection`` ``(t, 4, 4)`` the P_f (§1.3); ``centres_px`` ``(n, 3)`` the particle
+    centres (decentred bin-1 px, origins included); ``trajectories_angst`` ``(n, t, 3)`` their
+    trajectories (zeros for none); ``pre_exposure`` ``(t,)`` e/Å²; ``pixel_size`` the bin-1
+    tilt-series pixel (Å); ``tomogram_size`` (x, y, z) and ``image_size`` (w, h) in px.
+    """
+
+    projection: torch.Tensor
+    centres_px: torch.Tensor
+    trajectories_angst: torch.Tensor
+    pre_exposure: torch.Tensor
+    pixel_size: float
+    tomogram_size: tuple[int, int, int]
+    image_size: tuple[int, int]
+
+    def cpu_double(self) -> SeriesGeometry:
+        """The same geometry with every tensor float64 on the CPU."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(
+            self, **{k: v.double().cpu() for k, v in values.items() if torch.is_tensor(v)}
+        )
+
+
 @dataclass
 class SeriesFit:
     """The result for one tilt series (float64, CPU).
@@ -174,29 +201,19 @@ class SeriesFit:
 
 
 class _SeriesModel(torch.nn.Module):
-    """Image positions ``(n, t, 2)`` of the particles as a function of the fitted parameters."""
+    """Image positions ``(n, t, 2)`` of the particles as a function of the fitted parameters
+    (float64 on the CPU: the positions are small; the CC terms stay on their device)."""
 
-    def __init__(
-        self,
-        projection: torch.Tensor,
-        centres_px: torch.Tensor,
-        trajectories_angst: torch.Tensor,
-        pre_exposure: torch.Tensor,
-        pixel_size: float,
-        tomogram_size: tuple[int, int, int],
-        image_size: tuple[int, int],
-        settings: FrameAlignSettings,
-    ) -> None:
+    def __init__(self, geometry: SeriesGeometry, settings: FrameAlignSettings) -> None:
         super().__init__()
-        t, n = projection.shape[0], centres_px.shape[0]
+        g = geometry.cpu_double()
+        t, n = g.projection.shape[0], g.centres_px.shape[0]
         self.alignment = alignment_from_projection_matrices(
-            projection, pixel_size, tomogram_size, image_size
+            g.projection, g.pixel_size, g.tomogram_size, g.image_size
         )
-        self.pixel_size, self.tomogram_size, self.image_size = pixel_size, tomogram_size, image_size
-        self.centres = centres_px.double()
-        self.trajectories = trajectories_angst.double()
+        self.geometry = g
         # one angle unit moves a point half the tomogram's width away by about one pixel
-        self.degrees_per_unit = math.degrees(2.0 / max(tomogram_size[:2]))
+        self.degrees_per_unit = math.degrees(2.0 / max(g.tomogram_size[:2]))
         fit_a = not (settings.const_a or settings.shift_only)
         fit_p = not (settings.const_p or settings.shift_only)
         fit_m = settings.motion and not settings.shift_only
@@ -206,11 +223,11 @@ class _SeriesModel(torch.nn.Module):
             torch.zeros(t, 2, dtype=torch.float64), not settings.const_s
         )
         self.offsets = torch.nn.Parameter(torch.zeros(n, 3, dtype=torch.float64), fit_p)
-        self.order, sigma = motion_steps(pre_exposure.double(), settings.s_vel)
+        self.order, sigma = motion_steps(g.pre_exposure, settings.s_vel)
         basis = gp_basis(
-            centres_px.double() * pixel_size, settings.s_div, settings.sq_exp_ker, settings.max_ed
+            g.centres_px * g.pixel_size, settings.s_div, settings.sq_exp_ker, settings.max_ed
         )
-        self.velocity_basis = basis[None] * (sigma / pixel_size)[:, None, None]  # (t-1, n, m)
+        self.velocity_basis = basis[None] * (sigma / g.pixel_size)[:, None, None]  # (t-1, n, m)
         self.coefficients = torch.nn.Parameter(
             torch.zeros(basis.shape[1], max(t - 1, 0), 3, dtype=torch.float64), fit_m
         )
@@ -219,13 +236,13 @@ class _SeriesModel(torch.nn.Module):
         """``(t, 4, 4)`` P_f with the fitted increments (§1.3)."""
         delta = self.angles * self.degrees_per_unit
         delta = delta - delta.mean(0)
-        a = self.alignment
+        a, g = self.alignment, self.geometry
         return projection_matrices(
             a["rlnTomoXTilt"] + delta[:, 0], a["rlnTomoYTilt"] + delta[:, 1],
             a["rlnTomoZRot"] + delta[:, 2],
-            a["rlnTomoXShiftAngst"] + self.shifts[:, 0] * self.pixel_size,
-            a["rlnTomoYShiftAngst"] + self.shifts[:, 1] * self.pixel_size,
-            self.pixel_size, self.tomogram_size, self.image_size,
+            a["rlnTomoXShiftAngst"] + self.shifts[:, 0] * g.pixel_size,
+            a["rlnTomoYShiftAngst"] + self.shifts[:, 1] * g.pixel_size,
+            g.pixel_size, g.tomogram_size, g.image_size,
         )  # fmt: skip
 
     def static_offsets(self) -> torch.Tensor:
@@ -235,14 +252,15 @@ class _SeriesModel(torch.nn.Module):
     def trajectories_angst(self) -> torch.Tensor:
         """``(n, t, 3)``: the input trajectories plus the fitted motion."""
         velocities = torch.einsum("snm,msk->nsk", self.velocity_basis, self.coefficients)
-        motion = trajectories_from_velocities(velocities, self.order) * self.pixel_size
-        return self.trajectories + motion
+        motion = trajectories_from_velocities(velocities, self.order) * self.geometry.pixel_size
+        return self.geometry.trajectories_angst + motion
 
     def positions(self) -> torch.Tensor:
         """``(n, t, 2)`` image positions (bin-1 px)."""
         p = self.matrices()
-        x = (self.centres + self.static_offsets())[:, None] + self.trajectories_angst() / (
-            self.pixel_size
+        g = self.geometry
+        x = (g.centres_px + self.static_offsets())[:, None] + self.trajectories_angst() / (
+            g.pixel_size
         )  # (n, t, 3)
         return torch.einsum("tij,ntj->nti", p[:, :2, :3], x) + p[:, :2, 3]
 
@@ -286,30 +304,14 @@ def _grid_search_shifts(obs: SeriesObservations, n_tilts: int, radius: float) ->
 
 
 def align_series(
-    obs: SeriesObservations,
-    projection: torch.Tensor,
-    centres_px: torch.Tensor,
-    trajectories_angst: torch.Tensor,
-    pre_exposure: torch.Tensor,
-    pixel_size: float,
-    tomogram_size: tuple[int, int, int],
-    image_size: tuple[int, int],
-    settings: FrameAlignSettings,
+    obs: SeriesObservations, geometry: SeriesGeometry, settings: FrameAlignSettings
 ) -> SeriesFit:
-    """Fit one tilt series (see the module docstring).
-
-    ``projection`` ``(t, 4, 4)`` the current P_f, ``centres_px`` ``(n, 3)`` the current
-    particle centres (decentred bin-1 px, origins included), ``trajectories_angst``
-    ``(n, t, 3)`` the current trajectories (zeros for none), ``pre_exposure`` ``(t,)`` e/Å².
-    The observations must have been made at this geometry.
-    """
-    model = _SeriesModel(
-        projection.double().cpu(), centres_px.cpu(), trajectories_angst.cpu(),
-        pre_exposure.cpu(), pixel_size, tomogram_size, image_size, settings,
-    )  # fmt: skip  # on the CPU: (n, t) positions are small; the CC terms stay on the device
+    """Fit one tilt series (see the module docstring) from its current ``geometry``, at
+    which the observations must have been made."""
+    model = _SeriesModel(geometry, settings)
     with torch.no_grad():
         start = model.positions()
-    t = projection.shape[0]
+    t = geometry.projection.shape[0]
     pair = (obs.particle.cpu(), obs.frame.cpu())
 
     def cc_total() -> torch.Tensor:
@@ -342,7 +344,7 @@ def align_series(
         return SeriesFit(
             matrices=matrices,
             alignment=alignment_from_projection_matrices(
-                matrices, pixel_size, tomogram_size, image_size
+                matrices, geometry.pixel_size, geometry.tomogram_size, geometry.image_size
             ),
             offsets_px=model.static_offsets(),
             trajectories_angst=model.trajectories_angst(),
