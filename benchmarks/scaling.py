@@ -3,18 +3,22 @@ ranks (issue #20).
 
 Simulates two data sets once (reused from ``--workdir``): for refine3d ``--particles``
 extracted as 2D stacks with a reconstructed reference; for reconstruct ``--rec-particles``
-(default 600) reconstructed from the tilt series at ``--rec-box`` (cutting, CTF and
-insertion: the job's whole work; a minute or more of single-core work, so that the ranks'
-start-up of a few seconds does not hide the scaling). Then runs each job with 1 process on
-1 core (``OMP_NUM_THREADS=1``) and with ``torchrun --nproc_per_node N`` (each rank on
-cores / N threads), as a user runs them, start-up included. Prints wall seconds, the
-speed-up ``t1 / tN`` and the parallel efficiency ``t1 / (N tN)`` (and the same from the
-jobs' own times in run.out, start-up excluded), plus one process on all cores for
-reference, and checks that the N-rank map equals the one-process map (relative max
-difference). Prints the load average before and after (a shared machine's other work slows
-the ranks unevenly).
+(default 1200, in tomograms of 512 x 512 x 96 px holding 240 each) reconstructed from the
+tilt series at ``--rec-box`` (default 128; cutting, CTF and insertion: the job's whole
+work, about a minute of single-core work, so that the ranks' start-up of a few seconds
+does not hide the scaling). Then runs each job with 1 process on 1 core
+(``OMP_NUM_THREADS=1``) and with ``torchrun --nproc_per_node N`` (each rank on cores / N
+threads), as a user runs them, start-up included, ``--repeats`` times back to back. Prints
+per repeat the wall seconds, the speed-up ``t1 / tN`` and the parallel efficiency
+``t1 / (N tN)`` (and the same from the jobs' own times in run.out, start-up excluded), the
+CPU seconds of the one process and of all ranks with their launcher (their ratio falls
+below 100% by the work the ranks repeat: start-up and torch imports, whatever each rank
+prepares; it does not depend on other load the way wall times do), plus one process on all
+cores for reference, and checks that the N-rank map equals the one-process map (relative
+max difference). Prints the load average before and after (a shared machine's other work
+slows the ranks unevenly).
 
-    python benchmarks/scaling.py --workdir /tmp/bench_scaling --ranks 2
+    python benchmarks/scaling.py --workdir /tmp/bench_scaling --ranks 2 --repeats 3
     python benchmarks/scaling.py --workdir /tmp/bench_scaling --ranks 4 --device cuda
 """
 
@@ -28,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from subtomo.io import read_mrc
 
@@ -51,22 +57,28 @@ def _run(args: list[str], cwd: Path, threads: int | None, ranks: int = 1) -> tup
     return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
-def _simulate(out: Path, particles: int, box: int) -> None:
-    """``particles`` in tomograms of 256 x 256 x 96 px holding at most 60 each (the layout
-    places about 73 at box 48)."""
+def _simulate(out: Path, particles: int, box: int, width: int = 256) -> None:
+    """``particles`` in tomograms of ``width`` x ``width`` x 96 px holding at most
+    ``60 (width / 256)^2`` each (the layout places about 73 per 256^2 at box 48)."""
+    per_tomogram = 60 * (width // 256) ** 2
     subprocess.run([sys.executable, "-m", "subtomo.cli", "simulate", "--out", str(out),
                     "--particles", str(particles), "--box", str(box), "--tilt-step", "3",
-                    "--noise", "gaussian", "--snr", "0.05", "--pose-error-deg", "6",
-                    "--shift-error-px", "1.5", "--tomograms", str(max(4, -(-particles // 60))),
-                    "--seed", "1"],
+                    "--tomogram-size", f"{width},{width},96", "--noise", "gaussian",
+                    "--snr", "0.05", "--pose-error-deg", "6", "--shift-error-px", "1.5",
+                    "--tomograms", str(max(4, -(-particles // per_tomogram))), "--seed", "1"],
                    check=True, capture_output=True)  # fmt: skip
+
+
+def _reconstruct_data(particles: int) -> str:
+    """The reconstruct data set's folder (one per particle count)."""
+    return f"reconstruct_data_{particles}"
 
 
 def _prepare(work: Path, particles: int, rec_particles: int, box: int, jobs: list[str]) -> None:
     """The data sets of ``jobs`` not yet in ``work``."""
-    data = work / "reconstruct_data"
+    data = work / _reconstruct_data(rec_particles)
     if "reconstruct" in jobs and not (data / "particles.star").is_file():
-        _simulate(data, rec_particles, box)
+        _simulate(data, rec_particles, box, width=512)
     if "refine3d" not in jobs or (work / "rec" / "merged.mrc").is_file():
         return
     _simulate(work, particles, box)
@@ -88,8 +100,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_scaling"))
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--particles", type=int, default=150)
-    parser.add_argument("--rec-particles", type=int, default=600)
-    parser.add_argument("--rec-box", type=int, default=96, help="reconstruct's box (px)")
+    parser.add_argument("--rec-particles", type=int, default=1200)
+    parser.add_argument("--rec-box", type=int, default=128, help="reconstruct's box (px)")
+    parser.add_argument("--repeats", type=int, default=1, help="back-to-back runs of each")
     parser.add_argument("--jobs", nargs="+", default=["reconstruct", "refine3d"])
     parser.add_argument("--box", type=int, default=48)
     parser.add_argument("--device", default="cpu")
@@ -98,9 +111,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     _prepare(work, args.particles, args.rec_particles, args.box, args.jobs)
     cores = os.cpu_count() or 1
+    rec_data = _reconstruct_data(args.rec_particles)
     jobs = {
-        "reconstruct": (["reconstruct", "--p", "reconstruct_data/particles.star",
-                         "--t", "reconstruct_data/tomograms.star", "--from", "tilt_series",
+        "reconstruct": (["reconstruct", "--p", f"{rec_data}/particles.star",
+                         "--t", f"{rec_data}/tomograms.star", "--from", "tilt_series",
                          "--box", str(args.rec_box), "--device", args.device], "merged.mrc"),
         "refine3d": (["refine3d", "--ios", "ext/optimisation_set.star", "--ref",
                       "rec/merged.mrc", "--ini_high", "40", "--healpix_order", "3",
@@ -115,19 +129,25 @@ def main() -> None:
           "   in-job 1/N (s), efficiency   CPU s 1/N, CPU 1/N")  # fmt: skip
     for name in args.jobs:
         cmd, out = jobs[name]
-        times, cpu = {}, {}
-        for tag, threads, ranks in (("one", 1, 1), ("all", None, 1), ("n", None, args.ranks)):
-            times[tag], cpu[tag] = _run([*cmd, "--o", f"{name}_{tag}"], work, threads, ranks)
-        inside = {tag: _job_seconds(work / f"{name}_{tag}") for tag in times}
-        a, _ = read_mrc(work / f"{name}_one" / out)
-        b, _ = read_mrc(work / f"{name}_n" / out)
-        diff = float((a - b).abs().max() / a.abs().max())
-        speed = times["one"] / times["n"]
-        print(f"{name:12s} {times['one']:10.1f} s {times['all']:9.1f} s {times['n']:8.1f} s "
-              f"{speed:9.2f} {speed / args.ranks:10.0%}  {diff:8.1e}   "
-              f"{inside['one']:.1f}/{inside['n']:.1f}, "
-              f"{inside['one'] / inside['n'] / args.ranks:.0%}   "
-              f"{cpu['one']:.0f}/{cpu['n']:.0f}, {cpu['one'] / cpu['n']:.0%}")  # fmt: skip
+        efficiency = []
+        for _ in range(args.repeats):
+            times, cpu = {}, {}
+            for tag, threads, ranks in (("one", 1, 1), ("n", None, args.ranks), ("all", None, 1)):
+                times[tag], cpu[tag] = _run([*cmd, "--o", f"{name}_{tag}"], work, threads, ranks)
+            inside = {tag: _job_seconds(work / f"{name}_{tag}") for tag in times}
+            a, _ = read_mrc(work / f"{name}_one" / out)
+            b, _ = read_mrc(work / f"{name}_n" / out)
+            diff = float((a - b).abs().max() / a.abs().max())
+            speed = times["one"] / times["n"]
+            efficiency.append(speed / args.ranks)
+            print(f"{name:12s} {times['one']:10.1f} s {times['all']:9.1f} s {times['n']:8.1f} s "
+                  f"{speed:9.2f} {speed / args.ranks:10.0%}  {diff:8.1e}   "
+                  f"{inside['one']:.1f}/{inside['n']:.1f}, "
+                  f"{inside['one'] / inside['n'] / args.ranks:.0%}   "
+                  f"{cpu['one']:.0f}/{cpu['n']:.0f}, {cpu['one'] / cpu['n']:.0%}",
+                  flush=True)  # fmt: skip
+        if args.repeats > 1:
+            print(f"{name:12s} median efficiency {float(np.median(efficiency)):.0%}")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
