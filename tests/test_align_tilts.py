@@ -179,7 +179,7 @@ def test_one_tilt_is_a_one_line_error(tmp_path: Path) -> None:
 def test_simulated_beads_are_where_the_true_geometry_puts_them(tmp_path: Path) -> None:
     """Gold beads (radius 3 px) drawn with alignment errors: each image's darkest pixels lie
     at the beads' positions projected with the true matrices (not the nominal ones); without
-    beads the rest of the data set is the same."""
+    beads the rest of the data set, noise included, is the same."""
     params = dict(
         tomogram_size=SIZE, pixel_size=20.0, box=24, particles=4, tilt_step=30.0, ctf=False,
         tilt_shift_error_px=5.0, axis_error_deg=2.0, bead_radius_px=3.0,
@@ -196,6 +196,11 @@ def test_simulated_beads_are_where_the_true_geometry_puts_them(tmp_path: Path) -
         assert distance < 1.5, distance
     plain = simulate(SimulationParams.from_preset("tiny", **params))
     assert plain.particles.equals(sim.particles) and not plain.bead_positions["TS_01"].size
+    # the noise is set by the specimen without beads: pixels away from the beads are equal
+    noisy = dict(params, noise="gaussian", snr=0.5)
+    _, plain_images = next(simulate(SimulationParams.from_preset("tiny", **noisy)).tilt_series())
+    _, images = next(simulate(SimulationParams.from_preset("tiny", beads=3, **noisy)).tilt_series())
+    assert float((images - plain_images).abs().median()) < 1e-4 * float(plain_images.std())
     simulate_job(SimulateParams(output_dir="sim", beads=2, **params))
     table = read_star("sim/fiducials.star")["fiducials"]
     assert len(table) == 2 and set(table["rlnTomoName"]) == {"TS_01"}
