@@ -4,7 +4,7 @@ tilt-axis refinement by common lines and projection matching (:mod:`subtomo.tilt
 conventions §18); with ``--fiducial``, on gold beads of ``--bead_diameter``: detection,
 tracking and a least-squares fit of the projection model (:mod:`subtomo.tilt.fiducials`, §20).
 Fiducial-less with ``--erase_gold``: gold beads of ``--bead_diameter`` are found and erased
-first (:mod:`subtomo.tilt.gold`): they bias projection matching (§18.4).
+first (:mod:`subtomo.tilt.gold`): they bias projection matching (§18, "Gold erasing").
 
 Starts from each series' tilt angles and tilt axis: rlnTomoYTilt/ZRot when it has them, else
 the nominal stage tilt and tilt-axis angle (:func:`subtomo.tilt.table_rotations`); the shifts

@@ -1,5 +1,5 @@
 """Gold erasing for fiducial-less alignment: find the beads and fill them with noise of the
-local statistics, as IMOD's ccderaser does with a fiducial model (conventions §18.4).
+local statistics, as IMOD's ccderaser does with a fiducial model (conventions §18, "Gold erasing").
 
 Why: projection matching compares each tilt with the projection of a back-projection of the
 others; for a tilt at the end of the tilt range the others all lie on one side, and the
