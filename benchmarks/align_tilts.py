@@ -14,8 +14,9 @@ result is compared with ``true_alignment.star``:
   FSC to the true map crosses 0.5 and 0.143 within one shell of the true alignment's (bar).
 
 With ``--beads N`` the series also has N gold beads (radius ``--bead-radius`` px) and
-``--mode`` picks fiducial-less, fiducial (``align-tilts --fiducial``) or both, each measured
-against the same truth; the fiducial mode also prints the recovered tilt offset.
+``--mode`` picks fiducial-less (with ``align-tilts --erase_gold``, unless ``--keep-gold``),
+fiducial (``align-tilts --fiducial``) or both, each measured against the same truth; the
+fiducial mode also prints the recovered tilt offset.
 
 Also measured: teamtomo's ``torch-tiltxcorr`` and ``torch-refine-tilt-axis-angle`` 0.6 on the
 same images, given the true shifts/axis where they need them. Prints seconds and peak RSS.
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--beads", type=int, default=0, help="gold beads per tomogram")
     ap.add_argument("--bead-radius", type=float, default=5.0, help="bead radius (px)")
     ap.add_argument("--mode", default="fiducial-less", help="fiducial-less | fiducial | both")
+    ap.add_argument("--keep-gold", action="store_true", help="fiducial-less: do not erase beads")
     ap.add_argument("--no-fsc", action="store_true", help="skip Extract + Reconstruct")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a new temp folder")
     args = ap.parse_args()
@@ -154,6 +156,7 @@ def main() -> None:
             align_tilts.run(align_tilts.AlignTiltsParams(
                 i="tomograms.star", output_dir=f"Align/{mode}", fiducial=mode == "fiducial",
                 bead_diameter=2 * args.bead_radius * px,
+                erase_gold=mode == "fiducial-less" and args.beads > 0 and not args.keep_gold,
             ))  # fmt: skip
             seconds[f"align-tilts {mode}"] = time.perf_counter() - start
             aligned = f"Align/{mode}/aligned_tilt_series.star"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from subtomo.data import TomogramSet
+from subtomo.data.tomograms import tilt_images
 from subtomo.errors import InputError
 from subtomo.geometry import project_particles, tilt_rotations
 from subtomo.io import read_mrc, read_star, write_mrc
@@ -24,6 +25,7 @@ from subtomo.jobs.simulate import run as simulate_job
 from subtomo.simulate import SimulationParams, simulate
 from subtomo.simulate.truth import alignment_error
 from subtomo.tilt.alignment import TiltAlignment, coarse_shifts
+from subtomo.tilt.gold import erase_beads
 
 SIZE = (128, 128, 48)
 
@@ -179,7 +181,7 @@ def test_one_tilt_is_a_one_line_error(tmp_path: Path) -> None:
 def test_simulated_beads_are_where_the_true_geometry_puts_them(tmp_path: Path) -> None:
     """Gold beads (radius 3 px) drawn with alignment errors: each image's darkest pixels lie
     at the beads' positions projected with the true matrices (not the nominal ones); without
-    beads the rest of the data set is the same."""
+    beads the rest of the data set, noise included, is the same."""
     params = dict(
         tomogram_size=SIZE, pixel_size=20.0, box=24, particles=4, tilt_step=30.0, ctf=False,
         tilt_shift_error_px=5.0, axis_error_deg=2.0, bead_radius_px=3.0,
@@ -196,6 +198,52 @@ def test_simulated_beads_are_where_the_true_geometry_puts_them(tmp_path: Path) -
         assert distance < 1.5, distance
     plain = simulate(SimulationParams.from_preset("tiny", **params))
     assert plain.particles.equals(sim.particles) and not plain.bead_positions["TS_01"].size
+    # the noise is set by the specimen without beads: pixels away from the beads are equal
+    noisy = dict(params, noise="gaussian", snr=0.5)
+    _, plain_images = next(simulate(SimulationParams.from_preset("tiny", **noisy)).tilt_series())
+    _, images = next(simulate(SimulationParams.from_preset("tiny", beads=3, **noisy)).tilt_series())
+    assert float((images - plain_images).abs().median()) < 1e-4 * float(plain_images.std())
     simulate_job(SimulateParams(output_dir="sim", beads=2, **params))
     table = read_star("sim/fiducials.star")["fiducials"]
     assert len(table) == 2 and set(table["rlnTomoName"]) == {"TS_01"}
+
+
+def test_erase_gold_aligns_a_beaded_series(tmp_path: Path) -> None:
+    """The fixture's series (no noise, tilt angles kept) with 8 gold beads (radius 3 px) near
+    its surfaces: beads left in bias projection matching at the ends of the tilt range (1.66 px
+    RMS, worst tilt 3.0 px, measured); ``--erase_gold`` erases them first and the series
+    aligns as one without beads (0.43 px). The erased images keep every pixel away from the
+    beads and have no bead left."""
+    simulate_job(
+        SimulateParams(
+            output_dir=str(tmp_path / "sim"), tomogram_size=SIZE, pixel_size=20.0, box=24,
+            particles=14, tilt_step=6.0, tilt_shift_error_px=4.0, axis_error_deg=2.0,
+            tilt_angle_error_deg=0.3, in_plane_error_deg=0.2, beads=8, bead_radius_px=3.0,
+            seed=3,
+        )
+    )  # fmt: skip
+    series = TomogramSet.read(tmp_path / "sim/tomograms.star")["TS_01"]
+    images = tilt_images(series)[::4]
+    erased, found = erase_beads(images, 3.0)
+    assert found.float().mean() > 6  # 8 beads, some overlapping in a tilt
+    changed = (erased != images).float().mean()
+    assert 0 < changed < 0.05  # discs of 1.6 radii around the beads only
+    assert float(erased.min()) > 0.5 * float(images.min())  # the beads' dark cores are gone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        align_tilts(
+            AlignTiltsParams(
+                i=str(tmp_path / "sim/tomograms.star"), output_dir=str(tmp_path / "Align"),
+                project_dir=str(tmp_path), tilt_angles=False, erase_gold=True,
+                bead_diameter=2 * 3.0 * 20.0,
+            )
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    truth = _matrices(tmp_path / "sim/true_alignment.star")
+    found_rms, _ = alignment_error(
+        truth, _matrices(tmp_path / "Align/aligned_tilt_series.star"), SIZE
+    )
+    assert float(found_rms.square().mean().sqrt()) < 0.7, found_rms
+    assert float(found_rms.max()) < 1.5, found_rms

@@ -3,6 +3,8 @@
 tilt-axis refinement by common lines and projection matching (:mod:`subtomo.tilt.alignment`,
 conventions §18); with ``--fiducial``, on gold beads of ``--bead_diameter``: detection,
 tracking and a least-squares fit of the projection model (:mod:`subtomo.tilt.fiducials`, §20).
+Fiducial-less with ``--erase_gold``: gold beads of ``--bead_diameter`` are found and erased
+first (:mod:`subtomo.tilt.gold`): they bias projection matching (§18, "Gold erasing").
 
 Starts from each series' tilt angles and tilt axis: rlnTomoYTilt/ZRot when it has them, else
 the nominal stage tilt and tilt-axis angle (:func:`subtomo.tilt.table_rotations`); the shifts
@@ -68,7 +70,12 @@ class AlignTiltsParams:
         False, "--fiducial/--no_fiducial", help="Align on gold beads (fiducials)."
     )
     bead_diameter: float = option(
-        100.0, "--bead_diameter", help="Gold bead diameter (--fiducial).", unit="Å"
+        100.0, "--bead_diameter", help="Gold bead diameter (--fiducial, --erase_gold).", unit="Å"
+    )
+    erase_gold: bool = option(
+        False,
+        "--erase_gold/--no_erase_gold",
+        help="Fiducial-less: erase gold beads of --bead_diameter before aligning.",
     )
     output_dir: str | None = output_dir_option()
     project_dir: str = "."
@@ -104,7 +111,9 @@ def _plan(params: AlignTiltsParams, series: TiltSeries) -> _Plan:
         round(float(series.row.get("rlnTomoSizeY", image_size[1]))),
         int(depth),
     )
-    if params.fiducial and params.bead_diameter / (2 * series.pixel_size) < 1.5:
+    if (params.fiducial or params.erase_gold) and params.bead_diameter / (
+        2 * series.pixel_size
+    ) < 1.5:
         raise InputError(
             f"--bead_diameter {params.bead_diameter} Å is under 3 pixels of "
             f"{series.pixel_size} Å: too small to detect",
@@ -174,6 +183,7 @@ def _align(params: AlignTiltsParams, plan: _Plan) -> _Aligned:
         rounds=params.rounds,
         refine_axis=params.axis_search > 0,
         refine_tilt_angles=params.tilt_angles,
+        bead_radius_px=params.bead_diameter / (2 * series.pixel_size) if params.erase_gold else 0,
     )
     summary = {"axis change (deg)": f"{result.axis_correction:+.2f}"}
     return _Aligned(result.alignment, result.residual_px, result.flagged, summary)
@@ -267,7 +277,9 @@ def run(params: AlignTiltsParams) -> dict[str, str]:
                 {"method": f"fiducial: beads of {params.bead_diameter:g} Å, tracked and fitted"}
                 if params.fiducial
                 else {"method": "fiducial-less: stretched cross-correlation, common lines, "
-                      "projection matching", "rounds": params.rounds}
+                      "projection matching", "rounds": params.rounds,
+                      "gold erased": f"beads of {params.bead_diameter:g} Å"
+                      if params.erase_gold else "no"}
             ),
             tables={"tilt series": rows, "tilts": tilt_rows},
         )  # fmt: skip

@@ -210,12 +210,15 @@ def add_noise(
     snr: float,
     electrons_per_pixel: float,
     generator: torch.Generator,
+    specimen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tilt images with noise at a target SNR (new tensor).
 
     ``SNR = var(noise-free image over the pixels covered by particles) / noise variance``:
     the variance of the noise-free images over ``signal_mask`` (pixels within the particle
     radius of any projected centre, all tilts pooled) divided by the per-pixel noise variance.
+    ``specimen``: the images whose variance sets the noise instead (the specimen without gold
+    beads, so that beads do not raise the noise on the particles).
 
     * ``gaussian``: white Gaussian noise of that variance.
     * ``poisson``: electron counting. Each pixel receives ``N0 = electrons_per_pixel`` (dose
@@ -230,7 +233,8 @@ def add_noise(
     """
     if kind == "none":
         return images.clone()
-    signal_var = float(images[signal_mask].var()) if bool(signal_mask.any()) else 0.0
+    reference = images if specimen is None else specimen
+    signal_var = float(reference[signal_mask].var()) if bool(signal_mask.any()) else 0.0
     if signal_var <= 0 or snr <= 0:
         raise ValueError("noise at a target SNR needs particles in the images and snr > 0")
     if kind == "gaussian":

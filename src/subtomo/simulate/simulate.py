@@ -80,8 +80,9 @@ class SimulationParams:
     Fiducials: ``beads`` gold beads per tomogram of radius ``bead_radius_px`` (px), near the
     slab's two surfaces, rendered as uniform spheres (projected chord length) five times as
     dense as the densest voxel of the maps, without CTF; ``Simulation.bead_positions`` has
-    their truth. Their positions come from their own generator, so the rest of the data set
-    does not change with them.
+    their truth. Their positions come from their own generator, and the noise is set by the
+    specimen's signal without them (``snr`` is the particles' SNR), so the rest of the data
+    set, noise included, does not change with them.
 
     Particle motion (:func:`~subtomo.simulate.motion.particle_motion`, own generator):
     ``motion_s_vel`` Å per e/Å² (0: none) and ``motion_s_div`` Å, the frame-alignment prior
@@ -237,6 +238,7 @@ class Simulation:
                 displacements_px=truth.motion_angst / self.params.pixel_size,
                 defocus_offsets=truth.defocus_offsets,
             )  # fmt: skip
+            specimen = images
             if len(truth.beads_px):
                 images = images + _bead_images(
                     truth.beads_px, truth.geometry, self.params.bead_radius_px,
@@ -250,8 +252,9 @@ class Simulation:
                 generator = torch.Generator().manual_seed(truth.noise_seed)
                 electrons = self.params.dose_per_tilt * self.params.pixel_size**2
                 images = add_noise(
-                    images, mask, self.params.noise, self.params.snr, electrons, generator
-                )
+                    images, mask, self.params.noise, self.params.snr, electrons, generator,
+                    specimen,
+                )  # fmt: skip
             yield truth.name, images
             del images  # one stack alive at a time
 

@@ -400,9 +400,10 @@ def _fit_patches(
 
 
 def projection_matching(
-    images: torch.Tensor,
+    binned: torch.Tensor,
     alignment: TiltAlignment,
     tomogram_size: tuple[int, int, int],
+    image_size: tuple[int, int],
     binning: int,
     *,
     groups: int = 4,
@@ -414,24 +415,24 @@ def projection_matching(
 ) -> tuple[TiltAlignment, _PatchFit, torch.Tensor]:
     """One round: ``(updated alignment, patch fit, correlation (t,))``.
 
-    ``images`` ``(t, h, w)`` bin-1; the reconstruction and comparison run at ``binning``;
-    ``max_shift`` (binned px) bounds each patch's displacement; ``lowpass`` (cycles per binned
+    ``binned`` ``(t, h/b, w/b)`` the images Fourier-binned by ``binning`` from the bin-1
+    ``image_size`` ``(w, h)``, on which the reconstruction and comparison run; ``max_shift``
+    (binned px) bounds each patch's displacement; ``lowpass`` (cycles per binned
     px) the band-pass of images and projections. Groups of tilts interleave in tilt angle.
     ``axis_from_common_lines``: the in-plane rotations change by zero on average (their mean
     is left to :func:`refine_axis_common_lines`); ``refine_tilt_angles``: change the tilt
     angles too (else shifts and in-plane rotations only).
     """
-    t, h, w = images.shape
+    t, (hb, wb) = binned.shape[0], binned.shape[-2:]
+    w, h = image_size
     b = int(binning)
-    binned = fourier_bin(images, b)
-    hb, wb = binned.shape[-2:]
     band = _bandpass(binned, 2.0 / min(hb, wb), lowpass)
     matrices = alignment.matrices(1.0, tomogram_size, (w, h))
     grid = tomogram_grid(matrices, tomogram_size, (w, h), b)
     depths = torch.zeros(1, dtype=torch.float64)
     projections = torch.zeros_like(binned)
     footprint = torch.zeros_like(binned)
-    ones = torch.ones(grid.shape, dtype=torch.float32, device=images.device)
+    ones = torch.ones(grid.shape, dtype=torch.float32, device=binned.device)
     order = torch.argsort(alignment.y_tilt)
     n_groups = max(2, min(groups, t))
     for g in range(n_groups):
@@ -459,7 +460,7 @@ def projection_matching(
     size = 2 * (min(hb, wb) // (patches + 1))
     starts_y = torch.linspace(0, hb - size, patches).round().long()
     starts_x = torch.linspace(0, wb - size, patches).round().long()
-    taper = _taper((size, size), size / 4, images.device)
+    taper = _taper((size, size), size / 4, binned.device)
     crops_i, crops_p, centres, weights = [], [], [], []
     for y0 in starts_y.tolist():
         for x0 in starts_x.tolist():
@@ -517,6 +518,7 @@ def align_tilt_series(
     rounds: int = 4,
     refine_axis: bool = True,
     refine_tilt_angles: bool = True,
+    bead_radius_px: float = 0.0,
 ) -> AlignmentResult:
     """Align a tilt series ``(t, h, w)`` (bin-1, table row order) from the nominal tilt angles
     and ZRot (deg, ``(t,)``); the shifts are found anew (the coarse step needs none).
@@ -524,8 +526,9 @@ def align_tilt_series(
     Everything runs on the images Fourier-binned by ``binning`` (measured on a 256² series:
     rounds at bin 1 after bin 2 gave 0.277 instead of 0.274 px RMS, in 4x the time);
     ``max_shift`` bin-1 px between neighbouring tilts; ``axis_search_deg`` the ± range of the
-    tilt-axis search; ``rounds`` of projection matching. Raises ``ValueError`` for fewer than
-    3 tilts.
+    tilt-axis search; ``rounds`` of projection matching; ``bead_radius_px`` > 0 (bin-1 px):
+    gold beads of that radius are erased from the binned images first
+    (:func:`subtomo.tilt.gold.erase_beads`). Raises ``ValueError`` for fewer than 3 tilts.
     """
     t, h, w = images.shape
     if t < 3:
@@ -538,6 +541,11 @@ def align_tilt_series(
     )
     b = int(binning)
     binned = fourier_bin(images, b)
+    if bead_radius_px > 0:
+        from subtomo.tilt.gold import erase_beads  # gold -> fiducials -> alignment
+
+        binned, found = erase_beads(binned, bead_radius_px, b)
+        log.info("gold: %.1f beads erased per tilt", float(found.double().mean()))
     low = 2.0 / (min(h, w) // b)
     coarse = _bandpass(binned, low, 0.2)
     sharp = _bandpass(binned, low, 0.5)  # common lines: measured best without a low-pass
@@ -559,9 +567,10 @@ def align_tilt_series(
     residual = correlation = torch.zeros(t, dtype=torch.float64)
     for k in range(rounds):
         alignment, fit, correlation = projection_matching(
-            images,
+            binned,
             alignment,
             tomogram_size,
+            (w, h),
             b,
             axis_from_common_lines=refine_axis,
             refine_tilt_angles=refine_tilt_angles,
