@@ -36,6 +36,8 @@ from subtomo.masks.create import suggest_threshold
 from subtomo.simulate.truth import image_position_error
 
 REFINE = "--healpix_order 3 --sigma_ang 3 --offset_range 2 --offset_step 1"
+# RELION's --kmin 30 Å leaves no shell below the resolution Refine3D reaches here (~28 Å)
+CTF_REFINE = "--kmin 100"
 HERE = Path(".")
 
 
@@ -74,6 +76,7 @@ def main() -> None:
     ap.add_argument("--shift-error-px", type=float, default=1.0)
     ap.add_argument("--cycles", type=int, default=2)
     ap.add_argument("--refine", default=REFINE, help="refine3d options")
+    ap.add_argument("--ctf-refine", default=CTF_REFINE, help="more ctf-refine options")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     os.chdir(a.work)
@@ -115,7 +118,7 @@ def main() -> None:
         _mask(f"{previous}/run_class001.mrc", f"mask{c}")
         mask = ("--mask", f"mask{c}/mask.mrc")
         t1 = _wall("ctf-refine", "--ios", ios, *mask, "--per_particle_defocus",
-                   "--o", f"ctf{c}")  # fmt: skip
+                   *shlex.split(a.ctf_refine), "--o", f"ctf{c}")  # fmt: skip
         t2 = _wall("frame-align", "--ios", f"ctf{c}/optimisation_set.star", *mask,
                    "--motion", "--o", f"fa{c}")  # fmt: skip
         t3 = _wall("extract", "--ios", f"fa{c}/optimisation_set.star", "--box", box,
