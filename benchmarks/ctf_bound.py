@@ -10,13 +10,16 @@ points of every visible image of a tilt (per tilt) or of a particle (per particl
 map, poses and scale known (a lower bound). With the Gaussian prior of the fit (σ_t) the
 Bayesian bound of each tilt is ``(I + 1/σ_t²)^(-1/2)``.
 
-ctf-refine instead minimises ``Σ w·|Y − A·c·P|²/2`` with ``w = 1/σ²`` on the shells from
-``--kmin``: its curvature is ``H = Σ A² j/σ²`` and (the noise on ``Y`` being ``A·N``) its
-variance ``Σ A⁴ j/σ² / H²`` (sandwich); the ``A²`` weighting discards the points where the
-nominal CTF is near zero, where ``∂c/∂δ`` is largest. Prints, per tilt (RMS over all tilts
-and over |tilt| <= 20°) and per particle: the bound, that estimator's standard deviation, and
-the particle count (or SNR, i.e. dose) factor the bound needs for the bars (100 Å per
-tilt, 150 Å per particle).
+A least-squares fit ``Σ v·w·|Y − A·c·P|²/2`` (``w = 1/σ²`` on the shells from ``--kmin``,
+point weights ``v``) has curvature ``H = Σ u j/σ²`` (``u = v·A²``) and, the noise on ``Y``
+being ``A·N``, variance ``Σ u² j/σ² / H²`` (sandwich). Printed for ``v = 1`` (``u = A²``,
+ctf-refine before it weighted by the likelihood: it discards the points where the nominal
+CTF is near zero, where ``∂c/∂δ`` is largest) and ``v = 1/(A² + ε|Q|²)`` (ctf-refine's,
+:data:`subtomo.tomorefine.ctf.WEIGHT_FLOOR`). Prints, per tilt (RMS over all tilts and over
+|tilt| <= 20°) and per particle, the posterior standard deviations with the fit's prior and
+the factor of particles (or SNR, i.e. dose) the bound needs for the bars (100 Å per tilt,
+150 Å per particle). ``--max-shell``: only the shells up to that one, as with a reference
+of that resolution (e.g. the half maps of a Refine3D).
 
     python benchmarks/ctf_bound.py --workdir /tmp/bench_ctf
 """
@@ -24,7 +27,6 @@ tilt, 150 Å per particle).
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,7 @@ from subtomo.tomorefine.predict import shell_noise_sums
 EPSILON = (0.01, 0.1, 0.3)
 
 
-def _information(work: Path, kmin_angst: float) -> dict[str, np.ndarray]:
+def _information(work: Path, kmin_angst: float, max_shell: int) -> dict[str, np.ndarray]:
     """Per tilt (all series, file order) and per particle: ``I`` of the bound, and ``H`` and
     the score variance ``V`` of ctf-refine's weighting (see the module docstring)."""
     parts = ParticleSet.read(work / "ext/particles.star")
@@ -84,7 +86,7 @@ def _information(work: Path, kmin_angst: float) -> dict[str, np.ndarray]:
     sigma2 = noise[0] / noise[1]
     shell = torch.arange(n_shells)
     low = int(np.ceil(n * loader.pixel_size / kmin_angst))
-    inv = torch.where(shell >= 1, 1 / sigma2, 0.0)
+    inv = torch.where((shell >= 1) & (shell <= max_shell), 1 / sigma2, 0.0)
     used = inv * (shell >= low)
     out = {}
     for prefix, sums in (("", tilt_sums), ("p", particle_sums)):
@@ -126,20 +128,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_ctf_refine"))
     ap.add_argument("--kmin", type=float, default=30.0, help="ctf-refine's --kmin (Å)")
+    ap.add_argument(
+        "--max-shell",
+        type=int,
+        default=10**6,
+        help="no information beyond this shell (a reference of that resolution)",
+    )
     ap.add_argument("--sigma-tilt", type=float, default=500.0)
     ap.add_argument("--sigma-particle", type=float, default=300.0)
     a = ap.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    info = _information(a.workdir, a.kmin)
+    info = _information(a.workdir, a.kmin, a.max_shell)
     tilt = np.concatenate([np.asarray(s.tilts["rlnTomoYTilt"], dtype=np.float64)
                            for s in TomogramSet.read(a.workdir / "tomograms.star")])  # fmt: skip
     low = np.abs(tilt) <= 20
-    rows = [("per tilt", "", a.sigma_tilt, 100.0), ("per particle", "p", a.sigma_particle, 150.0)]
-    for label, p, prior, bar in rows:
+    rows = [("per tilt", "", a.sigma_tilt, 100.0, "particles or SNR (dose)"),
+            ("per particle", "p", a.sigma_particle, 150.0, "SNR (dose)")]  # fmt: skip
+    for label, p, prior, bar, what in rows:
         sel = low if not p else None
         print(f"{label} (prior σ {prior:.0f} Å): Cramér–Rao {_show(info[p + 'I'], prior, sel)}; "
               f"the bar {bar:.0f} Å needs {_factor(info[p + 'I'], prior, bar):.1f}x the "
-              f"particles or SNR (dose)")  # fmt: skip
+              f"{what}")  # fmt: skip
         for name in ["A²", *(f"ε {e:g}" for e in EPSILON)]:
             print(f"  weights {name}: {_show(info[p + name], prior, sel)}")
 
