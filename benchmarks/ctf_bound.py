@@ -7,8 +7,9 @@ hold ``Y = A·X`` (``A`` the nominal ``CTF·dose`` they were premultiplied with)
 ``∂c/∂δ = −φ·Im Q`` (:mod:`subtomo.tomorefine.predict`) the Fisher information of a
 defocus change δ (Å) is ``I = Σ j/σ²``, ``j = |P|² φ² (Im Q)²``, summed over the Fourier
 points of every visible image of a tilt (per tilt) or of a particle (per particle), with the
-map, poses and scale known (a lower bound). With the Gaussian prior of the fit (σ_t) the
-Bayesian bound of each tilt is ``(I + 1/σ_t²)^(-1/2)``.
+map, poses and scale known (a lower bound; also printed with each tilt's scale a free
+nuisance parameter, as ctf-refine fits it: ``I − I_δs²/I_ss``). With the Gaussian prior of
+the fit (σ_t) the Bayesian bound of each tilt is ``(I + 1/σ_t²)^(-1/2)``.
 
 A least-squares fit ``Σ v·w·|Y − A·c·P|²/2`` (``w = 1/σ²`` on the shells from ``--kmin``,
 point weights ``v``) has curvature ``H = Σ u j/σ²`` (``u = v·A²``) and, the noise on ``Y``
@@ -67,16 +68,20 @@ def _information(work: Path, kmin_angst: float, max_shell: int) -> dict[str, np.
     noise = torch.zeros(2, n_shells, dtype=torch.float64)
     first = np.cumsum([0] + [s.n_tilts for s in nominal])
     start = {s.name: int(o) for s, o in zip(nominal, first[:-1], strict=True)}
-    # per shell: Σ j, Σ A² j, Σ A⁴ j per tilt and per particle
-    tilt_sums = torch.zeros(3 + 2 * len(EPSILON), int(first[-1]), n_shells, dtype=torch.float64)
-    particle_sums = torch.zeros(3 + 2 * len(EPSILON), len(parts), n_shells, dtype=torch.float64)
+    # per shell, per tilt and per particle: Σ j; Σ u j and Σ u² j for each weighting; and for
+    # the scale s (∂c/∂s = c): Σ |P|² c² and Σ |P|² c·∂c/∂δ
+    size = 5 + 2 * len(EPSILON)
+    tilt_sums = torch.zeros(size, int(first[-1]), n_shells, dtype=torch.float64)
+    particle_sums = torch.zeros(size, len(parts), n_shells, dtype=torch.float64)
     for patches in predictor.batches(state, tilt_ctf=ctfs):
         noise += torch.stack(shell_noise_sums(patches, patches.ctf, n_shells))
         j = patches.predicted.abs() * patches.defocus_phase * patches.quadrature.imag
         a2 = patches.applied.square()
         envelope = patches.quadrature.abs().square()
         u = [a2 / (a2 + e * envelope).clamp_min(1e-30) for e in EPSILON]
-        terms = torch.stack([j * j] + [w**k * j * j for w in [a2, *u] for k in (1, 2)]).double()
+        c = patches.predicted.abs() * patches.quadrature.real
+        weighted = [w**k * j * j for w in [a2, *u] for k in (1, 2)]
+        terms = torch.stack([j * j, *weighted, c * c, c * j]).double()
         shells = torch.zeros((*terms.shape[:3], n_shells), dtype=torch.float64)
         shells.index_add_(3, patches.points.shell.clamp_max(n_shells - 1), terms)
         vis = patches.visible
@@ -91,6 +96,8 @@ def _information(work: Path, kmin_angst: float, max_shell: int) -> dict[str, np.
     out = {}
     for prefix, sums in (("", tilt_sums), ("p", particle_sums)):
         out[prefix + "I"] = (sums[0] * inv).sum(-1)
+        ss, ds = ((sums[k] * inv).sum(-1) for k in (-2, -1))
+        out[prefix + "I scale free"] = out[prefix + "I"] - ds * ds / ss.clamp_min(1e-300)
         for i, name in enumerate(["A²", *(f"ε {e:g}" for e in EPSILON)]):
             h, v = ((sums[1 + 2 * i + k] * used).sum(-1) for k in (0, 1))
             out[f"{prefix}{name}"] = h * h / v.clamp_min(1e-300)
@@ -148,6 +155,8 @@ def main() -> None:
         print(f"{label} (prior σ {prior:.0f} Å): Cramér–Rao {_show(info[p + 'I'], prior, sel)}; "
               f"the bar {bar:.0f} Å needs {_factor(info[p + 'I'], prior, bar):.1f}x the "
               f"{what}")  # fmt: skip
+        if not p:
+            print(f"  with each tilt's scale free: {_show(info['I scale free'], prior, sel)}")
         for name in ["A²", *(f"ε {e:g}" for e in EPSILON)]:
             print(f"  weights {name}: {_show(info[p + name], prior, sel)}")
 
