@@ -170,7 +170,6 @@ def _options(params: CtfRefineParams) -> CtfRefineOptions:
         do_scale=params.do_scale, per_particle=params.per_particle_defocus,
         sigma_particle=params.sigma_particle_defocus,
         correct_bias=not params.no_bias_correction,
-        tie_scale=params.do_scale and not params.per_frame_scale,
     )  # fmt: skip
 
 
@@ -221,10 +220,7 @@ def run(params: CtfRefineParams) -> dict[str, str]:
             if name in done:
                 continue
             rows = np.flatnonzero(parts.tomo_names == name)
-            rotations = tomos[name].projection_matrices()[:, :3, :3]
-            done[name] = refine_tomogram(
-                predictor, state, name, rows, weight, options, tilt_rotations=rotations
-            )
+            done[name] = refine_tomogram(predictor, state, name, rows, weight, options)
             _save(job.path(CHECKPOINT), params, done)
         ice = _scales(params, tomos, done)
         _write(job, outputs, params, parts, tomos, opt, maps, done)

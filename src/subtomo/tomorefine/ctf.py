@@ -176,15 +176,6 @@ def _profile(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return -x.clamp_min(0).square() / (2 * d.clamp_min(1e-300))
 
 
-def _cost(x: torch.Tensor, d: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """``L`` at ``scale`` ``(t,)`` (broadcast against ``x``'s first axis), or the profile over
-    the scale where ``None``."""
-    if scale is None:
-        return _profile(x, d)
-    s = scale.reshape(-1, *([1] * (x.dim() - 1)))
-    return -s * x + s * s * d / 2
-
-
 @dataclass
 class DefocusFit:
     """Per-tilt results ``(t,)`` of one tilt series: ``delta`` the change of the mean defocus
@@ -231,7 +222,6 @@ def fit_tilt_defocus(
     astigmatism: str = "series",
     reg_lambda: float | None = None,
     sigma_angst: float | None = None,
-    scale: torch.Tensor | None = None,
     iterations: int = 50,
 ) -> DefocusFit:
     """Fit the defocus of every tilt of one series (see the module docstring).
@@ -243,21 +233,17 @@ def fit_tilt_defocus(
     does not change between tilts) or ``"tilt"`` (one per tilt, RELION's). ``reg_lambda``:
     pull each tilt's grid search towards the series' mean (``--do_reg_defocus``).
     ``sigma_angst``: σ_t of the Gaussian prior on each tilt's change (``None``: flat).
-    ``scale`` ``(t,)``: each tilt's scale relative to the current one, held fixed (e.g. on
-    the Beer–Lambert curve: a free scale per tilt costs defocus information, the two being
-    correlated in the first CTF lobes); ``None``: free (``L`` profiled over it).
     """
     cross, power, dev = stats.cross, stats.power, stats.cross.device
     w = weights.to(dev, torch.float64)
     phi = defocus_phase.to(dev, torch.float64)
     t = cross.shape[0]
-    fixed = None if scale is None else scale.to(dev, torch.float64)
     cost_before = _profile(*_terms(cross, power, w, torch.zeros_like(phi)))
     delta = torch.zeros(t, dtype=torch.float64, device=dev)
     if fit_defocus:
         grid = torch.linspace(d0, d1, steps + 1, dtype=torch.float64, device=dev)  # (G,)
         x, d = _grid_terms(cross * w, power * w, grid[:, None] * phi)
-        cost = _cost(x, d, fixed)  # (t, G)
+        cost = _profile(x, d)  # (t, G)
         if sigma_angst:
             cost = cost + grid**2 / (2 * sigma_angst**2)
         delta = grid[cost.argmin(1)]
@@ -286,7 +272,7 @@ def fit_tilt_defocus(
 
         def closure() -> torch.Tensor:
             optimiser.zero_grad()
-            loss = _cost(*_terms(cross, power, w, field()), fixed).sum()
+            loss = _profile(*_terms(cross, power, w, field())).sum()
             if reg_lambda:
                 diff = _UNIT * p_delta - mean0
                 loss = loss + reg_lambda * (stats.count * diff * diff).sum()
@@ -301,7 +287,7 @@ def fit_tilt_defocus(
         ast = (p_ast.detach() * _UNIT).expand(t, 2) if n_ast else torch.zeros(t, 2, device=dev)
         h = 50.0  # Å: curvature of L + prior by central differences
         around = [
-            _cost(*_terms(cross, power, w, field() + s * h * phi), fixed)
+            _profile(*_terms(cross, power, w, field() + s * h * phi))
             + (0.0 if not sigma_angst else (_UNIT * p_delta + s * h) ** 2 / (2 * sigma_angst**2))
             for s in (-1, 0, 1)
         ]

@@ -4,9 +4,7 @@ For each tilt series (§11, §23; the fits are :mod:`subtomo.tomorefine.ctf`):
 
 1. one pass over its particles (this rank's batches under torch.distributed, the sums
    gathered from all ranks) accumulates the per-tilt statistics; the defocus, astigmatism and
-   scale of every tilt are fitted; with ``tie_scale`` the series' Beer–Lambert curve is
-   fitted to those scales and the defoci fitted again with each tilt's scale on it (a free
-   scale per tilt is correlated with its defocus: benchmarks/ctf_bound.py);
+   scale of every tilt are fitted;
 2. a second pass fits *simulated* data (:meth:`TiltPredictor.batches` ``simulate``: the
    prediction at the fitted CTF, cut and circle-cropped as extraction does) the same way:
    what it finds is the bias of the fit, which is subtracted (times the shrinkage of the
@@ -38,7 +36,6 @@ from subtomo.tomorefine.ctf import (
     DefocusFit,
     TiltStatistics,
     accumulate_tilts,
-    fit_ice_scale,
     fit_particle_defocus,
     fit_tilt_defocus,
     frequency_weights,
@@ -59,8 +56,7 @@ class CtfRefineOptions:
     (``--lambda`` with ``--do_reg_defocus``, else ``None``); ``do_scale`` (``--do_scale``);
     ``sigma_tilt`` the σ of the prior on each tilt's defocus change (Å, ``None``: none);
     ``per_particle`` defocus with prior σ ``sigma_particle`` Å; ``correct_bias``: the
-    simulation passes (2. and 3. of the module docstring); ``tie_scale``: fit the defoci with
-    the scales on the series' Beer–Lambert curve (1. of the module docstring).
+    simulation passes (2. and 3. of the module docstring).
     """
 
     do_defocus: bool = True
@@ -74,7 +70,6 @@ class CtfRefineOptions:
     per_particle: bool = False
     sigma_particle: float = 300.0
     correct_bias: bool = True
-    tie_scale: bool = False
 
 
 @dataclass
@@ -169,11 +164,9 @@ def refine_tomogram(
     rows: np.ndarray,
     fsc_weight: torch.Tensor,
     options: CtfRefineOptions,
-    tilt_rotations: torch.Tensor | None = None,
 ) -> TomogramResult:
     """Refine the CTF of tilt series ``name`` from its particles ``rows`` (see the module
-    docstring); ``fsc_weight`` ``(n//2+1,)`` per shell (:func:`~subtomo.tomorefine.fsc_weights`);
-    ``tilt_rotations`` ``(t, 3, 3)`` the series' R_f (needed by ``tie_scale``)."""
+    docstring); ``fsc_weight`` ``(n//2+1,)`` per shell (:func:`~subtomo.tomorefine.fsc_weights`)."""
     ctf = predictor.loader.ctfs[name]
     t = ctf.defocus_u.shape[0]
     pts = predictor.points
@@ -187,14 +180,6 @@ def refine_tomogram(
     fit = fit_tilt_defocus(stats, w, pts.freq, predictor.defocus_phase, **fit_args)
     u0, v0, a0 = (x.double().numpy() for x in (ctf.defocus_u, ctf.defocus_v, ctf.defocus_angle))
     scale0 = np.broadcast_to(np.asarray(torch.as_tensor(ctf.scale).double()), (t,)).copy()
-    if options.tie_scale and options.do_defocus:
-        if tilt_rotations is None:
-            raise ValueError("tie_scale needs the tilt rotations")
-        current = torch.from_numpy(scale0)
-        _, (curve,) = fit_ice_scale([tilt_rotations], [fit.cross], [fit.power], [current])
-        fit = fit_tilt_defocus(
-            stats, w, pts.freq, predictor.defocus_phase, **fit_args, scale=curve / current
-        )
     u, v, angle = fit.defocus(u0, v0, a0)
     x, d = fit.cross.cpu().numpy(), fit.power.cpu().numpy()
     scale = scale0 * fit.scale.cpu().numpy() if options.do_scale else scale0
