@@ -28,47 +28,34 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def _subtomo(*args: str, cwd: Path) -> None:
-    """One ``subtomo`` command in a child process (its memory is not ours)."""
-    subprocess.run([sys.executable, "-m", "subtomo.cli", *args], cwd=cwd, check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+from _setup import add_data_arguments, rms, simulate, subtomo
 
 
 def _prepare(args: argparse.Namespace, work: Path) -> None:
     if not (work / "truth.mrc").is_file():
-        start = time.perf_counter()
-        _subtomo(
-            "simulate", "--out", ".", "--preset", "benchmark", "--particles",
-            str(args.particles), "--tomograms", str(args.tomograms), "--box", str(args.box),
-            "--pixel-size", str(args.pixel_size), "--tomogram-size", args.tomogram_size,
-            "--tilt-step", "3", "--snr", str(args.snr), "--defocus-error",
-            str(args.defocus_error), "--particle-defocus-error", str(args.particle_error),
-            "--ice-kappa", str(args.kappa), "--ice-normal", "5", "--seed", str(args.seed),
-            cwd=work,
-        )  # fmt: skip
-        print(f"simulated in {time.perf_counter() - start:.0f} s: {work}")
+        t = simulate(args, "--tilt-step", "3", "--defocus-error", str(args.defocus_error),
+                     "--particle-defocus-error", str(args.particle_error), "--ice-kappa",
+                     str(args.kappa), "--ice-normal", "5", cwd=work)  # fmt: skip
+        print(f"simulated in {t:.0f} s: {work}")
     if not (work / "ext/particles.star").is_file():
         from subtomo.data import DEFOCUS_OFFSET, ParticleSet
 
         nominal = ParticleSet.read(work / "particles.star")
         nominal.particles = nominal.particles.drop(columns=[DEFOCUS_OFFSET])
         nominal.write(work / "particles_nominal.star")
-        _subtomo("extract", "--p", "particles_nominal.star", "--t", "tomograms.star",
-                 "--box", str(args.box), "--float32", "--o", "ext", cwd=work)  # fmt: skip
+        subtomo("extract", "--p", "particles_nominal.star", "--t", "tomograms.star",
+                "--box", str(args.box), "--float32", "--o", "ext", cwd=work)  # fmt: skip
     if not (work / "mask/mask.mrc").is_file():  # the reference mask, from the true map
-        _subtomo("mask", "--i", "truth.mrc", "--lowpass", "20", "--ini_threshold", "2",
-                 "--extend_inimask", "3", "--width_soft_edge", "5", "--o", "mask",
-                 cwd=work)  # fmt: skip
+        subtomo("mask", "--i", "truth.mrc", "--lowpass", "20", "--ini_threshold", "2",
+                "--extend_inimask", "3", "--width_soft_edge", "5", "--o", "mask",
+                cwd=work)  # fmt: skip
     if args.reference == "data" and not (work / "rec/half1.mrc").is_file():
-        _subtomo("reconstruct", "--ios", "ext/optimisation_set.star", "--o", "rec", cwd=work)
+        subtomo("reconstruct", "--ios", "ext/optimisation_set.star", "--o", "rec", cwd=work)
 
 
 def _per_tilt(path: Path, what: str) -> dict[str, np.ndarray]:
@@ -83,23 +70,14 @@ def _per_tilt(path: Path, what: str) -> dict[str, np.ndarray]:
     return {s.name: values(s) for s in TomogramSet.read(path)}
 
 
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(x))))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/bench_ctf_refine")
-    parser.add_argument("--particles", type=int, default=300)
-    parser.add_argument("--tomograms", type=int, default=2)
-    parser.add_argument("--box", type=int, default=64)
-    parser.add_argument("--pixel-size", type=float, default=5.0)
-    parser.add_argument("--tomogram-size", default="1024,1024,128")
-    parser.add_argument("--snr", type=float, default=0.05)
+    add_data_arguments(parser)
     parser.add_argument("--defocus-error", type=float, default=500.0)
     parser.add_argument("--particle-error", type=float, default=300.0)
     parser.add_argument("--kappa", type=float, default=0.8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kmin", type=float, default=30.0, help="ctf-refine --kmin (Å)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--reference", choices=("truth", "data"), default="truth")
     parser.add_argument("--rounds", type=int, default=1, help="ctf-refine + extract cycles")
@@ -122,22 +100,22 @@ def main() -> None:
     n_part = len(truth_p)
     print(f"data: {n_part} particles, {args.tomograms} tomograms, box {args.box} at "
           f"{args.pixel_size} Å/px, 41 tilts, SNR {args.snr}; "
-          f"reference {args.reference}")  # fmt: skip
+          f"reference {args.reference}, --kmin {args.kmin:g} Å")  # fmt: skip
     true = _per_tilt(Path("true_alignment.star"), "defocus")
     tomograms = Path("tomograms.star")
     for round_ in range(1, args.rounds + 1):
         if round_ > 1:  # the cycle: extract with the refined CTF (and reconstruct)
-            _subtomo("extract", "--ios", str(ios), "--box", str(args.box), "--float32",
-                     "--o", f"ext_{tag}_{round_}", cwd=Path.cwd())  # fmt: skip
+            subtomo("extract", "--ios", str(ios), "--box", str(args.box), "--float32",
+                    "--o", f"ext_{tag}_{round_}", cwd=Path.cwd())  # fmt: skip
             ios = Path(f"ext_{tag}_{round_}/optimisation_set.star")
             if args.reference == "data":
-                _subtomo("reconstruct", "--ios", str(ios), "--o", f"rec_{tag}_{round_}",
-                         cwd=Path.cwd())  # fmt: skip
+                subtomo("reconstruct", "--ios", str(ios), "--o", f"rec_{tag}_{round_}",
+                        cwd=Path.cwd())  # fmt: skip
                 refs = (f"rec_{tag}_{round_}/half1.mrc", f"rec_{tag}_{round_}/half2.mrc")
         out = Path(f"CtfRefine/bench_{tag}_{round_}")
         wall, cpu = time.perf_counter(), time.process_time()
         run(CtfRefineParams(ios=str(ios), ref1=refs[0], ref2=refs[1], mask="mask/mask.mrc",
-                            per_particle_defocus=True, device=args.device,
+                            per_particle_defocus=True, kmin=args.kmin, device=args.device,
                             output_dir=str(out)))  # fmt: skip
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -152,20 +130,20 @@ def main() -> None:
         scale = _per_tilt(out / "tomograms.star", "scale")
         true_scale = _per_tilt(Path("true_alignment.star"), "scale")
         ratio = [scale[n] / true_scale[n] for n in true]
-        scale_error = _rms(np.concatenate([r / r.mean() - 1 for r in ratio]))
+        scale_error = rms(np.concatenate([r / r.mean() - 1 for r in ratio]))
         input_p = ParticleSet.read(OptimisationSet.read(ios).particles).defocus_offsets()
         fitted_p = ParticleSet.read(out / "particles.star").defocus_offsets().numpy()
         print(f"round {round_}:")
         print(
-            f"  per-tilt defocus RMS error: all tilts {_rms(before):.0f} -> {_rms(after):.0f} Å "
-            f"(fit's posterior σ RMS {_rms(sigma):.0f} Å); "
-            f"{_rms(before[low]):.0f} -> {_rms(after[low]):.0f} Å (σ {_rms(sigma[low]):.0f} Å) "
+            f"  per-tilt defocus RMS error: all tilts {rms(before):.0f} -> {rms(after):.0f} Å "
+            f"(fit's posterior σ RMS {rms(sigma):.0f} Å); "
+            f"{rms(before[low]):.0f} -> {rms(after[low]):.0f} Å (σ {rms(sigma[low]):.0f} Å) "
             f"at |tilt| <= 20°"
         )
         print(f"  per-tilt scale RMS error (Beer–Lambert, up to the grey scale): "
               f"{scale_error:.1%}")  # fmt: skip
-        print(f"  per-particle defocus RMS error: {_rms(input_p.numpy() - truth_p):.0f} -> "
-              f"{_rms(fitted_p - truth_p):.0f} Å")  # fmt: skip
+        print(f"  per-particle defocus RMS error: {rms(input_p.numpy() - truth_p):.0f} -> "
+              f"{rms(fitted_p - truth_p):.0f} Å")  # fmt: skip
         print(f"  time {wall:.1f} s wall, {cpu:.1f} s CPU: {n_part / wall:.1f} particles/s, "
               f"{n_part * 41 / wall:.0f} tilt images/s; peak RSS {peak:.0f} MiB"
               + (f", CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"

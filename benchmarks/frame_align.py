@@ -19,88 +19,50 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from subtomo.data import ParticleSet, TomogramSet, Trajectories
-from subtomo.fourier import crossing_shell, fsc_maps
-from subtomo.io import read_mrc
+from _setup import add_data_arguments, files, fsc_shells, simulate, subtomo
 from subtomo.simulate.truth import image_position_error
-
-
-def _subtomo(args: list[str], cwd: Path) -> tuple[float, float]:
-    """Run one ``subtomo`` command line; (wall s, peak RSS MB of that child)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "subtomo.cli", *args], cwd=cwd, check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return time.perf_counter() - t0, max(peak, before) / 1024
-
-
-def _files(root: Path, tomograms: str, particles: str, motion: str | None) -> tuple:
-    tomos = TomogramSet.read(root / tomograms)
-    return (tomos, ParticleSet.read(root / particles, tomos),
-            Trajectories.read(root / motion) if motion else None)  # fmt: skip
-
-
-def _fsc_shells(root: Path, rec: str) -> tuple[float, float]:
-    """Shells where the merged map's FSC against the truth crosses 0.5 and 0.143."""
-    merged, _ = read_mrc(root / rec / "merged.mrc")
-    truth, _ = read_mrc(root / "truth.mrc")
-    curve = fsc_maps(merged.double(), truth.double())[1:]  # shell 0 (the mean) says nothing
-    return 1 + crossing_shell(curve, 0.5), 1 + crossing_shell(curve, 0.143)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--particles", type=int, default=300)
-    ap.add_argument("--tomograms", type=int, default=2)
-    ap.add_argument("--box", type=int, default=64)
-    ap.add_argument("--tomogram-size", default="1024,1024,128", help="W,H,D px (150 fit at 5 Å)")
-    ap.add_argument("--pixel-size", type=float, default=5.0)
-    ap.add_argument("--snr", type=float, default=0.05)
+    add_data_arguments(ap)
     ap.add_argument("--shift-error-px", type=float, default=1.5)
     ap.add_argument("--s-vel", type=float, default=0.5, help="simulated motion, Å/(e/Å²)")
     ap.add_argument("--extra", default="", help="more frame-align options")
-    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     root = a.work.resolve()
     root.mkdir(parents=True, exist_ok=True)
     os.chdir(root)
     box = str(a.box)
     if not (root / "ext/particles.star").is_file():
-        t, _ = _subtomo(["simulate", "--out", ".", "--preset", "benchmark", "--particles",
-                         str(a.particles), "--tomograms", str(a.tomograms), "--box", box,
-                         "--tomogram-size", a.tomogram_size,
-                         "--pixel-size", str(a.pixel_size), "--snr", str(a.snr),
-                         "--tilt-shift-error-px", str(a.shift_error_px), "--motion-s-vel",
-                         str(a.s_vel), "--seed", str(a.seed)], root)  # fmt: skip
+        t = simulate(a, "--tilt-shift-error-px", str(a.shift_error_px), "--motion-s-vel",
+                     str(a.s_vel), cwd=root)  # fmt: skip
         print(f"simulate: {t:.1f} s")
-        _subtomo(["extract", "--p", "particles.star", "--t", "tomograms.star", "--box", box,
-                  "--float32", "--o", "ext"], root)  # fmt: skip
-        _subtomo(["reconstruct", "--ios", "ext/optimisation_set.star", "--o", "rec"], root)
-    wall, rss = _subtomo(["frame-align", "--ios", "ext/optimisation_set.star", "--ref1",
-                          "rec/half1.mrc", "--ref2", "rec/half2.mrc", "--motion", "--s_vel",
-                          str(a.s_vel), "--o", "fa", *a.extra.split()], root)  # fmt: skip
-    _subtomo(["extract", "--ios", "fa/optimisation_set.star", "--box", box, "--float32",
-              "--o", "ext2"], root)  # fmt: skip
-    _subtomo(["reconstruct", "--ios", "ext2/optimisation_set.star", "--o", "rec2"], root)
-    truth = _files(root, "true_alignment.star", "particles.star", "true_motion.star")
-    before = image_position_error(truth, _files(root, "tomograms.star", "ext/particles.star",
+        subtomo("extract", "--p", "particles.star", "--t", "tomograms.star", "--box", box,
+                "--float32", "--o", "ext", cwd=root)  # fmt: skip
+        subtomo("reconstruct", "--ios", "ext/optimisation_set.star", "--o", "rec", cwd=root)
+    wall, rss = subtomo("frame-align", "--ios", "ext/optimisation_set.star", "--ref1",
+                        "rec/half1.mrc", "--ref2", "rec/half2.mrc", "--motion", "--s_vel",
+                        str(a.s_vel), "--o", "fa", *a.extra.split(), cwd=root)  # fmt: skip
+    subtomo("extract", "--ios", "fa/optimisation_set.star", "--box", box, "--float32",
+            "--o", "ext2", cwd=root)  # fmt: skip
+    subtomo("reconstruct", "--ios", "ext2/optimisation_set.star", "--o", "rec2", cwd=root)
+    truth = files(root, "true_alignment.star", "particles.star", "true_motion.star")
+    before = image_position_error(truth, files(root, "tomograms.star", "ext/particles.star",
                                                 None))  # fmt: skip
-    after = image_position_error(truth, _files(root, "fa/tomograms.star", "fa/particles.star",
+    after = image_position_error(truth, files(root, "fa/tomograms.star", "fa/particles.star",
                                                "fa/motion.star"))  # fmt: skip
-    tomos, parts, _ = _files(root, "tomograms.star", "ext/particles.star", None)
+    tomos, parts, _ = files(root, "tomograms.star", "ext/particles.star", None)
     n_images = int(sum(v.sum() for v in parts.visible_frames({t.name: t.n_tilts for t in tomos})))
     print(f"frame-align: {wall:.1f} s, {n_images / wall:.0f} tilt images/s, peak RSS {rss:.0f} MB")
     print(f"per-tilt shift RMS error: {before[1]:.3f} -> {after[1]:.3f} px")
     print(f"image-position RMS error (all particle x tilt): {before[0]:.3f} -> {after[0]:.3f} px")
-    (b05, b143), (a05, a143) = _fsc_shells(root, "rec"), _fsc_shells(root, "rec2")
+    (b05, b143), (a05, a143) = (
+        fsc_shells(root / r / "merged.mrc", root / "truth.mrc") for r in ("rec", "rec2")
+    )
     res = a.box * a.pixel_size
     for label, b, c in (("0.5", b05, a05), ("0.143", b143, a143)):
         print(f"FSC to truth {label}: shell {b:.2f} ({res / b:.1f} Å) -> {c:.2f} ({res / c:.1f} Å)")

@@ -2,12 +2,14 @@
 
 The model of a patch is ``Y ≈ A·s·c·P`` (:mod:`subtomo.tomorefine.predict`) with the trial
 ``CTF·dose`` ``c = Re[Q e^{iφδ}]`` for a defocus change ``δ(k)`` Å (``φ = -πλ|k|²``), so with
-``C = cos φδ``, ``S = sin φδ``: ``c = Re Q·C − Im Q·S``. The negative log-likelihood of a
+``C = cos φδ``, ``S = sin φδ``: ``c = Re Q·C − Im Q·S``. The noise of ``Y`` being ``A·N``,
+each point is weighted by ``v = 1/(A² + ε|Q|²)`` (the likelihood of the recorded image,
+bounded near the zeros of ``A``: :data:`WEIGHT_FLOOR`). The negative log-likelihood of a
 tilt (frequency weights ``w = FSC weight / σ²``) is, up to a constant,
 
     L(δ, s) = −s·X(δ) + s²·D(δ)/2,
-    X = Σ_k w (C·Σ A Re(Ȳ P) Re Q − S·Σ A Re(Ȳ P) Im Q),
-    D = Σ_k w (C²·Σ A²|P|² Re Q² − 2CS·Σ A²|P|² Re Q Im Q + S²·Σ A²|P|² Im Q²),
+    X = Σ_k w (C·Σ vA Re(Ȳ P) Re Q − S·Σ vA Re(Ȳ P) Im Q),
+    D = Σ_k w (C²·Σ vA²|P|² Re Q² − 2CS·Σ vA²|P|² Re Q Im Q + S²·Σ vA²|P|² Im Q²),
 
 so five sums per tilt and Fourier point over the tilt's particles (:class:`TiltStatistics`)
 give the cost of any defocus, astigmatism and scale of that tilt; the same sums per particle
@@ -53,14 +55,22 @@ __all__ = [
 
 _UNIT = 100.0  # Å: the optimiser's unit of defocus
 
+#: ε of the point weights ``1/(A² + ε|Q|²)``: the stacks hold ``Y = A·X`` (the recorded
+#: image premultiplied by the ``CTF·dose`` ``A`` of extraction), whose noise is ``A·N``, so
+#: the likelihood of ``X`` weights ``|Y − A·c·P|²`` by ``1/A²``; the floor, relative to the
+#: envelope ``|Q|²``, bounds it near the zeros of ``A``, where the circle crop leaves
+#: signal that ``A`` does not predict (benchmarks/ctf_bound.py)
+WEIGHT_FLOOR = 0.1
+
 
 @dataclass
 class TiltStatistics:
     """Sums over the particles of one tilt series (float64), per tilt and Fourier point.
 
-    ``cross`` ``(t, 2, K)``: ``Σ A·Re(Ȳ P)·(Re Q, Im Q)``; ``power`` ``(t, 3, K)``:
-    ``Σ A²|P|²·(Re Q², Re Q·Im Q, Im Q²)``; ``count`` ``(t,)`` observations; ``noise``
-    ``(2, n_shells)`` the :func:`~subtomo.tomorefine.shell_noise_sums` of the current CTF.
+    ``cross`` ``(t, 2, K)``: ``Σ vA·Re(Ȳ P)·(Re Q, Im Q)``; ``power`` ``(t, 3, K)``:
+    ``Σ vA²|P|²·(Re Q², Re Q·Im Q, Im Q²)`` (``v`` the point weights); ``count`` ``(t,)``
+    observations; ``noise`` ``(2, n_shells)`` the
+    :func:`~subtomo.tomorefine.shell_noise_sums` of the current CTF.
     """
 
     cross: torch.Tensor
@@ -90,10 +100,12 @@ class TiltStatistics:
 
 
 def _sums(patches: TiltPatches) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per observation ``(b, f, 2, K)`` cross and ``(b, f, 3, K)`` power terms."""
+    """Per observation ``(b, f, 2, K)`` cross and ``(b, f, 3, K)`` power terms, each point
+    weighted by ``v = 1/(A² + ε|Q|²)`` (:data:`WEIGHT_FLOOR`)."""
     a, q = patches.applied, patches.quadrature
-    g = a * (patches.observed.conj() * patches.predicted).real
-    h = (a * patches.predicted.abs()).square()
+    v = 1 / (a.square() + WEIGHT_FLOOR * q.abs().square()).clamp_min(1e-30)
+    g = v * a * (patches.observed.conj() * patches.predicted).real
+    h = v * (a * patches.predicted.abs()).square()
     qr, qi = q.real, q.imag
     cross = torch.stack([g * qr, g * qi], dim=2)
     power = torch.stack([h * qr * qr, h * qr * qi, h * qi * qi], dim=2)
