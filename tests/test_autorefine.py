@@ -531,3 +531,30 @@ def test_auto_solvent_mask_flattens_the_next_references(v70, refined) -> None:
                                     dataclasses.replace(params, auto_solvent_mask=False),
                                     final=True, generator=_gen())  # fmt: skip
     torch.testing.assert_close(final.models[0].references, plain.models[0].references)
+
+
+def test_final_iteration_sums_on_the_box_grid(v70, refined, monkeypatch) -> None:
+    """The refinement iterations accumulate on the projector's padded grid (2x), the final
+    one on the box grid (``insert_padding`` 1: dividing the periodically premultiplied
+    stacks' sums by the CTF² on a finer grid loses signal: D7 benchmark in the README)."""
+    from subtomo.ml import mstep
+
+    _, px = v70
+    halves, _, _, models = refined
+    used = []
+    empty = mstep.MStepSums.empty.__func__
+
+    def recording(cls, n_classes, n_groups, box, padding, device):
+        used.append(padding)
+        return empty(cls, n_classes, n_groups, box, padding, device)
+
+    monkeypatch.setattr(mstep.MStepSums, "empty", classmethod(recording))
+    options = AutoSamplingOptions(particle_diameter_angst=BOX * px * 0.8, pixel_size=px,
+                                  healpix_order=3, auto_local_healpix_order=3)  # fmt: skip
+    sampling = AutoRefineState.initial(options).sampling(options)
+    feeds = tuple((lambda b=b: b) for b, _ in halves)
+    params = EngineParams(particle_diameter_angst=BOX * px * 0.8, seed=3)
+    gold_standard_iteration(models, feeds, sampling, params)
+    assert used == [2.0, 2.0]
+    gold_standard_iteration(models, feeds, sampling, params, final=True)
+    assert used[2:] == [1.0, 1.0]

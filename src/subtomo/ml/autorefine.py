@@ -606,13 +606,14 @@ def gold_standard_iteration(
     keeps the sphere, as RELION's does.
 
     ``batches[h]()`` yields the particles of half ``h + 1`` only. ``final``: every frequency
-    up to Nyquist, posterior mean poses (``EngineParams.mean_poses``), the halves' sums are
+    up to Nyquist, posterior mean poses (``EngineParams.mean_poses``), sums on the box grid
+    (``EngineParams.insert_padding`` 1), the halves' sums are
     joined and the FSC converted (§7.2), and the merged map is reconstructed. Sums are
     all-reduced per half (torch.distributed).
     """
     if final:
         models = tuple(dataclasses.replace(m, current_size=m.box) for m in models)
-        params = dataclasses.replace(params, mean_poses=True)
+        params = dataclasses.replace(params, mean_poses=True, insert_padding=1.0)
     sums, results = [], []
     for model, make in zip(models, batches, strict=True):
         s, r = expectation_pass(model, make(), sampling, params, device=device)
