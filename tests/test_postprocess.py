@@ -74,6 +74,12 @@ def test_fsc_threshold_shell_and_interpolated_crossing():
     assert fsc_threshold_shell(curve) == 3
     assert crossing_shell(curve) == pytest.approx(3 + (0.2 - 0.143) / 0.1)
     assert fsc_threshold_shell(torch.ones(5)) == 4
+    # shell 0 compares the maps' means, whose sign is noise in unfiltered half maps
+    flipped = curve.clone()
+    flipped[0] = -1.0
+    assert fsc_threshold_shell(flipped) == 3
+    assert crossing_shell(flipped) == pytest.approx(3 + (0.2 - 0.143) / 0.1)
+    assert crossing_shell(torch.tensor([1.0, 0.1, 0.5])) == 0
 
 
 def test_randomized_phases_keep_amplitudes(device):

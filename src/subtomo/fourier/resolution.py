@@ -4,7 +4,8 @@
   signal-to-noise ratio of the references (§7.2);
 * :func:`fsc_threshold_shell` and :func:`crossing_shell` — the last shell before an FSC
   first drops below a threshold (0.143 by default, §8 step 4), and the same crossing
-  interpolated between shells.
+  interpolated between shells. Shell 0 never counts as a crossing: it compares the maps'
+  means, whose sign is noise for unfiltered half maps (FSC ±1 at random).
 
 Shells are ``round(|k|)`` in Fourier pixels of an ``N``-box: shell ``i`` is ``N * px / i`` Å.
 Curves are tensors over shells ``0..N//2`` (last dimension).
@@ -44,21 +45,22 @@ def ssnr_resolution_shell(ssnr: torch.Tensor) -> int:
 
 
 def fsc_threshold_shell(fsc_curve: torch.Tensor, threshold: float = FSC_THRESHOLD) -> int:
-    """Last shell before the FSC first drops below ``threshold`` (0 if shell 0 is below;
-    the last shell if it never drops)."""
-    below = torch.nonzero(fsc_curve < threshold)
+    """Last shell before the FSC first drops below ``threshold`` from shell 1 on (0 if
+    shell 1 is below; the last shell if it never drops)."""
+    below = torch.nonzero(fsc_curve[1:] < threshold)
     if below.numel() == 0:
         return fsc_curve.shape[-1] - 1
-    return max(int(below[0]) - 1, 0)
+    return int(below[0])
 
 
 def crossing_shells(fsc_curves: torch.Tensor, threshold: float = FSC_THRESHOLD) -> torch.Tensor:
     """Fractional shell where each FSC ``(..., n)`` first drops below ``threshold``: linear
-    interpolation between the last shell above and the first below (the last shell if it
-    never drops, 0 if shell 0 is already below). Returns float64 ``(...)``."""
+    interpolation between the last shell above and the first below, from shell 1 on (the
+    last shell if it never drops, 0 if shell 1 is already below). Returns float64 ``(...)``."""
     curves = fsc_curves.double()
     n = curves.shape[-1]
     below = curves < threshold
+    below[..., 0] = False  # the maps' means: no resolution information
     first = torch.where(
         below.any(-1),
         below.double().argmax(-1),
@@ -71,7 +73,7 @@ def crossing_shells(fsc_curves: torch.Tensor, threshold: float = FSC_THRESHOLD) 
     frac = torch.where(a > b, (a - threshold) / (a - b).clamp(min=1e-12), torch.zeros_like(a))
     out = last_above.double() + frac.clamp(0.0, 1.0)
     out = torch.where(first >= n, torch.full_like(out, n - 1), out)
-    return torch.where(first == 0, torch.zeros_like(out), out)
+    return torch.where(first == 1, torch.zeros_like(out), out)
 
 
 def crossing_shell(fsc_curve: torch.Tensor, threshold: float = FSC_THRESHOLD) -> float:
