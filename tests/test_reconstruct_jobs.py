@@ -126,6 +126,33 @@ def test_tilt_series_and_stack_reconstructions_match_truth(tiny_project, monkeyp
     assert read_mrc_header(first).shape[0] == visible.count("1")  # RELION's stack rule
 
 
+def test_circle_precrop_stacks_equal_the_tilt_series_path(tiny_project, monkeypatch):
+    """``extract --circle_precrop --no_circle_crop`` windows each patch where
+    relion_tomo_reconstruct_particle does (before the CTF, §6) and nowhere else, so its
+    stacks reconstruct to the tilt-series map; RELION's default stacks (crop after the CTF)
+    do not, by the signal the CTF spread beyond the circle."""
+    monkeypatch.chdir(tiny_project)
+    from_tilts, _, _ = _both_paths("", box=64, binning=1)
+    for tag, precrop, post in (("_pre", True, False), ("_post", False, True)):
+        run_extract(
+            ExtractParams(
+                particles="particles.star", tomograms="tomograms.star", float16=False,
+                output_dir=f"ext{tag}", device="cpu", box=64, circle_precrop=precrop,
+                no_circle_crop=not post,
+            )
+        )  # fmt: skip
+        run_reconstruct(
+            ReconstructParams(
+                ios=f"ext{tag}/optimisation_set.star", source="stacks",
+                output_dir=f"rec_st{tag}", device="cpu",
+            )
+        )  # fmt: skip
+    precropped, _ = read_mrc("rec_st_pre/merged.mrc")
+    postcropped, _ = read_mrc("rec_st_post/merged.mrc")
+    assert 1 - _cc(precropped, from_tilts) < 1e-6
+    assert 1 - _cc(postcropped, from_tilts) > 1e-5
+
+
 def test_half_maps_are_independent(tiny_project, monkeypatch):
     """Scrambling the poses of the half-2 particles must ruin half2 only: half1 is built from
     rlnRandomSubset 1 particles alone (no leakage between halves)."""

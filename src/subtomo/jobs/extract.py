@@ -80,6 +80,9 @@ class ExtractParams(ParticleInputs):
     no_ctf: bool = option(False, "--no_ctf", help="Do not premultiply with the CTF.")
     no_ic: bool = option(False, "--no_ic", help="Do not invert contrast.")
     no_circle_crop: bool = option(False, "--no_circle_crop", help="No circular crop.")
+    circle_precrop: bool = option(
+        False, "--circle_precrop", help="Circle-crop each patch before the CTF, too."
+    )
     batch_size: int = option(1024, "--batch", help="Tilt images per batch.")
     device: str = device_option()
     output_dir: str | None = output_dir_option()
@@ -160,7 +163,7 @@ def _extract_series(
         p, f = chunk[pairs[:, 0]].to(device), pairs[:, 1].to(device)
         data, weight = extract_slices(
             images, f, geo.uv.to(device)[p, f], geo.depth.to(device)[p, f], ctf,
-            box=box, binning=params.binning, precrop=False, no_ctf=params.no_ctf,
+            box=box, binning=params.binning, precrop=params.circle_precrop, no_ctf=params.no_ctf,
             invert_contrast=not params.no_ic, centre_at_origin=not params.stack2d,
         )  # fmt: skip
         if not params.stack2d:
