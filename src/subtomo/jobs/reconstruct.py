@@ -29,7 +29,7 @@ from subtomo.data import (
     stack_image_indices,
 )
 from subtomo.device import resolve_device
-from subtomo.distributed import all_gather_object, is_main, shard_groups
+from subtomo.distributed import all_gather_object, barrier, own_files, shard, shard_groups
 from subtomo.errors import InputError
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.io import read_mrc, write_mrc
@@ -276,7 +276,8 @@ def _finalise(
     """Symmetrise, divide, taper and write ``<tag>.mrc``, ``data_<tag>.mrc``, ``weight_<tag>``.
 
     Half maps only when the particles have rlnRandomSubset (RELION); merged sums both.
-    Under torch.distributed the ranks' sums are added up and rank 0 alone finishes the maps.
+    Under torch.distributed the ranks' sums are added up and the maps shared out: each rank
+    finishes and writes its own (half1, half2, merged round robin).
     """
     for acc in accs:
         acc.all_reduce()
@@ -298,8 +299,10 @@ def _finalise(
         write_mrc(job.path(f"data_{tag}.mrc"), parts.data, pixel)
         write_mrc(job.path(f"weight_{tag}.mrc"), parts.weight, pixel)
 
-    if is_main():  # the other ranks' writes would be discarded: leave the maps to rank 0
-        map_batches(finalise, list(tags), cpu_workers(device, len(tags)))  # independent maps
+    mine = shard(list(tags))  # independent maps: each rank finishes and writes its share
+    with own_files():
+        map_batches(finalise, mine, cpu_workers(device, len(mine)))
+    barrier()  # the report reads them all
     for tag in tags:
         kind = "DensityMap.mrc" if tag == "merged" else "DensityMap.mrc.halfmap"
         outputs[str(job.path(f"{tag}.mrc"))] = kind
