@@ -24,7 +24,17 @@ from subtomo.simulate.movies import (
     simulate_movie,
     specimen_texture,
 )
-from subtomo.tilt.motion import accumulated_motion, align_frames, fourier_crop, shifted_sum
+from subtomo.tilt.motion import (
+    _integer_peaks,
+    _peaks,
+    _ramp_factors,
+    _SeparableTerm,
+    accumulated_motion,
+    align_frames,
+    fft_size,
+    fourier_crop,
+    shifted_sum,
+)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -59,6 +69,56 @@ def test_aligned_sum_undoes_the_simulated_drift():
         shifted_sum(torch.fft.rfft2(frames), torch.from_numpy(truth).float()), s=(64, 64)
     )
     torch.testing.assert_close(total / 5, image, atol=1e-4, rtol=0)
+
+
+def test_fft_size_is_even_and_7_smooth():
+    """692 = 4 x 173 -> 700 = 2² 5² 7; sizes that are fast already are kept."""
+    assert fft_size(692) == 700
+    assert [fft_size(n) for n in (2, 512, 686, 1382)] == [2, 512, 686, 1400]
+    for n in range(2, 400):
+        m = fft_size(n)
+        assert m >= n and m % 2 == 0 and m - n < 20
+
+
+@pytest.mark.parametrize("shape", [(46, 46), (44, 38)])
+def test_integer_peaks_on_the_padded_grid(shape):
+    """A correlation peak at a known integer offset is found there after zero-padding the
+    spectra to fast sizes (46 -> 48, 38 -> 40): wrong padding of the negative frequencies
+    or a wrong scale back to the grid would put it elsewhere."""
+    h, w = shape
+    truth = torch.tensor([[3, -5], [-7, 4], [0, 0], [-w // 2 + 2, h // 2 - 2]])  # xy
+    images = torch.zeros(len(truth), h, w)
+    for k, (x, y) in enumerate(truth.tolist()):
+        images[k, y % h, x % w] = 1.0
+    images = images + 0.01 * torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
+    ix, iy = _integer_peaks(torch.fft.rfft2(images), shape, None)
+    assert torch.equal(torch.stack([ix, iy], dim=1), truth)
+    # a radius limit excludes the far peak
+    ix, iy = _integer_peaks(torch.fft.rfft2(images), shape, 10.0)
+    assert (ix[:3] == truth[:3, 0]).all() and (ix[3] ** 2 + iy[3] ** 2) <= 100
+
+
+def test_separable_term_matches_the_materialised_correlation():
+    """The peaks of ``conj(S) C - |C|² conj(R)`` with the second term inside the matrix DFT
+    equal those of the correlation with the other frames' sum built in full (the identity
+    the alignment's iterations rely on)."""
+    gen = torch.Generator().manual_seed(1)
+    shape = (48, 40)
+    spectra = torch.fft.rfft2(torch.randn(6, *shape, generator=gen))
+    shifts = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    ey, ex = _ramp_factors(shape, -shifts)
+    aligned = spectra * ey[:, :, None] * ex[:, None, :]
+    full = (aligned.sum(0)[None] - aligned).conj() * spectra
+    total = aligned.sum(0).conj()
+    power = spectra.real.square() + spectra.imag.square()
+    own = _SeparableTerm(power, ey.conj(), ex.conj())
+    guess = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    expected = _peaks(full.clone(), shape, 10, guess)
+    got = _peaks(spectra * total, shape, 10, guess, None, own)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    expected = _peaks(full.clone(), shape, 10, None)
+    got = _peaks(spectra * total, shape, 10, None, None, own)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
 
 
 def test_local_deformation_is_smooth_and_net_free():
