@@ -121,6 +121,28 @@ def test_separable_term_matches_the_materialised_correlation():
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 1000, 1 << 19])
+def test_shifted_sum_in_blocks_of_rows(monkeypatch, block_bytes):
+    """The blocked sum (1 row, a few rows with a ragged last block, all rows) equals the
+    sum written out in full, with and without dose weights."""
+    import subtomo.tilt.motion as motion
+
+    monkeypatch.setattr(motion, "_BLOCK_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(2)
+    shape = (30, 24)
+    spectra = torch.fft.rfft2(torch.randn(5, *shape, generator=gen))
+    shifts = 3 * torch.randn(5, 2, generator=gen)
+    weights = torch.rand(spectra.shape, generator=gen) + 0.1
+    ramps = motion.phase_ramp(shape, -shifts)
+    expected = (spectra * ramps).sum(0)
+    torch.testing.assert_close(shifted_sum(spectra, shifts), expected, atol=1e-4, rtol=1e-5)
+    norm = (5 / weights.square().sum(0)).sqrt()
+    expected = (spectra * ramps * weights * norm).sum(0)
+    torch.testing.assert_close(
+        shifted_sum(spectra, shifts, weights), expected, atol=1e-4, rtol=1e-5
+    )
+
+
 def test_local_deformation_is_smooth_and_net_free():
     field = local_deformation(8, 2.0, np.random.default_rng(3))
     assert field.shape == (8, 2, 9, 9)

