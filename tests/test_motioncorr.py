@@ -33,6 +33,7 @@ from subtomo.tilt.motion import (
     align_frames,
     fft_size,
     fourier_crop,
+    irfft2_by_rows,
     shifted_sum,
 )
 
@@ -141,6 +142,14 @@ def test_shifted_sum_in_blocks_of_rows(monkeypatch, block_bytes):
     torch.testing.assert_close(
         shifted_sum(spectra, shifts, weights), expected, atol=1e-4, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (30, 22), (16, 15)])
+def test_irfft2_by_rows_is_irfft2(shape):
+    """The row-wise inverse equals torch's 2D one (even and odd sizes)."""
+    spectrum = torch.fft.rfft2(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    expected = torch.fft.irfft2(spectrum, s=shape)
+    torch.testing.assert_close(irfft2_by_rows(spectrum, shape), expected, atol=1e-5, rtol=0)
 
 
 def test_local_deformation_is_smooth_and_net_free():

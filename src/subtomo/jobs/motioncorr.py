@@ -64,6 +64,7 @@ from subtomo.tilt.motion import (
     align_frames,
     crop_shape,
     fourier_crop,
+    irfft2_by_rows,
     phase_ramp,
     shifted_sum,
 )
@@ -189,7 +190,7 @@ def correct_movie(
         log.info("%s: local motion from %d of %d patches", header.path, int(used.sum()), len(used))
         for i in range(header.n_frames):  # spectra of the frames with all motion undone
             ramp = phase_ramp(header.shape, -shifts[i : i + 1])[0]
-            aligned = torch.fft.irfft2(spectra[i] * ramp, s=header.shape)
+            aligned = irfft2_by_rows(spectra[i] * ramp, header.shape)
             field = local_shifts(coefficients, i, header.shape).to(aligned.dtype)
             spectra[i] = torch.fft.rfft2(unwarp(aligned, field))
         shifts = torch.zeros_like(shifts)
@@ -198,7 +199,7 @@ def correct_movie(
     def image(spectrum: torch.Tensor) -> torch.Tensor:
         if out_shape != header.shape:
             spectrum = fourier_crop(spectrum, out_shape)
-        return torch.fft.irfft2(spectrum, s=out_shape).cpu()
+        return irfft2_by_rows(spectrum, out_shape).cpu()
 
     weights = None
     if params.dose_weighting and dose_per_frame is not None:
