@@ -455,7 +455,10 @@ def _correct_one(
             root.with_suffix(".star"), header, movie, params, item.tilts.iloc[i],
             item.pixel_size, item.voltage, result.shifts, rate, result.coefficients,
         )  # fmt: skip
-        shifts, iterations = result.shifts, result.iterations
+        # the accumulated motion from the shifts as written (12 digits), as a resumed run
+        # reads them back: both give the same table
+        shifts = np.vectorize(lambda v: float(f"{v:.12g}"))(result.shifts)
+        iterations = result.iterations
     pre = float(item.tilts["rlnMicrographPreExposure"].iloc[i])
     motion = accumulated_motion(shifts, pre, rate)
     log.info(
