@@ -55,6 +55,15 @@ def crop_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
     return tuple(max(2, 2 * round(n / (2 * factor))) for n in shape)  # type: ignore[return-value]
 
 
+def _crop_rows_columns(spectra: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The frequencies of the smaller even ``shape`` (h', w') of rfft spectra ``(..., h,
+    w//2+1)``, unscaled (:func:`fourier_crop` scales them); a new tensor."""
+    h = spectra.shape[-2]
+    ho, wo = shape
+    rows = torch.cat([torch.arange(ho // 2), torch.arange(h - ho // 2, h)]).to(spectra.device)
+    return spectra[..., rows, : wo // 2 + 1]
+
+
 def fourier_crop(spectra: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Keep the frequencies of a smaller even ``shape`` = (h', w') of rfft spectra
     ``(..., h, w//2+1)`` -> ``(..., h', w'//2+1)``, scaled so that the real-space mean is
@@ -64,9 +73,7 @@ def fourier_crop(spectra: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     ho, wo = shape
     if ho > h or wo > w:
         raise ValueError(f"cannot crop {h} x {w} to {ho} x {wo}")
-    rows = torch.cat([torch.arange(ho // 2), torch.arange(h - ho // 2, h)]).to(spectra.device)
-    out = spectra[..., rows, : wo // 2 + 1]
-    return out * ((ho * wo) / (h * w))
+    return _crop_rows_columns(spectra, shape).mul_((ho * wo) / (h * w))
 
 
 def irfft2_by_rows(spectrum: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -301,11 +308,34 @@ class _SeparableTerm:
             cross[i].addcmul_(term, self.ay[i][:, None], value=-1)
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """The weighted spectra ``(t, h, w')`` an alignment iterates on, their power ``|C|²``
+    and the movie pixels per grid pixel (xy)."""
+
+    spectra: torch.Tensor
+    power: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.spectra.shape[-2], 2 * (self.spectra.shape[-1] - 1))
+
+    def cropped(self, shape: tuple[int, int]) -> _Grid:
+        """The grid Fourier-cropped to ``shape`` (weights are those of the frequencies)."""
+        h, w = self.shape
+        factor = (shape[0] * shape[1]) / (h * w)
+        scale = self.scale * torch.tensor([w / shape[1], h / shape[0]], dtype=torch.float64,
+                                          device=self.scale.device)  # fmt: skip
+        return _Grid(
+            _crop_rows_columns(self.spectra, shape).mul_(factor),
+            _crop_rows_columns(self.power, shape).mul_(factor**2),
+            scale,
+        )
+
+
 def _refine(
-    spectra: torch.Tensor,
-    pixel_size: float,
-    grid_pixel_size: float,
-    bfactor: float,
+    grid: _Grid,
     shifts: torch.Tensor,
     max_iterations: int,
     tolerance: float,
@@ -313,29 +343,16 @@ def _refine(
     *,
     searched: bool,
     max_shift: float | None = None,
-    unit: torch.Tensor | None = None,
 ) -> FrameAlignment:
-    """Iterate the alignment from ``shifts`` on the grid Fourier-cropped to
-    ``grid_pixel_size`` (Å); ``searched``: ``shifts`` are already near the peaks, so no
-    iteration needs a full inverse FFT of the correlations. ``spectra`` may be cropped
-    already: ``pixel_size`` is theirs and ``unit`` (xy) the movie pixels per pixel of
-    theirs; shifts in and out are in movie pixels.
+    """Iterate the alignment from ``shifts`` on ``grid``; ``searched``: ``shifts`` are
+    already near the peaks, so no iteration needs a full inverse FFT of the correlations.
+    Shifts in and out are in movie pixels.
 
     Frame ``i``'s correlation with the aligned sum of the others, ``conj(S − C_i R_i) C_i``
     (``S = Σ_j C_j R_j``, ``R`` the separable phase ramps), is computed as ``conj(S) C_i −
     |C_i|² conj(R_i)``: one full-size product per frame; the second, separable term goes
     into the peak's matrix DFT (:class:`_SeparableTerm`)."""
-    shape = (spectra.shape[-2], 2 * (spectra.shape[-1] - 1))
-    small = crop_shape(shape, max(1.0, grid_pixel_size / pixel_size))
-    scale = torch.tensor(
-        [shape[1] / small[1], shape[0] / small[0]], dtype=torch.float64, device=spectra.device
-    )  # spectra px per grid px, xy
-    if unit is not None:
-        scale = scale * unit  # movie px per grid px
-    weights = _bfactor_weights(small, pixel_size * shape[0] / small[0], bfactor, spectra.device)
-    cropped = fourier_crop(spectra, small).mul_(weights)  # (t, h', w')
-    parts = torch.view_as_real(cropped)
-    power = parts[..., 0].square().addcmul_(parts[..., 1], parts[..., 1])  # |C_i|² (t, h', w')
+    small, cropped, scale = grid.shape, grid.spectra, grid.scale
     cross = torch.empty_like(cropped)
     change = math.inf
     iteration = 0
@@ -344,7 +361,7 @@ def _refine(
         ey, ex = _ramp_factors(small, -shifts / scale)  # (t, h'), (t, w')
         total = _ramped_sum(cropped, ey, ex).conj_physical()
         torch.mul(cropped, total, out=cross)  # conj(S) C_i
-        own = _SeparableTerm(power, ey.conj_physical(), ex.conj_physical())  # |C_i|² conj(R_i)
+        own = _SeparableTerm(grid.power, ey.conj_physical(), ex.conj_physical())
         guess = shifts / scale if searched or iteration > 1 else None
         limit = None if max_shift is None else max_shift / float(scale.min())
         new = _peaks(cross, small, upsample, guess, limit, own) * scale
@@ -378,23 +395,30 @@ def align_frames(
     shifts = torch.zeros(spectra.shape[0], 2, dtype=torch.float64, device=spectra.device)
     if spectra.shape[0] < 2:
         return FrameAlignment(shifts=shifts, iterations=0, last_change=0.0)
-    # both grids are cut from one crop to the fine grid (one pass over the full spectra)
+    # both grids are cut from one weighted crop to the fine grid (one pass over the full
+    # spectra; the weights depend on the frequency only, so the coarse grid's are a crop)
     shape = (spectra.shape[-2], 2 * (spectra.shape[-1] - 1))
     fine_shape = crop_shape(shape, max(1.0, align_pixel_size / pixel_size))
+    grid_pixel_size = pixel_size * shape[0] / fine_shape[0]
+    weights = _bfactor_weights(fine_shape, grid_pixel_size, bfactor, spectra.device)
+    weights *= (fine_shape[0] * fine_shape[1]) / (shape[0] * shape[1])  # fourier_crop's scale
+    cropped = _crop_rows_columns(spectra, fine_shape).mul_(weights)  # (t, h', w')
+    parts = torch.view_as_real(cropped)
+    power = parts[..., 0].square().addcmul_(parts[..., 1], parts[..., 1])  # |C_i|²
     unit = torch.tensor([shape[1] / fine_shape[1], shape[0] / fine_shape[0]],
                         dtype=torch.float64, device=spectra.device)  # fmt: skip
-    cropped = fourier_crop(spectra, fine_shape) if fine_shape != shape else spectra
-    grid_pixel_size = pixel_size * shape[0] / fine_shape[0]
+    fine_grid = _Grid(cropped, power, unit)
     coarse = None
     if 2 * align_pixel_size > 1.5 * pixel_size:
+        coarse_shape = crop_shape(fine_shape, max(1.0, 2 * align_pixel_size / grid_pixel_size))
         coarse = _refine(
-            cropped, grid_pixel_size, 2 * align_pixel_size, bfactor, shifts, max_iterations,
-            max(tolerance, 0.25), upsample, searched=False, max_shift=max_shift, unit=unit,
+            fine_grid.cropped(coarse_shape), shifts, max_iterations, max(tolerance, 0.25),
+            upsample, searched=False, max_shift=max_shift,
         )  # fmt: skip
         shifts = coarse.shifts
     fine = _refine(
-        cropped, grid_pixel_size, align_pixel_size, bfactor, shifts, max_iterations,
-        tolerance, upsample, searched=coarse is not None, max_shift=max_shift, unit=unit,
+        fine_grid, shifts, max_iterations, tolerance, upsample,
+        searched=coarse is not None, max_shift=max_shift,
     )  # fmt: skip
     used = fine.iterations + (coarse.iterations if coarse is not None else 0)
     return FrameAlignment(shifts=fine.shifts, iterations=used, last_change=fine.last_change)
