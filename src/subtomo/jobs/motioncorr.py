@@ -51,7 +51,7 @@ from subtomo.io import read_star, write_mrc, write_star
 from subtomo.io.movies import (
     MovieHeader,
     read_gain,
-    read_movie_frames,
+    read_movie_arrays,
     read_movie_header,
     render_eer,
 )
@@ -164,14 +164,22 @@ def correct_movie(
     # the transform (512²: 14x faster in groups of 4); a 4k frame's buffer is 67 MB
     group = max(1, min(params.batch, _FFT_PIXELS // (header.shape[0] * header.shape[1])))
     buffer = torch.empty((group, *header.shape), dtype=torch.float32, device=device)  # reused
+    on_cpu = device.type == "cpu"
+    gain_np = gain.numpy() if gain is not None and on_cpu else None
     index = 0
-    for frames in read_movie_frames(header, params.batch):
+    for frames in read_movie_arrays(header, params.batch):
         for start in range(0, len(frames), group):
             counts = frames[start : start + group]
             batch = buffer[: len(counts)]
-            batch.copy_(counts)  # to float32 on the device, in place
-            if gain is not None:
-                batch.mul_(gain)
+            if on_cpu:  # counts (a flipped or memory-mapped view) to float32 in one pass
+                np.copyto(batch.numpy(), counts, casting="unsafe")
+                if gain_np is not None:
+                    np.multiply(batch.numpy(), gain_np, out=batch.numpy())
+            else:  # the counts go to the device in their own dtype, converted there
+                native = counts.dtype.newbyteorder("=")
+                batch.copy_(torch.from_numpy(np.array(counts, dtype=native)))
+                if gain is not None:
+                    batch.mul_(gain)
             torch.fft.rfft2(batch, out=spectra[index : index + len(counts)])
             index += len(counts)
     del buffer, batch  # reused by what follows (the heap keeps freed blocks)
