@@ -418,3 +418,20 @@ def test_dose_weighting_keeps_the_mean_and_the_noise_power():
         else:
             low = weighted[:2, :2].sum() / plain[:2, :2].sum()
             assert float(low) == pytest.approx(1.0, abs=0.02)
+
+
+def test_reused_buffers_grow_and_are_kept():
+    """The workspace hands back its tensor (or its leading part) while it is large enough
+    and of the same kind, and replaces it otherwise."""
+    from subtomo.jobs.motioncorr import _reused
+
+    cpu = torch.device("cpu")
+    space: dict[str, torch.Tensor] = {}
+    a = _reused(space, "s", (4, 8, 5), torch.complex64, cpu)
+    b = _reused(space, "s", (3, 8, 5), torch.complex64, cpu)
+    assert b.shape == (3, 8, 5) and b.data_ptr() == a.data_ptr()
+    c = _reused(space, "s", (6, 8, 5), torch.complex64, cpu)
+    assert c.shape == (6, 8, 5) and space["s"].data_ptr() == c.data_ptr()
+    d = _reused(space, "s", (2, 8, 6), torch.complex64, cpu)
+    assert d.shape == (2, 8, 6) and space["s"].shape == (2, 8, 6)
+    assert _reused(None, "s", (1, 2), torch.float32, cpu).shape == (1, 2)

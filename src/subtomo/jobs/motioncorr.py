@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,27 @@ class CorrectedMovie:
     coefficients: np.ndarray | None = None
 
 
+def _reused(
+    workspace: dict[str, torch.Tensor] | None,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor: the leading part of the one kept under ``name`` in
+    ``workspace`` when that is large enough, else a new one kept there. A 4k movie's spectra
+    (671 MB for 10 frames) allocated afresh for every movie come back from the system as
+    new pages: 164 000 page faults, whose zeroing cost ~0.6 CPU s per movie."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = workspace.get(name)
+    if (kept is None or kept.dtype != dtype or kept.device != device
+            or kept.shape[1:] != shape[1:] or kept.shape[0] < shape[0]):  # fmt: skip
+        workspace.pop(name, None)  # freed before its successor is allocated
+        kept = workspace[name] = torch.empty(shape, dtype=dtype, device=device)
+    return kept[: shape[0]]
+
+
 def correct_movie(
     header: MovieHeader,
     gain: torch.Tensor | None,
@@ -153,17 +175,18 @@ def correct_movie(
     pixel_size: float,
     dose_per_frame: float | None,
     device: torch.device,
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> CorrectedMovie:
-    """Align and sum one movie (frames streamed from disk; spectra of one movie in memory)."""
-    spectra = torch.empty(
-        (header.n_frames, header.shape[0], header.shape[1] // 2 + 1),
-        dtype=torch.complex64,
-        device=device,
-    )
+    """Align and sum one movie (frames streamed from disk; spectra of one movie in memory).
+    ``workspace`` keeps the spectra and frame buffers for the next movie (:func:`_reused`)."""
+    spectra = _reused(
+        workspace, "spectra", (header.n_frames, header.shape[0], header.shape[1] // 2 + 1),
+        torch.complex64, device,
+    )  # fmt: skip
     # frames are transformed in groups of up to 32 Mpixel: one FFT call costs ~8 ms besides
     # the transform (512²: 14x faster in groups of 4); a 4k frame's buffer is 67 MB
     group = max(1, min(params.batch, _FFT_PIXELS // (header.shape[0] * header.shape[1])))
-    buffer = torch.empty((group, *header.shape), dtype=torch.float32, device=device)  # reused
+    buffer = _reused(workspace, "frames", (group, *header.shape), torch.float32, device)
     on_cpu = device.type == "cpu"
     gain_np = gain.numpy() if gain is not None and on_cpu else None
     index = 0
@@ -182,7 +205,7 @@ def correct_movie(
                     batch.mul_(gain)
             torch.fft.rfft2(batch, out=spectra[index : index + len(counts)])
             index += len(counts)
-    del buffer, batch  # reused by what follows (the heap keeps freed blocks)
+    del buffer, batch
     alignment = align_frames(
         spectra, pixel_size, bfactor=params.bfactor, align_pixel_size=params.align_angpix,
         max_iterations=params.max_iter,
@@ -372,8 +395,20 @@ def _keep_freed_memory() -> None:
     libc.mallopt(-1, 1 << 27)  # M_TRIM_THRESHOLD: keep up to 128 MB freed at the heap's top
 
 
+def _huge_pages() -> None:
+    """Ask torch's CPU allocator for transparent huge pages (2 MB; ``THP_MEM_ALLOC_ENABLE``,
+    read at the first allocation of 2 MB or more, so it must be set before any: a process
+    that made one already keeps its setting; a value the user set is kept). The pages of a
+    movie's buffers are then faulted in 512x fewer faults: a 4k command on 3 movies made
+    0.6-0.8 M page faults and spent 1.5-2.0 s in the kernel, with huge pages 0.1 M and
+    1.2 s; user time unchanged, peak RSS 1.75-1.88 -> 1.86 GB. Used only where the kernel
+    offers them on request (``madvise`` or ``always``)."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def run(params: MotionCorrParams) -> dict[str, str]:
     """Run the job; returns ``{output path: RELION node type}``."""
+    _huge_pages()
     device = resolve_device(params.device)
     _keep_freed_memory()
     tomos = TomogramSet.read(params.input_star)
@@ -390,10 +425,13 @@ def run(params: MotionCorrParams) -> dict[str, str]:
         movies = shard([(k, i) for k, item in enumerate(work) for i in range(len(item.headers))])
         with Progress(transient=True) as bar, own_files():
             task = bar.add_task("aligning movies", total=len(movies))
-            mine = {}
+            mine, workspace = {}, {}  # workspace: buffers reused from movie to movie
             for k, i in movies:
-                mine[k, i] = _correct_one(params, job, work[k], i, doses[k], gain, device)
+                mine[k, i] = _correct_one(
+                    params, job, work[k], i, doses[k], gain, device, workspace
+                )
                 bar.advance(task)
+            del workspace
         motion = {key: m for shares in all_gather_object(mine) for key, m in shares.items()}
         for k, item in enumerate(work):
             tables[item.name] = _series_table(
@@ -439,6 +477,7 @@ def _frame_doses(params: MotionCorrParams, item: _Work) -> np.ndarray | None:
 def _correct_one(
     params: MotionCorrParams, job, item: _Work, i: int, frame_dose: np.ndarray | None,
     gain: torch.Tensor | None, device: torch.device,
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, float, float]:  # fmt: skip
     """Correct movie ``i`` of a series and write its sums and motion STAR (or, with
     ``--only_do_unfinished``, read back a finished one); its accumulated motion
@@ -454,7 +493,7 @@ def _correct_one(
         shifts, iterations = -read_motion_star(root.with_suffix(".star"))[1], 0
     else:
         dose = None if frame_dose is None else float(frame_dose[i])
-        result = correct_movie(header, gain, params, item.pixel_size, dose, device)
+        result = correct_movie(header, gain, params, item.pixel_size, dose, device, workspace)
         px_out = item.pixel_size * params.bin_factor
         for path, sum_image in zip(done, (result.total, result.even, result.odd), strict=False):
             write_mrc(path, sum_image, px_out, float16=params.float16)
