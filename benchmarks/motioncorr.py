@@ -18,12 +18,16 @@ movie), frames per second of the whole command (start-up included) and peak memo
     python benchmarks/motioncorr.py --size 4096 --movies 3 --relion
 
 Measured (2 threads on 2 shared cores, ``OMP_WAIT_POLICY=PASSIVE nice -n 5``, neighbours
-loading the machine to 3-7; branch ``motion`` against ``main`` 7928671 in the same hour):
+loading the machine to 3-7; branch ``motion`` against ``main`` 7928671 in the same hour;
+two runs each, so ranges):
 
-- 4096² x 10 frames, 3 movies: subtomo 0.027 px RMS (worst 0.033), 2.42 frames/s as typed
-  (job 3.09), 0.280 CPU s/frame, 1.78 GB peak; main 0.357 CPU s/frame, 1.86 frames/s,
-  2.16 GB, same errors; RELION 3.1 ``--use_own`` 0.125 px (worst 0.146), 0.79 frames/s,
-  0.840 CPU s/frame, 1.58 GB: 3.0x our CPU per frame, 3.06x our frames/s.
+- 4096² x 10 frames, 3 movies: subtomo 0.027 px RMS (worst 0.033), 2.42-2.58 frames/s as
+  typed (job 3.09-3.53), 0.243-0.280 CPU s/frame, 1.78 GB peak; RELION 3.1 ``--use_own``
+  in the same runs 0.125 px (worst 0.146), 0.79-0.81 frames/s, 0.762-0.840 CPU s/frame,
+  1.58 GB: 3.0-3.1x our CPU per frame, 3.1-3.2x our frames/s. main: same errors,
+  0.295-0.357 CPU s/frame, 2.1-2.2 GB; the same command on one set of these movies,
+  alternating main and motion x3: 0.282-0.298 -> 0.219-0.230 CPU s/frame, 3.2-3.4 ->
+  4.2-4.5 frames/s as typed, 1.8-2.1 -> 1.7-1.8 GB.
 - 512² x 10 frames, 8 movies: subtomo 0.205 px (worst 0.324), 22.4 frames/s (job 72.7),
   0.029 CPU s/frame, 0.40 GB (main 0.035, 19.1 frames/s); RELION 0.736 px (worst 1.301),
   119 frames/s, 0.005 CPU s/frame (Python's and torch's start-up, ~1.5 CPU s, is most of
