@@ -17,21 +17,22 @@ movie), frames per second of the whole command (start-up included) and peak memo
     python benchmarks/motioncorr.py --size 512 --movies 8 --relion --tmc
     python benchmarks/motioncorr.py --size 4096 --movies 3 --relion
 
-Measured (2 threads on 2 shared cores, ``OMP_WAIT_POLICY=PASSIVE nice -n 5``, neighbours
-loading the machine to 3-7; branch ``motion`` against ``main`` 7928671 in the same hour;
-two runs each, so ranges):
+Measured (2 threads on 2 cores shared with other work, ``OMP_WAIT_POLICY=PASSIVE nice -n 5``;
+branch ``motion`` against ``main`` 7928671 in the same quarter hour, two runs each, so
+ranges; CPU s/frame is user + system time of the whole command, start-up included):
 
-- 4096² x 10 frames, 3 movies: subtomo 0.027 px RMS (worst 0.033), 2.42-2.58 frames/s as
-  typed (job 3.09-3.53), 0.243-0.280 CPU s/frame, 1.78 GB peak; RELION 3.1 ``--use_own``
-  in the same runs 0.125 px (worst 0.146), 0.79-0.81 frames/s, 0.762-0.840 CPU s/frame,
-  1.58 GB: 3.0-3.1x our CPU per frame, 3.1-3.2x our frames/s. main: same errors,
-  0.295-0.357 CPU s/frame, 2.1-2.2 GB; the same command on one set of these movies,
-  alternating main and motion x3: 0.282-0.298 -> 0.219-0.230 CPU s/frame, 3.2-3.4 ->
-  4.2-4.5 frames/s as typed, 1.8-2.1 -> 1.7-1.8 GB.
-- 512² x 10 frames, 8 movies: subtomo 0.205 px (worst 0.324), 22.4 frames/s (job 72.7),
-  0.029 CPU s/frame, 0.40 GB (main 0.035, 19.1 frames/s); RELION 0.736 px (worst 1.301),
-  119 frames/s, 0.005 CPU s/frame (Python's and torch's start-up, ~1.5 CPU s, is most of
-  ours at this size).
+- 4096² x 10 frames, 3 movies, machine load ~3.5: subtomo 0.027 px RMS (worst 0.033),
+  5.56-8.14 frames/s as typed (job alone 7.3-11.5), 0.169-0.179 CPU s/frame, 1.76-1.81 GB
+  peak; RELION 3.1 ``--use_own`` in the same runs 0.125 px (worst 0.146), 1.71-1.88
+  frames/s, 0.563-0.583 CPU s/frame, 1.56-1.58 GB: ours is 3.3x its throughput per CPU
+  second and 3.3-4.3x its frames/s. main: same errors, 4.21-4.35 frames/s (job
+  5.3-5.5), 0.229-0.236 CPU s/frame, 2.1 GB. With neighbours loading the machine to 6-7:
+  subtomo 0.243-0.280 CPU s/frame, 2.4-2.6 frames/s; RELION 0.762-0.840, 0.79-0.81
+  frames/s (3.0-3.1x); main 0.295-0.357.
+- 512² x 10 frames, 8 movies, load ~3.5: subtomo 0.205 px (worst 0.324), 44.8 frames/s
+  (job 133), 0.022 CPU s/frame, 0.40 GB (main 39.5 frames/s, 0.025 CPU s/frame); RELION
+  0.736 px (worst 1.301), 269 frames/s, 0.004 CPU s/frame (Python's and torch's start-up,
+  ~1.5 CPU s, is most of ours at this size).
 """
 
 from __future__ import annotations
