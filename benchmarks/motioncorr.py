@@ -15,7 +15,24 @@ Prints per tool the RMS error of the frame shifts against the truth (movie px, m
 movie), frames per second of the whole command (start-up included) and peak memory (RSS).
 
     python benchmarks/motioncorr.py --size 512 --movies 8 --relion --tmc
-    python benchmarks/motioncorr.py --size 4096 --movies 2 --relion
+    python benchmarks/motioncorr.py --size 4096 --movies 3 --relion
+
+Measured (2 threads on 2 cores shared with other work, ``OMP_WAIT_POLICY=PASSIVE nice -n 5``;
+branch ``motion`` against ``main`` 7928671 in the same quarter hour, two runs each, so
+ranges; CPU s/frame is user + system time of the whole command, start-up included):
+
+- 4096² x 10 frames, 3 movies, machine load ~3.5: subtomo 0.027 px RMS (worst 0.033),
+  5.56-8.14 frames/s as typed (job alone 7.3-11.5), 0.169-0.179 CPU s/frame, 1.76-1.81 GB
+  peak; RELION 3.1 ``--use_own`` in the same runs 0.125 px (worst 0.146), 1.71-1.88
+  frames/s, 0.563-0.583 CPU s/frame, 1.56-1.58 GB: ours is 3.3x its throughput per CPU
+  second and 3.3-4.3x its frames/s. main: same errors, 4.21-4.35 frames/s (job
+  5.3-5.5), 0.229-0.236 CPU s/frame, 2.1 GB. With neighbours loading the machine to 6-7:
+  subtomo 0.243-0.280 CPU s/frame, 2.4-2.6 frames/s; RELION 0.762-0.840, 0.79-0.81
+  frames/s (3.0-3.1x); main 0.295-0.357.
+- 512² x 10 frames, 8 movies, load ~3.5: subtomo 0.205 px (worst 0.324), 44.8 frames/s
+  (job 133), 0.022 CPU s/frame, 0.40 GB (main 39.5 frames/s, 0.025 CPU s/frame); RELION
+  0.736 px (worst 1.301), 269 frames/s, 0.004 CPU s/frame (Python's and torch's start-up,
+  ~1.5 CPU s, is most of ours at this size).
 """
 
 from __future__ import annotations

@@ -24,7 +24,18 @@ from subtomo.simulate.movies import (
     simulate_movie,
     specimen_texture,
 )
-from subtomo.tilt.motion import accumulated_motion, align_frames, fourier_crop, shifted_sum
+from subtomo.tilt.motion import (
+    _integer_peaks,
+    _peaks,
+    _ramp_factors,
+    _SeparableTerm,
+    accumulated_motion,
+    align_frames,
+    fft_size,
+    fourier_crop,
+    irfft2_by_rows,
+    shifted_sum,
+)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -59,6 +70,86 @@ def test_aligned_sum_undoes_the_simulated_drift():
         shifted_sum(torch.fft.rfft2(frames), torch.from_numpy(truth).float()), s=(64, 64)
     )
     torch.testing.assert_close(total / 5, image, atol=1e-4, rtol=0)
+
+
+def test_fft_size_is_even_and_7_smooth():
+    """692 = 4 x 173 -> 700 = 2² 5² 7; sizes that are fast already are kept."""
+    assert fft_size(692) == 700
+    assert [fft_size(n) for n in (2, 512, 686, 1382)] == [2, 512, 686, 1400]
+    for n in range(2, 400):
+        m = fft_size(n)
+        assert m >= n and m % 2 == 0 and m - n < 20
+
+
+@pytest.mark.parametrize("shape", [(46, 46), (44, 38)])
+def test_integer_peaks_on_the_padded_grid(shape):
+    """A correlation peak at a known integer offset is found there after zero-padding the
+    spectra to fast sizes (46 -> 48, 38 -> 40): wrong padding of the negative frequencies
+    or a wrong scale back to the grid would put it elsewhere."""
+    h, w = shape
+    truth = torch.tensor([[3, -5], [-7, 4], [0, 0], [-w // 2 + 2, h // 2 - 2]])  # xy
+    images = torch.zeros(len(truth), h, w)
+    for k, (x, y) in enumerate(truth.tolist()):
+        images[k, y % h, x % w] = 1.0
+    images = images + 0.01 * torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
+    ix, iy = _integer_peaks(torch.fft.rfft2(images), shape, None)
+    assert torch.equal(torch.stack([ix, iy], dim=1), truth)
+    # a radius limit excludes the far peak
+    ix, iy = _integer_peaks(torch.fft.rfft2(images), shape, 10.0)
+    assert (ix[:3] == truth[:3, 0]).all() and (ix[3] ** 2 + iy[3] ** 2) <= 100
+
+
+def test_separable_term_matches_the_materialised_correlation():
+    """The peaks of ``conj(S) C - |C|² conj(R)`` with the second term inside the matrix DFT
+    equal those of the correlation with the other frames' sum built in full (the identity
+    the alignment's iterations rely on)."""
+    gen = torch.Generator().manual_seed(1)
+    shape = (48, 40)
+    spectra = torch.fft.rfft2(torch.randn(6, *shape, generator=gen))
+    shifts = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    ey, ex = _ramp_factors(shape, -shifts)
+    aligned = spectra * ey[:, :, None] * ex[:, None, :]
+    full = (aligned.sum(0)[None] - aligned).conj() * spectra
+    total = aligned.sum(0).conj()
+    power = spectra.real.square() + spectra.imag.square()
+    own = _SeparableTerm(power, ey.conj(), ex.conj())
+    guess = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    expected = _peaks(full.clone(), shape, 10, guess)
+    got = _peaks(spectra * total, shape, 10, guess, None, own)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    expected = _peaks(full.clone(), shape, 10, None)
+    got = _peaks(spectra * total, shape, 10, None, None, own)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 1000, 1 << 19])
+def test_shifted_sum_in_blocks_of_rows(monkeypatch, block_bytes):
+    """The blocked sum (1 row, a few rows with a ragged last block, all rows) equals the
+    sum written out in full, with and without dose weights."""
+    import subtomo.tilt.motion as motion
+
+    monkeypatch.setattr(motion, "_BLOCK_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(2)
+    shape = (30, 24)
+    spectra = torch.fft.rfft2(torch.randn(5, *shape, generator=gen))
+    shifts = 3 * torch.randn(5, 2, generator=gen)
+    weights = torch.rand(spectra.shape, generator=gen) + 0.1
+    ramps = motion.phase_ramp(shape, -shifts)
+    expected = (spectra * ramps).sum(0)
+    torch.testing.assert_close(shifted_sum(spectra, shifts), expected, atol=1e-4, rtol=1e-5)
+    norm = (5 / weights.square().sum(0)).sqrt()
+    expected = (spectra * ramps * weights * norm).sum(0)
+    torch.testing.assert_close(
+        shifted_sum(spectra, shifts, weights), expected, atol=1e-4, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (30, 22), (16, 15)])
+def test_irfft2_by_rows_is_irfft2(shape):
+    """The row-wise inverse equals torch's 2D one (even and odd sizes)."""
+    spectrum = torch.fft.rfft2(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    expected = torch.fft.irfft2(spectrum, s=shape)
+    torch.testing.assert_close(irfft2_by_rows(spectrum, shape), expected, atol=1e-5, rtol=0)
 
 
 def test_local_deformation_is_smooth_and_net_free():
@@ -327,3 +418,20 @@ def test_dose_weighting_keeps_the_mean_and_the_noise_power():
         else:
             low = weighted[:2, :2].sum() / plain[:2, :2].sum()
             assert float(low) == pytest.approx(1.0, abs=0.02)
+
+
+def test_reused_buffers_grow_and_are_kept():
+    """The workspace hands back its tensor (or its leading part) while it is large enough
+    and of the same kind, and replaces it otherwise."""
+    from subtomo.jobs.motioncorr import _reused
+
+    cpu = torch.device("cpu")
+    space: dict[str, torch.Tensor] = {}
+    a = _reused(space, "s", (4, 8, 5), torch.complex64, cpu)
+    b = _reused(space, "s", (3, 8, 5), torch.complex64, cpu)
+    assert b.shape == (3, 8, 5) and b.data_ptr() == a.data_ptr()
+    c = _reused(space, "s", (6, 8, 5), torch.complex64, cpu)
+    assert c.shape == (6, 8, 5) and space["s"].data_ptr() == c.data_ptr()
+    d = _reused(space, "s", (2, 8, 6), torch.complex64, cpu)
+    assert d.shape == (2, 8, 6) and space["s"].shape == (2, 8, 6)
+    assert _reused(None, "s", (1, 2), torch.float32, cpu).shape == (1, 2)

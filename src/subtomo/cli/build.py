@@ -29,6 +29,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from subtomo._lazy import import_frozen
 from subtomo.cli.options import finite_numbers
 from subtomo.distributed import init_from_environment, is_main
 from subtomo.project.options import Option, options_of
@@ -194,7 +195,7 @@ class JobCommand:
     call: Callable[[Callable[..., Any], Any], Any] = _run
 
     def load(self, name: str) -> TyperCommand:
-        module = importlib.import_module(self.module)
+        module = import_frozen(self.module)
         return job_command(
             name, self.help, getattr(module, self.params),
             lambda: getattr(importlib.import_module(self.module), self.run),

@@ -36,6 +36,7 @@ __all__ = [
     "MovieHeader",
     "orient_gain",
     "read_gain",
+    "read_movie_arrays",
     "read_movie_frames",
     "read_movie_header",
     "render_eer",
@@ -142,18 +143,18 @@ def read_movie_header(path: str | os.PathLike) -> MovieHeader:
     return MovieHeader(path, n, (int(ny), int(nx)), 0.0)
 
 
-def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[torch.Tensor]:
-    """The frames of a movie as ``(b, h, w)`` CPU tensors of at most ``batch`` frames, in the
-    file's own dtype (counts are often 8-bit: convert on the compute device), read from disk
-    as they are asked for (MRC memory-mapped, TIFF page by page; TIFF rows flipped; EER
-    frames rendered as :func:`render_eer` set them, not flipped)."""
+def read_movie_arrays(header: MovieHeader, batch: int = 4) -> Iterator[np.ndarray]:
+    """The frames of a movie as numpy arrays ``(b, h, w)`` of at most ``batch`` frames in
+    the file's own dtype and byte order, read from disk as they are asked for, without
+    copies where a view does: TIFF pages read into one array per batch and returned with
+    their rows flipped by a negative stride; MRC frames as slices of the memory map (valid
+    while the next batch is read); EER frames rendered as :func:`render_eer` set them."""
     path = header.path
     if header.is_eer:
         if header.eer_grouping <= 0:
             render_eer(header, 0)  # the error naming the file
-        for frames in read_eer_frames(path, header.n_frames, header.eer_grouping,
-                                      header.eer_upsampling, batch):  # fmt: skip
-            yield torch.from_numpy(frames)
+        yield from read_eer_frames(path, header.n_frames, header.eer_grouping,
+                                   header.eer_upsampling, batch)  # fmt: skip
         return
     if _is_tiff(path):
         import tifffile
@@ -162,11 +163,11 @@ def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[torch.Ten
             with tifffile.TiffFile(path) as tif:
                 for start in range(0, header.n_frames, batch):
                     stop = min(start + batch, header.n_frames)
-                    first = tif.pages[start].asarray()
+                    first = tif.pages[start]
                     pages = np.empty((stop - start, *first.shape), dtype=first.dtype)
                     for j in range(start, stop):
-                        pages[j - start] = (first if j == start else tif.pages[j].asarray())[::-1]
-                    yield torch.from_numpy(pages)
+                        tif.pages[j].asarray(out=pages[j - start])
+                    yield pages[:, ::-1]
         except InputError:
             raise
         except Exception as exc:
@@ -177,8 +178,18 @@ def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[torch.Ten
     with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
         data = mrc.data if mrc.data.ndim == 3 else mrc.data[None]
         for start in range(0, header.n_frames, batch):
-            frames = np.array(data[start : start + batch])
-            yield torch.from_numpy(frames.astype(frames.dtype.newbyteorder("="), copy=False))
+            yield data[start : start + batch]
+
+
+def read_movie_frames(header: MovieHeader, batch: int = 4) -> Iterator[torch.Tensor]:
+    """The frames of a movie as ``(b, h, w)`` CPU tensors of at most ``batch`` frames, in the
+    file's own dtype (counts are often 8-bit: convert on the compute device), read from disk
+    as they are asked for (MRC memory-mapped, TIFF page by page; TIFF rows flipped; EER
+    frames rendered as :func:`render_eer` set them, not flipped; :func:`read_movie_arrays`)."""
+    for frames in read_movie_arrays(header, batch):
+        native = frames.dtype.newbyteorder("=")
+        own = frames.flags.c_contiguous and frames.flags.writeable and frames.dtype == native
+        yield torch.from_numpy(frames if own else np.array(frames, dtype=native))
 
 
 def orient_gain(gain: np.ndarray, rotation: int = 0, flip: int = 0) -> np.ndarray:
