@@ -10,31 +10,13 @@ which reads those imports from the file and performs each on the first use of it
 from __future__ import annotations
 
 import ast
-import gc
 import importlib
 import sys
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["import_frozen", "lazy_exports"]
-
-
-def import_frozen(name: str) -> types.ModuleType:
-    """Import module ``name`` with the cyclic garbage collector paused, then move every
-    object alive into the collector's permanent generation (``gc.freeze``): importing torch
-    and pandas creates ~10⁶ objects, which the collector would otherwise walk over and over
-    while they load and again in every later full collection (a job's start-up: 1.7 -> 1.5
-    CPU s)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return importlib.import_module(name)
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
+__all__ = ["lazy_exports"]
 
 
 def _type_checking_imports(source: str) -> dict[str, str]:

@@ -29,7 +29,6 @@ from typing import Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from subtomo._lazy import import_frozen
 from subtomo.cli.options import finite_numbers
 from subtomo.distributed import init_from_environment, is_main
 from subtomo.project.options import Option, options_of
@@ -195,7 +194,7 @@ class JobCommand:
     call: Callable[[Callable[..., Any], Any], Any] = _run
 
     def load(self, name: str) -> TyperCommand:
-        module = import_frozen(self.module)
+        module = importlib.import_module(self.module)
         return job_command(
             name, self.help, getattr(module, self.params),
             lambda: getattr(importlib.import_module(self.module), self.run),

@@ -8,6 +8,7 @@ volumes are zyx. matplotlib is imported on first use (it costs ~0.5 s);
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from subtomo._lazy import import_frozen
 from subtomo.io import atomic_path
 
 __all__ = [
@@ -36,9 +36,10 @@ __all__ = [
 
 
 def import_in_background() -> None:
-    """Start importing matplotlib's figure module in a daemon thread (for a job's report),
-    with the garbage collector paused (:func:`subtomo._lazy.import_frozen`)."""
-    threading.Thread(target=import_frozen, args=("matplotlib.figure",), daemon=True).start()
+    """Start importing matplotlib's figure module in a daemon thread (for a job's report)."""
+    threading.Thread(
+        target=importlib.import_module, args=("matplotlib.figure",), daemon=True
+    ).start()
 
 
 def _subplots(*args, figsize: tuple[float, float], **kwargs):
