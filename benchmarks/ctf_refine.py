@@ -20,8 +20,8 @@ particles/s and the peak RSS (and CUDA memory).
     python benchmarks/ctf_refine.py --workdir /tmp/bench_ctf --snr 1 --reference data --rounds 2
 
 ``--extract-crop precrop`` extracts the stacks with ``--circle_precrop --no_circle_crop`` (the
-raw patch windowed before the CTF) instead of RELION's crop after it; ``--bias-correction``
-(auto: on against the true map only) and ``--no-reference-spectrum`` switch ctf-refine's
+raw patch windowed before the CTF) instead of RELION's crop after it; ``--bias-correction off``
+and ``--no-reference-spectrum`` switch ctf-refine's
 corrections (§23). Besides the RMS errors it prints the mean signed per-tilt defocus error
 (the common offset).
 
@@ -100,9 +100,8 @@ def main() -> None:
     parser.add_argument("--no-reference-spectrum", action="store_true",
                         help="ctf-refine --no_reference_spectrum")  # fmt: skip
     parser.add_argument(
-        "--bias-correction", choices=("auto", "on", "off"), default="auto",
-        help="ctf-refine --bias_correction; auto: on against the true map (a reference "
-        "independent of the stacks), off against half maps from the data",
+        "--bias-correction", choices=("on", "off"), default="on",
+        help="ctf-refine --bias_correction (on, its default) or --no_bias_correction",
     )  # fmt: skip
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -116,9 +115,7 @@ def main() -> None:
     from subtomo.jobs.ctf_refine import CtfRefineParams, run
 
     tag = int(time.time())
-    bias = args.bias_correction == "on" or (
-        args.bias_correction == "auto" and args.reference == "truth"
-    )
+    bias = args.bias_correction == "on"
     crop_flags = ["--circle_precrop", "--no_circle_crop"] if args.extract_crop == "precrop" else []
     ios = Path("ext_precrop" if args.extract_crop == "precrop" else "ext") / "optimisation_set.star"
     refs = ("truth.mrc", "truth.mrc") if args.reference == "truth" else (

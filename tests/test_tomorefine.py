@@ -125,8 +125,7 @@ def test_ctf_refine_recovers_defocus_scale_and_particle_defocus(project: Path) -
     os.chdir(project)
     out = run_ctf_refine(CtfRefineParams(
         ios="ext/optimisation_set.star", ref1="truth.mrc", ref2="truth.mrc",
-        mask="mask/mask.mrc", per_particle_defocus=True, bias_correction=True,
-        output_dir="CtfRefine/job001",
+        mask="mask/mask.mrc", per_particle_defocus=True, output_dir="CtfRefine/job001",
     ))  # fmt: skip
     assert "CtfRefine/job001/tomograms.star" in out
     truth = _mean_defocus(project / "true_alignment.star")
@@ -240,8 +239,7 @@ def test_reference_spectrum_removes_the_offset_of_a_filtered_map(project: Path) 
     ``exp(−(|k|/20 shells)²)``, as a map from the data is: §23) and ``--kmin`` 100 Å, where
     the first CTF lobe's shape carries the defocus: without the reference's gain the fit
     moves every tilt's defocus by a common offset (+236 Å measured, RMS 283 Å); with it the
-    offset is < 60 Å (−17) and the RMS error < 80 Å (50; 45 against the true map). The
-    map stands for an independent reference here, so the simulated bias correction is on."""
+    offset is < 60 Å (−17) and the RMS error < 80 Å (50; 45 against the true map)."""
     os.chdir(project)
     truth, pixel = read_mrc("truth.mrc")
     n = truth.shape[0]
@@ -258,8 +256,7 @@ def test_reference_spectrum_removes_the_offset_of_a_filtered_map(project: Path) 
         out = f"CtfRefine/gain_{int(fit_gain)}"
         run_ctf_refine(CtfRefineParams(
             ios="ext/optimisation_set.star", ref1="truth_lowpass.mrc", ref2="truth_lowpass.mrc",
-            mask="mask/mask.mrc", kmin=100.0, no_reference_spectrum=not fit_gain,
-            bias_correction=True, output_dir=out,
+            mask="mask/mask.mrc", kmin=100.0, no_reference_spectrum=not fit_gain, output_dir=out,
         ))  # fmt: skip
         errors[fit_gain] = _mean_defocus(project / out / "tomograms.star") - true_defocus
     assert errors[False].mean() > 150, errors[False]

@@ -120,9 +120,8 @@ class CtfRefineParams(ParticleInputs):
         300.0, "--sigma_particle_defocus", help="σ of the per-particle defocus prior.", unit="Å"
     )
     bias_correction: bool = option(
-        False, "--bias_correction/--no_bias_correction",
-        help="Correct the fits by simulated data (§23): only for half maps not reconstructed "
-        "from these stacks (e.g. from a model or other data).",
+        True, "--bias_correction/--no_bias_correction",
+        help="Correct the fits by simulated data (the circle crop's bias, §23).",
     )  # fmt: skip
     no_reference_spectrum: bool = option(
         False, "--no_reference_spectrum",
@@ -202,7 +201,7 @@ def _resume(params: CtfRefineParams) -> tuple[CtfRefineParams, dict[str, Tomogra
     state = load_checkpoint(path)
     stored = {k: tuple(v) if isinstance(v, list) else v for k, v in state["params"].items()}
     stored.update(continue_from=str(directory), output_dir=str(directory), device=params.device)
-    if "no_bias_correction" in stored:  # a job of a version that corrected by default
+    if "no_bias_correction" in stored:  # a job of a version before --bias_correction
         stored["bias_correction"] = not stored.pop("no_bias_correction")
     done = {
         name: TomogramResult(

@@ -3,18 +3,24 @@
 For each tilt series (§11, §23; the fits are :mod:`subtomo.tomorefine.ctf`):
 
 1. one pass over its particles (this rank's batches under torch.distributed, the sums
-   gathered from all ranks) accumulates the per-tilt statistics; the defocus, astigmatism and
-   scale of every tilt are fitted;
-2. a second pass fits *simulated* data (:meth:`TiltPredictor.batches` ``simulate``: the
-   prediction at the fitted CTF, cut and circle-cropped as extraction does) the same way:
-   what it finds is the bias of the fit, which is subtracted (times the shrinkage of the
-   prior on the per-tilt change) (the circle crop of the
-   premultiplied stacks removes CTF-delocalised signal: at box 64, 5 Å/px and 3 µm a 250 Å
-   particle's defocus comes out ~300 Å low without this correction);
-3. with ``per_particle``, two more passes (data and simulation) fit each particle's defocus
-   at the refined per-tilt CTFs, with a Gaussian prior; the tomogram's mean per-particle
-   change is moved into its tilts (the same CTF for every observation), so the prior centre
-   stays 0.
+   gathered from all ranks) accumulates the per-tilt statistics; the reference's smooth
+   radial gain relative to the data is fitted and applied
+   (:func:`~subtomo.tomorefine.ctf.reference_spectrum`: without it a half map from the data
+   moves every tilt's defocus by a common offset, −544 Å at ``--kmin`` 100 Å on
+   benchmarks/ctf_refine.py ``--reference data``); the defocus, astigmatism and scale of
+   every tilt are fitted;
+2. with ``correct_bias`` (the default), a second pass fits *simulated* data
+   (:meth:`TiltPredictor.batches` ``simulate``: the prediction at the fitted CTF, cut,
+   windowed and/or circle-cropped as extraction did) the same way, its gain re-fitted: what
+   it finds is the bias of the fit, which is subtracted (times the shrinkage of the prior
+   on the per-tilt change) (the circle crop of the premultiplied stacks removes
+   CTF-delocalised signal: against the true map at box 64, 5 Å/px and 3 µm the defocus comes
+   out ~130 Å low at SNR 0.05, ~240 Å low at SNR 1 without this correction; against half
+   maps from the data at SNR 0.05 it overshoots by ~+150 Å);
+3. with ``per_particle``, one more pass (two with ``correct_bias``) fits each particle's
+   defocus at the refined per-tilt CTFs, with a Gaussian prior; the tomogram's mean
+   per-particle change is moved into its tilts (the same CTF for every observation), so the
+   prior centre stays 0.
 
 The Beer–Lambert scale model is fitted afterwards over all tilt series
 (:func:`~subtomo.tomorefine.ctf.fit_ice_scale`).
@@ -58,7 +64,7 @@ class CtfRefineOptions:
     ``sigma_tilt`` the σ of the prior on each tilt's defocus change (Å, ``None``: none);
     ``per_particle`` defocus with prior σ ``sigma_particle`` Å; ``correct_bias``: the
     simulation passes (2. and 3. of the module docstring); ``reference_spectrum``: multiply
-    the reference by its per-shell gain relative to the data
+    the reference by its smooth radial gain relative to the data
     (:func:`~subtomo.tomorefine.ctf.reference_spectrum`) before fitting.
     """
 
@@ -72,7 +78,7 @@ class CtfRefineOptions:
     do_scale: bool = True
     per_particle: bool = False
     sigma_particle: float = 300.0
-    correct_bias: bool = False
+    correct_bias: bool = True
     reference_spectrum: bool = True
 
 
