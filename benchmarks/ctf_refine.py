@@ -19,6 +19,12 @@ particles/s and the peak RSS (and CUDA memory).
     python benchmarks/ctf_refine.py --workdir /tmp/bench_ctf --snr 0.05 --reference data
     python benchmarks/ctf_refine.py --workdir /tmp/bench_ctf --snr 1 --reference data --rounds 2
 
+``--extract-crop precrop`` extracts the stacks with ``--circle_precrop --no_circle_crop`` (the
+raw patch windowed before the CTF) instead of RELION's crop after it; ``--bias-correction off``
+and ``--no-reference-spectrum`` switch ctf-refine's
+corrections (§23). Besides the RMS errors it prints the mean signed per-tilt defocus error
+(the common offset).
+
 ``--rounds 2`` runs the cycle twice (ctf-refine, then Extract with the refined CTF and, with
 ``--reference data``, Reconstruct, then ctf-refine again) and prints each round.
 """
@@ -50,6 +56,10 @@ def _prepare(args: argparse.Namespace, work: Path) -> None:
         nominal.write(work / "particles_nominal.star")
         subtomo("extract", "--p", "particles_nominal.star", "--t", "tomograms.star",
                 "--box", str(args.box), "--float32", "--o", "ext", cwd=work)  # fmt: skip
+    if args.extract_crop == "precrop" and not (work / "ext_precrop/particles.star").is_file():
+        subtomo("extract", "--p", "particles_nominal.star", "--t", "tomograms.star",
+                "--box", str(args.box), "--float32", "--circle_precrop", "--no_circle_crop",
+                "--o", "ext_precrop", cwd=work)  # fmt: skip
     if not (work / "mask/mask.mrc").is_file():  # the reference mask, from the true map
         subtomo("mask", "--i", "truth.mrc", "--lowpass", "20", "--ini_threshold", "2",
                 "--extend_inimask", "3", "--width_soft_edge", "5", "--o", "mask",
@@ -81,6 +91,18 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--reference", choices=("truth", "data"), default="truth")
     parser.add_argument("--rounds", type=int, default=1, help="ctf-refine + extract cycles")
+    parser.add_argument(
+        "--extract-crop", choices=("relion", "precrop"), default="relion",
+        help="Extract's circle crop: relion (after the CTF, the default) or precrop "
+        "(--circle_precrop --no_circle_crop: the raw patch windowed before the CTF)",
+    )  # fmt: skip
+    parser.add_argument("--stack-crop", default="auto", help="ctf-refine --stack_crop")
+    parser.add_argument("--no-reference-spectrum", action="store_true",
+                        help="ctf-refine --no_reference_spectrum")  # fmt: skip
+    parser.add_argument(
+        "--bias-correction", choices=("on", "off"), default="on",
+        help="ctf-refine --bias_correction (on, its default) or --no_bias_correction",
+    )  # fmt: skip
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -93,20 +115,25 @@ def main() -> None:
     from subtomo.jobs.ctf_refine import CtfRefineParams, run
 
     tag = int(time.time())
-    ios = Path("ext/optimisation_set.star")
+    bias = args.bias_correction == "on"
+    crop_flags = ["--circle_precrop", "--no_circle_crop"] if args.extract_crop == "precrop" else []
+    ios = Path("ext_precrop" if args.extract_crop == "precrop" else "ext") / "optimisation_set.star"
     refs = ("truth.mrc", "truth.mrc") if args.reference == "truth" else (
         "rec/half1.mrc", "rec/half2.mrc")  # fmt: skip
     truth_p = ParticleSet.read("particles.star").defocus_offsets().numpy()
     n_part = len(truth_p)
     print(f"data: {n_part} particles, {args.tomograms} tomograms, box {args.box} at "
           f"{args.pixel_size} Å/px, 41 tilts, SNR {args.snr}; "
-          f"reference {args.reference}, --kmin {args.kmin:g} Å")  # fmt: skip
+          f"reference {args.reference}, --kmin {args.kmin:g} Å; extraction crop "
+          f"{args.extract_crop}, ctf-refine --stack_crop {args.stack_crop}"
+          + f", bias correction {'on' if bias else 'off'}"
+          + (", no reference spectrum" if args.no_reference_spectrum else ""))  # fmt: skip
     true = _per_tilt(Path("true_alignment.star"), "defocus")
     tomograms = Path("tomograms.star")
     for round_ in range(1, args.rounds + 1):
         if round_ > 1:  # the cycle: extract with the refined CTF (and reconstruct)
             subtomo("extract", "--ios", str(ios), "--box", str(args.box), "--float32",
-                    "--o", f"ext_{tag}_{round_}", cwd=Path.cwd())  # fmt: skip
+                    *crop_flags, "--o", f"ext_{tag}_{round_}", cwd=Path.cwd())  # fmt: skip
             ios = Path(f"ext_{tag}_{round_}/optimisation_set.star")
             if args.reference == "data":
                 subtomo("reconstruct", "--ios", str(ios), "--o", f"rec_{tag}_{round_}",
@@ -116,6 +143,9 @@ def main() -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         run(CtfRefineParams(ios=str(ios), ref1=refs[0], ref2=refs[1], mask="mask/mask.mrc",
                             per_particle_defocus=True, kmin=args.kmin, device=args.device,
+                            stack_crop=args.stack_crop,
+                            bias_correction=bias,
+                            no_reference_spectrum=args.no_reference_spectrum,
                             output_dir=str(out)))  # fmt: skip
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -140,6 +170,8 @@ def main() -> None:
             f"{rms(before[low]):.0f} -> {rms(after[low]):.0f} Å (σ {rms(sigma[low]):.0f} Å) "
             f"at |tilt| <= 20°"
         )
+        print(f"  per-tilt defocus mean signed error (the common offset): "
+              f"{before.mean():+.0f} -> {after.mean():+.0f} Å")  # fmt: skip
         print(f"  per-tilt scale RMS error (Beer–Lambert, up to the grey scale): "
               f"{scale_error:.1%}")  # fmt: skip
         print(f"  per-particle defocus RMS error: {rms(input_p.numpy() - truth_p):.0f} -> "

@@ -77,6 +77,11 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=2)
     ap.add_argument("--refine", default=REFINE, help="refine3d options")
     ap.add_argument("--ctf-refine", default=CTF_REFINE, help="more ctf-refine options")
+    ap.add_argument(
+        "--frame-align-first", action="store_true",
+        help="per cycle: frame-align, Extract, ctf-refine (against the same half maps), "
+        "Extract, Refine3D: the defocus fitted on aligned tilts",
+    )  # fmt: skip
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     os.chdir(a.work)
@@ -117,12 +122,24 @@ def main() -> None:
         ios = f"{previous}/run_optimisation_set.star"
         _mask(f"{previous}/run_class001.mrc", f"mask{c}")
         mask = ("--mask", f"mask{c}/mask.mrc")
-        t1 = _wall("ctf-refine", "--ios", ios, *mask, "--per_particle_defocus",
-                   *shlex.split(a.ctf_refine), "--o", f"ctf{c}")  # fmt: skip
-        t2 = _wall("frame-align", "--ios", f"ctf{c}/optimisation_set.star", *mask,
-                   "--motion", "--o", f"fa{c}")  # fmt: skip
-        t3 = _wall("extract", "--ios", f"fa{c}/optimisation_set.star", "--box", box,
-                   "--float32", "--o", f"e{c}")  # fmt: skip
+        if a.frame_align_first:
+            halves = ("--ref1", f"{previous}/run_half1_class001_unfil.mrc",
+                      "--ref2", f"{previous}/run_half2_class001_unfil.mrc")  # fmt: skip
+            t2 = _wall("frame-align", "--ios", ios, *mask, "--motion", "--o", f"fa{c}")
+            t3 = _wall("extract", "--ios", f"fa{c}/optimisation_set.star", "--box", box,
+                       "--float32", "--o", f"e{c}a")  # fmt: skip
+            t1 = _wall("ctf-refine", "--ios", f"e{c}a/optimisation_set.star", *halves, *mask,
+                       "--per_particle_defocus", *shlex.split(a.ctf_refine),
+                       "--o", f"ctf{c}")  # fmt: skip
+            t3 += _wall("extract", "--ios", f"ctf{c}/optimisation_set.star", "--box", box,
+                        "--float32", "--o", f"e{c}")  # fmt: skip
+        else:
+            t1 = _wall("ctf-refine", "--ios", ios, *mask, "--per_particle_defocus",
+                       *shlex.split(a.ctf_refine), "--o", f"ctf{c}")  # fmt: skip
+            t2 = _wall("frame-align", "--ios", f"ctf{c}/optimisation_set.star", *mask,
+                       "--motion", "--o", f"fa{c}")  # fmt: skip
+            t3 = _wall("extract", "--ios", f"fa{c}/optimisation_set.star", "--box", box,
+                       "--float32", "--o", f"e{c}")  # fmt: skip
         t4 = _wall("refine3d", "--ios", f"e{c}/optimisation_set.star", "--ref",
                    f"{previous}/run_class001.mrc", "--ini_high", "30",
                    *shlex.split(a.refine), "--o", f"r{c}")  # fmt: skip

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from subtomo.data import (
@@ -38,6 +39,7 @@ from subtomo.data import (
 from subtomo.device import resolve_device
 from subtomo.distributed import is_main
 from subtomo.errors import InputError
+from subtomo.io import read_star
 from subtomo.ml.loader import ParticleState, StackLoader
 from subtomo.ml.starfiles import load_checkpoint, save_checkpoint
 from subtomo.project import run_job, write_job_report
@@ -62,6 +64,15 @@ CHECKPOINT = "ctf_refine_checkpoint.pt"
 def _astigmatism(text: str) -> str:
     if text not in ("none", "series", "tilt"):
         raise ValueError(f"expected none, series or tilt, found {text!r}")
+    return text
+
+
+STACK_CROPS = ("auto", "post", "pre", "both", "none")
+
+
+def _stack_crop(text: str) -> str:
+    if text not in STACK_CROPS:
+        raise ValueError(f"expected one of {', '.join(STACK_CROPS)}, found {text!r}")
     return text
 
 
@@ -108,9 +119,21 @@ class CtfRefineParams(ParticleInputs):
     sigma_particle_defocus: float = option(
         300.0, "--sigma_particle_defocus", help="σ of the per-particle defocus prior.", unit="Å"
     )
-    no_bias_correction: bool = option(
-        False, "--no_bias_correction", help="Do not correct the fits by simulated data."
-    )
+    bias_correction: bool = option(
+        True, "--bias_correction/--no_bias_correction",
+        help="Correct the fits by simulated data (the circle crop's bias, §23).",
+    )  # fmt: skip
+    no_reference_spectrum: bool = option(
+        False, "--no_reference_spectrum",
+        help="Do not fit the reference's per-shell gain relative to the data (§23).",
+    )  # fmt: skip
+    stack_crop: str = option(
+        "auto", "--stack_crop",
+        help="How Extract circle-cropped the 2D stacks: post (after the CTF, RELION's "
+        "default), pre (--circle_precrop --no_circle_crop), both, none; auto: from the "
+        "Extract job's job.star next to the stacks, else post.",
+        parse=_stack_crop,
+    )  # fmt: skip
     batch_size: int = option(32, "--batch", help="Particles per batch.")
     memory_gb: float = option(2.0, "--memory-gb", help="Stacks kept in memory", unit="GB")
     device: str = device_option()
@@ -121,6 +144,50 @@ class CtfRefineParams(ParticleInputs):
     )  # fmt: skip
     output_dir: str | None = output_dir_option()
     project_dir: str = "."
+
+
+_CROP_TEXT = {
+    "post": "after the CTF (RELION's default)", "pre": "before the CTF (--circle_precrop)",
+    "both": "before and after the CTF", "none": "not at all",
+}  # fmt: skip
+
+
+def stack_crop(parts: ParticleSet) -> str:
+    """How the 2D stacks of ``parts`` were circle-cropped (§5.2 steps 2 and 7): ``"post"``
+    (after the CTF premultiplication, RELION's default), ``"pre"`` (the raw patch before
+    it), ``"both"`` or ``"none"``, from the ``no_circle_crop`` and ``circle_precrop`` options
+    of the Extract job's job.star in a folder above the first stack (``<job>/Subtomograms/
+    ...``); ``"post"`` when there is none or it lacks them (a RELION job: its defaults)."""
+    names = parts.particles.get("rlnImageName")
+    if names is None or not len(names):
+        return "post"
+    folder = Path(str(names.iloc[0]).split("@")[-1]).parent
+    for directory in (folder, *folder.parents):
+        path = directory / "job.star"
+        if path.is_file():
+            break
+    else:
+        return "post"
+    try:
+        values = _job_options(path)
+    except (InputError, ValueError, KeyError) as exc:
+        log.warning("%s: %s; assuming the stacks were circle-cropped after the CTF", path, exc)
+        return "post"
+    post = values.get("no_circle_crop", "No").lower() not in ("yes", "true", "1")
+    pre = values.get("circle_precrop", "No").lower() in ("yes", "true", "1")
+    crop = {(True, False): "post", (False, True): "pre", (True, True): "both"}
+    return crop.get((post, pre), "none")
+
+
+def _job_options(path: Path) -> dict[str, str]:
+    """``{variable: value}`` of a job.star's ``joboptions_values`` block."""
+    table = read_star(path).get("joboptions_values")
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError("no joboptions_values table")
+    return dict(
+        zip(table["rlnJobOptionVariable"].astype(str), table["rlnJobOptionValue"].astype(str),
+            strict=True)
+    )  # fmt: skip
 
 
 def _resume(params: CtfRefineParams) -> tuple[CtfRefineParams, dict[str, TomogramResult]]:
@@ -134,6 +201,8 @@ def _resume(params: CtfRefineParams) -> tuple[CtfRefineParams, dict[str, Tomogra
     state = load_checkpoint(path)
     stored = {k: tuple(v) if isinstance(v, list) else v for k, v in state["params"].items()}
     stored.update(continue_from=str(directory), output_dir=str(directory), device=params.device)
+    if "no_bias_correction" in stored:  # a job of a version before --bias_correction
+        stored["bias_correction"] = not stored.pop("no_bias_correction")
     done = {
         name: TomogramResult(
             name=name, **{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in r.items()}
@@ -169,7 +238,8 @@ def _options(params: CtfRefineParams) -> CtfRefineOptions:
         sigma_tilt=params.sigma_tilt_defocus if params.sigma_tilt_defocus > 0 else None,
         do_scale=params.do_scale, per_particle=params.per_particle_defocus,
         sigma_particle=params.sigma_particle_defocus,
-        correct_bias=not params.no_bias_correction,
+        correct_bias=params.bias_correction,
+        reference_spectrum=not params.no_reference_spectrum,
     )  # fmt: skip
 
 
@@ -201,7 +271,11 @@ def run(params: CtfRefineParams) -> dict[str, str]:
     )
     halves = torch.stack([maps.half1, maps.half2]).float() * maps.mask
     weight, last = fsc_weights(halves, pixel, kmin_angst=params.kmin)
-    predictor = TiltPredictor(loader, halves, max_shell=last, device=device)
+    crop = stack_crop(parts) if params.stack_crop == "auto" else params.stack_crop
+    predictor = TiltPredictor(
+        loader, halves, max_shell=last, device=device, circle_cropped=crop in ("post", "both"),
+        precropped=crop in ("pre", "both"),
+    )  # fmt: skip
     inputs = {str(opt.particles): "ParticleGroupMetadata.star.relion.tomo",
               str(opt.tomograms): "TomogramGroupMetadata.star.relion.tomo",
               str(maps.path1): "DensityMap.mrc.halfmap"}  # fmt: skip
@@ -211,9 +285,10 @@ def run(params: CtfRefineParams) -> dict[str, str]:
     ) as (job, outputs):  # fmt: skip
         log.info(
             "CTF refinement of %d particles in %d tilt series, box %d at %.3f Å/px, up to "
-            "%.1f Å (FSC 0.143 of the half maps)%s",
+            "%.1f Å (FSC 0.143 of the half maps), stacks circle-cropped: %s%s",
             len(parts), len(dict.fromkeys(parts.tomo_names)), box, pixel,
-            box * pixel / max(last, 1), f"; {len(done)} done before" if done else "",
+            box * pixel / max(last, 1), _CROP_TEXT[crop],
+            f"; {len(done)} done before" if done else "",
         )  # fmt: skip
         state = ParticleState.from_particles(parts)
         for name in map(str, dict.fromkeys(parts.tomo_names)):

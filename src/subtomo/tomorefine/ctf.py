@@ -51,6 +51,7 @@ __all__ = [
     "fit_particle_defocus",
     "fit_tilt_defocus",
     "frequency_weights",
+    "reference_spectrum",
 ]
 
 _UNIT = 100.0  # Å: the optimiser's unit of defocus
@@ -61,6 +62,9 @@ _UNIT = 100.0  # Å: the optimiser's unit of defocus
 #: envelope ``|Q|²``, bounds it near the zeros of ``A``, where the circle crop leaves
 #: signal that ``A`` does not predict (benchmarks/ctf_bound.py)
 WEIGHT_FLOOR = 0.1
+
+#: degree of the polynomial in ``|k|`` of :func:`reference_spectrum`
+REFERENCE_SPECTRUM_DEGREE = 3
 
 
 @dataclass
@@ -147,6 +151,55 @@ def frequency_weights(
     sigma2 = stats.noise_power().to(fsc_weight.device)
     per_shell = torch.where(sigma2 > 0, fsc_weight.double() / sigma2.clamp_min(1e-300), 0.0)
     return per_shell[shells.clamp_max(len(per_shell) - 1)]
+
+
+def reference_spectrum(
+    stats: TiltStatistics,
+    weights: torch.Tensor,
+    shells: torch.Tensor,
+    *,
+    degree: int = REFERENCE_SPECTRUM_DEGREE,
+    iterations: int = 3,
+) -> torch.Tensor:
+    """Smooth gain ``g`` per shell ``(n_shells,)`` of the reference relative to the data at
+    the current CTF: ``g(k)`` a polynomial of ``degree`` in ``|k|``, fitted by least squares
+    to ``Y ≈ A·s_f·g(|k|)·c·P`` over all tilts ``f`` of the series (alternating with the
+    per-tilt scales ``s_f``), normalised to a weighted mean of 1; 1 at shells of weight 0.
+
+    A half map reconstructed from the data is not the true map times a constant: the
+    reconstruction's regularisation where ``CTF²`` is small (the rise of the first lobe), the
+    errors of the CTFs it was made with and the windowing of the patches give it a smooth
+    radial profile (±7% over 30–100 Å on benchmarks/ctf_refine.py ``--reference data``).
+    Within the first CTF lobe a defocus change alters the CTF's radial shape much as such a
+    profile does (by ~1.5% from 100 Å to the lobe's peak for 500 Å at 3 µm), so a fit against
+    the map moves every tilt's defocus by a common offset (−540 Å at ``--kmin`` 100 Å there).
+    Multiplying the reference by ``g`` leaves the fit what a smooth profile cannot mimic: the
+    differences between tilts and the positions of the CTF zeros. The gain is smooth (not
+    one value per shell) because near the zeros of the current CTF the per-shell ratio of
+    data to model follows the tilts' defocus errors, not the map.
+    """
+    w = weights.to(stats.cross.device, torch.float64)
+    n_shells = stats.noise.shape[-1]
+    idx = shells.to(w.device).clamp_max(n_shells - 1)
+    x = torch.zeros((stats.cross.shape[0], n_shells), dtype=torch.float64, device=w.device)
+    d = torch.zeros_like(x)
+    x.index_add_(1, idx, w * stats.cross[:, 0])  # (t, shells) at the current CTF (δ = 0)
+    d.index_add_(1, idx, w * stats.power[:, 0])
+    used = d.sum(0) > 0
+    k = torch.arange(n_shells, dtype=torch.float64, device=w.device) / max(n_shells - 1, 1)
+    basis = torch.stack([k**j for j in range(degree + 1)])  # (J, shells)
+    g = torch.ones(n_shells, dtype=torch.float64, device=w.device)
+    if not bool(used.any()):
+        return g
+    for _ in range(iterations):
+        s = (x * g).sum(1) / (d * g.square()).sum(1).clamp_min(1e-300)  # (t,)
+        u, v = (s[:, None] * x).sum(0), (s[:, None].square() * d).sum(0)  # (shells,)
+        # minimise Σ_shells (v g² − 2 u g) over the coefficients of g
+        normal = (basis[:, None] * basis[None] * v).sum(-1)
+        coef = torch.linalg.lstsq(normal, (basis * u).sum(-1)[:, None]).solution[:, 0]
+        g = torch.where(used, coef @ basis, 1.0)
+        g = torch.where(used, g / ((g * v).sum() / v.sum()), 1.0)
+    return g
 
 
 def _terms(

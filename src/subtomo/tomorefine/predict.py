@@ -140,8 +140,12 @@ class TiltPredictor:
     device
         Where the projections and patches are computed.
     circle_cropped
-        Whether extraction circle-cropped the stacks (``subtomo extract`` and RELION do,
-        unless ``--no_circle_crop``): :meth:`batches` ``simulate`` does it too.
+        Whether extraction circle-cropped the stacks after premultiplying them (§5.2 step 7;
+        ``subtomo extract`` and RELION do, unless ``--no_circle_crop``): :meth:`batches`
+        ``simulate`` does it too.
+    precropped
+        Whether extraction circle-cropped each raw patch before the CTF (``--circle_precrop``,
+        §5.2 step 2): :meth:`batches` ``simulate`` windows its raw image the same way.
     defocus_offset
         ``(N,)`` per-particle defocus in Å added to the particles' own (§23) in ``quadrature``
         (not in ``applied``), or ``None``.
@@ -157,6 +161,7 @@ class TiltPredictor:
         padding: float = 2.0,
         defocus_offset: torch.Tensor | None = None,
         circle_cropped: bool = True,
+        precropped: bool = False,
     ) -> None:
         n = loader.box
         if half_maps.shape != (2, n, n, n):
@@ -183,6 +188,7 @@ class TiltPredictor:
         self.canvas_points = fourier_points(2 * n, n, self.device)
         self.full_points = fourier_points(n, n, self.device)
         self.circle_cropped = circle_cropped
+        self.precropped = precropped
         px = loader.pixel_size
         k2 = (self.points.freq.double() / px).square().sum(-1)  # (K,) 1/Å²
         lam = float(electron_wavelength_angstrom(loader.ctfs[loader.tomo_names[0]].voltage_kv))
@@ -197,12 +203,15 @@ class TiltPredictor:
         shard: bool = False,
         tilt_ctf: dict | None = None,
         simulate: bool = False,
+        reference_filter: torch.Tensor | None = None,
     ) -> Iterator[TiltPatches]:
         """Patches of ``indices`` (default all) at the poses of ``state``, batch by batch.
 
         ``shard``: only this rank's batches (see :meth:`StackLoader.batches`). ``tilt_ctf``
         ``{rlnTomoName: TiltSeriesCtf}`` replaces the loader's per-tilt CTFs in ``quadrature``
-        (e.g. after a defocus update); ``observed`` is unchanged.
+        (e.g. after a defocus update); ``observed`` is unchanged. ``reference_filter``
+        ``(n//2+1,)`` multiplies the projections (and so the simulated data) per shell
+        ``round(|k| n)`` of the box (e.g. :func:`~subtomo.tomorefine.ctf.reference_spectrum`).
 
         ``simulate``: ``observed`` is instead the noise-free data the model predicts,
         the particle's image with the modelled CTF (``Re Q``) made on a canvas of twice the
@@ -229,27 +238,21 @@ class TiltPredictor:
             mats = tilt_rot @ batch.rotations.to(self.device)[:, None]  # (b, f, 3, 3)
             half = self.half[idx].to(self.device)
             offsets = batch.offsets.to(self.device)[:, None]
-            pred = self._project(mats, half, tilt_rot, offsets, pts)
+            pred = self._project(mats, half, tilt_rot, offsets, pts, reference_filter)
             vis = batch.visible.to(self.device)[..., None]
             observed = pts.gather(batch.data.to(self.device))
             if simulate:
                 canvas, full = self.canvas_points, self.full_points
                 model = self._ctf(*geometry, tilt_ctf, self.defocus_offset, canvas)[0].real
-                image = canvas.scatter(model * self._project(mats, half, tilt_rot, offsets, canvas))
+                pred_canvas = self._project(mats, half, tilt_rot, offsets, canvas, reference_filter)
+                image = canvas.scatter(model * pred_canvas)
                 n = ld.box
                 lo = n // 2
                 raw = irfft_centered(image, (2 * n, 2 * n))[..., lo : lo + n, lo : lo + n]
                 filt = full.scatter(self._ctf(*geometry, None, None, full)[0].real)
                 pre = torch.from_numpy(ld.premultiplied)[idx].to(self.device)[:, None, None, None]
-                if self.circle_cropped:  # extraction crops after premultiplying, if it does
-                    crop = circle_crop(raw, n / 2)
-                    post = circle_crop(irfft_centered(filt * rfft_centered(raw, 2), (n, n)), n / 2)
-                    spectra = torch.where(
-                        pre, rfft_centered(post, 2), filt * rfft_centered(crop, 2)
-                    )
-                else:
-                    spectra = filt * rfft_centered(raw, 2)
-                observed = pts.gather(spectra)
+                binning = float(ld.binning[int(idx[0])])
+                observed = pts.gather(self._extracted(raw, filt, pre, binning))
             yield TiltPatches(
                 index=idx,
                 half=half,
@@ -268,6 +271,25 @@ class TiltPredictor:
                 applied=applied * vis,
             )
 
+    def _extracted(
+        self, raw: torch.Tensor, filt: torch.Tensor, pre: torch.Tensor, binning: float
+    ) -> torch.Tensor:
+        """Spectra ``(b, f, n, n//2+1)`` of noise-free raw patches ``raw`` ``(b, f, n, n)``
+        (centre ``n//2``) as the stacks hold them: windowed before the CTF if
+        :attr:`precropped` (radius ``n/2``, the 5 bin-1 pixel fall-off), multiplied by
+        ``filt`` (``A``, periodically in the box), circle-cropped after that if
+        :attr:`circle_cropped`; stacks not premultiplied (``pre`` false) hold the cropped raw
+        patch, which the loader multiplies by ``A``."""
+        n = raw.shape[-1]
+        if self.precropped:
+            raw = circle_crop(raw, n / 2, 5.0 / binning)
+        spectra = filt * rfft_centered(raw, 2)
+        if self.circle_cropped:
+            post = circle_crop(irfft_centered(spectra, (n, n)), n / 2)
+            windowed = raw if self.precropped else circle_crop(raw, n / 2)
+            spectra = torch.where(pre, rfft_centered(post, 2), filt * rfft_centered(windowed, 2))
+        return spectra
+
     def _project(
         self,
         mats: torch.Tensor,
@@ -275,9 +297,11 @@ class TiltPredictor:
         tilt_rot: torch.Tensor,
         offsets: torch.Tensor,
         pts: FourierPoints,
+        reference_filter: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``P e^{-2πi k.s}`` ``(b, f, K)`` at ``pts``: each particle's own half map at
-        ``R_f A_sub A_part`` (``mats``), moved to where the particle sits (its offset)."""
+        ``R_f A_sub A_part`` (``mats``), moved to where the particle sits (its offset), times
+        ``reference_filter`` ``(n//2+1,)`` at the points' box shells if given."""
         b, f = mats.shape[:2]
         pred = torch.zeros((b, f, pts.flat.shape[0]), dtype=torch.complex64, device=self.device)
         for h, projector in enumerate(self.projectors):
@@ -285,7 +309,13 @@ class TiltPredictor:
             if bool(sel.any()):
                 pred[sel] = projector.slices(0, mats[sel], pts)
         phase = shift_phases(tilt_rot, offsets, pts, self.loader.pixel_size)[:, 0]  # (b, f, K)
-        return pred * torch.polar(torch.ones_like(phase), -phase)
+        pred = pred * torch.polar(torch.ones_like(phase), -phase)
+        if reference_filter is not None:
+            n = self.loader.box
+            shell = torch.round(torch.linalg.vector_norm(pts.freq, dim=-1) * n).long()
+            gain = reference_filter.to(self.device, torch.float32)
+            pred = pred * gain[shell.clamp_max(len(gain) - 1)]
+        return pred
 
     def _ctf(
         self,

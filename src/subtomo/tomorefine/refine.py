@@ -3,18 +3,24 @@
 For each tilt series (§11, §23; the fits are :mod:`subtomo.tomorefine.ctf`):
 
 1. one pass over its particles (this rank's batches under torch.distributed, the sums
-   gathered from all ranks) accumulates the per-tilt statistics; the defocus, astigmatism and
-   scale of every tilt are fitted;
-2. a second pass fits *simulated* data (:meth:`TiltPredictor.batches` ``simulate``: the
-   prediction at the fitted CTF, cut and circle-cropped as extraction does) the same way:
-   what it finds is the bias of the fit, which is subtracted (times the shrinkage of the
-   prior on the per-tilt change) (the circle crop of the
-   premultiplied stacks removes CTF-delocalised signal: at box 64, 5 Å/px and 3 µm a 250 Å
-   particle's defocus comes out ~300 Å low without this correction);
-3. with ``per_particle``, two more passes (data and simulation) fit each particle's defocus
-   at the refined per-tilt CTFs, with a Gaussian prior; the tomogram's mean per-particle
-   change is moved into its tilts (the same CTF for every observation), so the prior centre
-   stays 0.
+   gathered from all ranks) accumulates the per-tilt statistics; the reference's smooth
+   radial gain relative to the data is fitted and applied
+   (:func:`~subtomo.tomorefine.ctf.reference_spectrum`: without it a half map from the data
+   moves every tilt's defocus by a common offset, −544 Å at ``--kmin`` 100 Å on
+   benchmarks/ctf_refine.py ``--reference data``); the defocus, astigmatism and scale of
+   every tilt are fitted;
+2. with ``correct_bias`` (the default), a second pass fits *simulated* data
+   (:meth:`TiltPredictor.batches` ``simulate``: the prediction at the fitted CTF, cut,
+   windowed and/or circle-cropped as extraction did) the same way, its gain re-fitted: what
+   it finds is the bias of the fit, which is subtracted (times the shrinkage of the prior
+   on the per-tilt change) (the circle crop of the premultiplied stacks removes
+   CTF-delocalised signal: against the true map at box 64, 5 Å/px and 3 µm the defocus comes
+   out ~130 Å low at SNR 0.05, ~240 Å low at SNR 1 without this correction; against half
+   maps from the data at SNR 0.05 it overshoots by ~+150 Å);
+3. with ``per_particle``, one more pass (two with ``correct_bias``) fits each particle's
+   defocus at the refined per-tilt CTFs, with a Gaussian prior; the tomogram's mean
+   per-particle change is moved into its tilts (the same CTF for every observation), so the
+   prior centre stays 0.
 
 The Beer–Lambert scale model is fitted afterwards over all tilt series
 (:func:`~subtomo.tomorefine.ctf.fit_ice_scale`).
@@ -39,6 +45,7 @@ from subtomo.tomorefine.ctf import (
     fit_particle_defocus,
     fit_tilt_defocus,
     frequency_weights,
+    reference_spectrum,
 )
 from subtomo.tomorefine.predict import TiltPredictor
 
@@ -56,7 +63,9 @@ class CtfRefineOptions:
     (``--lambda`` with ``--do_reg_defocus``, else ``None``); ``do_scale`` (``--do_scale``);
     ``sigma_tilt`` the σ of the prior on each tilt's defocus change (Å, ``None``: none);
     ``per_particle`` defocus with prior σ ``sigma_particle`` Å; ``correct_bias``: the
-    simulation passes (2. and 3. of the module docstring).
+    simulation passes (2. and 3. of the module docstring); ``reference_spectrum``: multiply
+    the reference by its smooth radial gain relative to the data
+    (:func:`~subtomo.tomorefine.ctf.reference_spectrum`) before fitting.
     """
 
     do_defocus: bool = True
@@ -70,6 +79,7 @@ class CtfRefineOptions:
     per_particle: bool = False
     sigma_particle: float = 300.0
     correct_bias: bool = True
+    reference_spectrum: bool = True
 
 
 @dataclass
@@ -172,6 +182,12 @@ def refine_tomogram(
     pts = predictor.points
     stats = _tilt_statistics(predictor, state, rows, name, t)
     w = frequency_weights(stats, fsc_weight.to(predictor.device), pts.shell)
+    extra: dict = {}  # passed to every later pass over the particles
+    if options.reference_spectrum and options.do_defocus:
+        gain = reference_spectrum(stats, w, pts.shell)
+        g = gain[pts.shell.clamp_max(len(gain) - 1)]
+        stats = dataclasses.replace(stats, cross=stats.cross * g, power=stats.power * g.square())
+        extra["reference_filter"] = gain
     fit_args = {
         "d0": options.d0, "d1": options.d1, "steps": options.steps,
         "fit_defocus": options.do_defocus, "astigmatism": options.astigmatism,
@@ -185,7 +201,12 @@ def refine_tomogram(
     scale = scale0 * fit.scale.cpu().numpy() if options.do_scale else scale0
     if options.correct_bias:
         model = {name: updated_ctf(ctf, u, v, angle, scale)}
-        sim = _tilt_statistics(predictor, state, rows, name, t, tilt_ctf=model, simulate=True)
+        sim = _tilt_statistics(
+            predictor, state, rows, name, t, tilt_ctf=model, simulate=True, **extra
+        )
+        if "reference_filter" in extra:  # as on the data: the crop's profile is absorbed too
+            g = reference_spectrum(sim, w, pts.shell)[pts.shell.clamp_max(len(gain) - 1)]
+            sim = dataclasses.replace(sim, cross=sim.cross * g, power=sim.power * g.square())
         bias = fit_tilt_defocus(
             sim, w, pts.freq, predictor.defocus_phase, **{**fit_args, "sigma_angst": None}
         )
@@ -206,25 +227,26 @@ def refine_tomogram(
         fit = corrected
     delta = fit.delta.cpu().numpy()
     particle_delta = np.zeros(0)
+    moved = 0.0  # the per-particle fit's mean, moved into the tilts
     if options.per_particle:
         model = {name: updated_ctf(ctf, u, v, angle, scale)}
         weights = {name: w}
         particle_delta = _particle_defocus(
-            predictor, state, rows, weights, options.sigma_particle, tilt_ctf=model
+            predictor, state, rows, weights, options.sigma_particle, tilt_ctf=model, **extra
         )
         if options.correct_bias:
             particle_delta -= _particle_defocus(
                 predictor, state, rows, weights, options.sigma_particle, tilt_ctf=model,
-                simulate=True,
+                simulate=True, **extra,
             )  # fmt: skip
-        mean = float(particle_delta.mean()) if len(particle_delta) else 0.0
-        particle_delta -= mean
-        u, v, delta = u + mean, v + mean, delta + mean
+        moved = float(particle_delta.mean()) if len(particle_delta) else 0.0
+        particle_delta -= moved
+        u, v, delta = u + moved, v + moved, delta + moved
     log.info(
         "%s: mean defocus change %+.0f Å (RMS %.0f Å) over %d tilts%s",
         name, float(delta.mean()), float(np.sqrt((delta**2).mean())), t,
-        f"; per-particle RMS {np.sqrt((particle_delta**2).mean()):.0f} Å"
-        if len(particle_delta) else "",
+        f"; per-particle RMS {np.sqrt((particle_delta**2).mean()):.0f} Å, their mean "
+        f"{moved:+.0f} Å moved into the tilts" if len(particle_delta) else "",
     )  # fmt: skip
     return TomogramResult(
         name=name, defocus_u=u, defocus_v=v, defocus_angle=angle, scale_before=scale0,
