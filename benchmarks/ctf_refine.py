@@ -21,7 +21,7 @@ particles/s and the peak RSS (and CUDA memory).
 
 ``--extract-crop precrop`` extracts the stacks with ``--circle_precrop --no_circle_crop`` (the
 raw patch windowed before the CTF) instead of RELION's crop after it; ``--bias-correction off``
-and ``--no-reference-spectrum`` switch ctf-refine's
+and ``--reference-spectrum`` switch ctf-refine's
 corrections (§23). Besides the RMS errors it prints the mean signed per-tilt defocus error
 (the common offset).
 
@@ -97,8 +97,8 @@ def main() -> None:
         "(--circle_precrop --no_circle_crop: the raw patch windowed before the CTF)",
     )  # fmt: skip
     parser.add_argument("--stack-crop", default="auto", help="ctf-refine --stack_crop")
-    parser.add_argument("--no-reference-spectrum", action="store_true",
-                        help="ctf-refine --no_reference_spectrum")  # fmt: skip
+    parser.add_argument("--reference-spectrum", action="store_true",
+                        help="ctf-refine --reference_spectrum")  # fmt: skip
     parser.add_argument(
         "--bias-correction", choices=("on", "off"), default="on",
         help="ctf-refine --bias_correction (on, its default) or --no_bias_correction",
@@ -127,7 +127,7 @@ def main() -> None:
           f"reference {args.reference}, --kmin {args.kmin:g} Å; extraction crop "
           f"{args.extract_crop}, ctf-refine --stack_crop {args.stack_crop}"
           + f", bias correction {'on' if bias else 'off'}"
-          + (", no reference spectrum" if args.no_reference_spectrum else ""))  # fmt: skip
+          + (", reference spectrum" if args.reference_spectrum else ""))  # fmt: skip
     true = _per_tilt(Path("true_alignment.star"), "defocus")
     tomograms = Path("tomograms.star")
     for round_ in range(1, args.rounds + 1):
@@ -145,7 +145,7 @@ def main() -> None:
                             per_particle_defocus=True, kmin=args.kmin, device=args.device,
                             stack_crop=args.stack_crop,
                             bias_correction=bias,
-                            no_reference_spectrum=args.no_reference_spectrum,
+                            reference_spectrum=args.reference_spectrum,
                             output_dir=str(out)))  # fmt: skip
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

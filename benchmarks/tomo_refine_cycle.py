@@ -37,7 +37,7 @@ from subtomo.simulate.truth import image_position_error
 
 REFINE = "--healpix_order 3 --sigma_ang 3 --offset_range 2 --offset_step 1"
 # RELION's --kmin 30 Å leaves no shell below the resolution Refine3D reaches here (~28 Å)
-CTF_REFINE = "--kmin 100"
+CTF_REFINE = "--kmin 100 --reference_spectrum"
 HERE = Path(".")
 
 

@@ -256,7 +256,7 @@ def test_reference_spectrum_removes_the_offset_of_a_filtered_map(project: Path) 
         out = f"CtfRefine/gain_{int(fit_gain)}"
         run_ctf_refine(CtfRefineParams(
             ios="ext/optimisation_set.star", ref1="truth_lowpass.mrc", ref2="truth_lowpass.mrc",
-            mask="mask/mask.mrc", kmin=100.0, no_reference_spectrum=not fit_gain, output_dir=out,
+            mask="mask/mask.mrc", kmin=100.0, reference_spectrum=fit_gain, output_dir=out,
         ))  # fmt: skip
         errors[fit_gain] = _mean_defocus(project / out / "tomograms.star") - true_defocus
     assert errors[False].mean() > 150, errors[False]

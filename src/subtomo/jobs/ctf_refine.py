@@ -123,9 +123,10 @@ class CtfRefineParams(ParticleInputs):
         True, "--bias_correction/--no_bias_correction",
         help="Correct the fits by simulated data (the circle crop's bias, §23).",
     )  # fmt: skip
-    no_reference_spectrum: bool = option(
-        False, "--no_reference_spectrum",
-        help="Do not fit the reference's per-shell gain relative to the data (§23).",
+    reference_spectrum: bool = option(
+        False, "--reference_spectrum/--no_reference_spectrum",
+        help="Fit the reference's smooth radial gain relative to the data first (§23): "
+        "for half maps from the data with --kmin near the first CTF lobe (e.g. 100 Å).",
     )  # fmt: skip
     stack_crop: str = option(
         "auto", "--stack_crop",
@@ -239,7 +240,7 @@ def _options(params: CtfRefineParams) -> CtfRefineOptions:
         do_scale=params.do_scale, per_particle=params.per_particle_defocus,
         sigma_particle=params.sigma_particle_defocus,
         correct_bias=params.bias_correction,
-        reference_spectrum=not params.no_reference_spectrum,
+        reference_spectrum=params.reference_spectrum,
     )  # fmt: skip
 
 

@@ -3,8 +3,9 @@
 For each tilt series (§11, §23; the fits are :mod:`subtomo.tomorefine.ctf`):
 
 1. one pass over its particles (this rank's batches under torch.distributed, the sums
-   gathered from all ranks) accumulates the per-tilt statistics; the reference's smooth
-   radial gain relative to the data is fitted and applied
+   gathered from all ranks) accumulates the per-tilt statistics; with
+   ``reference_spectrum`` the reference's smooth radial gain relative to the data is fitted
+   and applied
    (:func:`~subtomo.tomorefine.ctf.reference_spectrum`: without it a half map from the data
    moves every tilt's defocus by a common offset, −544 Å at ``--kmin`` 100 Å on
    benchmarks/ctf_refine.py ``--reference data``); the defocus, astigmatism and scale of
@@ -79,7 +80,7 @@ class CtfRefineOptions:
     per_particle: bool = False
     sigma_particle: float = 300.0
     correct_bias: bool = True
-    reference_spectrum: bool = True
+    reference_spectrum: bool = False
 
 
 @dataclass
