@@ -19,6 +19,11 @@ max difference). Prints the load average before and after (a shared machine's ot
 slows the ranks unevenly).
 
     python benchmarks/scaling.py --workdir /tmp/bench_scaling --ranks 2 --repeats 3
+    python benchmarks/scaling.py --jobs reconstruct --rec-particles 2400 --repeats 2
+
+Measured (quiet 2 cores, reconstruct, 2 ranks): 1200 particles median 77% (81/77/73%);
+2400 particles 72/91/94/85%, median 88% (the one-core run varied 58.6-78.1 s between
+repeats: the machine's speed, not the job's).
     python benchmarks/scaling.py --workdir /tmp/bench_scaling --ranks 4 --device cuda
 """
 
