@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     )
     from subtomo.io.star import (
         NAME_COLUMNS,
+        as_written,
         format_vector,
         number_problem,
         numeric_column,
@@ -36,6 +37,7 @@ __all__ = [
     "NAME_COLUMNS",
     "MdocTiltSeries",
     "MrcHeader",
+    "as_written",
     "atomic_path",
     "format_vector",
     "map_pixel_size",

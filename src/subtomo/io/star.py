@@ -22,6 +22,7 @@ from subtomo.io.files import read_utf8, require_file
 
 __all__ = [
     "NAME_COLUMNS",
+    "as_written",
     "format_vector",
     "number_problem",
     "numeric_column",
@@ -79,6 +80,12 @@ def _check_blocks(path: Path) -> None:
         first_line[name] = number
     if not first_line:
         raise InputError("no data_ blocks found (not a STAR file?)", file=path)
+
+
+def as_written(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded as :func:`write_star` writes them (``%.12g``): what a resumed run
+    reads back, so that quantities derived from them agree with a run that never stopped."""
+    return np.vectorize(lambda v: float(_FLOAT_FORMAT % v), otypes=[np.float64])(values)
 
 
 def _format_float(value: float) -> str:

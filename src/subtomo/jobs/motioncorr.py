@@ -48,7 +48,7 @@ from subtomo.data import TomogramSet
 from subtomo.device import resolve_device
 from subtomo.distributed import all_gather_object, own_files, shard
 from subtomo.errors import InputError
-from subtomo.io import read_star, write_mrc, write_star
+from subtomo.io import as_written, read_star, write_mrc, write_star
 from subtomo.io.movies import (
     MovieHeader,
     read_gain,
@@ -502,9 +502,9 @@ def _correct_one(
             root.with_suffix(".star"), header, movie, params, item.tilts.iloc[i],
             item.pixel_size, item.voltage, result.shifts, rate, result.coefficients,
         )  # fmt: skip
-        # the accumulated motion from the shifts as written (12 digits), as a resumed run
-        # reads them back: both give the same table
-        shifts = np.vectorize(lambda v: float(f"{v:.12g}"))(result.shifts)
+        # the accumulated motion from the shifts as written, as a resumed run reads them
+        # back: both give the same table
+        shifts = as_written(result.shifts)
         iterations = result.iterations
     pre = float(item.tilts["rlnMicrographPreExposure"].iloc[i])
     motion = accumulated_motion(shifts, pre, rate)
