@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from subtomo.data import (
@@ -39,10 +38,9 @@ from subtomo.data import (
 from subtomo.device import resolve_device
 from subtomo.distributed import is_main
 from subtomo.errors import InputError
-from subtomo.io import read_star
 from subtomo.ml.loader import ParticleState, StackLoader
 from subtomo.ml.starfiles import load_checkpoint, save_checkpoint
-from subtomo.project import run_job, write_job_report
+from subtomo.project import read_job_options, run_job, write_job_report
 from subtomo.project.options import (
     ParticleInputs,
     device_option,
@@ -170,7 +168,7 @@ def stack_crop(parts: ParticleSet) -> str:
     else:
         return "post"
     try:
-        values = _job_options(path)
+        values = read_job_options(path)
     except (InputError, ValueError, KeyError) as exc:
         log.warning("%s: %s; assuming the stacks were circle-cropped after the CTF", path, exc)
         return "post"
@@ -178,17 +176,6 @@ def stack_crop(parts: ParticleSet) -> str:
     pre = values.get("circle_precrop", "No").lower() in ("yes", "true", "1")
     crop = {(True, False): "post", (False, True): "pre", (True, True): "both"}
     return crop.get((post, pre), "none")
-
-
-def _job_options(path: Path) -> dict[str, str]:
-    """``{variable: value}`` of a job.star's ``joboptions_values`` block."""
-    table = read_star(path).get("joboptions_values")
-    if not isinstance(table, pd.DataFrame):
-        raise ValueError("no joboptions_values table")
-    return dict(
-        zip(table["rlnJobOptionVariable"].astype(str), table["rlnJobOptionValue"].astype(str),
-            strict=True)
-    )  # fmt: skip
 
 
 def _resume(params: CtfRefineParams) -> tuple[CtfRefineParams, dict[str, TomogramResult]]:

@@ -19,7 +19,15 @@ if TYPE_CHECKING:
         write_job_report,
         write_project_report,
     )
-    from subtomo.project.jobdir import FAILURE, KILLED, PROCESS, SUCCESS, job_status, run_job
+    from subtomo.project.jobdir import (
+        FAILURE,
+        KILLED,
+        PROCESS,
+        SUCCESS,
+        job_status,
+        read_job_options,
+        run_job,
+    )
     from subtomo.project.pipeline import (
         PIPELINE,
         job_lineage,
@@ -42,6 +50,7 @@ __all__ = [
     "job_status",
     "next_job_dir",
     "pipeline_lock",
+    "read_job_options",
     "read_pipeline",
     "resolve_options",
     "run_job",

@@ -27,6 +27,7 @@ from subtomo.distributed import is_main
 from subtomo.fourier import crossing_shell, fsc_maps
 from subtomo.io import read_mrc, read_star
 from subtomo.project.job import Job
+from subtomo.project.jobdir import read_job_options
 from subtomo.project.pipeline import job_lineage, read_pipeline
 from subtomo.report.html import write_html_report
 from subtomo.report.plots import (
@@ -166,13 +167,10 @@ def _parameters(directory: Path) -> str:
     path = directory / "job.star"
     if not path.exists():
         return ""
-    options = read_star(path).get("joboptions_values")
-    if not isinstance(options, pd.DataFrame):
+    options = read_job_options(path)
+    if not options:
         return ""
-    rows = [
-        {"parameter": k, "value": v}
-        for k, v in zip(options["rlnJobOptionVariable"], options["rlnJobOptionValue"], strict=True)
-    ]
+    rows = [{"parameter": k, "value": v} for k, v in options.items()]
     table = _html_table(rows, "")
     return f"<details><summary>parameters (job.star)</summary>{table}</details>"
 

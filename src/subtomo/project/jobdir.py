@@ -25,11 +25,19 @@ from typing import Any
 import pandas as pd
 
 from subtomo.distributed import barrier, broadcast_object, is_main, world_size
-from subtomo.io import atomic_path, write_star
+from subtomo.io import atomic_path, read_star, write_star
 from subtomo.project.job import Job
 from subtomo.project.pipeline import next_job_dir, pipeline_lock, register_job
 
-__all__ = ["FAILURE", "KILLED", "PROCESS", "SUCCESS", "job_status", "run_job"]
+__all__ = [
+    "FAILURE",
+    "KILLED",
+    "PROCESS",
+    "SUCCESS",
+    "job_status",
+    "read_job_options",
+    "run_job",
+]
 
 SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 FAILURE = "RELION_JOB_EXIT_FAILURE"
@@ -63,6 +71,17 @@ def _write_job_star(job: Job, params: Any) -> None:
         "rlnJobIsTomo": 1,
     }
     write_star(job.path("job.star"), {"job": general, "joboptions_values": options})
+
+
+def read_job_options(path: Path) -> dict[str, str]:
+    """``{variable: value}`` of a job.star's ``joboptions_values`` block, as text (booleans
+    as ``Yes``/``No``, as :func:`_write_job_star` and RELION write them); empty when the file
+    has no such block."""
+    table = read_star(path).get("joboptions_values")
+    if not isinstance(table, pd.DataFrame):
+        return {}
+    names, values = table["rlnJobOptionVariable"], table["rlnJobOptionValue"]
+    return dict(zip(names.astype(str), values.astype(str), strict=True))
 
 
 def _process_start(pid: int) -> str | None:
