@@ -150,11 +150,11 @@ def test_job_recovers_the_true_alignment(aligned) -> None:
     found, _ = alignment_error(truth, _matrices(job / "aligned_tilt_series.star")[good], SIZE)
     rms = lambda x: float(x.square().mean().sqrt())  # noqa: E731
     assert rms(nominal) > 4.0  # what the errors do
-    assert rms(found) < 0.6, found  # measured 0.51 px (0.38 with the noise image at +60°)
+    assert rms(found) < 0.6, found  # measured 0.52 px (0.38 with the noise image at +60°)
     series = TomogramSet.read(job / "aligned_tilt_series.star")["TS_01"]
     true = TomogramSet.read(sim / "true_alignment.star")["TS_01"]
     axis = series.tilts["rlnTomoZRot"].mean() - true.tilts["rlnTomoZRot"].mean()
-    assert abs(axis) < 0.3, axis  # measured -0.13° (2° injected)
+    assert abs(axis) < 0.3, axis  # measured -0.23° (2° injected; sparse series)
     tilts = series.tilts
     assert list(tilts["rlnTomoNominalStageTiltAngle"]) == sorted(
         tilts["rlnTomoNominalStageTiltAngle"]

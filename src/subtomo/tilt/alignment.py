@@ -268,7 +268,12 @@ def _axis_profiles(
     images: torch.Tensor, alignment: TiltAlignment, delta: float, half: int
 ) -> torch.Tensor:
     """``(t, 2·half)`` profiles along the tilt axis (ZRot + ``delta``): each tilt summed across
-    the axis over the whole image (edges tapered), zero-mean and normalised. Every pixel is
+    the axis, zero-mean and normalised. Every tilt sums the same strip of the specimen: within
+    ``half·cos θ`` of the axis (cosine edge over ``0.1·min(h, w)·cos θ``), where the specimen
+    within ``half`` of the axis projects at tilt θ. Summed over the whole image, the high tilts
+    also carried specimen that the low tilts do not see (axis errors on the 256² benchmark
+    series, SNR 1, seeds 1-6: -0.16/+0.39/+0.16/-0.26/+0.35/-0.13° whole image,
+    +0.02/+0.05/+0.02/-0.14/+0.24/+0.03° with the strip). Every pixel is
     split linearly between the two profile bins around its coordinate along the axis, so the
     noise in a bin does not depend on the angle (resampling the image at each angle and
     normalising biased the axis by 1-2° on noisy series)."""
@@ -279,15 +284,17 @@ def _axis_profiles(
         torch.arange(w, dtype=torch.float64) - w // 2,
         indexing="ij",
     )
-    phi = torch.deg2rad(alignment.z_rot + delta)  # axis direction (-sin φ, cos φ)
-    along = (
-        -torch.sin(phi)[:, None, None] * (x - alignment.shifts[:, 0, None, None])
-        + torch.cos(phi)[:, None, None] * (y - alignment.shifts[:, 1, None, None])
-        + half
-    )  # (t, h, w) bins
+    phi = torch.deg2rad(alignment.z_rot + delta)[:, None, None]  # axis (-sin φ, cos φ)
+    dx = x - alignment.shifts[:, 0, None, None]
+    dy = y - alignment.shifts[:, 1, None, None]
+    along = -torch.sin(phi) * dx + torch.cos(phi) * dy + half  # (t, h, w) bins
+    cos = torch.cos(torch.deg2rad(alignment.y_tilt))[:, None, None]
+    edge = 0.1 * min(h, w) * cos
+    inner = (half * cos - (torch.cos(phi) * dx + torch.sin(phi) * dy).abs()) / edge
+    strip = 0.5 - 0.5 * torch.cos(math.pi * inner.clamp(0, 1))
     low = along.floor()
     frac = (along - low).float()
-    values = (images * taper).float()
+    values = (images * taper * strip).float()
     profiles = torch.zeros(t, 2 * half + 1, dtype=torch.float32, device=images.device)
     rows = torch.arange(t, device=images.device)[:, None, None] * (2 * half + 1)
     for offset, weight in ((0, 1 - frac), (1, frac)):
