@@ -247,3 +247,36 @@ def test_erase_gold_aligns_a_beaded_series(tmp_path: Path) -> None:
     )
     assert float(found_rms.square().mean().sqrt()) < 0.7, found_rms
     assert float(found_rms.max()) < 1.5, found_rms
+
+
+def test_axis_profiles_sum_one_specimen_strip() -> None:
+    """A spot in the specimen at x = 0.8·half projects at 0.8·half·cos θ: it reaches the
+    profile of every tilt (the common line), while a spot the untilted image cannot see (at
+    1.6·half, projecting to 0.8·half at 60°) reaches none; the whole image would count it."""
+    from subtomo.tilt.alignment import _axis_profiles
+
+    n, half = 128, 57
+    y_tilt = torch.tensor([0.0, 60.0], dtype=torch.float64)
+    alignment = TiltAlignment(
+        y_tilt=y_tilt, z_rot=torch.full((2,), 90.0, dtype=torch.float64),
+        shifts=torch.zeros(2, 2, dtype=torch.float64),
+    )  # fmt: skip
+    # ZRot 90°: the axis runs along image x, "across" is image y; spots at row offset x·cos θ
+    cos = torch.cos(torch.deg2rad(y_tilt))
+
+    def profile_of(specimen_offset: float) -> torch.Tensor:
+        images = torch.zeros(2, n, n)
+        for t in range(2):
+            row = n // 2 + round(specimen_offset * float(cos[t]))
+            if 0 <= row < n:
+                images[t, row - 1 : row + 2, n // 2 - 8 : n // 2 + 8] = 1.0
+        images += 0.01 * torch.randn(2, n, n, generator=torch.Generator().manual_seed(0))
+        return _axis_profiles(images, alignment, 0.0, half)
+
+    # profiles have unit norm: a spot alone fills its 16 bins with 1/4 each; noise alone
+    # leaves ~0.1 per bin, ~0.02 on the mean of 16
+    centre = slice(half - 8, half + 8)
+    seen = profile_of(0.8 * half)[:, centre].mean(-1)
+    assert (seen > 0.15).all(), seen  # measured 0.21, 0.21
+    unseen = profile_of(1.6 * half)[1, centre].mean()  # at 60°: 0.8·half > half·cos θ
+    assert abs(unseen) < 0.08, unseen  # the whole image: as seen

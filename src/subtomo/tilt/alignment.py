@@ -158,13 +158,17 @@ def _bandpass(images: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return out / out.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
 
 
+def _raised_cosine(t: torch.Tensor) -> torch.Tensor:
+    """0 for ``t <= 0``, ``(1 - cos πt) / 2`` between, 1 for ``t >= 1``."""
+    return 0.5 - 0.5 * torch.cos(math.pi * t.clamp(0, 1))
+
+
 def _taper(shape: tuple[int, int], width: float, device=None) -> torch.Tensor:
     """``(h, w)`` window: 1 inside, cosine fall-off to 0 over ``width`` px at the edges."""
 
     def ramp(n: int) -> torch.Tensor:
         i = torch.arange(n, dtype=torch.float32, device=device)
-        d = torch.minimum(i, n - 1 - i) / max(width, 1.0)
-        return 0.5 - 0.5 * torch.cos(math.pi * d.clamp(0, 1))
+        return _raised_cosine(torch.minimum(i, n - 1 - i) / max(width, 1.0))
 
     return ramp(shape[0])[:, None] * ramp(shape[1])[None, :]
 
@@ -291,7 +295,7 @@ def _axis_profiles(
     cos = torch.cos(torch.deg2rad(alignment.y_tilt))[:, None, None]
     edge = 0.1 * min(h, w) * cos
     inner = (half * cos - (torch.cos(phi) * dx + torch.sin(phi) * dy).abs()) / edge
-    strip = 0.5 - 0.5 * torch.cos(math.pi * inner.clamp(0, 1))
+    strip = _raised_cosine(inner)
     low = along.floor()
     frac = (along - low).float()
     values = (images * taper * strip).float()
