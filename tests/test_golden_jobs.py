@@ -62,6 +62,7 @@ def _write_golden(name: str, text: str) -> None:
     else:
         path.write_text(text)
 
+
 #: golden name -> file in the project
 TEXTS = {
     "refine3d_job.star": "r1/job.star",
