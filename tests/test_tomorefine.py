@@ -152,6 +152,29 @@ def test_ctf_refine_recovers_defocus_scale_and_particle_defocus(project: Path) -
     assert again.equals(first)
 
 
+def test_particle_defocus_prior_is_on_the_total_offset() -> None:
+    """Where the data say nothing (zero patches), the per-particle fit returns the change
+    that takes each particle's current offset back to the prior's centre, 0 Å in total
+    (with the prior on the change alone it returned 0 for every particle, so repeated runs
+    let the offsets wander)."""
+    from types import SimpleNamespace
+
+    from subtomo.tomorefine.ctf import fit_particle_defocus
+
+    b, f, k = 3, 2, 5
+    zero = torch.zeros(b, f, k, dtype=torch.complex64)
+    patches = SimpleNamespace(
+        applied=torch.ones(b, f, k), quadrature=zero + 1, observed=zero, predicted=zero,
+        tomo_names=np.array(["TS_01"] * b), defocus_phase=torch.full((k,), -1e-4),
+    )  # fmt: skip
+    weights = {"TS_01": torch.ones(k)}
+    current = torch.tensor([0.0, 120.0, -250.0], dtype=torch.float64)
+    change = fit_particle_defocus(patches, weights, 300.0, current=current)
+    assert torch.allclose(change, -current, atol=1.0), change
+    unchanged = fit_particle_defocus(patches, weights, 300.0)
+    assert torch.allclose(unchanged, torch.zeros(b, dtype=unchanged.dtype), atol=1.0)
+
+
 def test_ctf_refine_refuses_maps_of_another_box(project: Path, tmp_path: Path) -> None:
     """Half maps not at the stacks' box, or no mask: one InputError each, no job dir."""
     os.chdir(project)

@@ -363,10 +363,13 @@ def fit_particle_defocus(
     weights: dict[str, torch.Tensor],
     sigma_angst: float,
     *,
+    current: torch.Tensor | None = None,
     steps: int = 160,
 ) -> torch.Tensor:
     """Per-particle defocus change ``(b,)`` Å: the posterior mode with a Gaussian prior of σ
-    ``sigma_angst`` (Å), on a grid of ±4σ refined by a parabola. ``weights`` per
+    ``sigma_angst`` (Å) on the particle's total defocus offset, ``current`` ``(b,)`` Å (the
+    offset it has now; ``None``: 0) plus the change, so that refining again does not let the
+    offsets wander; on a grid of ±4σ of change refined by a parabola. ``weights`` per
     rlnTomoName ``(K,)``; the patches' ``quadrature`` must hold the refined per-tilt CTFs."""
     cross, power = _sums(patches)  # (b, f, ., K)
     cross, power = cross.sum(1), power.sum(1)
@@ -376,7 +379,8 @@ def fit_particle_defocus(
     grid = grid.to(dev)
     phase = grid[:, None] * patches.defocus_phase.to(dev, torch.float64)  # (G, K)
     x, d = _grid_terms(cross * w[:, None], power * w[:, None], phase)  # (b, G)
-    cost = -x + d / 2 + grid**2 / (2 * sigma_angst**2)  # (b, G)
+    total = grid if current is None else grid + current.to(dev, torch.float64)[:, None]
+    cost = -x + d / 2 + total**2 / (2 * sigma_angst**2)  # (b, G)
     best = cost.argmin(1).clamp(1, steps - 1)
     lo, mid, hi = (cost.gather(1, (best + k)[:, None])[:, 0] for k in (-1, 0, 1))
     curvature = lo - 2 * mid + hi
