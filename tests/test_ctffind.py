@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from subtomo.data import DEFOCUS_ESTIMATE
 from subtomo.errors import InputError
-from subtomo.io import read_star
+from subtomo.io import read_star, write_star
 from subtomo.jobs.ctffind import CtfFindParams, run
 from subtomo.simulate.detector import DetectorParams, detector_series, write_detector_series
 
@@ -27,6 +28,11 @@ def project(tmp_path_factory) -> Path:
     )  # fmt: skip
     series.images[1] = 12.0  # -30°: a blank image
     write_detector_series([series], out, hand_written=1)
+    # an earlier estimate kept by ctf-refine, which this estimate must replace
+    path = out / "tilt_series/TS_01.star"
+    blocks = read_star(path)
+    blocks["TS_01"][DEFOCUS_ESTIMATE] = 12345.0
+    write_star(path, blocks)
     return out
 
 
@@ -49,6 +55,7 @@ def test_defocus_hand_and_outputs(project: Path, fitted: dict) -> None:
     assert abs(float(err[angle == 0].iloc[0])) <= 100
     assert (err[ok & (angle.abs() >= 30)].abs() <= 300).all(), err
     assert (t.loc[ok, "rlnDefocusU"] >= t.loc[ok, "rlnDefocusV"]).all()
+    assert DEFOCUS_ESTIMATE not in t.columns  # the input's earlier estimate is dropped
     # the input said +1; the defocus gradient says -1 and the job writes it
     g = fitted["global"].iloc[0]
     assert int(g["rlnTomoHand"]) == -1 and g["subtomoHandFit"] < 0

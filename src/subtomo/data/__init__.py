@@ -18,6 +18,7 @@ from subtomo.data.particles import (
 )
 from subtomo.data.paths import relative_to_cwd, resolve_path, strip_image_name
 from subtomo.data.tomograms import (
+    DEFOCUS_ESTIMATE,
     TiltSeries,
     TomogramSet,
     prefetched_tilt_images,
@@ -28,6 +29,7 @@ from subtomo.data.trajectories import Trajectories
 from subtomo.data.validate import require_box_fits, require_particles, validate_particles
 
 __all__ = [
+    "DEFOCUS_ESTIMATE",
     "DEFOCUS_OFFSET",
     "MASK_TOLERANCE",
     "PIXEL_SIZE_TOLERANCE_ANGST",

@@ -39,7 +39,18 @@ from subtomo.io import (
     write_star,
 )
 
-__all__ = ["TiltSeries", "TomogramSet", "prefetched_tilt_images", "read_tilt", "tilt_images"]
+__all__ = [
+    "DEFOCUS_ESTIMATE",
+    "TiltSeries",
+    "TomogramSet",
+    "prefetched_tilt_images",
+    "read_tilt",
+    "tilt_images",
+]
+
+#: per-tilt column (ours): the mean defocus (Å) that CTF estimation gave, which ctf-refine's
+#: prior is centred on however often it runs (it writes the column when it is absent)
+DEFOCUS_ESTIMATE = "subtomoDefocusEstimateAngst"
 
 _GLOBAL = "global"
 _STAR_FILE = "rlnTomoTiltSeriesStarFile"
@@ -208,6 +219,14 @@ class TiltSeries:
     @property
     def defocus_v(self) -> np.ndarray:
         return self._tilt_column("rlnDefocusV")
+
+    @property
+    def defocus_estimate(self) -> np.ndarray:
+        """(t,) mean defocus from CTF estimation, Å (:data:`DEFOCUS_ESTIMATE`; without the
+        column, the mean of rlnDefocusU and rlnDefocusV)."""
+        if DEFOCUS_ESTIMATE in self.tilts.columns:
+            return self._tilt_column(DEFOCUS_ESTIMATE)
+        return (self.defocus_u + self.defocus_v) / 2
 
     @property
     def defocus_angle(self) -> np.ndarray:

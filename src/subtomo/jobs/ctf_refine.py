@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from subtomo.data import (
+    DEFOCUS_ESTIMATE,
     DEFOCUS_OFFSET,
     OptimisationSet,
     ParticleSet,
@@ -91,7 +92,8 @@ class CtfRefineParams(ParticleInputs):
     defocus_steps: int = option(100, "--defocus_steps", help="Steps from --d0 to --d1.")
     sigma_tilt_defocus: float = option(
         500.0, "--sigma_tilt_defocus",
-        help="σ of the prior on each tilt's defocus change; <= 0: none.", unit="Å",
+        help="σ of the prior on each tilt's defocus about its CTF estimate; <= 0: none.",
+        unit="Å",
     )  # fmt: skip
     do_reg_defocus: bool = option(
         False, "--do_reg_defocus", help="Pull the tilts' defoci towards their mean."
@@ -123,8 +125,9 @@ class CtfRefineParams(ParticleInputs):
     )  # fmt: skip
     reference_spectrum: bool = option(
         False, "--reference_spectrum/--no_reference_spectrum",
-        help="Fit the reference's smooth radial gain relative to the data first (§23): "
-        "for half maps from the data with --kmin near the first CTF lobe (e.g. 100 Å).",
+        help="Fit the reference's smooth radial gain relative to the data first and keep "
+        "each series' mean defocus (§23): for half maps from the data with --kmin near the "
+        "first CTF lobe (e.g. 100 Å).",
     )  # fmt: skip
     stack_crop: str = option(
         "auto", "--stack_crop",
@@ -283,7 +286,9 @@ def run(params: CtfRefineParams) -> dict[str, str]:
             if name in done:
                 continue
             rows = np.flatnonzero(parts.tomo_names == name)
-            done[name] = refine_tomogram(predictor, state, name, rows, weight, options)
+            done[name] = refine_tomogram(
+                predictor, state, name, rows, weight, options, tomos[name].defocus_estimate
+            )
             _save(job.path(CHECKPOINT), params, done)
         ice = _scales(params, tomos, done)
         _write(job, outputs, params, parts, tomos, opt, maps, done)
@@ -320,6 +325,7 @@ def _write(job, outputs, params, parts, tomos, opt, maps, done) -> None:
     tables = {}
     for series in tomos:
         table = series.tilts.copy()
+        table[DEFOCUS_ESTIMATE] = series.defocus_estimate
         if series.name in done:
             r = done[series.name]
             table["rlnDefocusU"], table["rlnDefocusV"] = r.defocus_u, r.defocus_v

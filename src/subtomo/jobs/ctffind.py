@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
-from subtomo.data import TiltSeries, TomogramSet, read_tilt
+from subtomo.data import DEFOCUS_ESTIMATE, TiltSeries, TomogramSet, read_tilt
 from subtomo.device import resolve_device
 from subtomo.distributed import all_gather_object, own_files, shard
 from subtomo.errors import InputError
@@ -118,8 +118,9 @@ def _search(params: CtfFindParams, series: TiltSeries) -> CtfSearch:
 
 def _tilt_table(series: TiltSeries, fit: SeriesFit, images: list[str],
                 phase_shift: bool) -> pd.DataFrame:  # fmt: skip
-    """The per-tilt table with RELION's CTFFIND columns, re-sorted by pre-exposure."""
-    table = series.tilts.copy()
+    """The per-tilt table with RELION's CTFFIND columns, re-sorted by pre-exposure (an
+    earlier estimate that ctf-refine kept is dropped: this one replaces it)."""
+    table = series.tilts.drop(columns=[DEFOCUS_ESTIMATE], errors="ignore")
     found = [f for f in fit.fits if f is not None]
     median_u = float(np.median([f.defocus_u for f in found])) if found else 0.0
     median_v = float(np.median([f.defocus_v for f in found])) if found else 0.0

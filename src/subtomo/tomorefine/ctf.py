@@ -275,6 +275,7 @@ def fit_tilt_defocus(
     astigmatism: str = "series",
     reg_lambda: float | None = None,
     sigma_angst: float | None = None,
+    prior_centre: torch.Tensor | None = None,
     iterations: int = 50,
 ) -> DefocusFit:
     """Fit the defocus of every tilt of one series (see the module docstring).
@@ -285,7 +286,9 @@ def fit_tilt_defocus(
     ``astigmatism``: ``"none"``, ``"series"`` (one change for all tilts: the lens
     does not change between tilts) or ``"tilt"`` (one per tilt, RELION's). ``reg_lambda``:
     pull each tilt's grid search towards the series' mean (``--do_reg_defocus``).
-    ``sigma_angst``: σ_t of the Gaussian prior on each tilt's change (``None``: flat).
+    ``sigma_angst``: σ_t of the Gaussian prior on each tilt's change (``None``: flat),
+    centred on ``prior_centre`` ``(t,)`` Å (``None``: 0; e.g. the change that takes each
+    tilt back to its CTF estimate).
     """
     cross, power, dev = stats.cross, stats.power, stats.cross.device
     w = weights.to(dev, torch.float64)
@@ -293,12 +296,15 @@ def fit_tilt_defocus(
     t = cross.shape[0]
     cost_before = _profile(*_terms(cross, power, w, torch.zeros_like(phi)))
     delta = torch.zeros(t, dtype=torch.float64, device=dev)
+    centre = torch.zeros(t, dtype=torch.float64, device=dev)
+    if prior_centre is not None:
+        centre = torch.as_tensor(prior_centre, dtype=torch.float64).to(dev)
     if fit_defocus:
         grid = torch.linspace(d0, d1, steps + 1, dtype=torch.float64, device=dev)  # (G,)
         x, d = _grid_terms(cross * w, power * w, grid[:, None] * phi)
         cost = _profile(x, d)  # (t, G)
         if sigma_angst:
-            cost = cost + grid**2 / (2 * sigma_angst**2)
+            cost = cost + (grid - centre[:, None]) ** 2 / (2 * sigma_angst**2)
         delta = grid[cost.argmin(1)]
         if reg_lambda:
             n = stats.count[:, None]
@@ -330,7 +336,7 @@ def fit_tilt_defocus(
                 diff = _UNIT * p_delta - mean0
                 loss = loss + reg_lambda * (stats.count * diff * diff).sum()
             if sigma_angst:
-                loss = loss + ((_UNIT * p_delta) ** 2).sum() / (2 * sigma_angst**2)
+                loss = loss + ((_UNIT * p_delta - centre) ** 2).sum() / (2 * sigma_angst**2)
             loss.backward()
             return loss
 
@@ -341,7 +347,11 @@ def fit_tilt_defocus(
         h = 50.0  # Å: curvature of L + prior by central differences
         around = [
             _profile(*_terms(cross, power, w, field() + s * h * phi))
-            + (0.0 if not sigma_angst else (_UNIT * p_delta + s * h) ** 2 / (2 * sigma_angst**2))
+            + (
+                0.0
+                if not sigma_angst
+                else (_UNIT * p_delta + s * h - centre) ** 2 / (2 * sigma_angst**2)
+            )
             for s in (-1, 0, 1)
         ]
         curvature = (around[0] - 2 * around[1] + around[2]) / h**2

@@ -9,7 +9,9 @@ For each tilt series (§11, §23; the fits are :mod:`subtomo.tomorefine.ctf`):
    (:func:`~subtomo.tomorefine.ctf.reference_spectrum`: without it a half map from the data
    moves every tilt's defocus by a common offset, −544 Å at ``--kmin`` 100 Å on
    benchmarks/ctf_refine.py ``--reference data``); the defocus, astigmatism and scale of
-   every tilt are fitted;
+   every tilt are fitted, with a Gaussian prior centred on the tilt's defocus from CTF
+   estimation (``estimate``, kept in the tomograms.star by the job), not on its current one,
+   so that running the job again does not count the same data twice;
 2. with ``correct_bias`` (the default), a second pass fits *simulated* data
    (:meth:`TiltPredictor.batches` ``simulate``: the prediction at the fitted CTF, cut,
    windowed and/or circle-cropped as extraction did) the same way, its gain re-fitted: what
@@ -24,7 +26,14 @@ For each tilt series (§11, §23; the fits are :mod:`subtomo.tomorefine.ctf`):
    offsets wandered over repeated runs, per-particle RMS error 199 -> 232 -> 247 Å in three
    rounds of benchmarks/ctf_refine.py ``--snr 1 --reference data --rounds 3``, now
    199 -> 210 -> 213 Å); the tomogram's mean per-particle change is moved into its tilts
-   (the same CTF for every observation), so the prior centre stays 0.
+   (the same CTF for every observation), so the prior centre stays 0;
+4. with ``reference_spectrum`` the series keeps its mean defocus: the tilts' changes and the
+   particles' changes each have mean 0. A change common to every tilt reshapes the CTF shell
+   by shell much as the reference's gain does, so against a map from the data the fit
+   cannot tell the two apart: each further run moved the mean by +50…+100 Å
+   (benchmarks/ctf_refine.py ``--snr 1 --reference data --kmin 100 --reference-spectrum
+   --rounds 3``: per-tilt RMS / mean error 126 / +36, 159 / +100, 201 / +155 Å; now
+   133 / −42, 132 / −42, 132 / −42 Å, the nominal's mean being −42 Å).
 
 The Beer–Lambert scale model is fitted afterwards over all tilt series
 (:func:`~subtomo.tomorefine.ctf.fit_ice_scale`).
@@ -182,27 +191,35 @@ def refine_tomogram(
     rows: np.ndarray,
     fsc_weight: torch.Tensor,
     options: CtfRefineOptions,
+    estimate: np.ndarray | None = None,
 ) -> TomogramResult:
     """Refine the CTF of tilt series ``name`` from its particles ``rows`` (see the module
-    docstring); ``fsc_weight`` ``(n//2+1,)`` per shell (:func:`~subtomo.tomorefine.fsc_weights`)."""
+    docstring); ``fsc_weight`` ``(n//2+1,)`` per shell (:func:`~subtomo.tomorefine.fsc_weights`);
+    ``estimate`` ``(t,)`` the mean defocus (Å) of CTF estimation, on which the prior on each
+    tilt's defocus is centred (``None``: the current defocus)."""
     ctf = predictor.loader.ctfs[name]
     t = ctf.defocus_u.shape[0]
     pts = predictor.points
     stats = _tilt_statistics(predictor, state, rows, name, t)
     w = frequency_weights(stats, fsc_weight.to(predictor.device), pts.shell)
     extra: dict = {}  # passed to every later pass over the particles
-    if options.reference_spectrum and options.do_defocus:
+    keep_mean = options.reference_spectrum and options.do_defocus  # step 4 of the docstring
+    if keep_mean:
         gain = reference_spectrum(stats, w, pts.shell)
         g = gain[pts.shell.clamp_max(len(gain) - 1)]
         stats = dataclasses.replace(stats, cross=stats.cross * g, power=stats.power * g.square())
         extra["reference_filter"] = gain
+    u0, v0, a0 = (x.double().numpy() for x in (ctf.defocus_u, ctf.defocus_v, ctf.defocus_angle))
     fit_args = {
         "d0": options.d0, "d1": options.d1, "steps": options.steps,
         "fit_defocus": options.do_defocus, "astigmatism": options.astigmatism,
         "reg_lambda": options.reg_lambda, "sigma_angst": options.sigma_tilt,
+        # the prior is on the defocus relative to CTF estimation, not to the last run's
+        "prior_centre": None if estimate is None else torch.from_numpy(estimate - (u0 + v0) / 2),
     }  # fmt: skip
     fit = fit_tilt_defocus(stats, w, pts.freq, predictor.defocus_phase, **fit_args)
-    u0, v0, a0 = (x.double().numpy() for x in (ctf.defocus_u, ctf.defocus_v, ctf.defocus_angle))
+    if keep_mean:
+        fit = dataclasses.replace(fit, delta=fit.delta - fit.delta.mean())
     scale0 = np.broadcast_to(np.asarray(torch.as_tensor(ctf.scale).double()), (t,)).copy()
     u, v, angle = fit.defocus(u0, v0, a0)
     x, d = fit.cross.cpu().numpy(), fit.power.cpu().numpy()
@@ -222,8 +239,10 @@ def refine_tomogram(
         k = torch.ones_like(fit.delta)
         if options.sigma_tilt:
             k = (1 - fit.sigma.square() / options.sigma_tilt**2).clamp(0.0, 1.0)
+        delta = fit.delta - k * bias.delta
         corrected = DefocusFit(
-            delta=fit.delta - k * bias.delta, astigmatism=fit.astigmatism - bias.astigmatism,
+            delta=delta - delta.mean() if keep_mean else delta,
+            astigmatism=fit.astigmatism - bias.astigmatism,
             scale=fit.scale, cross=fit.cross, power=fit.power, cost_before=fit.cost_before,
             cost_after=fit.cost_after, sigma=fit.sigma,
         )  # fmt: skip
@@ -247,8 +266,9 @@ def refine_tomogram(
                 predictor, state, rows, weights, options.sigma_particle, tilt_ctf=model,
                 simulate=True, **extra,
             )  # fmt: skip
-        moved = float(particle_delta.mean()) if len(particle_delta) else 0.0
-        particle_delta -= moved
+        mean = float(particle_delta.mean()) if len(particle_delta) else 0.0
+        particle_delta -= mean
+        moved = 0.0 if keep_mean else mean
         u, v, delta = u + moved, v + moved, delta + moved
     log.info(
         "%s: mean defocus change %+.0f Å (RMS %.0f Å) over %d tilts%s",
