@@ -33,7 +33,9 @@ For each tilt series (§11, §23; the fits are :mod:`subtomo.tomorefine.ctf`):
    cannot tell the two apart: each further run moved the mean by +50…+100 Å
    (benchmarks/ctf_refine.py ``--snr 1 --reference data --kmin 100 --reference-spectrum
    --rounds 3``: per-tilt RMS / mean error 126 / +36, 159 / +100, 201 / +155 Å; now
-   133 / −42, 132 / −42, 132 / −42 Å, the nominal's mean being −42 Å).
+   133 / −42, 132 / −42, 132 / −42 Å, the nominal's mean being −42 Å);
+5. the per-tilt likelihood is widened by the ``κ² ≥ 1`` at which the fitted changes scatter
+   as prior and likelihood predict (:func:`~subtomo.tomorefine.ctf.temper_likelihood`).
 
 The Beer–Lambert scale model is fitted afterwards over all tilt series
 (:func:`~subtomo.tomorefine.ctf.fit_ice_scale`).
@@ -59,6 +61,7 @@ from subtomo.tomorefine.ctf import (
     fit_tilt_defocus,
     frequency_weights,
     reference_spectrum,
+    temper_likelihood,
 )
 from subtomo.tomorefine.predict import TiltPredictor
 
@@ -252,6 +255,14 @@ def refine_tomogram(
         if options.do_scale:
             scale = scale / bias_scale
         fit = corrected
+    if options.sigma_tilt and options.do_defocus:  # step 5 of the module docstring
+        centre = fit_args["prior_centre"]
+        centre = torch.zeros_like(fit.delta) if centre is None else centre.to(fit.delta)
+        tempered, sigma, k2 = temper_likelihood(fit.delta, fit.sigma, centre, options.sigma_tilt)
+        tempered = tempered - tempered.mean() if keep_mean else tempered
+        fit = dataclasses.replace(fit, delta=tempered.to(fit.delta), sigma=sigma.to(fit.sigma))
+        u, v, angle = fit.defocus(u0, v0, a0)
+        log.info("%s: the tilts' likelihood widened by κ² = %.2f (empirical Bayes)", name, k2)
     delta = fit.delta.cpu().numpy()
     particle_delta = np.zeros(0)
     moved = 0.0  # the per-particle fit's mean, moved into the tilts
