@@ -207,6 +207,11 @@ def refine_tomogram(
     w = frequency_weights(stats, fsc_weight.to(predictor.device), pts.shell)
     extra: dict = {}  # passed to every later pass over the particles
     keep_mean = options.reference_spectrum and options.do_defocus  # step 4 of the docstring
+
+    def anchored(delta: torch.Tensor) -> torch.Tensor:
+        """The per-tilt changes, with mean 0 when the series keeps its mean defocus."""
+        return delta - delta.mean() if keep_mean else delta
+
     if keep_mean:
         gain = reference_spectrum(stats, w, pts.shell)
         g = gain[pts.shell.clamp_max(len(gain) - 1)]
@@ -221,8 +226,7 @@ def refine_tomogram(
         "prior_centre": None if estimate is None else torch.from_numpy(estimate - (u0 + v0) / 2),
     }  # fmt: skip
     fit = fit_tilt_defocus(stats, w, pts.freq, predictor.defocus_phase, **fit_args)
-    if keep_mean:
-        fit = dataclasses.replace(fit, delta=fit.delta - fit.delta.mean())
+    fit = dataclasses.replace(fit, delta=anchored(fit.delta))
     scale0 = np.broadcast_to(np.asarray(torch.as_tensor(ctf.scale).double()), (t,)).copy()
     u, v, angle = fit.defocus(u0, v0, a0)
     x, d = fit.cross.cpu().numpy(), fit.power.cpu().numpy()
@@ -242,9 +246,8 @@ def refine_tomogram(
         k = torch.ones_like(fit.delta)
         if options.sigma_tilt:
             k = (1 - fit.sigma.square() / options.sigma_tilt**2).clamp(0.0, 1.0)
-        delta = fit.delta - k * bias.delta
         corrected = DefocusFit(
-            delta=delta - delta.mean() if keep_mean else delta,
+            delta=anchored(fit.delta - k * bias.delta),
             astigmatism=fit.astigmatism - bias.astigmatism,
             scale=fit.scale, cross=fit.cross, power=fit.power, cost_before=fit.cost_before,
             cost_after=fit.cost_after, sigma=fit.sigma,
@@ -259,8 +262,9 @@ def refine_tomogram(
         centre = fit_args["prior_centre"]
         centre = torch.zeros_like(fit.delta) if centre is None else centre.to(fit.delta)
         tempered, sigma, k2 = temper_likelihood(fit.delta, fit.sigma, centre, options.sigma_tilt)
-        tempered = tempered - tempered.mean() if keep_mean else tempered
-        fit = dataclasses.replace(fit, delta=tempered.to(fit.delta), sigma=sigma.to(fit.sigma))
+        fit = dataclasses.replace(
+            fit, delta=anchored(tempered).to(fit.delta), sigma=sigma.to(fit.sigma)
+        )
         u, v, angle = fit.defocus(u0, v0, a0)
         log.info("%s: the tilts' likelihood widened by κ² = %.2f (empirical Bayes)", name, k2)
     delta = fit.delta.cpu().numpy()
