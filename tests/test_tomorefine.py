@@ -167,7 +167,11 @@ def test_particle_defocus_prior_is_on_the_total_offset() -> None:
     let the offsets wander)."""
     from types import SimpleNamespace
 
-    from subtomo.tomorefine.ctf import fit_particle_defocus
+    from subtomo.tomorefine.ctf import (
+        particle_defocus_grid,
+        particle_defocus_modes,
+        particle_defocus_profiles,
+    )
 
     b, f, k = 3, 2, 5
     zero = torch.zeros(b, f, k, dtype=torch.complex64)
@@ -177,9 +181,11 @@ def test_particle_defocus_prior_is_on_the_total_offset() -> None:
     )  # fmt: skip
     weights = {"TS_01": torch.ones(k)}
     current = torch.tensor([0.0, 120.0, -250.0], dtype=torch.float64)
-    change = fit_particle_defocus(patches, weights, 300.0, current=current)
+    grid = particle_defocus_grid(300.0)
+    nll = particle_defocus_profiles(patches, weights, grid)
+    change, _ = particle_defocus_modes(grid, nll, 300.0, current=current)
     assert torch.allclose(change, -current, atol=1.0), change
-    unchanged = fit_particle_defocus(patches, weights, 300.0)
+    unchanged, _ = particle_defocus_modes(grid, nll, 300.0)
     assert torch.allclose(unchanged, torch.zeros(b, dtype=unchanged.dtype), atol=1.0)
 
 
@@ -225,6 +231,43 @@ def test_tempered_likelihood_recovers_the_scatter(true_k2: float) -> None:
 
     before, after = rms(mode - truth), rms(tempered - truth)
     assert (after < 0.95 * before) if true_k2 > 1 else (after < 1.01 * before), (before, after)
+
+
+def test_tempered_particle_modes() -> None:
+    """Per-particle profiles that are Gaussian in the change: the grid modes and σ are the
+    Gaussian posterior's (prior on the total offset, likelihood over κ²); with fits that
+    scatter 3x their likelihood's variance, the κ² that the particles' own modes give is
+    within 25% of 3, and the modes at that κ² are closer to the truth."""
+    from subtomo.tomorefine.ctf import (
+        particle_defocus_grid,
+        particle_defocus_modes,
+        temper_likelihood,
+    )
+
+    g = torch.Generator().manual_seed(7)
+    b, prior, true_k2 = 400, 300.0, 3.0
+    sigma_like = 60.0 * torch.exp(1.5 * torch.rand(b, generator=g, dtype=torch.float64))
+    current = 150.0 * torch.randn(b, generator=g, dtype=torch.float64)
+    total = prior * torch.randn(b, generator=g, dtype=torch.float64)  # the true offsets
+    ml = total - current + true_k2**0.5 * sigma_like * torch.randn(b, generator=g).double()
+    grid = particle_defocus_grid(prior)
+    nll = (grid[None] - ml[:, None]).square() / (2 * sigma_like[:, None] ** 2)
+    for k2 in (1.0, 2.5):
+        precision = 1 / (k2 * sigma_like**2) + 1 / prior**2
+        expected = (ml / (k2 * sigma_like**2) - current / prior**2) / precision
+        mode, sd = particle_defocus_modes(grid, nll, prior, current=current, kappa2=k2)
+        assert torch.allclose(mode, expected, atol=2.0), (mode - expected).abs().max()
+        assert torch.allclose(sd, precision.rsqrt(), rtol=0.02)
+    mode, sd = particle_defocus_modes(grid, nll, prior, current=current)
+    _, _, k2 = temper_likelihood(mode, sd, -current, prior)
+    assert abs(k2 / true_k2 - 1) < 0.25, k2
+    tempered, _ = particle_defocus_modes(grid, nll, prior, current=current, kappa2=k2)
+
+    def rms(x: torch.Tensor) -> float:
+        return float(x.square().mean().sqrt())
+
+    before, after = rms(current + mode - total), rms(current + tempered - total)
+    assert after < 0.95 * before, (before, after)
 
 
 def test_ctf_refine_refuses_maps_of_another_box(project: Path, tmp_path: Path) -> None:

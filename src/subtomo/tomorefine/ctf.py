@@ -48,9 +48,11 @@ __all__ = [
     "TiltStatistics",
     "accumulate_tilts",
     "fit_ice_scale",
-    "fit_particle_defocus",
     "fit_tilt_defocus",
     "frequency_weights",
+    "particle_defocus_grid",
+    "particle_defocus_modes",
+    "particle_defocus_profiles",
     "reference_spectrum",
     "temper_likelihood",
 ]
@@ -399,35 +401,51 @@ def temper_likelihood(
     return tempered, torch.where(used, precision.rsqrt(), s), k2
 
 
-def fit_particle_defocus(
-    patches: TiltPatches,
-    weights: dict[str, torch.Tensor],
-    sigma_angst: float,
-    *,
-    current: torch.Tensor | None = None,
-    steps: int = 160,
+def particle_defocus_grid(sigma_angst: float, steps: int = 160) -> torch.Tensor:
+    """The trial per-particle defocus changes ``(steps + 1,)`` Å: ±4σ of the prior."""
+    return torch.linspace(-4 * sigma_angst, 4 * sigma_angst, steps + 1, dtype=torch.float64)
+
+
+def particle_defocus_profiles(
+    patches: TiltPatches, weights: dict[str, torch.Tensor], grid: torch.Tensor
 ) -> torch.Tensor:
-    """Per-particle defocus change ``(b,)`` Å: the posterior mode with a Gaussian prior of σ
-    ``sigma_angst`` (Å) on the particle's total defocus offset, ``current`` ``(b,)`` Å (the
-    offset it has now; ``None``: 0) plus the change, so that refining again does not let the
-    offsets wander; on a grid of ±4σ of change refined by a parabola. ``weights`` per
-    rlnTomoName ``(K,)``; the patches' ``quadrature`` must hold the refined per-tilt CTFs."""
+    """Each particle's ``L_p`` ``(b, G)`` at the defocus changes ``grid`` ``(G,)`` Å (negative
+    log-likelihood over its tilts, scale 1). ``weights`` per rlnTomoName ``(K,)``; the
+    patches' ``quadrature`` must hold the refined per-tilt CTFs."""
     cross, power = _sums(patches)  # (b, f, ., K)
     cross, power = cross.sum(1), power.sum(1)
     dev = cross.device
     w = torch.stack([weights[str(n)].to(dev, torch.float64) for n in patches.tomo_names])
-    grid = torch.linspace(-4 * sigma_angst, 4 * sigma_angst, steps + 1, dtype=torch.float64)
-    grid = grid.to(dev)
-    phase = grid[:, None] * patches.defocus_phase.to(dev, torch.float64)  # (G, K)
+    phase = grid.to(dev)[:, None] * patches.defocus_phase.to(dev, torch.float64)  # (G, K)
     x, d = _grid_terms(cross * w[:, None], power * w[:, None], phase)  # (b, G)
-    total = grid if current is None else grid + current.to(dev, torch.float64)[:, None]
-    cost = -x + d / 2 + total**2 / (2 * sigma_angst**2)  # (b, G)
+    return -x + d / 2
+
+
+def particle_defocus_modes(
+    grid: torch.Tensor,
+    nll: torch.Tensor,
+    sigma_angst: float,
+    *,
+    current: torch.Tensor | None = None,
+    kappa2: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-particle defocus change ``(b,)`` Å and its posterior σ ``(b,)`` Å: the mode of
+    ``L_p/κ² + (current + δ)²/(2σ²)`` on ``grid`` refined by a parabola through the best
+    point and its neighbours. The prior is on the particle's total offset, ``current``
+    ``(b,)`` Å (the offset it has now; ``None``: 0) plus the change, so that refining again
+    does not let the offsets wander; ``κ² ≥ 1`` widens the likelihood
+    (:func:`temper_likelihood`)."""
+    grid = grid.to(nll.device)
+    total = grid if current is None else grid + current.to(nll.device, torch.float64)[:, None]
+    cost = nll / kappa2 + total**2 / (2 * sigma_angst**2)  # (b, G)
+    steps = grid.shape[0] - 1
     best = cost.argmin(1).clamp(1, steps - 1)
     lo, mid, hi = (cost.gather(1, (best + k)[:, None])[:, 0] for k in (-1, 0, 1))
     curvature = lo - 2 * mid + hi
     step = grid[1] - grid[0]
     shift = torch.where(curvature > 0, 0.5 * (lo - hi) / curvature.clamp_min(1e-300), 0.0)
-    return grid[best] + shift.clamp(-1, 1) * step
+    sigma = torch.where(curvature > 0, step * curvature.clamp_min(1e-300).rsqrt(), sigma_angst)
+    return grid[best] + shift.clamp(-1, 1) * step, sigma.clamp(max=sigma_angst)
 
 
 @dataclass

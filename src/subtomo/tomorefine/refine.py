@@ -25,8 +25,9 @@ For each tilt series (§11, §23; the fits are :mod:`subtomo.tomorefine.ctf`):
    one it has from an earlier run plus the change: with a prior on the change alone, the
    offsets wandered over repeated runs, per-particle RMS error 199 -> 232 -> 247 Å in three
    rounds of benchmarks/ctf_refine.py ``--snr 1 --reference data --rounds 3``, now
-   199 -> 210 -> 213 Å); the tomogram's mean per-particle change is moved into its tilts
-   (the same CTF for every observation), so the prior centre stays 0;
+   199 -> 210 -> 213 Å), its likelihood tempered as the tilts' is (step 5; κ² 1.3–4 on that
+   benchmark, the offsets 199 -> 202 -> 202 Å); the tomogram's mean per-particle change is
+   moved into its tilts (the same CTF for every observation), so the prior centre stays 0;
 4. with ``reference_spectrum`` the series keeps its mean defocus: the tilts' changes and the
    particles' changes each have mean 0. A change common to every tilt reshapes the CTF shell
    by shell much as the reference's gain does, so against a map from the data the fit
@@ -57,9 +58,11 @@ from subtomo.tomorefine.ctf import (
     DefocusFit,
     TiltStatistics,
     accumulate_tilts,
-    fit_particle_defocus,
     fit_tilt_defocus,
     frequency_weights,
+    particle_defocus_grid,
+    particle_defocus_modes,
+    particle_defocus_profiles,
     reference_spectrum,
     temper_likelihood,
 )
@@ -164,27 +167,51 @@ def _tilt_statistics(
     return TiltStatistics(*(getattr(total, f.name).to(dev) for f in dataclasses.fields(total)))
 
 
-def _particle_defocus(
+def _particle_profiles(
     predictor: TiltPredictor,
     state: ParticleState,
     rows: np.ndarray,
     weights: dict[str, torch.Tensor],
-    sigma: float,
+    grid: torch.Tensor,
     **kwargs,
-) -> np.ndarray:
-    """Per-particle defocus change (Å) of ``rows``, over all ranks (in ``rows`` order)."""
-    found: dict[int, float] = {}
-    # the prior is on each particle's total offset (its current one plus the change); the
-    # fit to simulated data measures the bias of the change alone
-    offsets = None if kwargs.get("simulate") else predictor.loader.particles.defocus_offsets()
+) -> torch.Tensor:
+    """The negative log-likelihood ``(len(rows), G)`` of each of ``rows`` at the defocus
+    changes ``grid`` ``(G,)`` Å, over all ranks (in ``rows`` order)."""
+    found: dict[int, np.ndarray] = {}
     for patches in predictor.batches(state, rows, shard=True, **kwargs):
-        current = None if offsets is None else offsets[patches.index.cpu()]
-        values = fit_particle_defocus(patches, weights, sigma, current=current)
-        found.update(zip(patches.index.tolist(), values.cpu().tolist(), strict=True))
-    merged: dict[int, float] = {}
+        nll = particle_defocus_profiles(patches, weights, grid)
+        found.update(zip(patches.index.tolist(), nll.cpu().numpy(), strict=True))
+    merged: dict[int, np.ndarray] = {}
     for part in all_gather_object(found):
         merged.update(part)
-    return np.array([merged[int(r)] for r in rows], dtype=np.float64)
+    return torch.from_numpy(np.stack([merged[int(r)] for r in rows]))
+
+
+def _particle_defocus(
+    predictor: TiltPredictor,
+    state: ParticleState,
+    rows: np.ndarray,
+    name: str,
+    weights: dict[str, torch.Tensor],
+    options: CtfRefineOptions,
+    **kwargs,
+) -> np.ndarray:
+    """Per-particle defocus change (Å) of ``rows`` (step 3 of the module docstring): the
+    posterior modes with the likelihood tempered as the tilts' is, less (with
+    ``correct_bias``) what the same fit finds on simulated data."""
+    sigma = options.sigma_particle
+    grid = particle_defocus_grid(sigma)
+    nll = _particle_profiles(predictor, state, rows, weights, grid, **kwargs)
+    current = predictor.loader.particles.defocus_offsets()[torch.as_tensor(rows)].double()
+    delta, sd = particle_defocus_modes(grid, nll, sigma, current=current)
+    _, _, k2 = temper_likelihood(delta, sd, -current, sigma)
+    if k2 > 1:
+        delta = particle_defocus_modes(grid, nll, sigma, current=current, kappa2=k2)[0]
+    log.info("%s: the particles' likelihood widened by κ² = %.2f (empirical Bayes)", name, k2)
+    if options.correct_bias:  # the fit to simulated data measures the bias of the change
+        nll = _particle_profiles(predictor, state, rows, weights, grid, simulate=True, **kwargs)
+        delta = delta - particle_defocus_modes(grid, nll, sigma, kappa2=k2)[0]
+    return delta.numpy()
 
 
 def refine_tomogram(
@@ -274,13 +301,8 @@ def refine_tomogram(
         model = {name: updated_ctf(ctf, u, v, angle, scale)}
         weights = {name: w}
         particle_delta = _particle_defocus(
-            predictor, state, rows, weights, options.sigma_particle, tilt_ctf=model, **extra
+            predictor, state, rows, name, weights, options, tilt_ctf=model, **extra
         )
-        if options.correct_bias:
-            particle_delta -= _particle_defocus(
-                predictor, state, rows, weights, options.sigma_particle, tilt_ctf=model,
-                simulate=True, **extra,
-            )  # fmt: skip
         mean = float(particle_delta.mean()) if len(particle_delta) else 0.0
         particle_delta -= mean
         moved = 0.0 if keep_mean else mean
