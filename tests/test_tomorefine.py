@@ -290,11 +290,12 @@ def test_ctf_refine_refuses_maps_of_another_box(project: Path, tmp_path: Path) -
 
 def test_two_ranks_give_the_same_tomograms(project: Path) -> None:
     """2 gloo ranks (torchrun) share each tilt series' particles and sum the statistics:
-    the same per-tilt defocus and scale as one process (to float rounding)."""
+    the same per-tilt defocus and scale as one process (to float rounding), and the same
+    per-particle defocus (each rank's likelihood profiles gathered before κ² is estimated)."""
     os.chdir(project)
     args = ["ctf-refine", "--ios", "ext/optimisation_set.star", "--ref1", "truth.mrc",
             "--ref2", "truth.mrc", "--mask", "mask/mask.mrc", "--batch", "4",
-            "--no_bias_correction"]  # fmt: skip
+            "--no_bias_correction", "--per_particle_defocus"]  # fmt: skip
     run_subtomo([*args, "--o", "CtfRefine/one"])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["PYTHONPATH"] = str(Path(subtomo.__file__).parents[1])  # this checkout's package
@@ -308,6 +309,12 @@ def test_two_ranks_give_the_same_tomograms(project: Path) -> None:
     two = TomogramSet.read(project / "CtfRefine/two/tomograms.star")["TS_01"]
     np.testing.assert_allclose(two.defocus_u, one.defocus_u, atol=1.0)
     np.testing.assert_allclose(two.ctf_scale, one.ctf_scale, rtol=1e-3)
+    offsets = [
+        ParticleSet.read(project / f"CtfRefine/{run}/particles.star").defocus_offsets()
+        for run in ("one", "two")
+    ]
+    assert float(offsets[0].abs().max()) > 1.0  # the per-particle fit moved the particles
+    np.testing.assert_allclose(offsets[1].numpy(), offsets[0].numpy(), atol=1.0)
 
 
 def _simulation_error(project: Path, stacks: str, **crop: bool) -> float:
