@@ -154,6 +154,10 @@ def test_ctf_refine_recovers_defocus_scale_and_particle_defocus(project: Path) -
     refined = (written.defocus_u + written.defocus_v) / 2
     assert np.abs(written.defocus_estimate - refined).max() > 100
 
+    # the report gives the κ² of both fits
+    report = (project / "CtfRefine/job001/report.html").read_text()
+    assert "likelihood widened" in report and "particles 1." in report
+
     first = TomogramSet.read(project / "CtfRefine/job001/tomograms.star")["TS_01"].tilts
     run_ctf_refine(CtfRefineParams(continue_from="CtfRefine/job001"))
     again = TomogramSet.read(project / "CtfRefine/job001/tomograms.star")["TS_01"].tilts

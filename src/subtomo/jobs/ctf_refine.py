@@ -391,6 +391,9 @@ def _report(job, tomos: TomogramSet, done: dict[str, TomogramResult], ice: dict)
         summary[f"{name} defocus change"] = (
             f"mean {r.delta.mean():+.0f} Å, RMS {np.sqrt((r.delta**2).mean()):.0f} Å"
         )
+        summary[f"{name} likelihood widened (κ², empirical Bayes)"] = (
+            f"tilts {float(r.kappa2_tilts):.2f}, particles {float(r.kappa2_particles):.2f}"
+        )
     plot_xy(job.path("defocus_per_tilt.png"), defocus, xlabel="tilt (°)",
             ylabel="mean defocus (Å)", title="defocus per tilt")  # fmt: skip
     plot_xy(job.path("scale_per_tilt.png"), scale, xlabel="tilt (°)",

@@ -111,7 +111,8 @@ class TomogramResult:
     ``(t,)`` the change of the mean defocus (Å) and ``sigma`` its posterior standard
     deviation (Å), ``cost_before``/``cost_after`` ``(t,)``,
     ``rows`` the particle rows (file order) and ``particle_delta`` their defocus changes (Å,
-    empty without per-particle fitting).
+    empty without per-particle fitting); ``kappa2_tilts``/``kappa2_particles`` the κ² by which
+    the tilts' and the particles' likelihoods were widened (1: not widened).
     """
 
     name: str
@@ -128,6 +129,8 @@ class TomogramResult:
     cost_after: np.ndarray
     rows: np.ndarray
     particle_delta: np.ndarray
+    kappa2_tilts: float = 1.0
+    kappa2_particles: float = 1.0
 
 
 def updated_ctf(
@@ -195,10 +198,10 @@ def _particle_defocus(
     weights: dict[str, torch.Tensor],
     options: CtfRefineOptions,
     **kwargs,
-) -> np.ndarray:
+) -> tuple[np.ndarray, float]:
     """Per-particle defocus change (Å) of ``rows`` (step 3 of the module docstring): the
     posterior modes with the likelihood tempered as the tilts' is, less (with
-    ``correct_bias``) what the same fit finds on simulated data."""
+    ``correct_bias``) what the same fit finds on simulated data; and the κ²."""
     sigma = options.sigma_particle
     grid = particle_defocus_grid(sigma)
     nll = _particle_profiles(predictor, state, rows, weights, grid, **kwargs)
@@ -211,7 +214,7 @@ def _particle_defocus(
     if options.correct_bias:  # the fit to simulated data measures the bias of the change
         nll = _particle_profiles(predictor, state, rows, weights, grid, simulate=True, **kwargs)
         delta = delta - particle_defocus_modes(grid, nll, sigma, kappa2=k2)[0]
-    return delta.numpy()
+    return delta.numpy(), k2
 
 
 def refine_tomogram(
@@ -285,6 +288,7 @@ def refine_tomogram(
         if options.do_scale:
             scale = scale / bias_scale
         fit = corrected
+    k2, k2_particles = 1.0, 1.0
     if options.sigma_tilt and options.do_defocus:  # step 5 of the module docstring
         centre = fit_args["prior_centre"]
         centre = torch.zeros_like(fit.delta) if centre is None else centre.to(fit.delta)
@@ -300,7 +304,7 @@ def refine_tomogram(
     if options.per_particle:
         model = {name: updated_ctf(ctf, u, v, angle, scale)}
         weights = {name: w}
-        particle_delta = _particle_defocus(
+        particle_delta, k2_particles = _particle_defocus(
             predictor, state, rows, name, weights, options, tilt_ctf=model, **extra
         )
         mean = float(particle_delta.mean()) if len(particle_delta) else 0.0
@@ -317,5 +321,6 @@ def refine_tomogram(
         name=name, defocus_u=u, defocus_v=v, defocus_angle=angle, scale_before=scale0,
         scale=scale, cross=x, power=d, delta=delta, sigma=fit.sigma.cpu().numpy(),
         cost_before=fit.cost_before.cpu().numpy(), cost_after=fit.cost_after.cpu().numpy(),
-        rows=np.asarray(rows), particle_delta=particle_delta,
+        rows=np.asarray(rows), particle_delta=particle_delta, kappa2_tilts=k2,
+        kappa2_particles=k2_particles,
     )  # fmt: skip
