@@ -143,8 +143,10 @@ def _evaluate(root: Path, run_dir: Path, box: int, px: float, sym: str) -> dict[
     gold = crossing_shell(fsc_maps(h1.double(), h2.double()), 0.143)
     t = ParticleSet.read(root / "particles.star")
     out = {"gold_standard_angst": box * px / max(gold, 1e-9)}
+    previous = (run_dir / "job.star").stat().st_mtime  # written when the job starts
     for it in sorted(run_dir.glob("run_it*_data.star")):
         tag = it.name[len("run_") : -len("_data.star")]
+        ended = it.stat().st_mtime
         ang, ang_frame, pos = _pose_errors(t, ParticleSet.read(it), sym)
         maps = [run_dir / f"run_{tag}_half{h}_class001.mrc" for h in (1, 2)]
         line = f"median angle {ang:.2f} deg ({ang_frame:.2f} in the map's frame), "
@@ -152,7 +154,9 @@ def _evaluate(root: Path, run_dir: Path, box: int, px: float, sym: str) -> dict[
         if all(m.is_file() for m in maps):
             avg = 0.5 * (read_mrc(maps[0])[0] + read_mrc(maps[1])[0])
             line += f", FSC 0.5 vs truth (masked) {_fsc05_angst(avg, ref, px, mask):.1f} Å"
-        print(f"  {tag}: {line}")
+        print(f"  {tag}: {line}; {ended - previous:.0f} s wall")
+        previous = ended
+    print(f"  final iteration: {(run_dir / 'run_data.star').stat().st_mtime - previous:.0f} s wall")
     ang, ang_frame, pos = _pose_errors(t, ParticleSet.read(run_dir / "run_data.star"), sym)
     out.update({
         "fsc_truth_0.5_masked_angst": _fsc05_angst(final, ref, px, mask),
