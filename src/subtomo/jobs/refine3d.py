@@ -327,13 +327,18 @@ class _Writer:
         px, n = model.pixel_size, model.box
         shell = ssnr_resolution_shell(it.ssnr)
         self.history.append(n * px / shell)
-        log.info(
-            "Iteration %d: resolution %.1f Å, image size %d, HEALPix order %d%s, "
-            "offsets %.1f/%.1f Å%s",
-            model.iteration, n * px / shell, model.current_size, state.healpix_order,
-            " (local)" if state.local_searches else "", state.offset_range_angst,
-            state.offset_step_angst, ", converged" if state.converged else "",
-        )  # fmt: skip
+        if final:
+            log.info("Final iteration (halves joined): resolution %.1f Å", n * px / shell)
+        else:  # the sampling the next iteration will use
+            log.info(
+                "Iteration %d: resolution %.1f Å; %s: image size %d, HEALPix order %d%s, "
+                "offsets %.1f/%.1f Å",
+                model.iteration, n * px / shell,
+                "converged, the final iteration" if state.converged else "next",
+                model.current_size, state.healpix_order,
+                " (local)" if state.local_searches else "", state.offset_range_angst,
+                state.offset_step_angst,
+            )  # fmt: skip
         sampling = state.sampling(self.options)
         write_data_star(files.data, self.parts, self.pstate)
         common = dict(
