@@ -208,8 +208,7 @@ def _particle_defocus(
     current = predictor.loader.particles.defocus_offsets()[torch.as_tensor(rows)].double()
     delta, sd = particle_defocus_modes(grid, nll, sigma, current=current)
     _, _, k2 = temper_likelihood(delta, sd, -current, sigma)
-    if k2 > 1:
-        delta = particle_defocus_modes(grid, nll, sigma, current=current, kappa2=k2)[0]
+    delta = particle_defocus_modes(grid, nll, sigma, current=current, kappa2=k2)[0]
     log.info("%s: the particles' likelihood widened by κ² = %.2f (empirical Bayes)", name, k2)
     if options.correct_bias:  # the fit to simulated data measures the bias of the change
         nll = _particle_profiles(predictor, state, rows, weights, grid, simulate=True, **kwargs)
