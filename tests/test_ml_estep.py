@@ -54,6 +54,26 @@ def test_projector_equals_rfft_slice_extraction(device) -> None:
         assert (got - want).abs().max() < 1e-5 * want.abs().max()
 
 
+def test_nearest_projector_reads_the_nearest_voxel(device) -> None:
+    """The coarse pass's nearest-neighbour slices are the stored voxels at the rounded
+    ``N/n M^T k`` (zyx, zero frequency at ``N//2 + 1``): otherwise its coordinates, its centre
+    or its axis order differ from the trilinear path's."""
+    g = torch.Generator().manual_seed(1)
+    vols = torch.randn(2, BOX, BOX, BOX, generator=g).to(device)
+    proj = Projector(vols, 2.0)
+    rot = euler_to_matrix(*(torch.rand(3, 6, generator=g, dtype=torch.float64) * 360)).float()
+    pts = fourier_points(BOX, BOX // 2, device)
+    k = pts.freq.float() * BOX  # (K, 2) xy
+    q = 2.0 * (rot[:, :2, :].transpose(-1, -2) @ k.T).transpose(-1, -2)  # (S, K, xyz)
+    x, y, z = (torch.round(q) + proj.size // 2 + 1).long().unbind(-1)
+    for c in range(2):
+        got = proj.sample_planes(c, rot[None].to(device), pts, "nearest")[0]  # (2, S, K)
+        want = proj.volumes[c][:, z, y, x]
+        assert torch.equal(got, want)
+        trilinear = proj.sample_planes(c, rot[None].to(device), pts)[0]
+        assert not torch.equal(got, trilinear)
+
+
 def test_translation_grid_is_a_ball_of_lattice_points() -> None:
     """Offsets on the step lattice within the range, zero first; a wrong grid would miss
     true offsets or search outside --offset_range."""
@@ -172,6 +192,43 @@ def test_oversampling_refines_around_significant_poses(shared_data) -> None:
     _, rot1, off1 = best_errors(fine)
     assert fine.n_rot == 8 * int((res.weights.sum((1, 3)) > 0).sum(1).max())
     assert rot1 < rot0 and off1 <= off0, (rot0, rot1, off0, off1)
+
+
+def test_nearest_coarse_pass_leads_the_fine_pass_to_the_same_poses(shared_data) -> None:
+    """A coarse pass sampled at the nearest voxels (the engine's default with oversampling)
+    sends the trilinear fine pass to the poses a trilinear coarse pass finds: the same best
+    fine pose for nearly every particle, and pose errors as small; otherwise the nearest
+    lookups are too coarse to rank the coarse poses."""
+    vol, px = small_map("ribosome70S_4v4r_5A.mrc.gz", BOX)
+    n = 12
+    batch, truth = make_batch([vol], px, n, noise_std=8.0, seed=2)
+    g = torch.Generator().manual_seed(9)
+    batch = dataclasses.replace(batch, rotations=perturb(truth.rotations, 6.0, g))
+    sampling = Sampling(
+        healpix_order=3, offset_range_angst=2 * px, offset_step_angst=px, local_sigma_deg=5.0
+    )
+    pts = fourier_points(BOX, BOX // 2, None)
+    inv_s2 = torch.full((n, pts.flat.numel()), 1 / truth.noise_sigma2)
+    projector = Projector(vol[None], 2.0)
+    y, c2 = pts.gather(batch.data), pts.gather(batch.ctf2)
+
+    def passes(interpolation: str) -> tuple[torch.Tensor, torch.Tensor]:
+        coarse = pose_grid(sampling, batch, 2 * px)
+        scores = score_batch(projector, y, c2, inv_s2, batch.tilt_rotations, coarse, pts, px,
+                             interpolation=interpolation)  # fmt: skip
+        fine = oversample(
+            sampling, batch, coarse, expectation(scores, torch.zeros(1), coarse).weights, 2 * px
+        )
+        scores = score_batch(projector, y, c2, inv_s2, batch.tilt_rotations, fine, pts, px)
+        best = expectation(scores, torch.zeros(1), fine).best
+        rot = fine.rotations.expand(n, -1, -1, -1)[torch.arange(n), best[:, 1]]
+        return rot, rotation_angle_deg(rot, truth.rotations)
+
+    rot_t, err_t = passes("bilinear")
+    rot_n, err_n = passes("nearest")
+    same = rotation_angle_deg(rot_n, rot_t) < 1e-3
+    assert int(same.sum()) >= n - 1, rotation_angle_deg(rot_n, rot_t)
+    assert err_n.median() <= err_t.median() + 0.5, (err_n, err_t)
 
 
 def test_oversampling_keeps_the_children_of_each_significant_pose(shared_data) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from subtomo.ml.batch import FourierPoints
-from subtomo.ml.likelihood import plane_scores, shifted_data
+from subtomo.ml.likelihood import plane_scores, shifted_data, split_parts
 from subtomo.ml.projector import Projector
 from subtomo.ml.sampling import PoseGrid
 
@@ -46,13 +46,16 @@ def slice_matrices(tilt_rotations: torch.Tensor, rotations: torch.Tensor) -> tor
 
 
 def _slice_planes(
-    projector: Projector, cls: int, matrices: torch.Tensor, points: FourierPoints
+    projector: Projector,
+    cls: int,
+    matrices: torch.Tensor,
+    points: FourierPoints,
+    mode: str = "bilinear",
 ) -> torch.Tensor:
-    """Slices at ``(B, f, J, 3, 3)`` (tilt-major for the cache) as ``(B, J, f, K)`` complex."""
+    """Slices at ``(B, f, J, 3, 3)`` (tilt-major for the cache) as ``(B, f, 2, J, K)`` real."""
     n, f, j = matrices.shape[:3]
-    v = projector.sample_planes(cls, matrices.reshape(n * f, j, 3, 3), points)  # (Bf, 2, J, K)
-    v = v.reshape(n, f, 2, j, -1).permute(0, 3, 1, 4, 2).contiguous()  # (B, J, f, K, 2)
-    return torch.view_as_complex(v)
+    v = projector.sample_planes(cls, matrices.reshape(n * f, j, 3, 3), points, mode)
+    return v.view(n, f, 2, j, -1)
 
 
 def score_batch(
@@ -66,6 +69,7 @@ def score_batch(
     pixel_size: float,
     *,
     max_elements: int = 1 << 21,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Scores ``(b, C, J, T)`` of every pose (float64).
 
@@ -75,6 +79,9 @@ def score_batch(
     tilt, frequency) values; slices ``projector.max_slices`` at a time. When the batch shares
     its rotations and tilt geometry, the slices are computed once for all particles (and the
     shifted data once per chunk of slices), otherwise once per chunk of particles.
+    ``interpolation`` ``"nearest"`` samples the slices at the nearest voxel of the padded
+    reference instead of trilinearly (the coarse pass of adaptive oversampling, whose
+    significant poses the fine pass scores again trilinearly).
     """
     b, f, k = data.shape
     t = poses.n_trans
@@ -87,19 +94,21 @@ def score_batch(
     per = max(1, max_elements // (t * f * k))
 
     def shifted(p: torch.Tensor | slice, offsets: torch.Tensor) -> torch.Tensor:
-        return shifted_data(y[p], tilt_rotations[p], offsets, points, pixel_size)
+        return split_parts(shifted_data(y[p], tilt_rotations[p], offsets, points, pixel_size))
 
     tilts = tilt_rotations.to(rot.dtype)
     if poses.block_class is not None:
         out.fill_(-torch.inf)
-        _score_blocks(out, projector, shifted, w, tilts, poses, points, f * k, max_elements)
+        _score_blocks(
+            out, projector, shifted, w, tilts, poses, points, f * k, max_elements, interpolation
+        )
         return out
     if rot.shape[0] == 1 and bool((tilts == tilts[:1]).all()):
         chunk = max(1, projector.max_slices // f)
         for c in range(projector.n_classes):
             for j0 in range(0, n_rot, chunk):
                 mats = tilts[:1, :, None] @ rot[:, None, j0 : j0 + chunk]  # (1, f, Jc, 3, 3)
-                planes = _slice_planes(projector, c, mats, points)
+                planes = _slice_planes(projector, c, mats, points, interpolation)
                 for p0 in range(0, b, per):
                     sl = slice(p0, p0 + per)
                     s = plane_scores(shifted(sl, poses.offsets[sl]), w[sl], planes)
@@ -113,7 +122,7 @@ def score_batch(
             for j0 in range(0, n_rot, chunk):
                 r = rot[p0 : p0 + per, j0 : j0 + chunk]
                 mats = tilts[p0 : p0 + per, :, None] @ r[:, None]  # (p, f, Jc, 3, 3)
-                planes = _slice_planes(projector, c, mats, points)
+                planes = _slice_planes(projector, c, mats, points, interpolation)
                 s = plane_scores(sh, w[p0 : p0 + per], planes)
                 out[p0 : p0 + per, c, j0 : j0 + chunk] = s.transpose(1, 2)
     return out
@@ -129,6 +138,7 @@ def _score_blocks(
     points: FourierPoints,
     plane: int,
     max_elements: int,
+    interpolation: str,
 ) -> None:
     """Fill ``out`` ``(b, C, J, T/S)`` for a block grid (-inf elsewhere).
 
@@ -146,7 +156,7 @@ def _score_blocks(
         for r0 in range(0, p_all.shape[0], per):
             p, s = p_all[r0 : r0 + per], s_all[r0 : r0 + per]
             mats = tilts[p][:, :, None] @ rot[p, s][:, None]  # (R, f, jb, 3, 3)
-            planes = _slice_planes(projector, c, mats, points)
+            planes = _slice_planes(projector, c, mats, points, interpolation)
             scores = plane_scores(shifted(p, offsets[p, s]), w[p], planes)  # (R, tb, jb)
             blocks[p, c, s] = scores.transpose(1, 2).to(out.dtype)
 

@@ -10,12 +10,13 @@ constant, the Gaussian likelihood of the recorded images ``X_f = CTF_f w_f P_f +
 with ``P_f = F_c(M_f^T k)`` the central slice at ``M_f = R_f A_sub A`` and ``s_f = -[R_f A_sub
 o]_xy / px`` the particle centre in tilt f (pixels from the box centre, §1.3).
 
-The engine contracts complex values as real pairs (``torch.view_as_real``): the shifted
-data of a particle ``(T, f, K)`` and its slices ``(J, f, K)`` then give all first terms as
-one real matrix product ``(T, 2fK) @ (2fK, J)`` (tilts, real/imaginary parts and
-frequencies contracted at once), the second term as ``(J, fK) @ (fK, 1)`` on ``|P|^2``;
-slices shared by a batch (global searches, same tilt geometry) make it one
-``(b T, 2fK) @ (2fK, J)`` product. The data are shifted to offsets one lattice step apart by
+The engine contracts complex values as real pairs: per tilt, the real and the imaginary
+parts of a particle's shifted data ``(T, K)`` and of its slices ``(J, K)`` give the first terms
+as real matrix products ``(T, K) @ (K, J)``, summed over tilts and parts (the slices stay in
+the ``(f, 2, J, K)`` layout the projector samples them in); the second term is
+``(J, K) @ (K, 1)`` on ``|P|^2`` per tilt; slices shared by a batch (global searches, same
+tilt geometry) stack the particles' translations into one ``(b T, K) @ (K, J)`` product.
+The data are shifted to offsets one lattice step apart by
 one complex multiplication with a step phasor (:func:`shifted_data`) instead of a sine and
 cosine per value. Phases are computed in the data's precision (float32 for complex64 data).
 """
@@ -35,6 +36,7 @@ __all__ = [
     "projected_shifts_px",
     "shift_phases",
     "shifted_data",
+    "split_parts",
 ]
 
 
@@ -135,29 +137,35 @@ def shifted_data(
     return out
 
 
+def split_parts(shifted: torch.Tensor) -> torch.Tensor:
+    """``(b, T, f, K)`` complex -> ``(b, f, 2, T, K)`` real: per tilt, the real and the
+    imaginary parts of all translations as two ``(T, K)`` matrices (:func:`plane_scores`)."""
+    return torch.view_as_real(shifted).permute(0, 2, 4, 1, 3).contiguous()
+
+
 def plane_scores(
-    shifted: torch.Tensor, weights: torch.Tensor, slices: torch.Tensor
+    shifted: torch.Tensor, weights: torch.Tensor, planes: torch.Tensor
 ) -> torch.Tensor:
     """Scores ``(b, T, J)`` (module docstring), up to a pose-independent constant.
 
-    ``shifted`` ``(b, T, f, K)`` complex data divided by ``sigma2`` and shifted to each
-    translation; ``weights`` ``(b, f, K)`` ``CTF2 / sigma2``; ``slices`` ``(B, J, f, K)``
-    complex (same precision as ``shifted``) with ``B = b`` (one set per particle) or
-    ``B = 1`` (shared by all particles). Both must be contiguous.
+    ``shifted`` ``(b, f, 2, T, K)`` real (:func:`split_parts`): the data divided by
+    ``sigma2`` and shifted to each translation; ``weights`` ``(b, f, K)`` ``CTF2 / sigma2``;
+    ``planes`` ``(B, f, 2, J, K)`` real slices, the layout the projector samples them in, with
+    ``B = b`` (one set per particle) or ``B = 1`` (shared by all particles). The cross term is
+    one ``(T, K) @ (K, J)`` product per (particle, tilt, part), summed over tilts and parts
+    (the slices are never copied into another layout).
     """
-    b, t = shifted.shape[:2]
-    n_sets, j = slices.shape[:2]
-    y = torch.view_as_real(shifted).reshape(b, t, -1)
-    planes = torch.view_as_real(slices)
-    p = planes.reshape(n_sets, j, -1)
-    p2 = planes.square().sum(-1).reshape(n_sets, j, -1)  # (B, J, fK) |P|^2
-    w = weights.to(p2.dtype).reshape(b, -1)
+    b, f, _, t, k = shifted.shape
+    n_sets, j = planes.shape[0], planes.shape[3]
+    p2 = planes[:, :, 0].square().add_(planes[:, :, 1].square())  # (B, f, J, K) |P|^2
+    w = weights.to(p2.dtype)
     if n_sets == 1:
-        cross = (y.reshape(b * t, -1) @ p[0].T).reshape(b, t, j)
-        power = w @ p2[0].T  # (b, J)
+        y = shifted.permute(1, 2, 0, 3, 4).reshape(f, 2, b * t, k)
+        cross = torch.matmul(y, planes[0].transpose(-1, -2)).sum((0, 1)).view(b, t, j)
+        power = torch.matmul(w.transpose(0, 1), p2[0].transpose(-1, -2)).sum(0)  # (b, J)
     else:
-        cross = torch.bmm(y, p.transpose(1, 2))
-        power = torch.bmm(p2, w[:, :, None])[..., 0]
+        cross = torch.matmul(shifted, planes.transpose(-1, -2)).sum((1, 2))
+        power = torch.matmul(p2, w[..., None]).sum(1)[..., 0]  # (b, J)
     return cross.sub_(0.5 * power[:, None, :])
 
 
@@ -182,6 +190,6 @@ def pose_scores(
     -------
     ``(b, T, J)`` scores (:func:`plane_scores` in the precision of ``slices``).
     """
-    planes = torch.complex(slices[0], slices[1]).transpose(1, 2).contiguous()  # (B, J, f, K)
-    y = (centred * inv_sigma2[:, None, None, :]).to(planes.dtype)
+    planes = slices.permute(1, 2, 0, 3, 4).contiguous()  # (B, f, 2, J, K)
+    y = split_parts(centred * inv_sigma2[:, None, None, :]).to(planes.dtype)
     return plane_scores(y, weights * inv_sigma2[:, None, :], planes)

@@ -156,9 +156,13 @@ def accumulate(
         tri, pairs, inverse, chunks = _significant(w[:, c], max(1, max_elements // (f * k)))
         for a, z, t0, t1 in chunks:
             tp, tj, tt = tri[t0:t1].unbind(1)
-            off = poses.offsets[tp, poses.offset_index(tj, tt)][:, None]
-            phase = shift_phases(tilts[tp], off, points, pixel_size, real)[:, 0]
-            shifted = data[tp] * torch.polar(torch.ones_like(phase), phase)
+            # one phasor per distinct (particle, offset): rotations share their offsets
+            key = tp * poses.offsets.shape[1] + poses.offset_index(tj, tt)
+            keys, which = torch.unique(key, return_inverse=True)
+            up = keys // poses.offsets.shape[1]
+            off = poses.offsets[up, keys % poses.offsets.shape[1]][:, None]
+            phase = shift_phases(tilts[up], off, points, pixel_size, real)[:, 0]
+            shifted = data[tp] * torch.polar(torch.ones_like(phase), phase)[which]
             shifted *= w[tp, c, tj, tt].to(real)[:, None, None]
             d = shifted.new_zeros(z - a, f, k).index_add_(0, inverse[t0:t1] - a, shifted)
             pi, ji = pairs[a:z].unbind(1)

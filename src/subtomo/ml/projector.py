@@ -69,7 +69,7 @@ class Projector:
         return self.volumes.shape[0]
 
     def sample_planes(
-        self, cls: int, matrices: torch.Tensor, points: FourierPoints
+        self, cls: int, matrices: torch.Tensor, points: FourierPoints, mode: str = "bilinear"
     ) -> torch.Tensor:
         """Slices of class ``cls`` at RELION matrices ``(N, S, 3, 3)`` -> ``(N, 2, S, K)`` real.
 
@@ -77,20 +77,24 @@ class Projector:
         copied): its CPU kernel runs the entries in parallel threads. Real and imaginary
         parts are axis 1 (the layout the sampler writes). Put similar rotations next to each
         other within an entry (e.g. one tilt, a local neighbourhood of rotations):
-        consecutive slices then reuse the cache, about twice as fast.
+        consecutive slices then reuse the cache, about twice as fast. ``mode`` is
+        ``grid_sample``'s: ``"bilinear"`` (trilinear) or ``"nearest"`` (about 2x faster).
         """
-        n, s = matrices.shape[:2]
         k = points.freq.to(torch.float32) * self.box  # (K, 2) Fourier pixels of the n-box
         # grid_sample coordinates in [-1, 1]: (N/n M^T k + centre) * 2/extent - 1, with the
-        # zero frequency at index N//2 + 1 (after the 1-voxel margin)
+        # zero frequency at index N//2 + 1 (after the 1-voxel margin), as one matrix product
+        # (N S xyz, [kx ky 1]) @ ([kx ky 1], K), read as the (N, S, K, xyz) view it needs
+        n, s = matrices.shape[:2]
         unit = 2.0 / (self.volumes.shape[-1] - 1)
-        rows = matrices[..., :2, :].to(torch.float32) * (self.size / self.box * unit)
-        grid = rows[:, :, None, 0, :] * k[:, 0, None]  # (N, S, K, 3) xyz
-        grid.addcmul_(rows[:, :, None, 1, :], k[:, 1, None])
-        grid.add_((self.size // 2 + 1) * unit - 1.0)
+        rows = matrices[..., :2, :].to(torch.float32).transpose(-1, -2) * (
+            self.size / self.box * unit
+        )
+        centre = rows.new_full((n, s, 3, 1), (self.size // 2 + 1) * unit - 1.0)
+        k1 = torch.cat([k, k.new_ones(k.shape[0], 1)], dim=1).T  # (3, K)
+        grid = (torch.cat([rows, centre], dim=-1).view(n * s * 3, 3) @ k1).view(n, s, 3, -1)
         vol = self.volumes[cls : cls + 1].expand(n, -1, -1, -1, -1)
-        v = F.grid_sample(vol, grid[:, None], mode="bilinear", align_corners=True)
-        return v.reshape(n, 2, s, k.shape[0])
+        v = F.grid_sample(vol, grid.transpose(-1, -2)[:, None], mode=mode, align_corners=True)
+        return v.view(n, 2, s, k.shape[0])
 
     def sample(self, cls: int, matrices: torch.Tensor, points: FourierPoints) -> torch.Tensor:
         """Slices of class ``cls`` at RELION matrices ``(..., 3, 3)`` -> ``(2, ..., K)`` real.
