@@ -3,7 +3,9 @@
 A pose evaluation is one (particle, class, rotation, 3D offset) likelihood over all of the
 particle's tilt images. Default: box 64, 40 tilts, local search (sigma 3 deg on a 1.875 deg
 lattice = HEALPix order 5), offsets +-2 px on a 1 px lattice, K = 1, all frequencies to
-Nyquist (``--max-shell`` restricts them, RELION's current image size).
+Nyquist (``--max-shell`` restricts them, RELION's current image size). The slices are read
+at the nearest voxel as in the engine's coarse pass (``--interpolation bilinear``: trilinear, as
+in its fine pass and the M-step).
 
     python benchmarks/ml_estep.py --box 64 --tilts 40 --particles 16 --device cpu
 """
@@ -40,7 +42,8 @@ def main() -> None:
     ap.add_argument("--healpix-order", type=int, default=5)
     ap.add_argument("--offset-range-px", type=float, default=2.0)
     ap.add_argument("--max-shell", type=int, default=None)
-    ap.add_argument("--max-slices", type=int, default=4096)
+    ap.add_argument("--max-slices", type=int, default=1024)
+    ap.add_argument("--interpolation", choices=("nearest", "bilinear"), default="nearest")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -91,6 +94,7 @@ def main() -> None:
             poses,
             points,
             px,
+            interpolation=args.interpolation,
         )
         expectation(scores, torch.zeros(args.classes, device=device), poses)
         if device.type == "cuda":
@@ -106,6 +110,11 @@ def main() -> None:
     print(f"{args.particles} particles in {elapsed:.2f} s on {device}")
     print(f"pose evaluations/s: {evaluations / elapsed:,.0f}")
     print(f"tilt-image pose evaluations/s: {evaluations * f / elapsed:,.0f}")
+    slices = evaluations // poses.n_trans * f  # one slice per (particle, class, rotation, tilt)
+    print(
+        f"reference slice samples/s ({args.interpolation}): "
+        f"{slices * points.flat.numel() / elapsed:,.0f}"
+    )
     print(f"peak RSS: {rss:,.0f} MiB")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB")

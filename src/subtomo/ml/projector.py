@@ -68,33 +68,51 @@ class Projector:
     def n_classes(self) -> int:
         return self.volumes.shape[0]
 
+    def _coordinates(
+        self, matrices: torch.Tensor, points: FourierPoints, scale: float, origin: float
+    ) -> torch.Tensor:
+        """``scale N/n M^T k + origin`` ``(N, S, xyz, K)`` float32 for matrices ``(N, S, 3, 3)``:
+        one matrix product ``(N S xyz, [kx ky 1]) @ ([kx ky 1], K)``."""
+        n, s = matrices.shape[:2]
+        k = points.freq.to(torch.float32) * self.box  # (K, 2) Fourier pixels of the n-box
+        rows = matrices[..., :2, :].to(torch.float32).transpose(-1, -2)  # (N, S, xyz, 2)
+        rows = rows * (scale * self.size / self.box)
+        k1 = torch.cat([k, k.new_ones(k.shape[0], 1)], dim=1).T  # (3, K)
+        m = torch.cat([rows, rows.new_full((n, s, 3, 1), origin)], dim=-1)
+        return (m.view(n * s * 3, 3) @ k1).view(n, s, 3, -1)
+
     def sample_planes(
         self, cls: int, matrices: torch.Tensor, points: FourierPoints, mode: str = "bilinear"
     ) -> torch.Tensor:
         """Slices of class ``cls`` at RELION matrices ``(N, S, 3, 3)`` -> ``(N, 2, S, K)`` real.
 
-        Each leading index is one batch entry of ``grid_sample`` (the volume is expanded, not
-        copied): its CPU kernel runs the entries in parallel threads. Real and imaginary
-        parts are axis 1 (the layout the sampler writes). Put similar rotations next to each
-        other within an entry (e.g. one tilt, a local neighbourhood of rotations):
-        consecutive slices then reuse the cache, about twice as fast. ``mode`` is
-        ``grid_sample``'s: ``"bilinear"`` (trilinear) or ``"nearest"`` (about 2x faster).
+        ``mode`` ``"bilinear"``: trilinear ``grid_sample``; each leading index is one of its
+        batch entries (the volume is expanded, not copied), which its CPU kernel runs in
+        parallel threads. Real and imaginary parts are axis 1 (the layout the sampler
+        writes). Put similar rotations next to each other within an entry (e.g. one tilt, a
+        local neighbourhood of rotations): consecutive slices then reuse the cache, about
+        twice as fast. ``"nearest"``: the voxel at the rounded coordinate (half to even, as
+        ``grid_sample``'s nearest mode), looked up by ``torch.take`` in the stored volume
+        read as complex (its channels-last layout interleaves the two parts), ~2.5x faster
+        than ``grid_sample``'s nearest mode and ~4x faster than trilinear on two CPU cores.
         """
-        k = points.freq.to(torch.float32) * self.box  # (K, 2) Fourier pixels of the n-box
-        # grid_sample coordinates in [-1, 1]: (N/n M^T k + centre) * 2/extent - 1, with the
-        # zero frequency at index N//2 + 1 (after the 1-voxel margin), as one matrix product
-        # (N S xyz, [kx ky 1]) @ ([kx ky 1], K), read as the (N, S, K, xyz) view it needs
         n, s = matrices.shape[:2]
+        # the zero frequency is at index N//2 + 1 (after the 1-voxel margin)
+        origin = self.size // 2 + 1
+        if mode == "nearest":
+            extent = self.volumes.shape[-1]
+            q = self._coordinates(matrices, points, 1.0, origin).round_()
+            flat = torch.add(q[:, :, 0], q[:, :, 1], alpha=extent)
+            flat = flat.add_(q[:, :, 2], alpha=extent * extent).long()  # (N, S, K) zyx index
+            volume = torch.view_as_complex(self.volumes[cls].permute(1, 2, 3, 0))
+            v = torch.view_as_real(volume.reshape(-1).take(flat))  # (N, S, K, 2)
+            return v.permute(0, 3, 1, 2).contiguous()
+        # grid_sample coordinates in [-1, 1] (align_corners), read as the (N, S, K, xyz) view
         unit = 2.0 / (self.volumes.shape[-1] - 1)
-        rows = matrices[..., :2, :].to(torch.float32).transpose(-1, -2) * (
-            self.size / self.box * unit
-        )
-        centre = rows.new_full((n, s, 3, 1), (self.size // 2 + 1) * unit - 1.0)
-        k1 = torch.cat([k, k.new_ones(k.shape[0], 1)], dim=1).T  # (3, K)
-        grid = (torch.cat([rows, centre], dim=-1).view(n * s * 3, 3) @ k1).view(n, s, 3, -1)
+        grid = self._coordinates(matrices, points, unit, origin * unit - 1.0)
         vol = self.volumes[cls : cls + 1].expand(n, -1, -1, -1, -1)
         v = F.grid_sample(vol, grid.transpose(-1, -2)[:, None], mode=mode, align_corners=True)
-        return v.view(n, 2, s, k.shape[0])
+        return v.view(n, 2, s, -1)
 
     def sample(self, cls: int, matrices: torch.Tensor, points: FourierPoints) -> torch.Tensor:
         """Slices of class ``cls`` at RELION matrices ``(..., 3, 3)`` -> ``(2, ..., K)`` real.
