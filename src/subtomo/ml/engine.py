@@ -63,7 +63,7 @@ class EngineParams:
     ``seed`` (``--random_seed``), ``max_slices``: reference slices computed at once (1024:
     their sampling coordinates and values then stay in the cache; 4096 was 1.5x slower on the
     D7 benchmark). ``coarse_nearest``: the coarse pass of adaptive oversampling samples the
-    slices at the nearest voxel of the padded reference (2x faster than trilinear); the
+    slices at the nearest voxel of the padded reference (~4x faster than trilinear); the
     significant poses it finds are scored again trilinearly by the fine pass, so it only
     decides where the fine pass looks.
     ``seeded_classes``: the first iteration takes each particle's class from the batch
