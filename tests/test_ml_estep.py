@@ -54,17 +54,19 @@ def test_projector_equals_rfft_slice_extraction(device) -> None:
         assert (got - want).abs().max() < 1e-5 * want.abs().max()
 
 
-def test_nearest_projector_reads_the_nearest_voxel(device) -> None:
+@pytest.mark.parametrize("padding", [1.0, 2.0])
+def test_nearest_projector_reads_the_nearest_voxel(device, padding) -> None:
     """The coarse pass's nearest-neighbour slices are the stored voxels at the rounded
-    ``N/n M^T k`` (zyx, zero frequency at ``N//2 + 1``): otherwise its coordinates, its centre
-    or its axis order differ from the trilinear path's."""
+    ``N/n M^T k`` (zyx, zero frequency at ``N//2 + 1``), also at Nyquist without padding:
+    otherwise its coordinates, its centre or its axis order differ from the trilinear path's
+    (or a lookup falls off the stored grid)."""
     g = torch.Generator().manual_seed(1)
     vols = torch.randn(2, BOX, BOX, BOX, generator=g).to(device)
-    proj = Projector(vols, 2.0)
+    proj = Projector(vols, padding)
     rot = euler_to_matrix(*(torch.rand(3, 6, generator=g, dtype=torch.float64) * 360)).float()
     pts = fourier_points(BOX, BOX // 2, device)
     k = pts.freq.float() * BOX  # (K, 2) xy
-    q = 2.0 * (rot[:, :2, :].transpose(-1, -2) @ k.T).transpose(-1, -2)  # (S, K, xyz)
+    q = proj.size / BOX * (rot[:, :2, :].transpose(-1, -2) @ k.T).transpose(-1, -2)  # (S, K, xyz)
     x, y, z = (torch.round(q) + proj.size // 2 + 1).long().unbind(-1)
     for c in range(2):
         got = proj.sample_planes(c, rot[None].to(device), pts, "nearest")[0]  # (2, S, K)
