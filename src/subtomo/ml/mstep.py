@@ -162,10 +162,13 @@ def accumulate(
             up = keys // poses.offsets.shape[1]
             off = poses.offsets[up, keys % poses.offsets.shape[1]][:, None]
             phase = shift_phases(tilts[up], off, points, pixel_size, real)[:, 0]
-            shifted = data[tp] * torch.polar(torch.ones_like(phase), phase)[which]
-            shifted *= w[tp, c, tj, tt].to(real)[:, None, None]
-            d = shifted.new_zeros(z - a, f, k).index_add_(0, inverse[t0:t1] - a, shifted)
+            # a pair's triples share its particle: sum their weighted phasors, then multiply
+            # by the particle's data once per pair
+            phasors = torch.polar(torch.ones_like(phase), phase)[which]
+            phasors *= w[tp, c, tj, tt].to(real)[:, None, None]
             pi, ji = pairs[a:z].unbind(1)
+            d = phasors.new_zeros(z - a, f, k).index_add_(0, inverse[t0:t1] - a, phasors)
+            d *= data[pi]
             wm = w[pi, c, ji].to(real).sum(-1)[:, None, None]  # (m, 1, 1)
             rot = poses.rotations[pi if poses.rotations.shape[0] > 1 else 0 * pi, ji]
             mats = slice_matrices(tilts[pi], rot[:, None])[:, 0]  # (m, f, 3, 3)
