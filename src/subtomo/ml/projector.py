@@ -42,10 +42,11 @@ def _sinc2(size: int, device: torch.device) -> torch.Tensor:
 class Projector:
     """Central slices of ``K`` references ``(K, n, n, n)`` (zyx, centre ``n//2``).
 
-    ``max_slices`` bounds how many slices are sampled at once (memory).
+    ``max_slices`` bounds how many slices are sampled at once (memory; 1024 keeps their
+    coordinates and values in a CPU's cache, as :class:`~subtomo.ml.engine.EngineParams`).
     """
 
-    def __init__(self, references: torch.Tensor, padding: float = 2.0, max_slices: int = 4096):
+    def __init__(self, references: torch.Tensor, padding: float = 2.0, max_slices: int = 1024):
         self.box = references.shape[-1]
         self.padding = float(padding)
         self.size = padded_box(self.box, self.padding)
