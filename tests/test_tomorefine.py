@@ -237,6 +237,49 @@ def test_tempered_likelihood_recovers_the_scatter(true_k2: float) -> None:
     assert (after < 0.95 * before) if true_k2 > 1 else (after < 1.01 * before), (before, after)
 
 
+def test_tempering_needs_evidence() -> None:
+    """41 tilts whose fits scatter exactly as their likelihood says, with likelihoods much
+    sharper than the prior and true changes spread 1.15x the prior's σ: the marginal
+    likelihood barely depends on κ² there, so the likelihood is not widened (without the
+    likelihood-ratio test the spread was read as κ² > 1 and the modes shrunk)."""
+    from subtomo.tomorefine.ctf import temper_likelihood
+
+    t, prior = 41, 500.0
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        sigma_like = 60.0 * torch.exp(torch.rand(t, generator=g, dtype=torch.float64))
+        truth = 1.15 * prior * torch.randn(t, generator=g, dtype=torch.float64)
+        ml = truth + sigma_like * torch.randn(t, generator=g, dtype=torch.float64)
+        precision = 1 / sigma_like**2 + 1 / prior**2
+        mode, sigma = ml / sigma_like**2 / precision, precision.rsqrt()
+        tempered, sd, k2 = temper_likelihood(mode, sigma, torch.zeros(t), prior)
+        assert k2 == 1.0, (seed, k2)
+        assert torch.allclose(tempered, mode) and torch.allclose(sd, sigma)
+
+
+def test_particle_tempering_after_the_bias_correction() -> None:
+    """Gaussian per-particle profiles whose modes are all shifted by a bias that the fit to
+    simulated data measures (its profiles centred on the bias): the likelihood is not
+    widened (the fits scatter as it says once the bias is removed) and the changes are the
+    unbiased Gaussian posterior modes. Tempered before the correction, the bias was read as
+    scatter (κ² > 1) and the changes shrunk."""
+    from subtomo.tomorefine.ctf import particle_defocus_grid, tempered_particle_changes
+
+    g = torch.Generator().manual_seed(11)
+    b, prior, bias = 300, 300.0, -270.0
+    sigma_like = 120.0 * torch.exp(0.5 * torch.rand(b, generator=g, dtype=torch.float64))
+    truth = prior * torch.randn(b, generator=g, dtype=torch.float64)
+    ml = truth + bias + sigma_like * torch.randn(b, generator=g, dtype=torch.float64)
+    grid = particle_defocus_grid(prior)
+    nll = (grid[None] - ml[:, None]).square() / (2 * sigma_like[:, None] ** 2)
+    sim = (grid[None] - bias).square().expand(b, -1) / (2 * sigma_like[:, None] ** 2)
+    delta, k2 = tempered_particle_changes(grid, nll, prior, torch.zeros(b), sim)
+    assert k2 == 1.0, k2
+    precision = 1 / sigma_like**2 + 1 / prior**2
+    expected = (ml - bias) / sigma_like**2 / precision
+    assert (delta - expected).abs().max() < 3.0, (delta - expected).abs().max()
+
+
 def test_tempered_particle_modes() -> None:
     """Per-particle profiles that are Gaussian in the change: the grid modes and σ are the
     Gaussian posterior's (prior on the total offset, likelihood over κ²); with fits that

@@ -61,10 +61,10 @@ from subtomo.tomorefine.ctf import (
     fit_tilt_defocus,
     frequency_weights,
     particle_defocus_grid,
-    particle_defocus_modes,
     particle_defocus_profiles,
     reference_spectrum,
     temper_likelihood,
+    tempered_particle_changes,
 )
 from subtomo.tomorefine.predict import TiltPredictor
 
@@ -206,13 +206,11 @@ def _particle_defocus(
     grid = particle_defocus_grid(sigma)
     nll = _particle_profiles(predictor, state, rows, weights, grid, **kwargs)
     current = predictor.loader.particles.defocus_offsets()[torch.as_tensor(rows)].double()
-    delta, sd = particle_defocus_modes(grid, nll, sigma, current=current)
-    _, _, k2 = temper_likelihood(delta, sd, -current, sigma)
-    delta = particle_defocus_modes(grid, nll, sigma, current=current, kappa2=k2)[0]
-    log.info("%s: the particles' likelihood widened by κ² = %.2f (empirical Bayes)", name, k2)
+    sim = None
     if options.correct_bias:  # the fit to simulated data measures the bias of the change
-        nll = _particle_profiles(predictor, state, rows, weights, grid, simulate=True, **kwargs)
-        delta = delta - particle_defocus_modes(grid, nll, sigma, kappa2=k2)[0]
+        sim = _particle_profiles(predictor, state, rows, weights, grid, simulate=True, **kwargs)
+    delta, k2 = tempered_particle_changes(grid, nll, sigma, current, sim)
+    log.info("%s: the particles' likelihood widened by κ² = %.2f (empirical Bayes)", name, k2)
     return delta.numpy(), k2
 
 
