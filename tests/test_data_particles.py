@@ -167,3 +167,28 @@ def test_stack_image_indices_rules():
     np.testing.assert_array_equal(stack_image_indices(vis, 3), [0, 1, 2])
     np.testing.assert_array_equal(stack_image_indices(vis, 4), [0, 2, 3])
     assert stack_image_indices(vis, 2) is None
+
+
+def test_unmodelled_optics_are_named_once(tmp_path, caplog):
+    """Aberrations, beam tilt and anisotropic magnification that RELION would apply and
+    subtomo does not model: one warning per file and column with a non-neutral value; the
+    neutral values RELION writes (zeros, the identity) are silent."""
+    optics = pd.DataFrame({
+        "rlnOpticsGroup": [1, 2], "rlnVoltage": [300.0, 300.0],
+        "rlnSphericalAberration": [2.7, 2.7], "rlnAmplitudeContrast": [0.07, 0.07],
+        "rlnTomoTiltSeriesPixelSize": [2.0, 2.0],
+        "rlnEvenZernike": ["[0,0,0,0,0,0,0,0,0]", "[0,0,0,0,0,0,0.3,0,0]"],
+        "rlnOddZernike": ["[0,0,0,0,0,0]", "[0,0,0,0,0,0]"],
+        "rlnMagMat00": [1.0, 1.0], "rlnMagMat11": [1.0, 1.0],
+        "rlnBeamTiltX": [0.0, 0.2],
+    })  # fmt: skip
+    particles = pd.DataFrame({"rlnTomoName": ["TS_01"], "rlnOpticsGroup": [2]})
+    path = tmp_path / "particles.star"
+    ParticleSet.from_tables(particles, optics).write(path)
+    with caplog.at_level("WARNING", logger="subtomo"):
+        ParticleSet.read(path)
+        ParticleSet.read(path)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "optics group 2 has rlnEvenZernike" in lines[0] and "symmetrical" in lines[0]
+    assert "rlnBeamTiltX = 0.2" in lines[1]

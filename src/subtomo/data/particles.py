@@ -11,6 +11,7 @@ as numpy arrays of length n.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,12 +29,52 @@ from subtomo.io import numeric_column, parse_vector, read_star, require_block, w
 
 __all__ = ["DEFOCUS_OFFSET", "ParticleSet", "pixel_size_of", "stack_image_indices"]
 
+log = logging.getLogger("subtomo")
+
 _STACKS_2D = "rlnTomoSubTomosAre2DStacks"
 _CENTERED = tuple(f"rlnCenteredCoordinate{a}Angst" for a in "XYZ")
 _LEGACY = tuple(f"rlnCoordinate{a}" for a in "XYZ")
 _ORIGINS = tuple(f"rlnOrigin{a}Angst" for a in "XYZ")
 #: Per-particle defocus in Å on top of the depth term (not a RELION column, §23).
 DEFOCUS_OFFSET = "subtomoDefocusOffsetAngst"
+
+
+#: optics columns RELION applies and subtomo does not model yet, with their neutral values
+_UNMODELLED_OPTICS = {
+    "rlnEvenZernike": "symmetrical aberrations",
+    "rlnOddZernike": "antisymmetrical aberrations",
+    "rlnBeamTiltX": "beam tilt",
+    "rlnBeamTiltY": "beam tilt",
+    "rlnMagMat00": "anisotropic magnification",
+    "rlnMagMat01": "anisotropic magnification",
+    "rlnMagMat10": "anisotropic magnification",
+    "rlnMagMat11": "anisotropic magnification",
+}
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_unmodelled_optics(optics: pd.DataFrame, path: Path) -> None:
+    """One warning per file and column whose values RELION would apply and subtomo leaves
+    out of its CTFs and geometry (aberrations from CTF refinement, beam tilt, anisotropic
+    magnification); neutral values (zeros, the identity matrix) are silent."""
+    for column, what in _UNMODELLED_OPTICS.items():
+        if column not in optics.columns or (str(path), column) in _warned:
+            continue
+        neutral = 1.0 if column in ("rlnMagMat00", "rlnMagMat11") else 0.0
+        groups = optics.get("rlnOpticsGroup", pd.Series(range(1, len(optics) + 1)))
+        for group, value in zip(groups, optics[column], strict=True):
+            try:
+                values = parse_vector(value) if "Zernike" in column else [float(value)]
+            except ValueError:
+                continue  # the reader of that column reports malformed values
+            if any(abs(v - neutral) > 1e-12 for v in values):
+                _warned.add((str(path), column))
+                log.warning(
+                    "%s: optics group %s has %s = %s (%s): subtomo does not model them yet "
+                    "and leaves them out",
+                    path, group, column, value, what,
+                )  # fmt: skip
+                break
 
 
 class ParticleSet:
@@ -99,6 +140,8 @@ class ParticleSet:
         optics = blocks.get("optics")
         if isinstance(optics, dict):
             optics = pd.DataFrame([optics])
+        if optics is not None:
+            _warn_unmodelled_optics(optics, path)
         return cls(particles, optics, general, path=path, tomograms=tomograms)
 
     def write(self, path: str | os.PathLike) -> None:
