@@ -197,3 +197,49 @@ def test_particle_defocus() -> None:
     assert float(up[1, 0]) == pytest.approx(10_000.0 - 0.5 * 1.7 * 100.0)
     assert float(up[0, 1]) == pytest.approx(20_000.0 + 0.5 * 1.7 * 20.0)
     assert torch.allclose(vp - up, torch.full_like(up, 500.0))
+
+
+def test_zernike_polynomials_as_relion_documents_them() -> None:
+    """RELION's order of rlnEvenZernike/rlnOddZernike and its unnormalised polynomials of the
+    frequency in 1/Å: its documented example Z_3^-1 = 3(kx² + ky²)·ky − 2ky, and Z_4^0 (the
+    7th even term, a change of Cs) = 6r⁴ − 6r² + 1."""
+    from subtomo.ctf.aberrations import aberration_phase, zernike_indices, zernike_polynomial
+
+    assert zernike_indices(9, "even") == [(0, 0), (2, -2), (2, 0), (2, 2), (4, -4), (4, -2),
+                                          (4, 0), (4, 2), (4, 4)]  # fmt: skip
+    assert zernike_indices(6, "odd") == [(1, -1), (1, 1), (3, -3), (3, -1), (3, 1), (3, 3)]
+    kx = torch.tensor([0.1, 0.03, -0.2], dtype=torch.float64)
+    ky = torch.tensor([0.05, -0.12, 0.07], dtype=torch.float64)
+    r2 = kx**2 + ky**2
+    torch.testing.assert_close(zernike_polynomial(3, -1, kx, ky), 3 * r2 * ky - 2 * ky)
+    torch.testing.assert_close(aberration_phase([0, 0, 0, 0, 0, 0, 2.0], "even", kx, ky),
+                               2 * (6 * r2**2 - 6 * r2 + 1))  # fmt: skip
+
+
+def test_even_aberrations_enter_gamma() -> None:
+    """An even aberration c·Z_2^0 = c(2|k|² − 1) added to γ is a defocus change of
+    −2c/(πλ) Å plus a phase shift of c rad (γ has −φ): the premultiplied CTF of a tilt series
+    with rlnEvenZernike [0, 0, c] equals the one with those changes instead."""
+    import dataclasses
+
+    from subtomo.reconstruct.particles import TiltSeriesCtf, premultiply_filter
+
+    c, kv = 0.7, 300.0
+    base = TiltSeriesCtf(
+        defocus_u=torch.tensor([30000.0, 25000.0]), defocus_v=torch.tensor([29000.0, 26000.0]),
+        defocus_angle=torch.tensor([20.0, -40.0]), pre_exposure=torch.tensor([0.0, 3.0]),
+        voltage_kv=kv, cs_mm=2.7, amplitude_contrast=0.07, pixel_size=2.0,
+    )  # fmt: skip
+    lam = float(electron_wavelength_angstrom(kv))
+    change = -2 * c / (math.pi * lam)
+    moved = dataclasses.replace(
+        base, defocus_u=base.defocus_u + change, defocus_v=base.defocus_v + change,
+        phase_shift=math.degrees(c),
+    )  # fmt: skip
+    aberrated = dataclasses.replace(base, even_zernike=(0.0, 0.0, c))
+    frames, depth = torch.tensor([0, 1]), torch.zeros(2)
+    got, _ = premultiply_filter(aberrated, frames, depth, 64, 1.0)
+    want, _ = premultiply_filter(moved, frames, depth, 64, 1.0)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    plain, _ = premultiply_filter(base, frames, depth, 64, 1.0)
+    assert (got - plain).abs().max() > 0.5

@@ -170,16 +170,16 @@ def test_stack_image_indices_rules():
 
 
 def test_unmodelled_optics_are_named_once(tmp_path, caplog):
-    """Aberrations, beam tilt and anisotropic magnification that RELION would apply and
-    subtomo does not model: one warning per file and column with a non-neutral value; the
-    neutral values RELION writes (zeros, the identity) are silent."""
+    """Beam tilt and anisotropic magnification, which RELION would apply and subtomo does not
+    model: one warning per file and column with a non-neutral value; the neutral values
+    RELION writes (zeros, the identity) and the aberrations (modelled) are silent."""
     optics = pd.DataFrame({
         "rlnOpticsGroup": [1, 2], "rlnVoltage": [300.0, 300.0],
         "rlnSphericalAberration": [2.7, 2.7], "rlnAmplitudeContrast": [0.07, 0.07],
         "rlnTomoTiltSeriesPixelSize": [2.0, 2.0],
         "rlnEvenZernike": ["[0,0,0,0,0,0,0,0,0]", "[0,0,0,0,0,0,0.3,0,0]"],
         "rlnOddZernike": ["[0,0,0,0,0,0]", "[0,0,0,0,0,0]"],
-        "rlnMagMat00": [1.0, 1.0], "rlnMagMat11": [1.0, 1.0],
+        "rlnMagMat00": [1.0, 1.0], "rlnMagMat11": [1.0, 1.01],
         "rlnBeamTiltX": [0.0, 0.2],
     })  # fmt: skip
     particles = pd.DataFrame({"rlnTomoName": ["TS_01"], "rlnOpticsGroup": [2]})
@@ -190,5 +190,5 @@ def test_unmodelled_optics_are_named_once(tmp_path, caplog):
         ParticleSet.read(path)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
-    assert "optics group 2 has rlnEvenZernike" in lines[0] and "symmetrical" in lines[0]
-    assert "rlnBeamTiltX = 0.2" in lines[1]
+    assert "optics group 2 has rlnBeamTiltX = 0.2 (beam tilt)" in lines[0]
+    assert "rlnMagMat11 = 1.01" in lines[1] and "anisotropic magnification" in lines[1]

@@ -41,8 +41,6 @@ DEFOCUS_OFFSET = "subtomoDefocusOffsetAngst"
 
 #: optics columns RELION applies and subtomo does not model yet, with their neutral values
 _UNMODELLED_OPTICS = {
-    "rlnEvenZernike": "symmetrical aberrations",
-    "rlnOddZernike": "antisymmetrical aberrations",
     "rlnBeamTiltX": "beam tilt",
     "rlnBeamTiltY": "beam tilt",
     "rlnMagMat00": "anisotropic magnification",
@@ -55,8 +53,8 @@ _warned: set[tuple[str, str]] = set()
 
 def _warn_unmodelled_optics(optics: pd.DataFrame, path: Path) -> None:
     """One warning per file and column whose values RELION would apply and subtomo leaves
-    out of its CTFs and geometry (aberrations from CTF refinement, beam tilt, anisotropic
-    magnification); neutral values (zeros, the identity matrix) are silent."""
+    out of its CTFs and geometry (beam tilt, anisotropic magnification); neutral values
+    (zeros, the identity matrix) are silent."""
     for column, what in _UNMODELLED_OPTICS.items():
         if column not in optics.columns or (str(path), column) in _warned:
             continue
@@ -64,7 +62,7 @@ def _warn_unmodelled_optics(optics: pd.DataFrame, path: Path) -> None:
         groups = optics.get("rlnOpticsGroup", pd.Series(range(1, len(optics) + 1)))
         for group, value in zip(groups, optics[column], strict=True):
             try:
-                values = parse_vector(value) if "Zernike" in column else [float(value)]
+                values = [float(value)]
             except ValueError:
                 continue  # the reader of that column reports malformed values
             if any(abs(v - neutral) > 1e-12 for v in values):
@@ -336,6 +334,36 @@ class ParticleSet:
                 row=row + 1,
             )
         return rows
+
+    def aberrations(self, tomo_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(even, odd)`` Zernike coefficients (rlnEvenZernike, rlnOddZernike; empty where
+        absent) of the optics group of tilt series ``tomo_name``'s particles. Its particles
+        must share them (one CTF per tilt image)."""
+        mine = np.flatnonzero(self.tomo_names == str(tomo_name))
+        if not len(mine) or self.optics.empty:
+            return (), ()
+        columns = [c for c in ("rlnEvenZernike", "rlnOddZernike") if c in self.optics.columns]
+        if not columns:
+            return (), ()
+        rows = np.unique(self.optics_rows()[mine])
+        found: dict[str, set[tuple[float, ...]]] = {c: set() for c in columns}
+        for column in columns:
+            for r in rows:
+                try:
+                    found[column].add(tuple(parse_vector(self.optics[column].iloc[r])))
+                except ValueError as error:
+                    raise InputError(
+                        str(error), file=self.source, block="optics", column=column, row=r + 1
+                    ) from None
+            if len(found[column]) > 1:
+                raise InputError(
+                    f"the particles of tilt series {tomo_name} are in optics groups with "
+                    f"different {column}; one tilt image has one CTF",
+                    file=self.source, block="optics", column=column,
+                )  # fmt: skip
+        names = ("rlnEvenZernike", "rlnOddZernike")
+        even, odd = (found[c].pop() if c in found else () for c in names)
+        return even, odd
 
     def optics_column(
         self, column: str, default: float | None = None, *, positive: bool = False

@@ -147,7 +147,7 @@ def _extract_series(
         dose = torch.as_tensor(series.pre_exposure)
         visible &= (dose <= params.max_dose)[None]
     keep = visible.sum(dim=1) >= params.min_frames
-    ctf = ctf_of_tilt_series(series)
+    ctf = ctf_of_tilt_series(series, parts)
     mats = geo.matrices(include_particle=params.apply_orientations).float()
     pixel = params.binning * series.pixel_size
     names = parts.particles["rlnTomoParticleName"].astype(str).tolist()

@@ -131,7 +131,7 @@ def _insert_from_tilt_series(
         visible = visible_frames(geo.uv, size, box / 2)  # RELION: s/2 in bin-1 pixels
         count += insert_tilt_series(
             accs, images, geo.uv, geo.depth, visible, geo.matrices(), halves[rows],
-            ctf_of_tilt_series(series), box=box, binning=binning,
+            ctf_of_tilt_series(series, parts), box=box, binning=binning,
             batch_size=params.batch_size, no_ctf=params.no_ctf,
             circle_precrop=not params.no_circle_crop, cutoff_fract=params.cutoff_fract,
             progress=advance,
@@ -157,7 +157,7 @@ def _insert_from_stacks(
     count = 0
     for name, rows in _by_tomogram(parts):
         series = tomos[name]
-        ctf = ctf_of_tilt_series(series)
+        ctf = ctf_of_tilt_series(series, parts)
         subset = parts.subset(rows)
         geo = series_geometry(subset, series, motion, image_size=(2, 2))
         mats = geo.matrices().float()

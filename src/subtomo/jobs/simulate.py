@@ -51,7 +51,7 @@ import pandas as pd
 from subtomo import __version__
 from subtomo.data import ParticleSet, TomogramSet, read_mtf
 from subtomo.errors import InputError
-from subtomo.io import read_mrc, write_mrc, write_star
+from subtomo.io import parse_vector, read_mrc, write_mrc, write_star
 from subtomo.io.mdoc import write_mdoc
 from subtomo.io.movies import unorient_gain, write_movie
 from subtomo.project.options import option
@@ -174,6 +174,14 @@ class SimulateParams:
         "--particle-defocus-error", help="σ of the defocus error per particle", unit="Å"
     )
     ice_kappa: float | None = _preset("--ice-kappa", help="Beer–Lambert κ of the ice (1: none)")
+    even_zernike: tuple[float, ...] | None = _preset(
+        "--even-zernike", help="Symmetrical aberrations as rlnEvenZernike, e.g. [0,0,0,0,0,0,0.5]",
+        parse=parse_vector,
+    )  # fmt: skip
+    odd_zernike: tuple[float, ...] | None = _preset(
+        "--odd-zernike", help="Antisymmetrical aberrations as rlnOddZernike, e.g. [0,0,0,0.3]",
+        parse=parse_vector,
+    )  # fmt: skip
     ice_normal_deg: float | None = _preset(
         "--ice-normal", help="Ice normal from z towards x", unit="deg"
     )
@@ -452,11 +460,11 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
                 for name, beads in sim.bead_positions.items()
             ]
             write_star("fiducials.star", {"fiducials": pd.concat(rows, ignore_index=True)})
-        for file, table in (
-            ("particles.star", sim.particles),
-            ("particles_picked.star", sim.particles_picked),
+        for file, table, optics in (
+            ("particles.star", sim.particles, sim.true_optics_table()),
+            ("particles_picked.star", sim.particles_picked, sim.optics_table),
         ):
-            ParticleSet.from_tables(table, sim.optics_table).write(file)
+            ParticleSet.from_tables(table, optics).write(file)
             outputs[file] = "ParticleGroupMetadata.star.relion.tomo"
         write_mrc("truth.mrc", sim.maps[0], px)
         outputs["truth.mrc"] = "DensityMap.mrc"

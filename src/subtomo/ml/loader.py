@@ -196,7 +196,7 @@ class StackLoader:
         self.frames = torch.zeros(n, f, dtype=torch.long)
         self.tilt_rotations = torch.eye(3, dtype=torch.float64).repeat(n, f, 1, 1)
         self.depth = torch.zeros(n, f, dtype=torch.float64)
-        self.ctfs = {name: ctf_of_tilt_series(tomograms[name]) for name in n_tilts}
+        self.ctfs = {name: ctf_of_tilt_series(tomograms[name], parts) for name in n_tilts}
         self.tomo_names = names
         self.visible_by_tomo = visible
         for name in n_tilts:

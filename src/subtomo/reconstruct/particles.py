@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from subtomo.ctf import (
+    aberration_phase,
     ctf_2d,
     dose_cutoff_mask,
     dose_weights,
@@ -27,7 +28,7 @@ from subtomo.ctf import (
     particle_defocus,
 )
 from subtomo.errors import InputError
-from subtomo.fourier import rfft_centered
+from subtomo.fourier import fftfreq_grid, rfft_centered
 from subtomo.geometry import project_particles, tomogram_centre_px
 from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, phase_ramp
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
@@ -57,7 +58,9 @@ class TiltSeriesCtf:
     """CTF and dose of one tilt series, per frame ``(t,)`` (tomograms.star, §1.4–1.5).
 
     Defocus in Å at the specimen centre (positive underfocus), angles in degrees, doses in
-    e/Å², B-factors in Å², voltage kV, Cs mm, ``pixel_size`` the bin-1 tilt-series pixel (Å).
+    e/Å², B-factors in Å², voltage kV, Cs mm, ``pixel_size`` the bin-1 tilt-series pixel (Å);
+    ``even_zernike``/``odd_zernike`` the aberrations of the particles' optics group (RELION's
+    rlnEvenZernike/rlnOddZernike, :mod:`subtomo.ctf.aberrations`; empty: none).
     """
 
     defocus_u: torch.Tensor
@@ -74,14 +77,19 @@ class TiltSeriesCtf:
     bfactor: torch.Tensor | float = 0.0
     scale: torch.Tensor | float = 1.0
     bfactor_per_electron_dose: float = 0.0
+    even_zernike: tuple[float, ...] = ()
+    odd_zernike: tuple[float, ...] = ()
 
 
-def ctf_of_tilt_series(series) -> TiltSeriesCtf:
-    """The :class:`TiltSeriesCtf` of a :class:`subtomo.data.TiltSeries`."""
+def ctf_of_tilt_series(series, particles: ParticleSet | None = None) -> TiltSeriesCtf:
+    """The :class:`TiltSeriesCtf` of a :class:`subtomo.data.TiltSeries`, with the aberrations
+    of the optics group of its particles in ``particles`` (:meth:`ParticleSet.aberrations`)
+    when given."""
 
     def as_tensor(values: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32)
 
+    aberrations = ((), ()) if particles is None else particles.aberrations(series.name)
     return TiltSeriesCtf(
         defocus_u=as_tensor(series.defocus_u),
         defocus_v=as_tensor(series.defocus_v),
@@ -97,6 +105,7 @@ def ctf_of_tilt_series(series) -> TiltSeriesCtf:
         bfactor=as_tensor(series.ctf_bfactor),
         scale=as_tensor(series.ctf_scale),
         bfactor_per_electron_dose=series.bfactor_per_electron_dose or 0.0,
+        **dict(zip(("even_zernike", "odd_zernike"), aberrations, strict=True)),
     )
 
 
@@ -240,7 +249,30 @@ def _series_tables(
     ky = torch.fft.fftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
     kx = torch.fft.rfftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
     quadrature = torch.complex(table(0.0), table(1.0)) * dose
+    if ctf.even_zernike:  # −sin(γ + χ) + i cos(γ + χ) = (−sin γ + i cos γ)·e^{iχ}
+        chi = aberration_phase(ctf.even_zernike, "even", *_frequencies_angst(size, px, device))
+        quadrature = quadrature * torch.polar(torch.ones_like(chi), chi).to(quadrature.dtype)
     return quadrature, dose, scale * (ky / size) ** 2, scale * (kx / size) ** 2
+
+
+def _frequencies_angst(size: int, px: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kx, ky`` (1/Å, float64) of the rfft grid ``(size, size//2+1)`` at pixel ``px`` Å."""
+    k = fftfreq_grid((size, size), pixel_size=px, device=device, dtype=torch.float64)
+    return k[..., 0], k[..., 1]
+
+
+@functools.lru_cache(maxsize=4)
+def odd_aberration_correction(
+    ctf: TiltSeriesCtf, size: int, binning: float, device: torch.device
+) -> torch.Tensor | None:
+    """``e^{−iχ_o}`` ``(size, size//2+1)`` complex64, the correction Extract applies to the
+    data for the odd aberrations of ``ctf`` (:mod:`subtomo.ctf.aberrations`) at pixel
+    ``binning · ctf.pixel_size``; ``None`` without odd aberrations."""
+    if not ctf.odd_zernike:
+        return None
+    kx, ky = _frequencies_angst(size, binning * ctf.pixel_size, device)
+    chi = aberration_phase(ctf.odd_zernike, "odd", kx, ky)
+    return torch.polar(torch.ones_like(chi), -chi).to(torch.complex64)
 
 
 def ctf_quadrature(
@@ -380,6 +412,9 @@ def extract_slices(
     ctfw, dose = premultiply_filter(ctf, frames, depth_px, box, binning, cutoff_fract=cutoff_fract)
     filt = dose if no_ctf else ctfw
     factor.mul_(-filt if invert_contrast else filt)
+    odd = odd_aberration_correction(ctf, box, binning, images.device)
+    if odd is not None:  # the data's odd phase removed, as RELION's extraction does (§5.2)
+        factor.mul_(odd)
     return spectra.mul_(factor), filt.square()
 
 

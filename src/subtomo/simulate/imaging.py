@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from subtomo.ctf import ctf_2d, dose_weights, particle_defocus
+from subtomo.ctf import aberration_phase, ctf_2d, dose_weights, particle_defocus
 from subtomo.fourier import fftfreq_grid, irfft_centered
 from subtomo.geometry import project_particles
 from subtomo.simulate.projection import VolumeProjector, project_rfft
@@ -40,7 +40,8 @@ class Optics:
 
     ``mtf`` is ``(frequency, value)``: a detector MTF sampled at frequencies in cycles per
     tilt-image pixel (rlnResolutionInversePixel); ``None`` for none. ``ctf=False`` leaves out
-    the CTF (geometry tests).
+    the CTF (geometry tests). ``even_zernike``/``odd_zernike``: aberrations as RELION's
+    rlnEvenZernike/rlnOddZernike (:mod:`subtomo.ctf.aberrations`; with the CTF only).
     """
 
     voltage_kv: float = 300.0
@@ -50,6 +51,8 @@ class Optics:
     hand: int = -1
     ctf: bool = True
     mtf: tuple[np.ndarray, np.ndarray] | None = None
+    even_zernike: tuple[float, ...] = ()
+    odd_zernike: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,36 @@ def _add_patches(
     inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)  # (m, s, s)
     flat = tilt_index[:, None, None] * (h * w) + y * w + x
     images.view(-1).index_add_(0, flat[inside], patches[inside])
+
+
+def _aberrated_ctf(
+    optics: Optics,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    angle: torch.Tensor,
+    s: int,
+    k: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
+    """``CTF·e^{iχ_o}`` ``(b, t, s, s//2+1)`` (real without odd aberrations) with the even
+    aberrations added to ``γ``: ``−sin(γ + χ_e) = CTF·cos χ_e − CTF₉₀·sin χ_e``, ``CTF₉₀``
+    the CTF at a phase shift of 90° (``cos γ``); ``k`` the grid's frequencies (cycles/px)."""
+
+    def ctf(phase_shift: float) -> torch.Tensor:
+        return ctf_2d(
+            u, v, angle, optics.voltage_kv, optics.cs_mm, optics.amplitude_contrast,
+            optics.pixel_size, s, phase_shift_deg=phase_shift, device=device,
+        )  # fmt: skip
+
+    out = ctf(0.0)
+    kx, ky = k[..., 0] / optics.pixel_size, k[..., 1] / optics.pixel_size
+    if optics.even_zernike:
+        chi = aberration_phase(optics.even_zernike, "even", kx, ky).to(out.dtype)
+        out = out * torch.cos(chi) - ctf(90.0) * torch.sin(chi)
+    if optics.odd_zernike:
+        chi = aberration_phase(optics.odd_zernike, "odd", kx, ky)
+        out = out * torch.polar(torch.ones_like(chi), chi).to(torch.complex64)
+    return out
 
 
 def render_tilt_series(
@@ -165,10 +198,9 @@ def render_tilt_series(
                 if defocus_offsets is not None:
                     extra = defocus_offsets[idx].to(device=device, dtype=u.dtype)[:, None]
                     u, v = u + extra, v + extra
-                spectra = spectra * ctf_2d(
-                    u, v, geometry.defocus_angle.to(device), optics.voltage_kv,
-                    optics.cs_mm, optics.amplitude_contrast, optics.pixel_size, s, device=device,
-                )  # fmt: skip
+                spectra = spectra * _aberrated_ctf(
+                    optics, u, v, geometry.defocus_angle.to(device), s, k, device
+                )
             centre = torch.round(uv)
             frac = (uv - centre)[..., None, None, :]  # (b, t, 1, 1, 2)
             phase = torch.exp(-2j * torch.pi * (k * frac).sum(-1)).to(spectra.dtype)

@@ -32,6 +32,7 @@ from subtomo.geometry import (
     project_particles,
     projection_matrices,
 )
+from subtomo.io import format_vector
 from subtomo.simulate.acquisition import alignment_errors, ctf_errors, tilt_defocus, tilt_scheme
 from subtomo.simulate.imaging import (
     Optics,
@@ -95,6 +96,9 @@ class SimulationParams:
     ``subtomoDefocusOffsetAngst`` (§23). ``ice_kappa`` < 1 scales the signal of each tilt by
     the Beer–Lambert law ``κ^(1/|cos θ|)`` of an ice normal ``ice_normal_deg`` from z towards x
     (:func:`subtomo.ctf.ice_scale`; the truth in ``true_tilt_tables``' rlnCtfScalefactor).
+    ``even_zernike``/``odd_zernike``: aberrations of the images in RELION's rlnEvenZernike/
+    rlnOddZernike form (:mod:`subtomo.ctf.aberrations`), kept in the optics table of the true
+    particles (``true_optics_table``), not in that of the picked ones.
     """
 
     preset: str = "tiny"
@@ -138,6 +142,8 @@ class SimulationParams:
     particle_defocus_error_angst: float = 0.0
     ice_kappa: float = 1.0
     ice_normal_deg: float = 0.0
+    even_zernike: tuple[float, ...] = ()
+    odd_zernike: tuple[float, ...] = ()
     seed: int = 0
     device: str = "auto"
     batch_size: int = 1024
@@ -222,6 +228,16 @@ class Simulation:
     _optics: Optics = field(repr=False, default_factory=Optics)
     _radius_px: float = 0.0
     _bead_density: float = 0.0
+
+    def true_optics_table(self) -> pd.DataFrame:
+        """:attr:`optics_table` with the images' aberrations (rlnEvenZernike/rlnOddZernike)
+        where there are any: the optics of the true particles."""
+        table = self.optics_table.copy()
+        for column, values in (("rlnEvenZernike", self.params.even_zernike),
+                               ("rlnOddZernike", self.params.odd_zernike)):  # fmt: skip
+            if len(values):
+                table[column] = format_vector(values)
+        return table
 
     def tilt_series(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Render each tilt series in turn: ``(rlnTomoName, images (t, h, w) float32)``.
@@ -573,6 +589,8 @@ def simulate(
         hand=-1,
         ctf=params.ctf,
         mtf=mtf,
+        even_zernike=tuple(params.even_zernike),
+        odd_zernike=tuple(params.odd_zernike),
     )
     log.info(
         "layout: %d particles (%s) in %d tilt series of %d tilts, particle radius %.1f px",
