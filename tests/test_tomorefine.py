@@ -442,3 +442,49 @@ def test_reference_gain_keeps_the_mean_and_fits_the_differences(project: Path) -
 
     before, after = spread(nominal - true_defocus), spread(found[True] - true_defocus)
     assert before > 300 and after < 70, (before, after)
+
+
+def test_ctf_refine_fits_aberrations(tmp_path: Path) -> None:
+    """Noise-free images with tetrafoil (even Z_4^4) and trefoil (odd Z_3^-3, Z_3^3), ~0.8 rad
+    at Nyquist (5 Å/px), extracted as a user would before knowing them (no aberration
+    columns): ``--do_even_aberrations --do_odd_aberrations`` against the true map recovers
+    each within 20% (measured: 6916 for 8000, 599 / 792 for 600 / 800), and the whole fitted
+    phase is within 0.15 rad of the true one at every point up to Nyquist (the other terms'
+    constant parts cancel: Z_0^0 −0.28, Z_4^0 +0.36 rad)."""
+    from subtomo.ctf.aberrations import aberration_phase
+
+    even = [0, 0, 0, 0, 0, 0, 0, 0, 8000.0]
+    odd = [0, 0, 600.0, 0, 0, 800.0]
+    os.chdir(tmp_path)
+    run_subtomo(["simulate", "--out", ".", "--particles", "12", "--tilt-step", "12",
+                 "--box", "64", "--pixel-size", "5", "--tomogram-size", "448,448,96",
+                 "--even-zernike", str(even).replace(" ", ""),
+                 "--odd-zernike", str(odd).replace(" ", ""), "--seed", "3"])  # fmt: skip
+    true = ParticleSet.read("particles.star")
+    assert true.aberrations("TS_01") == (tuple(even), tuple(odd))
+    true.optics = true.optics.drop(columns=["rlnEvenZernike", "rlnOddZernike"])
+    true.write("particles_plain.star")
+    run_subtomo(["extract", "--p", "particles_plain.star", "--t", "tomograms.star",
+                 "--box", "64", "--float32", "--o", "ext"])  # fmt: skip
+    run_subtomo(["mask", "--i", "truth.mrc", "--lowpass", "20", "--ini_threshold", "2",
+                 "--extend_inimask", "3", "--width_soft_edge", "5", "--o", "mask"])  # fmt: skip
+    run_ctf_refine(CtfRefineParams(
+        ios="ext/optimisation_set.star", ref1="truth.mrc", ref2="truth.mrc",
+        mask="mask/mask.mrc", do_even_aberrations=True, do_odd_aberrations=True,
+        output_dir="CtfRefine/job001",
+    ))  # fmt: skip
+    fitted = ParticleSet.read("CtfRefine/job001/particles.star").aberrations("TS_01")
+    assert len(fitted[0]) == 9 and len(fitted[1]) == 6
+    k = torch.fft.rfftfreq(64, 5.0, dtype=torch.float64)
+    ky = torch.fft.fftfreq(64, 5.0, dtype=torch.float64)
+    kx, ky = k[None].expand(64, -1), ky[:, None].expand(-1, 33)
+    inside = (kx**2 + ky**2).sqrt() <= 0.1
+    for got, want, parity in ((fitted[0], even, "even"), (fitted[1], odd, "odd")):
+        for j, value in enumerate(want):
+            if value:
+                assert abs(got[j] / value - 1) < 0.2, (parity, j, got)
+        error = [g - w for g, w in zip(got, want, strict=True)]
+        residual = aberration_phase(error, parity, kx, ky)[inside]
+        assert residual.abs().max() < 0.15, (parity, got)
+    assert Path("CtfRefine/job001/aberrations.png").is_file()
+    assert "optics group 1 rlnOddZernike" in Path("CtfRefine/job001/report.html").read_text()

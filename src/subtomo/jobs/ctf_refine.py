@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from subtomo.ctf import aberration_phase
 from subtomo.data import (
     DEFOCUS_ESTIMATE,
     DEFOCUS_OFFSET,
@@ -39,6 +41,7 @@ from subtomo.data import (
 from subtomo.device import resolve_device
 from subtomo.distributed import is_main
 from subtomo.errors import InputError
+from subtomo.io import format_vector, parse_vector
 from subtomo.ml.loader import ParticleState, StackLoader
 from subtomo.ml.starfiles import load_checkpoint, save_checkpoint
 from subtomo.project import read_job_options, run_job, write_job_report
@@ -48,9 +51,15 @@ from subtomo.project.options import (
     option,
     output_dir_option,
 )
-from subtomo.report.plots import plot_xy
+from subtomo.report.plots import plot_images, plot_xy
 from subtomo.tomorefine import TiltPredictor, fsc_weights
-from subtomo.tomorefine.ctf import IceFit, fit_ice_scale
+from subtomo.tomorefine.ctf import (
+    AberrationSums,
+    IceFit,
+    fit_aberrations,
+    fit_ice_scale,
+    zernike_count,
+)
 from subtomo.tomorefine.refine import CtfRefineOptions, TomogramResult, refine_tomogram
 
 __all__ = ["CtfRefineParams", "run"]
@@ -129,6 +138,16 @@ class CtfRefineParams(ParticleInputs):
         "each series' mean defocus (§23): for half maps from the data with --kmin near the "
         "first CTF lobe (e.g. 100 Å).",
     )  # fmt: skip
+    do_even_aberrations: bool = option(
+        False, "--do_even_aberrations",
+        help="Fit the symmetrical aberrations of each optics group (rlnEvenZernike).",
+    )  # fmt: skip
+    ne: int = option(4, "--ne", help="Highest radial order of the even Zernike polynomials.")
+    do_odd_aberrations: bool = option(
+        False, "--do_odd_aberrations",
+        help="Fit the antisymmetrical aberrations of each optics group (rlnOddZernike).",
+    )  # fmt: skip
+    no: int = option(3, "--no", help="Highest radial order of the odd Zernike polynomials.")
     stack_crop: str = option(
         "auto", "--stack_crop",
         help="How Extract circle-cropped the 2D stacks: post (after the CTF, RELION's "
@@ -222,6 +241,10 @@ def _options(params: CtfRefineParams) -> CtfRefineOptions:
                          f"{params.d1:g}, {params.defocus_steps})")  # fmt: skip
     if params.per_particle_defocus and params.sigma_particle_defocus <= 0:
         raise InputError("--sigma_particle_defocus must be > 0")
+    if (params.do_even_aberrations and params.ne < 0) or (
+        params.do_odd_aberrations and params.no < 1
+    ):
+        raise InputError(f"need --ne >= 0 and --no >= 1 (got {params.ne}, {params.no})")
     return CtfRefineOptions(
         do_defocus=params.do_defocus, d0=params.d0, d1=params.d1, steps=params.defocus_steps,
         astigmatism=params.astigmatism,
@@ -231,6 +254,8 @@ def _options(params: CtfRefineParams) -> CtfRefineOptions:
         sigma_particle=params.sigma_particle_defocus,
         correct_bias=params.bias_correction,
         reference_spectrum=params.reference_spectrum,
+        even_aberrations=zernike_count(params.ne, "even") if params.do_even_aberrations else 0,
+        odd_aberrations=zernike_count(params.no, "odd") if params.do_odd_aberrations else 0,
     )  # fmt: skip
 
 
@@ -291,8 +316,11 @@ def run(params: CtfRefineParams) -> dict[str, str]:
             )
             _save(job.path(CHECKPOINT), params, done)
         ice = _scales(params, tomos, done)
-        _write(job, outputs, params, parts, tomos, opt, maps, done)
+        optics = _aberrations(options, parts, done, predictor.points.freq / pixel)
+        _write(job, outputs, params, parts, optics, tomos, opt, maps, done)
         summary = _report(job, tomos, done, ice)
+        if optics is not None and is_main():
+            summary.update(_aberration_report(job, optics, pixel))
         write_job_report(job, outputs, summary=summary, tables=_tables(tomos, done))
     return outputs
 
@@ -320,8 +348,59 @@ def _scales(
     return dict(zip(names, fits, strict=True))
 
 
-def _write(job, outputs, params, parts, tomos, opt, maps, done) -> None:
-    """tomograms.star (+ tilt_series/), particles.star if per-particle, optimisation_set."""
+def _aberrations(
+    options: CtfRefineOptions,
+    parts: ParticleSet,
+    done: dict[str, TomogramResult],
+    freq_angst: torch.Tensor,
+) -> pd.DataFrame | None:
+    """The optics table with each group's aberrations refined (``None`` without): the sums
+    of its tilt series fitted (:func:`~subtomo.tomorefine.ctf.fit_aberrations`), less the fit
+    of the simulations' sums (the bias), added to the coefficients the stacks were made with.
+    ``freq_angst`` ``(K, 2)`` the points' frequencies in 1/Å."""
+    n_even, n_odd = options.even_aberrations, options.odd_aberrations
+    if not (n_even or n_odd):
+        return None
+    optics = parts.optics.copy()
+    groups = parts.optics_rows()
+    totals: dict[int, list[AberrationSums]] = {}
+    for name, result in done.items():
+        sums = [
+            AberrationSums(*torch.from_numpy(x).split([2, 2, 3])) for x in result.aberration_sums
+        ]
+        group = int(groups[np.flatnonzero(parts.tomo_names == name)[0]])
+        if group in totals:
+            totals[group] = [a + b for a, b in zip(totals[group], sums, strict=True)]
+        else:
+            totals[group] = sums
+    kx, ky = freq_angst[:, 0], freq_angst[:, 1]
+    for column in ("rlnEvenZernike", "rlnOddZernike"):
+        if column not in optics.columns:
+            optics[column] = "[]"
+    for group, sums in totals.items():
+        even, odd = fit_aberrations(sums[0], kx, ky, n_even, n_odd)
+        if len(sums) > 1:  # the bias of the fit, measured on the simulated data
+            bias_even, bias_odd = fit_aberrations(sums[1], kx, ky, n_even, n_odd)
+            even, odd = even - bias_even, odd - bias_odd
+        for column, change in (("rlnEvenZernike", even), ("rlnOddZernike", odd)):
+            if not len(change):
+                continue
+            current = parse_vector(optics.at[group, column])
+            new = np.zeros(max(len(current), len(change)))
+            new[: len(current)] += current
+            new[: len(change)] += change.numpy()
+            optics.at[group, column] = format_vector(np.round(new, 6))
+        log.info(
+            "optics group %s: aberrations changed by even %s, odd %s (rad)",
+            optics["rlnOpticsGroup"].iloc[group] if "rlnOpticsGroup" in optics else group + 1,
+            np.round(even.numpy(), 3).tolist(), np.round(odd.numpy(), 3).tolist(),
+        )  # fmt: skip
+    return optics
+
+
+def _write(job, outputs, params, parts, optics, tomos, opt, maps, done) -> None:
+    """tomograms.star (+ tilt_series/), particles.star if per-particle defoci or aberrations
+    were fitted (``optics`` not ``None``), optimisation_set."""
     tables = {}
     for series in tomos:
         table = series.tilts.copy()
@@ -338,17 +417,18 @@ def _write(job, outputs, params, parts, tomos, opt, maps, done) -> None:
         )
     outputs[job.alias + "tomograms.star"] = "TomogramGroupMetadata.star.relion.tomo.ctfrefine"
     particles_path = opt.particles
-    if params.per_particle_defocus:
-        offsets = parts.defocus_offsets().numpy().copy()
-        for r in done.values():
-            offsets[r.rows] += r.particle_delta
+    if params.per_particle_defocus or optics is not None:
         table = parts.particles.copy()
-        table[DEFOCUS_OFFSET] = offsets
+        if params.per_particle_defocus:
+            offsets = parts.defocus_offsets().numpy().copy()
+            for r in done.values():
+                offsets[r.rows] += r.particle_delta
+            table[DEFOCUS_OFFSET] = offsets
         particles_path = job.path("particles.star")
         if is_main():
-            ParticleSet.from_tables(table, parts.optics, general=parts.general).write(
-                particles_path
-            )
+            ParticleSet.from_tables(
+                table, parts.optics if optics is None else optics, general=parts.general
+            ).write(particles_path)
         outputs[job.alias + "particles.star"] = "ParticleGroupMetadata.star.relion.tomo.ctfrefine"
     out = OptimisationSet(
         particles=Path(relative_to_cwd(particles_path)), tomograms=Path(relative_to_cwd(tomo_path)),
@@ -403,6 +483,23 @@ def _report(job, tomos: TomogramSet, done: dict[str, TomogramResult], ice: dict)
         summary["per-particle defocus change"] = (
             f"RMS {np.sqrt((changes**2).mean()):.0f} Å over {len(changes)} particles"
         )
+    return summary
+
+
+def _aberration_report(job, optics: pd.DataFrame, pixel: float) -> dict[str, str]:
+    """Summary lines (each group's coefficients) and ``aberrations.png``: the even and odd
+    phase (rad) of each optics group over the frequency plane up to Nyquist (centred)."""
+    summary, images = {}, {}
+    k = torch.fft.fftshift(torch.fft.fftfreq(128, pixel, dtype=torch.float64))  # to Nyquist
+    kx, ky = k[None].expand(128, -1), k[:, None].expand(-1, 128)
+    for row in range(len(optics)):
+        group = optics["rlnOpticsGroup"].iloc[row] if "rlnOpticsGroup" in optics else row + 1
+        for column, parity in (("rlnEvenZernike", "even"), ("rlnOddZernike", "odd")):
+            values = parse_vector(optics[column].iloc[row])
+            summary[f"optics group {group} {column} (rad)"] = optics[column].iloc[row]
+            images[f"group {group}, {parity} phase"] = aberration_phase(values, parity, kx, ky)
+    plot_images(job.path("aberrations.png"), images, title="aberrations (rad), kx to the right",
+                cmap="RdBu_r")  # fmt: skip
     return summary
 
 

@@ -43,10 +43,12 @@ from subtomo.ctf import ice_scale
 from subtomo.tomorefine.predict import TiltPatches, shell_noise_sums
 
 __all__ = [
+    "AberrationSums",
     "DefocusFit",
     "IceFit",
     "TiltStatistics",
     "accumulate_tilts",
+    "fit_aberrations",
     "fit_ice_scale",
     "fit_tilt_defocus",
     "frequency_weights",
@@ -56,6 +58,7 @@ __all__ = [
     "reference_spectrum",
     "temper_likelihood",
     "tempered_particle_changes",
+    "zernike_count",
 ]
 
 _UNIT = 100.0  # Å: the optimiser's unit of defocus
@@ -82,13 +85,15 @@ class TiltStatistics:
     ``cross`` ``(t, 2, K)``: ``Σ vA·Re(Ȳ P)·(Re Q, Im Q)``; ``power`` ``(t, 3, K)``:
     ``Σ vA²|P|²·(Re Q², Re Q·Im Q, Im Q²)`` (``v`` the point weights); ``count`` ``(t,)``
     observations; ``noise`` ``(2, n_shells)`` the
-    :func:`~subtomo.tomorefine.shell_noise_sums` of the current CTF.
+    :func:`~subtomo.tomorefine.shell_noise_sums` of the current CTF; ``imag`` ``(t, 2, K)``:
+    ``Σ vA·Im(Ȳ P)·(Re Q, Im Q)`` (for the odd aberrations, :class:`AberrationSums`).
     """
 
     cross: torch.Tensor
     power: torch.Tensor
     count: torch.Tensor
     noise: torch.Tensor
+    imag: torch.Tensor
 
     @classmethod
     def zeros(cls, n_tilts: int, n_points: int, n_shells: int, device) -> TiltStatistics:
@@ -98,12 +103,19 @@ class TiltStatistics:
             z((n_tilts, 3, n_points), dtype=torch.float64, device=device),
             z(n_tilts, dtype=torch.float64, device=device),
             z((2, n_shells), dtype=torch.float64, device=device),
+            z((n_tilts, 2, n_points), dtype=torch.float64, device=device),
         )
 
     def add(self, other: TiltStatistics) -> None:
         """Add ``other`` in place (e.g. another rank's sums)."""
-        for name in ("cross", "power", "count", "noise"):
+        for name in ("cross", "power", "count", "noise", "imag"):
             getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
+
+    def filtered(self, gain: torch.Tensor) -> TiltStatistics:
+        """The sums with the reference multiplied by ``gain`` ``(K,)`` at every point."""
+        return dataclasses.replace(
+            self, cross=self.cross * gain, power=self.power * gain.square(), imag=self.imag * gain
+        )
 
     def noise_power(self) -> torch.Tensor:
         """``σ²`` per shell ``(n_shells,)`` of the recorded images (0 where unknown)."""
@@ -111,24 +123,32 @@ class TiltStatistics:
         return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
 
 
-def _sums(patches: TiltPatches) -> tuple[torch.Tensor, torch.Tensor]:
+def _sums(
+    patches: TiltPatches, imag: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per observation ``(b, f, 2, K)`` cross and ``(b, f, 3, K)`` power terms, each point
-    weighted by ``v = 1/(A² + ε|Q|²)`` (:data:`WEIGHT_FLOOR`)."""
+    weighted by ``v = 1/(A² + ε|Q|²)`` (:data:`WEIGHT_FLOOR`), and with ``imag`` the
+    ``(b, f, 2, K)`` terms of ``Im(Ȳ P)`` (else ``None``)."""
     a, q = patches.applied, patches.quadrature
     v = 1 / (a.square() + WEIGHT_FLOOR * q.abs().square()).clamp_min(1e-30)
-    g = v * a * (patches.observed.conj() * patches.predicted).real
+    product = patches.observed.conj() * patches.predicted
+    g = v * a * product.real
     h = v * (a * patches.predicted.abs()).square()
     qr, qi = q.real, q.imag
     cross = torch.stack([g * qr, g * qi], dim=2)
     power = torch.stack([h * qr * qr, h * qr * qi, h * qi * qi], dim=2)
-    return cross.double(), power.double()
+    odd = None
+    if imag:
+        g = v * a * product.imag
+        odd = torch.stack([g * qr, g * qi], dim=2).double()
+    return cross.double(), power.double(), odd
 
 
 def accumulate_tilts(
     patches: TiltPatches, stats: dict[str, TiltStatistics], n_tilts: dict[str, int], n_shells: int
 ) -> None:
     """Add the patches' sums to ``stats[rlnTomoName]`` (created with ``n_tilts[name]`` rows)."""
-    cross, power = _sums(patches)
+    cross, power, imag = _sums(patches, imag=True)
     dev = cross.device
     for name in dict.fromkeys(patches.tomo_names):
         rows = torch.from_numpy(np.flatnonzero(patches.tomo_names == name)).to(dev)
@@ -139,6 +159,7 @@ def accumulate_tilts(
         frames = patches.frames[rows][vis]
         st.cross.index_add_(0, frames, cross[rows][vis])
         st.power.index_add_(0, frames, power[rows][vis])
+        st.imag.index_add_(0, frames, imag[rows][vis])
         st.count.index_add_(0, frames, torch.ones_like(frames, dtype=torch.float64))
         sub = dataclasses.replace(patches, **_select(patches, rows))
         num, den = shell_noise_sums(sub, sub.ctf, n_shells)
@@ -426,7 +447,7 @@ def particle_defocus_profiles(
     """Each particle's ``L_p`` ``(b, G)`` at the defocus changes ``grid`` ``(G,)`` Å (negative
     log-likelihood over its tilts, scale 1). ``weights`` per rlnTomoName ``(K,)``; the
     patches' ``quadrature`` must hold the refined per-tilt CTFs."""
-    cross, power = _sums(patches)  # (b, f, ., K)
+    cross, power, _ = _sums(patches)  # (b, f, ., K)
     cross, power = cross.sum(1), power.sum(1)
     dev = cross.device
     w = torch.stack([weights[str(n)].to(dev, torch.float64) for n in patches.tomo_names])
@@ -460,6 +481,126 @@ def particle_defocus_modes(
     shift = torch.where(curvature > 0, 0.5 * (lo - hi) / curvature.clamp_min(1e-300), 0.0)
     sigma = torch.where(curvature > 0, step * curvature.clamp_min(1e-300).rsqrt(), sigma_angst)
     return grid[best] + shift.clamp(-1, 1) * step, sigma.clamp(max=sigma_angst)
+
+
+@dataclass
+class AberrationSums:
+    """What the aberration fit of an optics group needs, per Fourier point ``(K,)`` (float64),
+    summed over its tilt series and their tilts at each tilt's fitted defocus, astigmatism and
+    scale ``s_f`` (RELION fits aberrations with the scales fixed).
+
+    With ``Q'`` the quadrature at the fitted CTF and ``w`` the frequency weights:
+    ``a = Σ w s_f Σ vA Re(Ȳ P)·(Re Q', Im Q')``, ``b`` the same with ``Im(Ȳ P)``, ``p =
+    Σ w s_f² Σ vA²|P|²·(Re Q'², Re Q' Im Q', Im Q'²)``. An even phase ``ψ`` added to ``γ``
+    and an odd phase ``χ`` on the prediction (``Y ≈ A·s·Re[Q' e^{iψ}]·P·e^{iχ}``) cost
+    ``L = −X + D/2`` with ``X = Σ cos χ (cos ψ a₀ − sin ψ a₁) − sin χ (cos ψ b₀ − sin ψ b₁)``
+    and ``D = Σ cos²ψ p₀ − 2 cos ψ sin ψ p₁ + sin²ψ p₂``.
+    """
+
+    a: torch.Tensor  # (2, K)
+    b: torch.Tensor  # (2, K)
+    p: torch.Tensor  # (3, K)
+
+    @classmethod
+    def from_fit(
+        cls,
+        stats: TiltStatistics,
+        weights: torch.Tensor,
+        fit: DefocusFit,
+        freq: torch.Tensor,
+        defocus_phase: torch.Tensor,
+    ) -> AberrationSums:
+        """The sums of one tilt series at the CTF of ``fit`` (its ``delta``, ``astigmatism``
+        and ``scale``, relative to the CTF of ``stats``); ``freq`` ``(K, 2)``, ``defocus_phase``
+        ``(K,)`` as for :func:`fit_tilt_defocus`."""
+        dev = stats.cross.device
+        w = weights.to(dev, torch.float64)
+        theta = torch.atan2(freq[:, 1].to(dev, torch.float64), freq[:, 0].to(dev, torch.float64))
+        basis = torch.stack([torch.cos(2 * theta), torch.sin(2 * theta)])  # (2, K)
+        change = fit.delta.to(dev)[:, None] + fit.astigmatism.to(dev) @ basis  # (t, K) Å
+        phase = change * defocus_phase.to(dev, torch.float64)
+        c, s = torch.cos(phase), torch.sin(phase)
+        scale = fit.scale.to(dev, torch.float64)[:, None]
+
+        def turned(sums: torch.Tensor) -> torch.Tensor:  # (t, 2, K) -> (2, K): Re, Im of Q'
+            re = c * sums[:, 0] - s * sums[:, 1]
+            im = s * sums[:, 0] + c * sums[:, 1]
+            return (torch.stack([re, im], 1) * (w * scale)[:, None]).sum(0)
+
+        p0, p1, p2 = stats.power.unbind(1)
+        power = torch.stack([
+            c * c * p0 - 2 * c * s * p1 + s * s * p2,
+            c * s * (p0 - p2) + (c * c - s * s) * p1,
+            s * s * p0 + 2 * c * s * p1 + c * c * p2,
+        ], 1)  # fmt: skip
+        return cls(
+            turned(stats.cross), turned(stats.imag), (power * (w * scale**2)[:, None]).sum(0)
+        )
+
+    def __add__(self, other: AberrationSums) -> AberrationSums:
+        return AberrationSums(self.a + other.a, self.b + other.b, self.p + other.p)
+
+    def cost(self, even_phase: torch.Tensor, odd_phase: torch.Tensor) -> torch.Tensor:
+        """``L`` (scalar) at the phases ``ψ`` and ``χ`` ``(K,)`` (radians)."""
+        c, s = torch.cos(even_phase), torch.sin(even_phase)
+        x = torch.cos(odd_phase) * (c * self.a[0] - s * self.a[1])
+        x = x - torch.sin(odd_phase) * (c * self.b[0] - s * self.b[1])
+        d = c * c * self.p[0] - 2 * c * s * self.p[1] + s * s * self.p[2]
+        return (-x + d / 2).sum()
+
+
+def zernike_count(order: int, parity: str) -> int:
+    """Number of RELION's ``parity`` Zernike coefficients up to radial ``order`` (``--ne`` 4:
+    9 even ones, ``--no`` 3: 6 odd ones; 0 below the lowest order)."""
+    first = 0 if parity == "even" else 1
+    return sum(n + 1 for n in range(first, order + 1, 2))
+
+
+def fit_aberrations(
+    sums: AberrationSums,
+    kx: torch.Tensor,
+    ky: torch.Tensor,
+    n_even: int,
+    n_odd: int,
+    iterations: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The changes of the even ``(n_even,)`` and odd ``(n_odd,)`` Zernike coefficients
+    (RELION's order, radians; :mod:`subtomo.ctf.aberrations`) that minimise ``sums.cost`` at
+    points ``kx, ky`` ``(K,)`` (1/Å), by L-BFGS from 0 on polynomials scaled to a largest
+    value of 1 over the points."""
+    from subtomo.ctf.aberrations import zernike_indices, zernike_polynomial
+
+    dev = sums.a.device
+    kx, ky = kx.to(dev, torch.float64), ky.to(dev, torch.float64)
+
+    def basis(count: int, parity: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if not count:
+            return torch.zeros(0, kx.shape[0], dtype=torch.float64, device=dev), torch.ones(0)
+        z = torch.stack(
+            [zernike_polynomial(n, m, kx, ky) for n, m in zernike_indices(count, parity)]
+        )
+        norm = z.abs().amax(1).clamp_min(1e-30)
+        return z / norm[:, None], norm.cpu()
+
+    even, even_norm = basis(n_even, "even")
+    odd, odd_norm = basis(n_odd, "odd")
+    ce = torch.zeros(n_even, dtype=torch.float64, device=dev, requires_grad=n_even > 0)
+    co = torch.zeros(n_odd, dtype=torch.float64, device=dev, requires_grad=n_odd > 0)
+    params = [p for p in (ce, co) if p.requires_grad]
+    if params:
+        scale = float(sums.p[0].sum().abs().clamp_min(1e-300))  # L is of the order of D
+        optimiser = torch.optim.LBFGS(
+            params, max_iter=iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-12
+        )
+
+        def closure() -> torch.Tensor:
+            optimiser.zero_grad()
+            loss = sums.cost(ce @ even, co @ odd) / scale
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+    return ce.detach().cpu() / even_norm, co.detach().cpu() / odd_norm
 
 
 def tempered_particle_changes(

@@ -36,7 +36,10 @@ For each tilt series (§11, §23; the fits are :mod:`subtomo.tomorefine.ctf`):
    --rounds 3``: per-tilt RMS / mean error 126 / +36, 159 / +100, 201 / +155 Å; now
    133 / −42, 132 / −42, 132 / −42 Å, the nominal's mean being −42 Å);
 5. the per-tilt likelihood is widened by the ``κ² ≥ 1`` at which the fitted changes scatter
-   as prior and likelihood predict (:func:`~subtomo.tomorefine.ctf.temper_likelihood`).
+   as prior and likelihood predict (:func:`~subtomo.tomorefine.ctf.temper_likelihood`);
+6. with aberrations, the sums of :class:`~subtomo.tomorefine.ctf.AberrationSums` at each
+   tilt's fitted CTF, of the data and of the simulation (whose fit is the bias), which the job
+   adds up per optics group and fits (:func:`~subtomo.tomorefine.ctf.fit_aberrations`).
 
 The Beer–Lambert scale model is fitted afterwards over all tilt series
 (:func:`~subtomo.tomorefine.ctf.fit_ice_scale`).
@@ -55,6 +58,7 @@ from subtomo.distributed import all_gather_object
 from subtomo.ml.loader import ParticleState
 from subtomo.reconstruct.particles import TiltSeriesCtf
 from subtomo.tomorefine.ctf import (
+    AberrationSums,
     DefocusFit,
     TiltStatistics,
     accumulate_tilts,
@@ -84,7 +88,9 @@ class CtfRefineOptions:
     ``per_particle`` defocus with prior σ ``sigma_particle`` Å; ``correct_bias``: the
     simulation passes (2. and 3. of the module docstring); ``reference_spectrum``: multiply
     the reference by its smooth radial gain relative to the data
-    (:func:`~subtomo.tomorefine.ctf.reference_spectrum`) before fitting.
+    (:func:`~subtomo.tomorefine.ctf.reference_spectrum`) before fitting;
+    ``even_aberrations``/``odd_aberrations``: the numbers of Zernike coefficients whose sums
+    to keep (step 6; 0: none).
     """
 
     do_defocus: bool = True
@@ -99,6 +105,8 @@ class CtfRefineOptions:
     sigma_particle: float = 300.0
     correct_bias: bool = True
     reference_spectrum: bool = False
+    even_aberrations: int = 0
+    odd_aberrations: int = 0
 
 
 @dataclass
@@ -112,7 +120,9 @@ class TomogramResult:
     deviation (Å), ``cost_before``/``cost_after`` ``(t,)``,
     ``rows`` the particle rows (file order) and ``particle_delta`` their defocus changes (Å,
     empty without per-particle fitting); ``kappa2_tilts``/``kappa2_particles`` the κ² by which
-    the tilts' and the particles' likelihoods were widened (1: not widened).
+    the tilts' and the particles' likelihoods were widened (1: not widened);
+    ``aberration_sums`` ``(n, 7, K)`` the :class:`~subtomo.tomorefine.ctf.AberrationSums` of
+    the data and (with the bias correction) of the simulation (``n`` 0 without aberrations).
     """
 
     name: str
@@ -131,6 +141,7 @@ class TomogramResult:
     particle_delta: np.ndarray
     kappa2_tilts: float = 1.0
     kappa2_particles: float = 1.0
+    aberration_sums: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 7, 0)))
 
 
 def updated_ctf(
@@ -242,7 +253,7 @@ def refine_tomogram(
     if keep_mean:
         gain = reference_spectrum(stats, w, pts.shell)
         g = gain[pts.shell.clamp_max(len(gain) - 1)]
-        stats = dataclasses.replace(stats, cross=stats.cross * g, power=stats.power * g.square())
+        stats = stats.filtered(g)
         extra["reference_filter"] = gain
     u0, v0, a0 = (x.double().numpy() for x in (ctf.defocus_u, ctf.defocus_v, ctf.defocus_angle))
     fit_args = {
@@ -254,6 +265,11 @@ def refine_tomogram(
     }  # fmt: skip
     fit = fit_tilt_defocus(stats, w, pts.freq, predictor.defocus_phase, **fit_args)
     fit = dataclasses.replace(fit, delta=anchored(fit.delta))
+    aberrations = []  # step 6: the data's sums, then the simulation's
+    if options.even_aberrations or options.odd_aberrations:
+        aberrations.append(
+            AberrationSums.from_fit(stats, w, fit, pts.freq, predictor.defocus_phase)
+        )
     scale0 = np.broadcast_to(np.asarray(torch.as_tensor(ctf.scale).double()), (t,)).copy()
     u, v, angle = fit.defocus(u0, v0, a0)
     x, d = fit.cross.cpu().numpy(), fit.power.cpu().numpy()
@@ -265,10 +281,14 @@ def refine_tomogram(
         )
         if "reference_filter" in extra:  # as on the data: the crop's profile is absorbed too
             g = reference_spectrum(sim, w, pts.shell)[pts.shell.clamp_max(len(gain) - 1)]
-            sim = dataclasses.replace(sim, cross=sim.cross * g, power=sim.power * g.square())
+            sim = sim.filtered(g)
         bias = fit_tilt_defocus(
             sim, w, pts.freq, predictor.defocus_phase, **{**fit_args, "sigma_angst": None}
         )
+        if aberrations:
+            aberrations.append(
+                AberrationSums.from_fit(sim, w, bias, pts.freq, predictor.defocus_phase)
+            )
         # the prior shrinks the fit, and so its bias, by k = 1 - σ_post²/σ_t² per tilt
         k = torch.ones_like(fit.delta)
         if options.sigma_tilt:
@@ -320,4 +340,6 @@ def refine_tomogram(
         cost_before=fit.cost_before.cpu().numpy(), cost_after=fit.cost_after.cpu().numpy(),
         rows=np.asarray(rows), particle_delta=particle_delta, kappa2_tilts=k2,
         kappa2_particles=k2_particles,
+        aberration_sums=np.stack([torch.cat([a.a, a.b, a.p]).cpu().numpy() for a in aberrations])
+        if aberrations else np.zeros((0, 7, 0)),
     )  # fmt: skip
