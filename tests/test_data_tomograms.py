@@ -201,3 +201,27 @@ def test_crlf_tomograms_star(shared_data, tmp_path):
     ts = TomogramSet.read(tmp_path / "tilt_series.star")["220728_TS_01"]
     assert ts.n_tilts == 41
     np.testing.assert_allclose(ts.defocus_u[0], 39424.761719)
+
+
+def test_deformations_are_named(shared_data, tmp_path, monkeypatch, caplog):
+    """A per-tilt table with RELION 5's 2D deformations (frame alignment ``--deformation``),
+    which subtomo does not apply: one warning naming the series when its tilts are read;
+    without the columns (the real RELION 5 file) nothing."""
+    tomos = TomogramSet.read(shared_data / "formats/relion5/tomograms.star")
+    name = "tomo200528_107"
+    tilts = tomos[name].tilts.copy()
+    one = tomos.global_table[tomos.global_table["rlnTomoName"] == name]
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="subtomo"):
+        TomogramSet.from_tables(one, {name: tilts}).write("plain.star")
+        _ = TomogramSet.read("plain.star")[name].tilts
+        assert not caplog.records
+        tilts["rlnTomoDeformationType"] = "spline"
+        tilts["rlnTomoDeformationGridSizeX"] = 3
+        tilts["rlnTomoDeformationGridSizeY"] = 3
+        tilts["rlnTomoDeformationCoefficients"] = "[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]"
+        TomogramSet.from_tables(one, {name: tilts}).write("deformed.star")
+        for _ in range(2):
+            _ = TomogramSet.read("deformed.star")[name].tilts
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and f"tilt series {name} has 2D deformations" in lines[0], lines

@@ -13,6 +13,7 @@ degrees, defocus in Å (positive = underfocus), doses in e/Å². Image arrays ar
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,31 @@ DEFOCUS_ESTIMATE = "subtomoDefocusEstimateAngst"
 _GLOBAL = "global"
 _STAR_FILE = "rlnTomoTiltSeriesStarFile"
 _PROJ_COLUMNS = ("rlnTomoProjX", "rlnTomoProjY", "rlnTomoProjZ", "rlnTomoProjW")
+
+
+log = logging.getLogger("subtomo")
+_warned_deformations: set[str] = set()
+
+
+def _warn_deformations(tilts: pd.DataFrame, name: str, tilt_file: str | Path) -> None:
+    """One warning per tilt series whose per-tilt table, read from a file, defines 2D
+    deformations (RELION 5's frame alignment with ``--deformation``), which subtomo does not
+    apply yet."""
+    kind = tilts.get("rlnTomoDeformationType")
+    if (
+        kind is None
+        or not isinstance(tilt_file, Path)
+        or f"{tilt_file}:{name}" in _warned_deformations
+    ):
+        return  # tables built in memory are ours
+    used = [str(k) for k in kind if str(k).strip().lower() not in ("", "none", "0")]
+    if used:
+        _warned_deformations.add(f"{tilt_file}:{name}")
+        log.warning(
+            "%s: tilt series %s has 2D deformations (rlnTomoDeformationType %s): subtomo does "
+            "not apply them yet and uses the rigid projection only",
+            tilt_file, name, used[0],
+        )  # fmt: skip
 
 
 class TiltSeries:
@@ -102,6 +128,7 @@ class TiltSeries:
                         column="rlnTomoFrameCount",
                         row=self._row_number,
                     )
+            _warn_deformations(tilts, self.name, tilt_file)
             self._tilts = tilts
         return self._tilts
 
