@@ -204,9 +204,10 @@ def test_crlf_tomograms_star(shared_data, tmp_path):
 
 
 def test_deformations_are_named(shared_data, tmp_path, monkeypatch, caplog):
-    """A per-tilt table with RELION 5's 2D deformations (frame alignment ``--deformation``),
-    which subtomo does not apply: one warning naming the series when its tilts are read;
-    without the columns (the real RELION 5 file) nothing."""
+    """A tilt series with RELION 5's 2D deformations (frame alignment ``--deformation``:
+    the model in the global row, coefficients per tilt), which subtomo does not apply: one
+    warning naming the series when its tilts are read; without them (the real RELION 5
+    file) nothing."""
     tomos = TomogramSet.read(shared_data / "formats/relion5/tomograms.star")
     name = "tomo200528_107"
     tilts = tomos[name].tilts.copy()
@@ -216,11 +217,11 @@ def test_deformations_are_named(shared_data, tmp_path, monkeypatch, caplog):
         TomogramSet.from_tables(one, {name: tilts}).write("plain.star")
         _ = TomogramSet.read("plain.star")[name].tilts
         assert not caplog.records
-        tilts["rlnTomoDeformationType"] = "spline"
-        tilts["rlnTomoDeformationGridSizeX"] = 3
-        tilts["rlnTomoDeformationGridSizeY"] = 3
-        tilts["rlnTomoDeformationCoefficients"] = "[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]"
-        TomogramSet.from_tables(one, {name: tilts}).write("deformed.star")
+        # RELION 5: model and grid in the global row, coefficients per tilt
+        deformed = one.assign(rlnTomoDeformationType="spline", rlnTomoDeformationGridSizeX=3,
+                              rlnTomoDeformationGridSizeY=3)  # fmt: skip
+        tilts["rlnTomoDeformationCoefficients"] = "[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0.5]"
+        TomogramSet.from_tables(deformed, {name: tilts}).write("deformed.star")
         for _ in range(2):
             _ = TomogramSet.read("deformed.star")[name].tilts
     lines = [r.getMessage() for r in caplog.records]

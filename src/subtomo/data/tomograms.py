@@ -62,25 +62,34 @@ log = logging.getLogger("subtomo")
 _warned_deformations: set[str] = set()
 
 
-def _warn_deformations(tilts: pd.DataFrame, name: str, tilt_file: str | Path) -> None:
-    """One warning per tilt series whose per-tilt table, read from a file, defines 2D
-    deformations (RELION 5's frame alignment with ``--deformation``), which subtomo does not
-    apply yet."""
-    kind = tilts.get("rlnTomoDeformationType")
-    if (
-        kind is None
-        or not isinstance(tilt_file, Path)
-        or f"{tilt_file}:{name}" in _warned_deformations
-    ):
+def _warn_deformations(
+    row: pd.Series, tilts: pd.DataFrame, name: str, tilt_file: str | Path
+) -> None:
+    """One warning per tilt series, read from a file, with RELION 5's 2D deformations (frame
+    alignment ``--deformation``: rlnTomoDeformationType in its global row, per tilt
+    rlnTomoDeformationCoefficients), which subtomo does not apply yet."""
+    if not isinstance(tilt_file, Path) or f"{tilt_file}:{name}" in _warned_deformations:
         return  # tables built in memory are ours
-    used = [str(k) for k in kind if str(k).strip().lower() not in ("", "none", "0")]
-    if used:
+    kind = str(row.get("rlnTomoDeformationType", tilts.get("rlnTomoDeformationType", [""])[0]))
+    typed = kind.strip().lower() not in ("", "none", "0", "nan")
+    coefficients = tilts.get("rlnTomoDeformationCoefficients")
+    nonzero = coefficients is not None and any(
+        any(c != 0 for c in _vector_or_empty(v)) for v in coefficients
+    )
+    if typed or nonzero:
         _warned_deformations.add(f"{tilt_file}:{name}")
         log.warning(
             "%s: tilt series %s has 2D deformations (rlnTomoDeformationType %s): subtomo does "
             "not apply them yet and uses the rigid projection only",
-            tilt_file, name, used[0],
+            tilt_file, name, kind if typed else "not given, coefficients not zero",
         )  # fmt: skip
+
+
+def _vector_or_empty(value) -> list[float]:
+    try:
+        return parse_vector(value)
+    except ValueError:
+        return []
 
 
 class TiltSeries:
@@ -128,7 +137,7 @@ class TiltSeries:
                         column="rlnTomoFrameCount",
                         row=self._row_number,
                     )
-            _warn_deformations(tilts, self.name, tilt_file)
+            _warn_deformations(self.row, tilts, self.name, tilt_file)
             self._tilts = tilts
         return self._tilts
 
