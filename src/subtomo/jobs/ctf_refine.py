@@ -499,7 +499,7 @@ def _aberration_report(job, optics: pd.DataFrame, pixel: float) -> dict[str, str
             summary[f"optics group {group} {column} (rad)"] = optics[column].iloc[row]
             images[f"group {group}, {parity} phase"] = aberration_phase(values, parity, kx, ky)
     plot_images(job.path("aberrations.png"), images, title="aberrations (rad), kx to the right",
-                cmap="RdBu_r")  # fmt: skip
+                cmap="RdBu_r", symmetric=True)  # fmt: skip
     return summary
 
 

@@ -311,8 +311,11 @@ def plot_images(
     title: str = "",
     columns: int = 4,
     cmap: str = "gray",
+    symmetric: bool = False,
 ) -> Path:
-    """2D images ``{caption: (h, w)}`` in a grid, each scaled to its 0.5-99.5 percentiles."""
+    """2D images ``{caption: (h, w)}`` in a grid, each scaled to its 0.5-99.5 percentiles;
+    ``symmetric``: to ± its largest absolute value instead, with a colour bar (signed maps
+    such as phases)."""
     n = max(1, len(images))
     cols = min(columns, n)
     rows = -(-n // cols)
@@ -322,7 +325,12 @@ def plot_images(
     for ax, (name, image) in zip(axes.flat, images.items(), strict=False):
         a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
         lo, hi = np.percentile(a, [0.5, 99.5])
-        ax.imshow(a, cmap=cmap, origin="lower", vmin=lo, vmax=hi)
+        if symmetric:
+            hi = max(float(np.abs(a).max()), 1e-12)
+            lo = -hi
+        shown = ax.imshow(a, cmap=cmap, origin="lower", vmin=lo, vmax=hi)
+        if symmetric:
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
         ax.set_title(name, fontsize=8)
     if title:
         fig.suptitle(title)
