@@ -25,6 +25,10 @@ and ``--reference-spectrum`` switch ctf-refine's
 corrections (§23). Besides the RMS errors it prints the mean signed per-tilt defocus error
 (the common offset).
 
+``--even-zernike`` / ``--odd-zernike`` simulate aberrations (rlnEvenZernike / rlnOddZernike
+form, left out of the stacks' optics table) and fit them (``--do_even_aberrations`` /
+``--do_odd_aberrations``), printing fitted against true coefficients and the phase error.
+
 ``--rounds 2`` runs the cycle twice (ctf-refine, then Extract with the refined CTF and, with
 ``--reference data``, Reconstruct, then ctf-refine again) and prints each round.
 """
@@ -44,15 +48,22 @@ from _setup import add_data_arguments, rms, simulate, subtomo
 
 def _prepare(args: argparse.Namespace, work: Path) -> None:
     if not (work / "truth.mrc").is_file():
+        aberrations = []
+        if args.even_zernike:
+            aberrations += ["--even-zernike", args.even_zernike]
+        if args.odd_zernike:
+            aberrations += ["--odd-zernike", args.odd_zernike]
         t = simulate(args, "--tilt-step", "3", "--defocus-error", str(args.defocus_error),
                      "--particle-defocus-error", str(args.particle_error), "--ice-kappa",
-                     str(args.kappa), "--ice-normal", "5", cwd=work)  # fmt: skip
+                     str(args.kappa), "--ice-normal", "5", *aberrations, cwd=work)  # fmt: skip
         print(f"simulated in {t:.0f} s: {work}")
     if not (work / "ext/particles.star").is_file():
         from subtomo.data import DEFOCUS_OFFSET, ParticleSet
 
         nominal = ParticleSet.read(work / "particles.star")
         nominal.particles = nominal.particles.drop(columns=[DEFOCUS_OFFSET])
+        unknown = [c for c in ("rlnEvenZernike", "rlnOddZernike") if c in nominal.optics]
+        nominal.optics = nominal.optics.drop(columns=unknown)  # what a user has at first
         nominal.write(work / "particles_nominal.star")
         subtomo("extract", "--p", "particles_nominal.star", "--t", "tomograms.star",
                 "--box", str(args.box), "--float32", "--o", "ext", cwd=work)  # fmt: skip
@@ -80,6 +91,32 @@ def _per_tilt(path: Path, what: str) -> dict[str, np.ndarray]:
     return {s.name: values(s) for s in TomogramSet.read(path)}
 
 
+def _print_aberrations(true_set, fitted_set, args: argparse.Namespace) -> None:
+    """Fitted against true Zernike coefficients, and the RMS / largest error of the phase
+    they make over the Fourier points up to Nyquist (rad)."""
+    import torch
+
+    from subtomo.ctf import aberration_phase
+
+    name = str(true_set.tomo_names[0])
+    n = args.box
+    k = torch.fft.rfftfreq(n, args.pixel_size, dtype=torch.float64)
+    ky = torch.fft.fftfreq(n, args.pixel_size, dtype=torch.float64)
+    kx, ky = k[None].expand(n, -1), ky[:, None].expand(-1, n // 2 + 1)
+    inside = (kx**2 + ky**2).sqrt() <= 0.5 / args.pixel_size
+    for parity, true, got in zip(("even", "odd"), true_set.aberrations(name),
+                                 fitted_set.aberrations(name), strict=True):  # fmt: skip
+        if not got:
+            continue
+        full = list(true) + [0.0] * (len(got) - len(true))
+        error = aberration_phase([g - t for g, t in zip(got, full, strict=True)], parity, kx, ky)
+        error = error[inside]
+        print(f"  {parity} aberrations: true {[round(v, 1) for v in full]}, fitted "
+              f"{[round(v, 1) for v in got]}; phase error RMS "
+              f"{float(error.square().mean().sqrt()):.3f}, max {float(error.abs().max()):.3f} "
+              f"rad")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/bench_ctf_refine")
@@ -88,6 +125,17 @@ def main() -> None:
     parser.add_argument("--particle-error", type=float, default=300.0)
     parser.add_argument("--kappa", type=float, default=0.8)
     parser.add_argument("--kmin", type=float, default=30.0, help="ctf-refine --kmin (Å)")
+    parser.add_argument(
+        "--even-zernike",
+        default="",
+        help="simulated rlnEvenZernike, e.g. "
+        "[0,0,0,0,0,0,0,0,8000]; fitted with --do_even_aberrations",
+    )
+    parser.add_argument(
+        "--odd-zernike",
+        default="",
+        help="simulated rlnOddZernike, e.g. [0,0,600,0,0,800]; fitted with --do_odd_aberrations",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--reference", choices=("truth", "data"), default="truth")
     parser.add_argument("--rounds", type=int, default=1, help="ctf-refine + extract cycles")
@@ -151,6 +199,8 @@ def main() -> None:
                             stack_crop=args.stack_crop,
                             bias_correction=bias,
                             reference_spectrum=args.reference_spectrum,
+                            do_even_aberrations=bool(args.even_zernike),
+                            do_odd_aberrations=bool(args.odd_zernike),
                             output_dir=str(out)))  # fmt: skip
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -184,6 +234,8 @@ def main() -> None:
               f"{scale_error:.1%}")  # fmt: skip
         print(f"  per-particle defocus RMS error: {rms(input_p.numpy() - truth_p):.0f} -> "
               f"{rms(fitted_p - truth_p):.0f} Å")  # fmt: skip
+        if args.even_zernike or args.odd_zernike:
+            _print_aberrations(true_set, ParticleSet.read(out / "particles.star"), args)
         print(f"  time {wall:.1f} s wall, {cpu:.1f} s CPU: {n_part / wall:.1f} particles/s, "
               f"{n_part * 41 / wall:.0f} tilt images/s; peak RSS {peak:.0f} MiB"
               + (f", CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
