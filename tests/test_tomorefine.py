@@ -450,7 +450,8 @@ def test_ctf_refine_fits_aberrations(tmp_path: Path) -> None:
     columns): ``--do_even_aberrations --do_odd_aberrations`` against the true map recovers
     each within 20% (measured: 6916 for 8000, 599 / 792 for 600 / 800), and the whole fitted
     phase is within 0.15 rad of the true one at every point up to Nyquist (the other terms'
-    constant parts cancel: Z_0^0 −0.28, Z_4^0 +0.36 rad)."""
+    constant parts cancel: Z_0^0 −0.28, Z_4^0 +0.36 rad); ``--continue`` gives them again
+    from the checkpoint."""
     from subtomo.ctf.aberrations import aberration_phase
 
     even = [0, 0, 0, 0, 0, 0, 0, 0, 8000.0]
@@ -488,3 +489,6 @@ def test_ctf_refine_fits_aberrations(tmp_path: Path) -> None:
         assert residual.abs().max() < 0.15, (parity, got)
     assert Path("CtfRefine/job001/aberrations.png").is_file()
     assert "optics group 1 rlnOddZernike" in Path("CtfRefine/job001/report.html").read_text()
+    # --continue: the sums are in the checkpoint, the same coefficients come out
+    run_ctf_refine(CtfRefineParams(continue_from="CtfRefine/job001"))
+    assert ParticleSet.read("CtfRefine/job001/particles.star").aberrations("TS_01") == fitted
