@@ -225,4 +225,4 @@ def test_deformations_are_named(shared_data, tmp_path, monkeypatch, caplog):
         for _ in range(2):
             _ = TomogramSet.read("deformed.star")[name].tilts
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and f"tilt series {name} has 2D deformations" in lines[0], lines
+    assert len(lines) == 1 and f"tilt series {name} has RELION's 2D deformations" in lines[0]

@@ -28,6 +28,7 @@ from subtomo.data.paths import relative_to_cwd, resolve_path
 from subtomo.errors import InputError
 from subtomo.geometry import projection_matrices
 from subtomo.io import (
+    format_vector,
     number_problem,
     numeric_column,
     parse_vector,
@@ -42,8 +43,11 @@ from subtomo.io import (
 
 __all__ = [
     "DEFOCUS_ESTIMATE",
+    "DEFORMATION_COEFFICIENTS",
+    "DEFORMATION_GRID",
     "TiltSeries",
     "TomogramSet",
+    "deformation_columns",
     "prefetched_tilt_images",
     "read_tilt",
     "tilt_images",
@@ -79,8 +83,8 @@ def _warn_deformations(
     if typed or nonzero:
         _warned_deformations.add(f"{tilt_file}:{name}")
         log.warning(
-            "%s: tilt series %s has 2D deformations (rlnTomoDeformationType %s): subtomo does "
-            "not apply them yet and uses the rigid projection only",
+            "%s: tilt series %s has RELION's 2D deformations (rlnTomoDeformationType %s): "
+            "subtomo does not read RELION's models and uses the rigid projection for them",
             tilt_file, name, kind if typed else "not given, coefficients not zero",
         )  # fmt: skip
 
@@ -90,6 +94,22 @@ def _vector_or_empty(value) -> list[float]:
         return parse_vector(value)
     except ValueError:
         return []
+
+
+#: subtomo's 2D deformation (:mod:`subtomo.geometry.deformation`): grid size in the global
+#: row, ``2·g_x·g_y`` coefficients per tilt (x displacements, then y; bin-1 px)
+DEFORMATION_GRID = ("subtomoDeformationGridSizeX", "subtomoDeformationGridSizeY")
+DEFORMATION_COEFFICIENTS = "subtomoDeformationCoefficients"
+
+
+def deformation_columns(field: torch.Tensor) -> tuple[dict[str, int], list[str]]:
+    """The global columns (grid size) and the per-tilt coefficient vectors of a field
+    ``(t, g_y, g_x, 2)`` (the inverse of :attr:`TiltSeries.deformation`)."""
+    t, gy, gx, _ = field.shape
+    flat = field.permute(0, 3, 1, 2).reshape(t, -1).double().cpu().numpy()
+    return dict(zip(DEFORMATION_GRID, (gx, gy), strict=True)), [
+        format_vector(np.round(row, 4)) for row in flat
+    ]
 
 
 class TiltSeries:
@@ -319,6 +339,27 @@ class TiltSeries:
         return self._source if isinstance(self._source, Path) else None
 
     # --- geometry ---------------------------------------------------------------------
+    @property
+    def deformation(self) -> torch.Tensor | None:
+        """The 2D deformation field ``(t, g_y, g_x, 2)`` (bin-1 px, float64) of
+        :mod:`subtomo.geometry.deformation`, or ``None`` when the tables define none."""
+        if DEFORMATION_COEFFICIENTS not in self.tilts.columns:
+            return None
+        gx, gy = (int(self._global_value(c)) for c in DEFORMATION_GRID)
+        rows = []
+        for i, text in enumerate(self.tilts[DEFORMATION_COEFFICIENTS]):
+            values = parse_vector(text)
+            if len(values) != 2 * gx * gy:
+                raise InputError(
+                    f"{len(values)} deformation coefficients, expected {2 * gx * gy} "
+                    f"(x and y for a {gx} x {gy} grid)",
+                    file=self.tilt_file, block=self.name, column=DEFORMATION_COEFFICIENTS,
+                    row=i + 1,
+                )  # fmt: skip
+            rows.append(values)
+        field = torch.tensor(rows, dtype=torch.float64).reshape(-1, 2, gy, gx)
+        return field.permute(0, 2, 3, 1).contiguous()
+
     @property
     def has_projection_rows(self) -> bool:
         """True when the per-tilt table has RELION-4 rlnTomoProjX/Y/Z/W matrix rows."""

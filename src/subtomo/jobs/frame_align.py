@@ -3,12 +3,13 @@
 Reads extracted 2D-stack particles (``--ios`` or ``--p/--t/--mot``) and the half maps
 (``--ref1/--ref2`` or the optimisation set's, ``--mask``), compares every visible tilt image
 with the projection of its own half map (:class:`subtomo.tomorefine.TiltPredictor`), and fits
-per tilt series: per-tilt shifts (and angles), particle offsets and, with ``--motion``,
-particle trajectories under RELION's Gaussian-process prior
-(:mod:`subtomo.tomorefine.frame_align`). Writes into ``Polish/jobNNN/`` (RELION 5's
-directory, shared with SPA polishing): ``tomograms.star`` (+ ``tilt_series/``) with the
-refined per-tilt alignment, ``particles.star`` with the new centred coordinates,
-``motion.star``, ``optimisation_set.star`` and ``report.html`` (shifts per tilt, motion).
+per tilt series: per-tilt shifts (and angles), particle offsets, with ``--motion``
+particle trajectories under RELION's Gaussian-process prior and with ``--deformation`` a
+smooth 2D deformation of each tilt image (:mod:`subtomo.tomorefine.frame_align`). Writes
+into ``Polish/jobNNN/`` (RELION 5's directory, shared with SPA polishing): ``tomograms.star``
+(+ ``tilt_series/``) with the refined per-tilt alignment (and deformations),
+``particles.star`` with the new centred coordinates, ``motion.star``,
+``optimisation_set.star`` and ``report.html`` (shifts per tilt, motion).
 The stacks must have been extracted with the tomograms and trajectories given; re-extract
 afterwards (RELION's refinement cycle). ``--continue <job dir>`` finishes a job cut short:
 the tilt series already fitted (``checkpoints/<rlnTomoName>.pt``) are kept and the others
@@ -32,10 +33,12 @@ from subtomo.data import (
     TiltSeries,
     TomogramSet,
     Trajectories,
+    deformation_columns,
     read_half_maps,
     read_particle_inputs,
     relative_to_cwd,
 )
+from subtomo.data.tomograms import DEFORMATION_COEFFICIENTS
 from subtomo.device import resolve_device
 from subtomo.distributed import all_gather_object, is_main, shard
 from subtomo.errors import InputError
@@ -83,6 +86,14 @@ class FrameAlignParams(ParticleInputs):
     max_shift: float = option(20.0, "--r", help="Search range of the per-tilt shifts.", unit="px")
     iterations: int = option(50, "--it", help="L-BFGS iterations per stage.")
     range_reg: float = option(0.0, "--range_reg", help="Penalty on per-tilt shifts.", unit="1/px²")
+    deformation: bool = option(
+        False, "--deformation", help="Fit a smooth 2D deformation of each tilt image (§24)."
+    )
+    def_w: int = option(3, "--def_w", help="Deformation grid nodes along x.")
+    def_h: int = option(3, "--def_h", help="Deformation grid nodes along y.")
+    def_reg: float = option(
+        0.1, "--def_reg", help="Gaussian prior on the deformation's nodes.", unit="1/px²"
+    )
     batch_size: int = option(32, "--batch", help="Particles per batch.")
     device: str = device_option()
     continue_from: str | None = option(
@@ -97,6 +108,8 @@ class FrameAlignParams(ParticleInputs):
             const_p=self.const_p, motion=self.motion, s_vel=self.s_vel, s_div=self.s_div,
             sq_exp_ker=self.sq_exp_ker, max_ed=self.max_ed, max_shift_px=self.max_shift,
             iterations=self.iterations, range_reg=self.range_reg,
+            deformation=(self.def_w, self.def_h) if self.deformation else None,
+            def_reg=self.def_reg,
         )  # fmt: skip
 
 
@@ -144,12 +157,24 @@ def _fit_series(
         trajectories = torch.zeros(len(rows), series.n_tilts, 3, dtype=torch.float64)
     else:
         trajectories = motion.displacements_angst(names, series.n_tilts)
+    field = series.deformation
     size = _image_size(series)
+    if params.deformation or field is not None:  # the field's nodes span the real images
+        size = series.image_size
+        if size is None:
+            raise InputError(
+                "deformations need the tilt images' size: no rlnMicrographName/"
+                "rlnTomoTiltSeriesName images", file=series.tilt_file, block=series.name,
+            )  # fmt: skip
     geometry = SeriesGeometry(
         series.projection_matrices(size), centres, trajectories,
         torch.as_tensor(series.pre_exposure), series.pixel_size, series.tomogram_size, size,
+        field,
     )  # fmt: skip
-    fit = align_series(obs, geometry, params.settings())
+    try:
+        fit = align_series(obs, geometry, params.settings())
+    except ValueError as error:  # a grid other than the series' own
+        raise InputError(str(error), file=series.tilt_file, block=series.name) from None
     log.info(
         "%s: %d particles, %d tilt images, scale %.3g, CC %.4g -> %.4g, mean |shift| %.2f px",
         series.name, len(rows), len(obs.frame), obs.scale, fit.cc_before, fit.cc_after,
@@ -163,11 +188,19 @@ def _outputs(
 ) -> tuple[TomogramSet, ParticleSet, Trajectories]:
     """The refined tomograms, particles (new centred coordinates) and trajectories."""
     tables = {}
+    global_table = tomos.global_table.copy()
     for series in tomos:
         tilts = series.tilts.drop(columns=list(_PROJECTION_ROWS), errors="ignore")
         if series.name in fits:
             tilts = tilts.assign(**{k: fits[series.name]["alignment"][k].numpy()
                                     for k in _ALIGNMENT})  # fmt: skip
+            field = fits[series.name].get("deformation")
+            if field is not None:
+                grid, vectors = deformation_columns(field)
+                tilts = tilts.assign(**{DEFORMATION_COEFFICIENTS: vectors})
+                row = global_table["rlnTomoName"].astype(str) == series.name
+                for column, value in grid.items():
+                    global_table.loc[row, column] = value
         tables[series.name] = tilts
     table = parts.particles.copy()
     names = parts.tomo_names
@@ -188,7 +221,7 @@ def _outputs(
             )
     table = table.drop(columns=[f"rlnCoordinate{a}" for a in "XYZ"], errors="ignore")
     return (
-        TomogramSet.from_tables(tomos.global_table, tables),
+        TomogramSet.from_tables(global_table, tables),
         ParticleSet(table, parts.optics, parts.general),
         Trajectories(trajectories, len(parts)),
     )
@@ -298,15 +331,15 @@ def run(params: FrameAlignParams) -> dict[str, str]:
         series_rows, tilt_rows = _report_rows(tomos, fits)
         write_job_report(
             job, outputs,
-            summary={"fitted": ", ".join(k for k in ("shifts", "angles", "offsets", "motion")
-                     if _fitted(params, k)), "last shell": last},
+            summary={"fitted": ", ".join(k for k in ("shifts", "angles", "offsets", "motion",
+                     "deformation") if _fitted(params, k)), "last shell": last},
             tables={"tilt series": series_rows, "per-tilt shifts": tilt_rows},
         )  # fmt: skip
     return outputs
 
 
 def _fitted(params: FrameAlignParams, what: str) -> bool:
-    """Whether the job fits ``what`` (shifts, angles, offsets, motion)."""
+    """Whether the job fits ``what`` (shifts, angles, offsets, motion, deformation)."""
     if params.shift_only:
         return what == "shifts"
     return {
@@ -314,4 +347,5 @@ def _fitted(params: FrameAlignParams, what: str) -> bool:
         "angles": not params.const_a,
         "offsets": not params.const_p,
         "motion": params.motion,
+        "deformation": params.deformation,
     }[what]

@@ -49,7 +49,8 @@ import numpy as np
 import pandas as pd
 
 from subtomo import __version__
-from subtomo.data import ParticleSet, TomogramSet, read_mtf
+from subtomo.data import ParticleSet, TomogramSet, deformation_columns, read_mtf
+from subtomo.data.tomograms import DEFORMATION_COEFFICIENTS
 from subtomo.errors import InputError
 from subtomo.io import parse_vector, read_mrc, write_mrc, write_star
 from subtomo.io.mdoc import write_mdoc
@@ -174,6 +175,11 @@ class SimulateParams:
         "--particle-defocus-error", help="σ of the defocus error per particle", unit="Å"
     )
     ice_kappa: float | None = _preset("--ice-kappa", help="Beer–Lambert κ of the ice (1: none)")
+    deformation_px: float | None = _preset(
+        "--deformation", help="σ of each tilt's 2D deformation at its grid nodes; 0: none",
+        unit="px",
+    )  # fmt: skip
+    deformation_grid: int | None = _preset("--deformation-grid", help="Deformation nodes per axis")
     even_zernike: tuple[float, ...] | None = _preset(
         "--even-zernike", help="Symmetrical aberrations as rlnEvenZernike, e.g. [0,0,0,0,0,0,0.5]",
         parse=parse_vector,
@@ -432,7 +438,7 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
             getattr(params, k)
             for k in ("tilt_error_deg", "tilt_shift_error_px", "tilt_angle_error_deg",
                       "in_plane_error_deg", "axis_error_deg", "tilt_offset_deg",
-                      "defocus_error_angst")
+                      "defocus_error_angst", "deformation_px")
         ) or params.ice_kappa != 1.0:  # fmt: skip
             true_tables = {
                 name: sim.true_tilt_tables[name].assign(
@@ -440,7 +446,12 @@ def run(job: SimulateJob | SimulateParams) -> dict[str, str]:
                 )[table.columns]
                 for name, table in tilt_tables.items()
             }
-            TomogramSet.from_tables(sim.global_table, true_tables).write(
+            true_global = sim.global_table
+            for name, field in sim.true_deformation.items():
+                grid, vectors = deformation_columns(field)
+                true_tables[name] = true_tables[name].assign(**{DEFORMATION_COEFFICIENTS: vectors})
+                true_global = true_global.assign(**grid)
+            TomogramSet.from_tables(true_global, true_tables).write(
                 "true_alignment.star", "tilt_series_true"
             )
             outputs["true_alignment.star"] = "TomogramGroupMetadata.star.relion.tomo"

@@ -30,6 +30,7 @@ from subtomo.ctf import (
 from subtomo.errors import InputError
 from subtomo.fourier import fftfreq_grid, rfft_centered
 from subtomo.geometry import project_particles, tomogram_centre_px
+from subtomo.geometry.deformation import deformation_shift
 from subtomo.reconstruct.extraction import circle_crop, cut_patches, fourier_resize, phase_ramp
 from subtomo.reconstruct.parallel import cpu_workers, map_batches
 
@@ -144,6 +145,7 @@ def particle_geometry(
     trajectories_angst: torch.Tensor | None = None,
     defocus_offset_angst: torch.Tensor | None = None,
     defocus_per_px: float = 1.0,
+    deformation: tuple[torch.Tensor, tuple[int, int]] | None = None,
 ) -> ParticleGeometry:
     """Positions and rotations of ``n`` particles of one tilt series (§1.3, §2.2).
 
@@ -153,6 +155,8 @@ def particle_geometry(
     ``p = C/px + c_tomo - A_sub·o/px``. ``defocus_offset_angst`` ``(n,)`` per-particle
     defocus (§23) enters ``depth`` as ``offset / defocus_per_px`` (hand·slope·px, Å of
     defocus per pixel of depth, §1.4), so every CTF made from ``depth`` includes it.
+    ``deformation``: a 2D deformation field ``(t, g_y, g_x, 2)`` and the image size (w, h)
+    it spans (:mod:`subtomo.geometry.deformation`), added to ``uv``.
     """
     a_sub = torch.as_tensor(a_sub, dtype=torch.float64)
     centres = torch.as_tensor(centered_angst, dtype=torch.float64) / pixel_size
@@ -162,6 +166,8 @@ def particle_geometry(
     uv, depth = project_particles(
         projection, centres, tomogram_size, trajectories_angst, pixel_size
     )
+    if deformation is not None:
+        uv = uv + deformation_shift(uv, *deformation)
     if defocus_offset_angst is not None and bool((defocus_offset_angst != 0).any()):
         if defocus_per_px == 0:
             raise InputError("a per-particle defocus needs rlnTomoDefocusSlope != 0")
@@ -198,7 +204,24 @@ def series_geometry(
         traj,
         parts.defocus_offsets(),
         series.hand * series.defocus_slope * series.pixel_size,
+        _deformation(series, image_size),
     )
+
+
+def _deformation(
+    series: TiltSeries, image_size: tuple[int, int] | None
+) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """``series``' deformation field and the image size it spans, or ``None``."""
+    field = series.deformation
+    if field is None:
+        return None
+    size = image_size if image_size is not None else series.image_size
+    if size is None:
+        raise InputError(
+            "a deformation field needs the tilt image size: no rlnMicrographName/"
+            "rlnTomoTiltSeriesName images", file=series.tilt_file, block=series.name,
+        )  # fmt: skip
+    return field, size
 
 
 def _per_frame(value: torch.Tensor | float, frames: torch.Tensor) -> torch.Tensor | float:

@@ -29,6 +29,7 @@ import torch
 from subtomo.ctf import aberration_phase, ctf_2d, dose_weights, particle_defocus
 from subtomo.fourier import fftfreq_grid, irfft_centered
 from subtomo.geometry import project_particles
+from subtomo.geometry.deformation import deformation_shift
 from subtomo.simulate.projection import VolumeProjector, project_rfft
 
 __all__ = ["Optics", "TiltGeometry", "add_noise", "particle_pixel_mask", "render_tilt_series"]
@@ -63,7 +64,8 @@ class TiltGeometry:
     ``defocus_u``/``defocus_v`` (Å) and ``defocus_angle`` (deg) the central CTF per tilt,
     ``pre_exposure`` (e/Å²) per tilt, ``tomogram_size`` (W, H, D) and ``image_size`` (w, h) px;
     ``scale`` ``(t,)`` the signal scale of each tilt (rlnCtfScalefactor, e.g. ice attenuation
-    :func:`subtomo.ctf.ice_scale`), ``None`` for 1.
+    :func:`subtomo.ctf.ice_scale`), ``None`` for 1; ``deformation`` ``(t, g_y, g_x, 2)`` a 2D
+    deformation of each image (:mod:`subtomo.geometry.deformation`), ``None`` for none.
     """
 
     matrices: torch.Tensor
@@ -74,6 +76,7 @@ class TiltGeometry:
     tomogram_size: tuple[int, int, int]
     image_size: tuple[int, int]
     scale: torch.Tensor | None = None
+    deformation: torch.Tensor | None = None
 
 
 def _mtf_grid(optics: Optics, size: int, device: torch.device) -> torch.Tensor | None:
@@ -187,6 +190,8 @@ def render_tilt_series(
                 geometry.matrices, positions_px[idx], geometry.tomogram_size,
                 None if displacements_px is None else displacements_px[idx],
             )  # fmt: skip
+            if geometry.deformation is not None:
+                uv = uv + deformation_shift(uv, geometry.deformation.to(uv), geometry.image_size)
             uv, depth = uv.to(device), depth.to(device)  # (b, t, 2), (b, t)
             rot = tilt_rot @ rotations[idx].to(device=device, dtype=torch.float64)[:, None]
             spectra = project_rfft(projector, rot) * weights  # (b, t, s, s')

@@ -96,6 +96,9 @@ class SimulationParams:
     ``subtomoDefocusOffsetAngst`` (§23). ``ice_kappa`` < 1 scales the signal of each tilt by
     the Beer–Lambert law ``κ^(1/|cos θ|)`` of an ice normal ``ice_normal_deg`` from z towards x
     (:func:`subtomo.ctf.ice_scale`; the truth in ``true_tilt_tables``' rlnCtfScalefactor).
+    ``deformation_px``: each tilt image deformed by a field of σ ``deformation_px`` (bin-1 px,
+    zero mean per tilt) at a ``deformation_grid``² grid of nodes
+    (:mod:`subtomo.geometry.deformation`; own generator), the truth in ``true_deformation``.
     ``even_zernike``/``odd_zernike``: aberrations of the images in RELION's rlnEvenZernike/
     rlnOddZernike form (:mod:`subtomo.ctf.aberrations`), kept in the optics table of the true
     particles (``true_optics_table``), not in that of the picked ones.
@@ -144,6 +147,8 @@ class SimulationParams:
     ice_normal_deg: float = 0.0
     even_zernike: tuple[float, ...] = ()
     odd_zernike: tuple[float, ...] = ()
+    deformation_px: float = 0.0
+    deformation_grid: int = 3
     seed: int = 0
     device: str = "auto"
     batch_size: int = 1024
@@ -224,6 +229,7 @@ class Simulation:
     true_matrices: dict[str, torch.Tensor]
     bead_positions: dict[str, np.ndarray] = field(default_factory=dict)
     true_ctf: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    true_deformation: dict[str, torch.Tensor] = field(default_factory=dict)
     _truth: list[_TomogramTruth] = field(repr=False, default_factory=list)
     _optics: Optics = field(repr=False, default_factory=Optics)
     _radius_px: float = 0.0
@@ -295,6 +301,17 @@ class Simulation:
             true_ctf = self.true_ctf.get(name, {})
             tables[name] = table.assign(**{k: v.numpy() for k, v in true.items()}, **true_ctf)
         return tables
+
+
+def _deformation_field(params: SimulationParams, tomogram: int, t: int) -> torch.Tensor | None:
+    """``(t, g, g, 2)`` random node displacements (px) of tomogram ``tomogram``, zero mean per
+    tilt (a mean would be a shift), or ``None`` without deformations."""
+    if not params.deformation_px:
+        return None
+    rng = np.random.default_rng([params.seed, 3_000_017, tomogram])  # own: data unchanged
+    g = params.deformation_grid
+    field = rng.normal(0.0, params.deformation_px, (t, g, g, 2))
+    return torch.from_numpy(field - field.mean(axis=(1, 2), keepdims=True))
 
 
 def _bead_images(
@@ -427,6 +444,7 @@ def simulate(
     nominal = projection_matrices(zeros, angles, zeros + z_rot, zeros, zeros, px, size, image_size)
 
     global_rows, tilt_tables, true_matrices, orders, true_ctf = [], {}, {}, {}, {}
+    true_deformation: dict[str, torch.Tensor] = {}
     particle_frames, picked_frames, truths = [], [], []
     bead_positions: dict[str, np.ndarray] = {}
     for i, members in enumerate(per_tomo):
@@ -552,7 +570,10 @@ def simulate(
             tomogram_size=size,
             image_size=image_size,
             scale=scale if params.ice_kappa != 1.0 else None,
+            deformation=_deformation_field(params, i, t),
         )
+        if geometry.deformation is not None:
+            true_deformation[name] = geometry.deformation
         motion_rng = np.random.default_rng([params.seed, 2_000_003, i])  # own: data unchanged
         motion = particle_motion(
             motion_rng, centred, scheme.pre_exposure, params.motion_s_vel, params.motion_s_div
@@ -609,6 +630,7 @@ def simulate(
         true_matrices=true_matrices,
         bead_positions=bead_positions,
         true_ctf=true_ctf,
+        true_deformation=true_deformation,
         _truth=truths,
         _optics=optics,
         _radius_px=radius,

@@ -16,7 +16,8 @@ map is interpolated.
 The image position of particle ``i`` in tilt ``f`` is ``uv_if = P_f(θ)·(c_i + d_i + t_if/px)``
 with the projection matrix rebuilt from the tilt's angles plus three Tait-Bryan increments
 and its shift plus a 2D increment (§1.3), a static 3D offset ``d_i`` (px, tomogram axes) and
-the trajectory ``t_if`` of :mod:`subtomo.tomorefine.motion` (Å). Everything is maximised
+the trajectory ``t_if`` of :mod:`subtomo.tomorefine.motion` (Å), plus, with a deformation,
+the tilt's field at that position (:mod:`subtomo.geometry.deformation`). Everything is maximised
 together with L-BFGS against the motion prior, after a grid search of each tilt's shift
 within ``max_shift_px`` on the summed CC of its particles. Gauge: a rigid motion of the whole
 specimen is invisible, so when the per-tilt shifts are fitted the mean static offset is held
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from subtomo.geometry import alignment_from_projection_matrices, projection_matrices
+from subtomo.geometry.deformation import deformation_shift
 from subtomo.ml.loader import ParticleState
 from subtomo.tomorefine.motion import gp_basis, motion_steps, trajectories_from_velocities
 from subtomo.tomorefine.predict import TiltPredictor, shell_noise_sums
@@ -57,7 +59,10 @@ class FrameAlignSettings:
     ``motion``: fit trajectories with ``s_vel`` (Å per e/Å²), ``s_div`` (Å), ``sq_exp_ker``
     and ``max_ed`` (§24); ``max_shift_px`` the grid search of the per-tilt shifts (bin-1 px);
     ``iterations`` L-BFGS iterations per stage; ``range_reg`` a penalty
-    ``range_reg·Σ|s_f|²`` (px⁻²) on the per-tilt shift increments.
+    ``range_reg·Σ|s_f|²`` (px⁻²) on the per-tilt shift increments; ``deformation``: fit a 2D
+    deformation of each tilt image on a ``(g_x, g_y)`` grid of nodes
+    (:mod:`subtomo.geometry.deformation`; its mean over the nodes is left to the per-tilt
+    shift) with a Gaussian prior ``def_reg·Σ|d|²/2`` (px⁻²) on the node displacements.
     """
 
     shift_only: bool = False
@@ -72,6 +77,8 @@ class FrameAlignSettings:
     max_shift_px: float = 20.0
     iterations: int = 50
     range_reg: float = 0.0
+    deformation: tuple[int, int] | None = None
+    def_reg: float = 0.1
 
 
 @dataclass
@@ -161,7 +168,8 @@ class SeriesGeometry:
     ``projection`` ``(t, 4, 4)`` the P_f (§1.3); ``centres_px`` ``(n, 3)`` the particle
     centres (decentred bin-1 px, origins included); ``trajectories_angst`` ``(n, t, 3)`` their
     trajectories (zeros for none); ``pre_exposure`` ``(t,)`` e/Å²; ``pixel_size`` the bin-1
-    tilt-series pixel (Å); ``tomogram_size`` (x, y, z) and ``image_size`` (w, h) in px.
+    tilt-series pixel (Å); ``tomogram_size`` (x, y, z) and ``image_size`` (w, h) in px;
+    ``deformation`` ``(t, g_y, g_x, 2)`` the series' 2D deformation (``None``: none).
     """
 
     projection: torch.Tensor
@@ -171,6 +179,7 @@ class SeriesGeometry:
     pixel_size: float
     tomogram_size: tuple[int, int, int]
     image_size: tuple[int, int]
+    deformation: torch.Tensor | None = None
 
     def cpu_double(self) -> SeriesGeometry:
         """The same geometry with every tensor float64 on the CPU."""
@@ -188,7 +197,8 @@ class SeriesFit:
     them (§1.3); ``offsets_px`` ``(n, 3)`` static offsets (bin-1 px, tomogram axes);
     ``trajectories_angst`` ``(n, t, 3)`` (input trajectory plus the fitted motion, §3);
     ``tilt_shifts_px`` ``(t, 2)`` the mean image shift of each tilt's particles;
-    ``cc_before``/``cc_after`` the summed CC.
+    ``cc_before``/``cc_after`` the summed CC; ``deformation`` ``(t, g_y, g_x, 2)`` the 2D
+    deformation (the input one plus the fitted change; ``None``: none).
     """
 
     matrices: torch.Tensor
@@ -198,6 +208,7 @@ class SeriesFit:
     tilt_shifts_px: torch.Tensor
     cc_before: float
     cc_after: float
+    deformation: torch.Tensor | None = None
 
 
 class _SeriesModel(torch.nn.Module):
@@ -231,6 +242,26 @@ class _SeriesModel(torch.nn.Module):
         self.coefficients = torch.nn.Parameter(
             torch.zeros(basis.shape[1], max(t - 1, 0), 3, dtype=torch.float64), fit_m
         )
+        gx, gy = settings.deformation or (1, 1)
+        if g.deformation is not None and settings.deformation:
+            if tuple(g.deformation.shape[1:3]) != (gy, gx):
+                raise ValueError(
+                    f"the series has a {g.deformation.shape[2]} x {g.deformation.shape[1]} "
+                    f"deformation grid, {gx} x {gy} was asked for"
+                )
+        self.field = torch.nn.Parameter(
+            torch.zeros(t, gy, gx, 2, dtype=torch.float64), settings.deformation is not None
+        )
+        self.fit_field = settings.deformation is not None
+
+    def deformation(self) -> torch.Tensor | None:
+        """``(t, g_y, g_x, 2)`` px: the input field plus the fitted change (zero mean over
+        the nodes of each tilt: a mean is a per-tilt shift); ``None`` without either."""
+        base = self.geometry.deformation
+        if not self.fit_field:
+            return base
+        change = self.field - self.field.mean(dim=(1, 2), keepdim=True)
+        return change if base is None else base + change
 
     def matrices(self) -> torch.Tensor:
         """``(t, 4, 4)`` P_f with the fitted increments (§1.3)."""
@@ -262,11 +293,18 @@ class _SeriesModel(torch.nn.Module):
         x = (g.centres_px + self.static_offsets())[:, None] + self.trajectories_angst() / (
             g.pixel_size
         )  # (n, t, 3)
-        return torch.einsum("tij,ntj->nti", p[:, :2, :3], x) + p[:, :2, 3]
+        uv = torch.einsum("tij,ntj->nti", p[:, :2, :3], x) + p[:, :2, 3]
+        field = self.deformation()
+        return uv if field is None else uv + deformation_shift(uv, field, g.image_size)
 
-    def prior(self, range_reg: float) -> torch.Tensor:
-        """``½ Σ c²`` (unit Gaussian on the motion coefficients) + ``range_reg·Σ|s_f|²``."""
-        return 0.5 * self.coefficients.square().sum() + range_reg * self.shifts.square().sum()
+    def prior(self, range_reg: float, def_reg: float) -> torch.Tensor:
+        """``½ Σ c²`` (unit Gaussian on the motion coefficients) + ``range_reg·Σ|s_f|²`` +
+        ``def_reg·Σ|d|²/2`` on the fitted change of the deformation's nodes."""
+        out = 0.5 * self.coefficients.square().sum() + range_reg * self.shifts.square().sum()
+        if self.fit_field:
+            change = self.field - self.field.mean(dim=(1, 2), keepdim=True)
+            out = out + 0.5 * def_reg * change.square().sum()
+        return out
 
 
 def _lbfgs(model: _SeriesModel, loss_fn, iterations: int) -> None:
@@ -325,11 +363,15 @@ def align_series(
             model.shifts.copy_(_grid_search_shifts(obs, t, settings.max_shift_px))
 
     def loss() -> torch.Tensor:
-        return -cc_total() + model.prior(settings.range_reg)
+        return -cc_total() + model.prior(settings.range_reg, settings.def_reg)
 
     fit_motion = model.coefficients.requires_grad
-    model.coefficients.requires_grad_(False)  # rigid parameters first, then with motion
+    model.coefficients.requires_grad_(False)  # rigid parameters first, then deformations,
+    model.field.requires_grad_(False)  # then motion
     _lbfgs(model, loss, settings.iterations)
+    if model.fit_field:
+        model.field.requires_grad_(True)
+        _lbfgs(model, loss, settings.iterations)
     if fit_motion:
         model.coefficients.requires_grad_(True)
         _lbfgs(model, loss, settings.iterations)
@@ -351,4 +393,5 @@ def align_series(
             tilt_shifts_px=tilt_shifts,
             cc_before=cc_before,
             cc_after=cc_after,
+            deformation=model.deformation(),
         )
