@@ -374,9 +374,9 @@ def _aberrations(
         else:
             totals[group] = sums
     kx, ky = freq_angst[:, 0], freq_angst[:, 1]
-    for column in ("rlnEvenZernike", "rlnOddZernike"):
-        if column not in optics.columns:
-            optics[column] = "[]"
+    for column, count in (("rlnEvenZernike", n_even), ("rlnOddZernike", n_odd)):
+        if count and column not in optics.columns:  # groups without particles keep zeros
+            optics[column] = format_vector([0] * count)
     for group, sums in totals.items():
         even, odd = fit_aberrations(sums[0], kx, ky, n_even, n_odd)
         if len(sums) > 1:  # the bias of the fit, measured on the simulated data
@@ -495,6 +495,8 @@ def _aberration_report(job, optics: pd.DataFrame, pixel: float) -> dict[str, str
     for row in range(len(optics)):
         group = optics["rlnOpticsGroup"].iloc[row] if "rlnOpticsGroup" in optics else row + 1
         for column, parity in (("rlnEvenZernike", "even"), ("rlnOddZernike", "odd")):
+            if column not in optics.columns:
+                continue
             values = parse_vector(optics[column].iloc[row])
             summary[f"optics group {group} {column} (rad)"] = optics[column].iloc[row]
             images[f"group {group}, {parity} phase"] = aberration_phase(values, parity, kx, ky)
