@@ -12,7 +12,8 @@ re-extracts and refines again from the previous map. Prints per stage the per-ti
 RMS error, the per-particle defocus RMS error, the per-tilt shift and image-position RMS
 errors (:func:`subtomo.simulate.truth.image_position_error`) and the Fourier shells where
 the Refine3D map's FSC against the true map crosses 0.5 and 0.143 (and where its half maps'
-gold-standard FSC crosses 0.143), with wall times. The default size is the issue's (300
+gold-standard FSC crosses 0.143), with wall times. ``--deformation σ`` deforms the tilt
+images (σ px at 3 x 3 nodes) and frame-align fits the fields. The default size is the issue's (300
 particles, 2 tomograms); on a loaded machine use e.g. ``--particles 100 --tomograms 1
 --tomogram-size 768,768,128``.
 
@@ -77,6 +78,14 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=2)
     ap.add_argument("--refine", default=REFINE, help="refine3d options")
     ap.add_argument("--ctf-refine", default=CTF_REFINE, help="more ctf-refine options")
+    ap.add_argument("--deformation", type=float, default=0.0,
+                    help="σ (px) of simulated 2D deformations of the tilt images (3 x 3 "
+                    "nodes), then fitted by frame-align --deformation; 0: none")  # fmt: skip
+    ap.add_argument(
+        "--rigid",
+        action="store_true",
+        help="with --deformation: frame-align without --deformation (the baseline)",
+    )
     ap.add_argument(
         "--frame-align-first", action="store_true",
         help="per cycle: frame-align, Extract, ctf-refine (against the same half maps), "
@@ -90,7 +99,7 @@ def main() -> None:
         t = simulate(a, "--defocus-error", "500", "--particle-defocus-error", "300",
                      "--tilt-shift-error-px", "1.5", "--motion-s-vel", "0.5",
                      "--pose-error-deg", str(a.pose_error_deg), "--shift-error-px",
-                     str(a.shift_error_px))  # fmt: skip
+                     str(a.shift_error_px), "--deformation", str(a.deformation))  # fmt: skip
         print(f"simulate: {t:.0f} s")
     if not Path("r0/run_class001.mrc").is_file():
         _wall("extract", "--p", "particles_picked.star", "--t", "tomograms.star", "--box",
@@ -115,6 +124,7 @@ def main() -> None:
               f"particle defocus RMS {rms(per_particle):.0f} Å, per-tilt shift RMS "
               f"{shifts[1]:.2f} px, image positions {shifts[0]:.2f} px")  # fmt: skip
 
+    align = ["--motion", *(["--deformation"] if a.deformation and not a.rigid else [])]
     _print_fsc("r0")
     report("r0", "tomograms.star", "r0/run_data.star", None)
     previous = "r0"
@@ -125,7 +135,7 @@ def main() -> None:
         if a.frame_align_first:
             halves = ("--ref1", f"{previous}/run_half1_class001_unfil.mrc",
                       "--ref2", f"{previous}/run_half2_class001_unfil.mrc")  # fmt: skip
-            t2 = _wall("frame-align", "--ios", ios, *mask, "--motion", "--o", f"fa{c}")
+            t2 = _wall("frame-align", "--ios", ios, *mask, *align, "--o", f"fa{c}")
             t3 = _wall("extract", "--ios", f"fa{c}/optimisation_set.star", "--box", box,
                        "--float32", "--o", f"e{c}a")  # fmt: skip
             t1 = _wall("ctf-refine", "--ios", f"e{c}a/optimisation_set.star", *halves, *mask,
@@ -137,7 +147,7 @@ def main() -> None:
             t1 = _wall("ctf-refine", "--ios", ios, *mask, "--per_particle_defocus",
                        *shlex.split(a.ctf_refine), "--o", f"ctf{c}")  # fmt: skip
             t2 = _wall("frame-align", "--ios", f"ctf{c}/optimisation_set.star", *mask,
-                       "--motion", "--o", f"fa{c}")  # fmt: skip
+                       *align, "--o", f"fa{c}")  # fmt: skip
             t3 = _wall("extract", "--ios", f"fa{c}/optimisation_set.star", "--box", box,
                        "--float32", "--o", f"e{c}")  # fmt: skip
         t4 = _wall("refine3d", "--ios", f"e{c}/optimisation_set.star", "--ref",
