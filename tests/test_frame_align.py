@@ -188,3 +188,10 @@ def test_deformation_fields_are_fitted_and_applied(tmp_path: Path) -> None:
                      "--o", f"rec_{job}"])  # fmt: skip
         score[job] = float(fsc_maps(read_mrc(f"rec_{job}/merged.mrc")[0], truth)[1:20].mean())
     assert score["deformed"] > score["rigid"] + 0.02, score
+    # a grid other than the series' own: one line naming the file, series and column
+    with pytest.raises(InputError, match="3 x 3 deformation grid, 2 x 3 was asked for"):
+        run(FrameAlignParams(
+            particles="deformed/particles.star", tomograms="deformed/tomograms.star",
+            ref1="truth.mrc", ref2="truth.mrc", deformation=True, def_w=2,
+            output_dir="Polish/bad",
+        ))  # fmt: skip

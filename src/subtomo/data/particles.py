@@ -62,10 +62,10 @@ def _warn_unmodelled_optics(optics: pd.DataFrame, path: Path) -> None:
         groups = optics.get("rlnOpticsGroup", pd.Series(range(1, len(optics) + 1)))
         for group, value in zip(groups, optics[column], strict=True):
             try:
-                values = [float(value)]
+                differs = abs(float(value) - neutral) > 1e-12
             except ValueError:
                 continue  # the reader of that column reports malformed values
-            if any(abs(v - neutral) > 1e-12 for v in values):
+            if differs:
                 _warned.add((str(path), column))
                 log.warning(
                     "%s: optics group %s has %s = %s (%s): subtomo does not model them yet "

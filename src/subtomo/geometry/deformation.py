@@ -25,11 +25,10 @@ def deformation_shift(
     """``d_f(uv)`` ``(n, t, 2)`` (px) at image positions ``uv`` ``(n, t, 2)`` (bin-1 px) of
     a field ``(t, g_y, g_x, 2)`` over images of ``image_size`` (w, h); differentiable."""
     w, h = image_size
-    t = field.shape[0]
     scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=uv.dtype)
     grid = (uv.to(field.dtype) * scale.to(field.device, field.dtype) - 1).transpose(0, 1)
     sampled = F.grid_sample(
         field.permute(0, 3, 1, 2), grid[:, :, None, :], mode="bilinear",
         padding_mode="border", align_corners=True,
     )  # fmt: skip  # (t, 2, n, 1)
-    return sampled[..., 0].permute(2, 0, 1).reshape(uv.shape[0], t, 2)
+    return sampled[..., 0].permute(2, 0, 1)

@@ -174,7 +174,9 @@ def _fit_series(
     try:
         fit = align_series(obs, geometry, params.settings())
     except ValueError as error:  # a grid other than the series' own
-        raise InputError(str(error), file=series.tilt_file, block=series.name) from None
+        raise InputError(
+            str(error), file=series.tilt_file, block=series.name, column=DEFORMATION_COEFFICIENTS
+        ) from None
     log.info(
         "%s: %d particles, %d tilt images, scale %.3g, CC %.4g -> %.4g, mean |shift| %.2f px",
         series.name, len(rows), len(obs.frame), obs.scale, fit.cc_before, fit.cc_after,
