@@ -66,6 +66,9 @@ class AlignTiltsParams:
     tilt_angles: bool = option(
         True, "--tilt_angles/--no_tilt_angles", help="Refine the tilt angles too."
     )
+    tilt_angle_rounds: int = option(
+        2, "--tilt_angle_rounds", help="Rounds of projection matching that refine tilt angles."
+    )
     fiducial: bool = option(
         False, "--fiducial/--no_fiducial", help="Align on gold beads (fiducials)."
     )
@@ -183,6 +186,7 @@ def _align(params: AlignTiltsParams, plan: _Plan) -> _Aligned:
         rounds=params.rounds,
         refine_axis=params.axis_search > 0,
         refine_tilt_angles=params.tilt_angles,
+        tilt_angle_rounds=params.tilt_angle_rounds,
         bead_radius_px=params.bead_diameter / (2 * series.pixel_size) if params.erase_gold else 0,
     )
     summary = {"axis change (deg)": f"{result.axis_correction:+.2f}"}
@@ -191,8 +195,8 @@ def _align(params: AlignTiltsParams, plan: _Plan) -> _Aligned:
 
 def run(params: AlignTiltsParams) -> dict[str, str]:
     """Align every series; returns ``{output path: RELION node type}``."""
-    if params.rounds < 0 or params.axis_search < 0:
-        raise InputError("--rounds and --axis_search must be >= 0")
+    if min(params.rounds, params.axis_search, params.tilt_angle_rounds) < 0:
+        raise InputError("--rounds, --axis_search and --tilt_angle_rounds must be >= 0")
     tomograms = TomogramSet.read(params.i, require_series=True)
     plans = [_plan(params, s) for s in tomograms]
     inputs = {params.i: "TomogramGroupMetadata.star.relion.tomo"}
