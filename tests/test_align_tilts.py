@@ -178,6 +178,15 @@ def test_one_tilt_is_a_one_line_error(tmp_path: Path) -> None:
     assert not Path("AlignTiltSeries").exists()
 
 
+@pytest.mark.parametrize("option", ["rounds", "axis_search", "tilt_angle_rounds"])
+def test_negative_counts_are_a_one_line_error(tmp_path: Path, option: str) -> None:
+    with pytest.raises(InputError) as error:
+        align_tilts(AlignTiltsParams(i="missing.star", **{option: -1}))
+    message = str(error.value)
+    assert f"--{option}" in message and "must be >= 0" in message and "\n" not in message
+    assert not Path("AlignTiltSeries").exists()
+
+
 def test_simulated_beads_are_where_the_true_geometry_puts_them(tmp_path: Path) -> None:
     """Gold beads (radius 3 px) drawn with alignment errors: each image's darkest pixels lie
     at the beads' positions projected with the true matrices (not the nominal ones); without
@@ -292,7 +301,7 @@ def test_common_lines_undo_a_known_axis_error(aligned, fixed_scale: bool) -> Non
     sim, _ = aligned
     series = TomogramSet.read(sim / "tomograms.star")["TS_01"]
     true = TomogramSet.read(sim / "true_alignment.star")["TS_01"].tilts
-    px = 20.0
+    px = series.pixel_size
     column = lambda name: torch.tensor(true[name].to_numpy())  # noqa: E731
     alignment = TiltAlignment(
         y_tilt=column("rlnTomoYTilt"),

@@ -14,20 +14,19 @@ c - s)`` a thin specimen appears stretched along ``a_x`` by ``cos θ``.
    series (we stretch each tilt about its own ZRot) and whole-pixel peaks: on the benchmark
    series (``benchmarks/align_tilts.py``, 41 x 256², SNR 1, true tilts and axis given) 1.01 px
    RMS in 8.2 s; ours takes 0.2 s for the same step (projection matching then refines it).
-2. **Tilt axis** (:func:`refine_axis_common_lines`): every tilt summed across its axis over
-   the same strip of the specimen gives the same profile along the axis when the axis is
-   right (the common line, in real space: the specimen projected onto the axis); a wrong axis
-   by δ tilts profile f by about ``δ cos θ_f``. The global change of every ZRot that makes
-   the profiles agree best, pairs weighted by ``(cos θ_f - cos θ_g)²`` and each taken at its
-   best relative shift along the axis (≤ 3 px), is found on a grid and refined by a parabola;
-   twice, with the coarse shifts redone in between: within ``±axis_search_deg`` by the
-   correlations of the profiles, then within ±1° by their squared differences at fixed
-   scales (less biased by noise, a shorter reach). Measured on a 256² series of 50
-   ribosomes at SNR 0.1 with the true shifts: 0.04° (a 0°-frame window instead of the whole
-   image: 1.4°; unweighted pairs: 0.17°). teamtomo's ``torch-refine-tilt-axis-angle`` 0.6
-   (its angle is RELION's ZRot) finds the axis from the summed spectra of the shift-corrected
-   images: given the true shifts of the benchmark series (SNR 1) it is 0.50° off, ours from
-   the coarse shifts 0.16° (bar 0.3°).
+2. **Tilt axis** (:func:`refine_axis_common_lines`): every tilt summed across its axis over the
+   same strip of the specimen gives the same profile along the axis when the axis is right (the
+   common line, in real space: the specimen projected onto the axis); a wrong axis by δ tilts
+   profile f by about ``δ cos θ_f``. The global change of every ZRot that makes the profiles agree
+   best, pairs weighted by ``(cos θ_f - cos θ_g)²`` and each taken at its best relative shift along
+   the axis (≤ 3 px), is found on a grid and refined by a parabola; twice, with the coarse shifts
+   redone in between: within ``±axis_search_deg`` by the correlations of the profiles, then within
+   ±1° by their squared differences at fixed scales (less biased by noise, a shorter reach).
+   Measured with the whole image and one criterion, on a 256² series of 50 ribosomes at SNR 0.1
+   with the true shifts: 0.04° (a 0°-frame window instead of the whole image: 1.4°; unweighted
+   pairs: 0.17°). teamtomo's ``torch-refine-tilt-axis-angle`` 0.6 (its angle is RELION's ZRot)
+   finds the axis from the summed spectra of the shift-corrected images: given the true shifts of
+   the benchmark series (SNR 1) it is 0.50° off, ours from the coarse shifts 0.16° (bar 0.3°).
 3. **Projection matching** (:func:`projection_matching`): the tilts are split into ``groups``
    interleaved sets; each set is compared with projections of a WBP reconstruction
    (:mod:`subtomo.tilt.tomogram`) from all other tilts. Patches of image and projection are
@@ -343,12 +342,12 @@ def refine_axis_common_lines(
     # a wrong axis tilts tilt f's profile by δ·cos θ_f: pairs far apart in cos θ tell most
     cos = torch.cos(torch.deg2rad(alignment.y_tilt)).float()
     pair_weight = (cos[:, None] - cos[None, :]).square()
-    scale = _axis_profiles(images, alignment, 0.0, half).norm(dim=-1).clamp_min(1e-12)
+    scale = _axis_profiles(images, alignment, 0.0, half).norm(dim=-1) if fixed_scale else None
 
     def pair_differences(delta: float) -> torch.Tensor:
         """``(t, t)`` squared differences of the scaled profiles, least over the slack."""
         p = _axis_profiles(images, alignment, delta, half)  # (t, n)
-        p = p / (scale if fixed_scale else p.norm(dim=-1).clamp_min(1e-12))[:, None]
+        p = p / (p.norm(dim=-1) if scale is None else scale).clamp_min(1e-12)[:, None]
         n = p.shape[-1]
         spectra = torch.fft.rfft(p, n=2 * n)
         cc = torch.fft.irfft(spectra[:, None].conj() * spectra[None], n=2 * n)  # (t, t, 2n)
