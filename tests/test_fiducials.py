@@ -23,7 +23,7 @@ from subtomo.jobs.simulate import SimulateParams
 from subtomo.jobs.simulate import run as simulate_job
 from subtomo.simulate.truth import alignment_error
 from subtomo.tilt.alignment import TiltAlignment
-from subtomo.tilt.fiducials import _project, fit_projection_model
+from subtomo.tilt.fiducials import _project, detect_beads, fit_projection_model
 
 SIZE = (128, 128, 48)
 
@@ -41,6 +41,33 @@ def _truth(seed: int = 0) -> tuple[TiltAlignment, torch.Tensor]:
         [100.0, 100.0, 40.0]
     )
     return true, beads
+
+
+def test_detection_keeps_beads_not_particles() -> None:
+    """4 dark beads (radius 3 px) and 6 fainter dark blobs, particle-like, in a clean 96²
+    image: the blobs alone pass the threshold, but next to the beads they fall below the
+    beads' scores by more than BEAD_GAP and are dropped; the beads are found to 0.2 px."""
+    y, x = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    beads = torch.tensor([[20.3, 25.0], [70.0, 18.6], [48.5, 50.2], [30.0, 75.4]])
+    blobs = torch.tensor([[60.0, 70.0], [80.0, 45.0], [15.0, 50.0], [45.0, 20.0],
+                          [75.0, 80.0], [50.0, 85.0]])  # fmt: skip
+
+    def dark(centres: torch.Tensor, scale: float, shape) -> torch.Tensor:
+        return -scale * sum(shape((x - cx) ** 2 + (y - cy) ** 2) for cx, cy in centres.tolist())
+
+    def disc(r2: torch.Tensor) -> torch.Tensor:
+        return 2 * (9.0 - r2).clamp_min(0).sqrt()
+
+    def blob(r2: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-r2 / (2 * 3.0**2))
+
+    noise = 0.01 * torch.randn(96, 96, generator=torch.Generator().manual_seed(0))
+    particles = dark(blobs, 0.5, blob) + noise
+    assert len(detect_beads(particles[None], 3.0)[0]) >= 6  # they pass the threshold alone
+    (found,) = detect_beads((particles + dark(beads, 1.0, disc))[None], 3.0)
+    assert len(found) == 4, found
+    distance = torch.cdist(found[:, :2].float(), beads).amin(1)
+    assert float(distance.max()) < 0.2, distance
 
 
 def test_bead_model_is_relions_projection() -> None:

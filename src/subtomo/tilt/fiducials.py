@@ -8,8 +8,9 @@ centre) appears in tilt ``f`` at ``c + s_f + [Rz(φ_f) Ry(θ_f) q_k]_xy``, ``c =
 1. **Detection** (:func:`detect_beads`): each tilt (Fourier-binned so that a bead's radius is
    >= 3 px) is correlated with the projected chord of a sphere of the bead's radius, made
    zero-mean over a box of 4 radii (a matched filter; beads are dark); local maxima above
-   ``threshold`` robust standard deviations (MAD) of the score map, refined by a parabola per
-   axis.
+   ``threshold`` robust standard deviations (MAD) of the score map and above the largest
+   fall of the tilt's scores by 3x (on clean images particles pass the threshold too),
+   refined by a parabola per axis.
 2. **Tracking** (:func:`track_beads`): beads are seeded from the detections of the tilt nearest
    0° (depth 0) and followed outwards in ``|θ|``, alternating sides: each new tilt's beads are
    predicted with the current model, the median offset to the nearest detections corrects the
@@ -53,6 +54,7 @@ __all__ = [
 
 log = logging.getLogger("subtomo")
 
+BEAD_GAP = 3.0  # a fall of the detection scores by this factor separates beads from the rest
 PRIOR_PX_PER_DEG = 0.1  # weak prior on per-tilt tilt-angle and in-plane deviations (px per deg)
 
 
@@ -84,7 +86,9 @@ def detect_beads(
     images: torch.Tensor, radius_px: float, threshold: float = 6.0
 ) -> list[torch.Tensor]:
     """Bead candidates per tilt: ``[(k, 3)]`` rows ``(x, y, score)`` (px of ``images``, score in
-    robust standard deviations of the matched filter). ``images`` ``(t, h, w)``; beads dark."""
+    robust standard deviations of the matched filter), above ``threshold`` and above the
+    largest fall of the tilt's scores by ``BEAD_GAP`` or more. ``images`` ``(t, h, w)``;
+    beads dark."""
     t, h, w = images.shape
     half = math.ceil(2 * radius_px)
     y, x = torch.meshgrid(
@@ -109,6 +113,17 @@ def detect_beads(
     edge = math.ceil(radius_px)
     peaks[:, :edge] = peaks[:, -edge:] = False
     peaks[:, :, :edge] = peaks[:, :, -edge:] = False
+    # beads score far above anything else: where a tilt's scores fall by BEAD_GAP or more
+    # from one to the next (in descending order), what is below is not a bead (12 beads in a
+    # 256² tilt at 0°: 183-228 against particles' 6-10 at SNR 1, 373-429 against 10-20
+    # noise-free; every particle passed the threshold of 6)
+    for f in range(t):
+        ranked = score[f][peaks[f]].sort(descending=True).values
+        if len(ranked) > 1:
+            ratio = ranked[:-1] / ranked[1:]
+            k = int(ratio.argmax())
+            if float(ratio[k]) >= BEAD_GAP:
+                peaks[f] &= score[f] >= ranked[k]
     out = []
     for f in range(t):
         iy, ix = torch.nonzero(peaks[f], as_tuple=True)
