@@ -182,7 +182,7 @@ def test_job_recovers_the_true_alignment(aligned) -> None:
     found, _ = alignment_error(truth, _matrices(job / "aligned_tilt_series.star")[good], SIZE)
     rms = lambda x: float(x.square().mean().sqrt())  # noqa: E731
     assert rms(nominal) > 4.0  # what the errors do
-    assert rms(found) < 0.6, found  # measured 0.52 px (0.38 with the noise image at +60°)
+    assert rms(found) < 0.6, found  # measured 0.54 px (0.53 chaining neighbours only)
     series = TomogramSet.read(job / "aligned_tilt_series.star")["TS_01"]
     true = TomogramSet.read(sim / "true_alignment.star")["TS_01"]
     axis = series.tilts["rlnTomoZRot"].mean() - true.tilts["rlnTomoZRot"].mean()
