@@ -23,7 +23,13 @@ from subtomo.jobs.simulate import SimulateParams
 from subtomo.jobs.simulate import run as simulate_job
 from subtomo.simulate.truth import alignment_error
 from subtomo.tilt.alignment import TiltAlignment
-from subtomo.tilt.fiducials import _project, detect_beads, fit_projection_model
+from subtomo.tilt.fiducials import (
+    _match,
+    _median_offset,
+    _project,
+    detect_beads,
+    fit_projection_model,
+)
 
 SIZE = (128, 128, 48)
 
@@ -68,6 +74,21 @@ def test_detection_keeps_beads_not_particles() -> None:
     assert len(found) == 4, found
     distance = torch.cdist(found[:, :2].float(), beads).amin(1)
     assert float(distance.max()) < 0.2, distance
+
+
+def test_a_tilt_left_off_is_matched_after_its_median_offset() -> None:
+    """A tilt whose model is 4 px off (more than a radius of 3 px): matching the predicted
+    beads within a radius finds none, after the tilt's median offset every bead finds its own
+    detection (25 beads at SNR 1: one tilt kept 3 of 19 beads and its tilt angle drifted by
+    3°, 0.441 px RMS; with the offset 0.046 px)."""
+    g = torch.Generator().manual_seed(0)
+    grid = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(3.0), indexing="ij"), -1)
+    found = (grid.reshape(12, 2) * 20 + 10).double()
+    predicted = found - torch.tensor([4.0, -1.0], dtype=torch.float64)
+    predicted = predicted + 0.3 * torch.randn(12, 2, generator=g, dtype=torch.float64)
+    assert (_match(predicted, found, 3.0) < 0).all()
+    offset = _median_offset(predicted, found, 6.0)
+    assert torch.equal(_match(predicted + offset, found, 3.0), torch.arange(12))
 
 
 def test_bead_model_is_relions_projection() -> None:

@@ -16,8 +16,9 @@ centre) appears in tilt ``f`` at ``c + s_f + [Rz(φ_f) Ry(θ_f) q_k]_xy``, ``c =
    predicted with the current model, the median offset to the nearest detections corrects the
    tilt's shift, then each bead takes the nearest detection within 2 radii (mutual nearest,
    one detection per bead); the model is refitted after every tilt added. Then every tilt is
-   matched again with the fitted model (within one radius), leaving out beads that overlap
-   another (closer than 2.5 radii) in that tilt.
+   matched again with the fitted model (after the tilt's median offset to the nearest
+   detections, within one radius), leaving out beads that overlap another (closer than 2.5
+   radii) in that tilt.
 3. **Fit** (:func:`fit_projection_model`): Levenberg-Marquardt over per-tilt shifts, tilt
    angles and in-plane rotations (a global ZRot change plus per-tilt deviations) and the
    beads' ``q``; observations whose residual exceeds ``max(3·RMS, 1.5 px)`` are
@@ -273,6 +274,18 @@ def _match(predicted: torch.Tensor, found: torch.Tensor, within: float) -> torch
     return out
 
 
+def _median_offset(predicted: torch.Tensor, found: torch.Tensor, within: float) -> torch.Tensor:
+    """``(2,)`` median offset (px) from the ``predicted`` beads ``(n, 2)`` to their nearest
+    detections ``(k, 2)``, over those within ``within`` px; 0 where none is."""
+    if not len(found) or not len(predicted):
+        return torch.zeros(2, dtype=torch.float64)
+    near = torch.cdist(predicted, found).min(1)
+    close = near.values <= within
+    if not bool(close.any()):
+        return torch.zeros(2, dtype=torch.float64)
+    return (found[near.indices[close]] - predicted[close]).median(0).values
+
+
 def _subset(alignment: TiltAlignment, tilts: list[int]) -> TiltAlignment:
     return TiltAlignment(
         alignment.y_tilt[tilts], alignment.z_rot[tilts], alignment.shifts[tilts].clone()
@@ -316,14 +329,7 @@ def track_beads(
             alignment.shifts[f : f + 1], positions, centre,
         )[0]  # fmt: skip
         found = detections[f][:, :2]
-        if not len(found):
-            continue
-        d = torch.cdist(predicted, found)
-        near = d.min(1)
-        close = near.values <= search_px
-        if not bool(close.any()):
-            continue
-        offset = (found[near.indices[close]] - predicted[close]).median(0).values
+        offset = _median_offset(predicted, found, search_px)
         match = _match(predicted + offset, found, 2 * radius_px)
         if int((match >= 0).sum()) < 2:
             continue
@@ -401,8 +407,9 @@ def align_fiducials(
         # beads closer than 2.5 radii to another in a tilt overlap there: not used
         near = torch.cdist(uv, uv) + torch.eye(len(positions)) * 1e9
         overlap = near.amin(-1) < 2.5 * radius  # (t, n)
-        for f in range(t):
-            match = _match(uv[f], detections[f][:, :2], radius)
+        for f in range(t):  # the tilt's median offset first: a tilt the fit left off
+            offset = _median_offset(uv[f], detections[f][:, :2], 2 * radius)
+            match = _match(uv[f] + offset, detections[f][:, :2], radius)
             found = detections[f][match.clamp_min(0), :2]
             observed[f] = torch.where(((match >= 0) & ~overlap[f])[:, None], found, torch.nan)
         for _ in range(2):
