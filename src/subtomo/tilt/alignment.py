@@ -277,8 +277,10 @@ def coarse_shifts(
     keys = [(k, k + 1) for k in range(t - 1)]
     m, d, peak = _pair_shifts(images, y_tilt, z_rot, [pair(*k) for k in keys], max_shift)
     median = float(peak.median())
-    floor = 0.5 * median  # below: a tilt that does not align, which would cut the chain of
-    more = [(k, k + 2) for k in range(t - 2) if peak[k] < floor]  # neighbours: bridged
+    # a peak below half the median: a tilt that does not align, which would cut the chain of
+    # neighbours; the tilts on either side of it are paired
+    floor = 0.5 * median
+    more = [(k, k + 2) for k in range(t - 2) if peak[k] < floor]
     if median < NOISY_PEAK:  # noise-limited: pairs further apart as well
         more += [
             (k, k + lag)
