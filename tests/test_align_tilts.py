@@ -85,21 +85,30 @@ def test_alignment_error_does_not_see_a_rigid_motion() -> None:
     assert float(rms.max()) > 1.0
 
 
+def _shifted_copies(base: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """``(t, n, n)`` copies of ``base`` ``(n, n)`` moved by ``shifts`` ``(t, 2)`` (xy px, by
+    a Fourier phase ramp)."""
+    f = torch.fft.fftfreq(base.shape[-1], dtype=torch.float64)
+    ramp = torch.exp(
+        -2j * torch.pi * (f[None, :, None] * shifts[:, 0] + f[:, None, None] * shifts[:, 1])
+    )
+    images = torch.fft.ifft2(torch.fft.fft2(base.double())[..., None] * ramp, dim=(0, 1)).real
+    return images.permute(2, 0, 1).float()
+
+
+def _smooth_noise(generator: torch.Generator, n: int = 96) -> torch.Tensor:
+    return torch.nn.functional.avg_pool2d(
+        torch.randn(1, 1, n, n, generator=generator), 5, stride=1, padding=2
+    )[0, 0]
+
+
 def test_coarse_shifts_find_known_shifts() -> None:
     """Untilted copies of one image at known shifts: found to 0.3 px (0 at the
     reference; the tapered edges pull each step ~0.1 px towards 0, which projection matching
     removes as its displacements go to 0)."""
-    generator = torch.Generator().manual_seed(0)
-    base = torch.nn.functional.avg_pool2d(
-        torch.randn(1, 1, 96, 96, generator=generator), 5, stride=1, padding=2
-    )[0, 0]
+    base = _smooth_noise(torch.Generator().manual_seed(0))
     truth = torch.tensor([[0.0, 0.0], [3.4, -1.7], [-6.2, 2.5], [1.3, 7.8]], dtype=torch.float64)
-    f = torch.fft.fftfreq(96, dtype=torch.float64)
-    ramp = torch.exp(
-        -2j * torch.pi * (f[None, :, None] * truth[:, 0] + f[:, None, None] * truth[:, 1])
-    )
-    images = torch.fft.ifft2(torch.fft.fft2(base.double())[..., None] * ramp, dim=(0, 1)).real
-    images = images.permute(2, 0, 1).float()
+    images = _shifted_copies(base, truth)
     zero = torch.zeros(4, dtype=torch.float64)
     found = coarse_shifts(images, zero + torch.tensor([0.0, 1e-3, 2e-3, 3e-3]), zero + 85, 20.0)
     assert torch.allclose(found, truth, atol=0.3), found
@@ -111,16 +120,9 @@ def test_coarse_shifts_solve_pairs_two_apart() -> None:
     least-squares solution with pairs 2 apart as well does not (0.19 px). Without the noise
     (neighbours' peaks above ``NOISY_PEAK``) only neighbours are used."""
     generator = torch.Generator().manual_seed(0)
-    base = torch.nn.functional.avg_pool2d(
-        torch.randn(1, 1, 96, 96, generator=generator), 5, stride=1, padding=2
-    )[0, 0]
+    base = _smooth_noise(generator)
     truth = torch.randn(21, 2, generator=generator, dtype=torch.float64) * 4
-    f = torch.fft.fftfreq(96, dtype=torch.float64)
-    ramp = torch.exp(
-        -2j * torch.pi * (f[None, :, None] * truth[:, 0] + f[:, None, None] * truth[:, 1])
-    )
-    images = torch.fft.ifft2(torch.fft.fft2(base.double())[..., None] * ramp, dim=(0, 1)).real
-    clean = images.permute(2, 0, 1).float()
+    clean = _shifted_copies(base, truth)
     images = clean + 2 * base.std() * torch.randn(clean.shape, generator=generator)
     y_tilt = (torch.arange(21, dtype=torch.float64) - 10) * 1e-3
     z_rot = torch.full((21,), 85.0, dtype=torch.float64)
