@@ -67,7 +67,7 @@ class AlignTiltsParams:
         True, "--tilt_angles/--no_tilt_angles", help="Refine the tilt angles too."
     )
     tilt_angle_rounds: int = option(
-        2, "--tilt_angle_rounds", help="Rounds of projection matching that refine tilt angles."
+        4, "--tilt_angle_rounds", help="Rounds of projection matching that refine tilt angles."
     )
     fiducial: bool = option(
         False, "--fiducial/--no_fiducial", help="Align on gold beads (fiducials)."
