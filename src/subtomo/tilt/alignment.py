@@ -40,7 +40,10 @@ c - s)`` a thin specimen appears stretched along ``a_x`` by ``cos θ``.
    its two gradients (a shift) and that change, whose coefficient over the projection's is
    the angle's error (:func:`_tilt_angle_changes`). The RMS of the patch residuals is the
    tilt's residual; a tilt is *flagged* when its correlation with its projection is below
-   half the median or its residual above three times the median plus 1 px.
+   half the median or its residual above three times the median plus 1 px, and from the next
+   round on it is left out of the reconstructions (still aligned itself): on the benchmark
+   series with 12 erased gold beads at SNR 1, seed 2, two flagged high tilts had pulled their
+   neighbours' tilt angles up to 1.9° off (0.662 px RMS; left out 0.436 px).
 
 Gauge: a rigid motion of the specimen changes every tilt's parameters consistently and cannot
 be seen in the images; the reference tilt's shift starts at 0, and the mean changes of the
@@ -542,6 +545,7 @@ def projection_matching(
     lowpass: float = 0.25,
     axis_from_common_lines: bool = True,
     refine_tilt_angles: bool = True,
+    left_out: torch.Tensor | None = None,
 ) -> tuple[TiltAlignment, _PatchFit, torch.Tensor]:
     """One round: ``(updated alignment, patch fit, correlation (t,))``.
 
@@ -551,7 +555,8 @@ def projection_matching(
     px) the band-pass of images and projections. Groups of tilts interleave in tilt angle.
     ``axis_from_common_lines``: the in-plane rotations change by zero on average (their mean
     is left to :func:`refine_axis_common_lines`); ``refine_tilt_angles``: change the tilt
-    angles too (else shifts and in-plane rotations only).
+    angles too (else shifts and in-plane rotations only); ``left_out`` ``(t,)`` bool: tilts
+    kept out of every reconstruction (those that did not align), still compared and moved.
     """
     t, (hb, wb) = binned.shape[0], binned.shape[-2:]
     w, h = image_size
@@ -578,9 +583,10 @@ def projection_matching(
     n_groups = max(2, min(groups, t))
     for g in range(n_groups):
         held = order[g::n_groups]
-        rest = torch.tensor(
-            sorted(set(range(t)) - set(held.tolist())), dtype=torch.long, device=order.device
-        )
+        unused = set(held.tolist())
+        if left_out is not None:
+            unused |= set(torch.nonzero(left_out).flatten().tolist())
+        rest = torch.tensor(sorted(set(range(t)) - unused), dtype=torch.long, device=order.device)
         others = replace(grid, uv=grid.uv[rest], depth=grid.depth[rest])
         mine = replace(grid, uv=grid.uv[held], depth=grid.depth[held])
         volume = reconstruct_wbp(binned[rest], others)
@@ -729,6 +735,7 @@ def align_tilt_series(
             b,
             axis_from_common_lines=refine_axis,
             refine_tilt_angles=refine_tilt_angles and k < tilt_angle_rounds,
+            left_out=_flags(residual, correlation) if k > 0 else None,
         )
         residual = fit.rms
         log.info(
