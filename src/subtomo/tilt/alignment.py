@@ -64,7 +64,13 @@ import torch
 import torch.nn.functional as F
 
 from subtomo.geometry import projection_matrices
-from subtomo.tilt.tomogram import fourier_bin, project, reconstruct_wbp, tomogram_grid
+from subtomo.tilt.tomogram import (
+    TomogramGrid,
+    fourier_bin,
+    project,
+    reconstruct_wbp,
+    tomogram_grid,
+)
 
 __all__ = [
     "AlignmentResult",
@@ -460,8 +466,8 @@ def _fit_patches(
     the stretch across the axis ``L_xx`` (a wrong tilt angle: fitted so that it does not bias
     the rest), the rotation ``(L_yx - L_xy)/2`` and the symmetric shear ``(L_yx + L_xy)/2``
     (which a wrong tilt axis leaves, fitted so that it does not bias the rotation); ``L_yy``
-    takes a magnification along the axis. Two passes
-    (patches off by more than 3x the RMS, at least 1.5 px, dropped)."""
+    takes a magnification along the axis. Two passes (patches off by more than 3x the RMS, at
+    least 1.5 px, dropped)."""
     t, p, _ = d.shape
     rot = _rot2(z_rot)[:, None]  # (t, 1, 2, 2)
     d_a = (rot.transpose(-1, -2) @ d[..., None])[..., 0]
@@ -532,6 +538,11 @@ def _without_mean_and_scale(d_theta: torch.Tensor, y_tilt: torch.Tensor) -> torc
     return d_theta - centred * (d_theta * centred).sum() / centred.square().sum().clamp_min(1e-12)
 
 
+def _tilts_of(grid: TomogramGrid, rows: torch.Tensor) -> TomogramGrid:
+    """The grid seen by the tilts ``rows`` only."""
+    return replace(grid, uv=grid.uv[rows], depth=grid.depth[rows])
+
+
 def projection_matching(
     binned: torch.Tensor,
     alignment: TiltAlignment,
@@ -587,16 +598,11 @@ def projection_matching(
         if left_out is not None:
             unused |= set(torch.nonzero(left_out).flatten().tolist())
         rest = torch.tensor(sorted(set(range(t)) - unused), dtype=torch.long, device=order.device)
-        others = replace(grid, uv=grid.uv[rest], depth=grid.depth[rest])
-        mine = replace(grid, uv=grid.uv[held], depth=grid.depth[held])
-        volume = reconstruct_wbp(binned[rest], others)
-        projections[held] = project(volume, mine, depths)[:, 0]
-        footprint[held] = project(ones, mine, depths)[:, 0]
+        volume = reconstruct_wbp(binned[rest], _tilts_of(grid, rest))
+        projections[held] = project(volume, _tilts_of(grid, held), depths)[:, 0]
+        footprint[held] = project(ones, _tilts_of(grid, held), depths)[:, 0]
         if tilted:
-            up, down = (
-                project(volume, replace(g, uv=g.uv[held], depth=g.depth[held]), depths)[:, 0]
-                for g in tilted
-            )
+            up, down = (project(volume, _tilts_of(g, held), depths)[:, 0] for g in tilted)
             slope[held] = (up - down) / (2 * ANGLE_STEP_DEG)
     # compare where the rays cross at least half the volume's thickness
     full = footprint.amax(dim=(-2, -1), keepdim=True)
