@@ -525,7 +525,7 @@ def _tilt_angle_changes(
     target = (image * mask).reshape(t, -1, 1).double()
     normal_eq = columns.transpose(1, 2) @ columns
     scale = normal_eq.diagonal(dim1=1, dim2=2).amax(-1).clamp_min(1e-12)[:, None, None]
-    normal_eq = normal_eq + 1e-9 * scale * torch.eye(4, dtype=torch.float64)
+    normal_eq = normal_eq + 1e-9 * scale * torch.eye(4, dtype=torch.float64, device=p.device)
     coef = torch.linalg.solve(normal_eq, columns.transpose(1, 2) @ target)[..., 0]
     return torch.where(coef[:, 0] > 0, coef[:, 3] / coef[:, 0].clamp_min(1e-12), 0.0)
 
