@@ -509,12 +509,17 @@ def _gradients(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fit_over_projection(
-    image: torch.Tensor, projection: torch.Tensor, change: torch.Tensor, mask: torch.Tensor
+    image: torch.Tensor,
+    projection: torch.Tensor,
+    gradients: tuple[torch.Tensor, torch.Tensor],
+    change: torch.Tensor,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
     """Per tilt, the least-squares fit within ``mask`` of ``image`` by the ``projection``, its
-    x and y gradients (a shift) and ``change`` (all ``(t, h, w)``, band-passed alike):
-    ``image ≈ a (P + g·s + c·change)``; returns ``c`` ``(t,)`` float64 (0 where ``a <= 0``)."""
-    gx, gy = _gradients(projection)
+    x and y ``gradients`` (:func:`_gradients`; a shift) and ``change`` (all ``(t, h, w)``,
+    band-passed alike): ``image ≈ a (P + g·s + c·change)``; returns ``c`` ``(t,)`` float64
+    (0 where ``a <= 0``)."""
+    gx, gy = gradients
     t = projection.shape[0]
     columns = torch.stack([projection, gx, gy, change], -1) * mask[..., None]
     columns = columns.reshape(t, -1, 4).double()
@@ -545,7 +550,7 @@ def _tilt_angle_changes(
     (seed 4); the affine map of the patch shifts (its stretch across the axis, the estimate
     before) 0.28° and 0.21°."""
     p = _filtered(projection, low, high)
-    return _fit_over_projection(image, p, _filtered(slope, low, high), mask)
+    return _fit_over_projection(image, p, _gradients(p), _filtered(slope, low, high), mask)
 
 
 def _in_plane_rotations(
@@ -567,7 +572,7 @@ def _in_plane_rotations(
     x = torch.arange(w, dtype=torch.float64, device=p.device)[None, None, :]
     dy = (y - centre[:, 1, None, None]).to(p.dtype)
     dx = (x - centre[:, 0, None, None]).to(p.dtype)
-    return torch.rad2deg(_fit_over_projection(image, p, dy * gx - dx * gy, mask))
+    return torch.rad2deg(_fit_over_projection(image, p, (gx, gy), dy * gx - dx * gy, mask))
 
 
 def _without_mean_and_scale(d_theta: torch.Tensor, y_tilt: torch.Tensor) -> torch.Tensor:
@@ -676,11 +681,8 @@ def projection_matching(
     coverage = torch.stack(weights, 1).double()  # (t, p)
     weight = torch.where(coverage > 0.5, peak.reshape(t, n_p).double().clamp_min(0), 0.0)
     centre = torch.tensor(centres, dtype=torch.float64) * b  # bin-1 px
-    # offsets from the projected specimen centre
-    r = (
-        centre[None]
-        - (torch.tensor([w // 2, h // 2], dtype=torch.float64) + alignment.shifts)[:, None]
-    )
+    specimen = torch.tensor([w // 2, h // 2], dtype=torch.float64) + alignment.shifts
+    r = centre[None] - specimen[:, None]  # offsets from the projected specimen centre
     fit = _fit_patches(d, weight, r, alignment.z_rot)
     d_theta = torch.zeros(t, dtype=torch.float64)
     if refine_tilt_angles:
@@ -690,8 +692,7 @@ def projection_matching(
         d_theta = _without_mean_and_scale(d_theta, alignment.y_tilt)
     # the patches' rotations and the whole image's, alike: at the true alignment (σ 0.3°
     # put on) their errors are 0.14 / 0.17° noise-free, 0.20 / 0.19° at SNR 0.1
-    centre = (torch.tensor([w // 2, h // 2], dtype=torch.float64) + alignment.shifts) / b
-    whole = _in_plane_rotations(band, projections, centre, mask, 2.0 / min(hb, wb), lowpass)
+    whole = _in_plane_rotations(band, projections, specimen / b, mask, 2.0 / min(hb, wb), lowpass)
     d_phi = 0.5 * (torch.rad2deg(fit.rotation) + whole)
     d_phi = d_phi.clamp(-MAX_STEP_DEG, MAX_STEP_DEG)
     if axis_from_common_lines:  # their mean is nearly a turn of the reconstruction
