@@ -30,7 +30,15 @@ c - s)`` a thin specimen appears stretched along ``a_x`` by ``cos θ``.
    the benchmark series (SNR 1) it is 0.50° off, ours from the coarse shifts 0.16° (bar 0.3°).
 3. **Projection matching** (:func:`projection_matching`): the tilts are split into ``groups``
    interleaved sets; each set is compared with projections of a WBP reconstruction
-   (:mod:`subtomo.tilt.tomogram`) from all other tilts. Patches of image and projection are
+   (:mod:`subtomo.tilt.tomogram`) from all other tilts, kept only in its strongest features
+   (``FEATURE_FRACTION`` of the volume with the most local energy, from a reconstruction of
+   all tilts: particles and dense bodies, like markers). A whole-slab reference projected at
+   a tilt is made mostly of the neighbouring tilts (at low resolution their central slices
+   overlap through the slab's thin Fourier extent), so errors smooth in tilt angle (shifts
+   across the axis, the axis itself) left it nearly unchanged; a compact feature's density is
+   told by far tilts too. On the benchmark series (SNR 0.1, seeds 1-10) the residual went
+   0.547 -> 0.283 px mean (fraction 0.15: 0.423, 0.08: 0.366, 0.04: 0.310, 0.01: 0.291).
+   Patches of image and projection are
    cross-correlated; per tilt, the patch displacements ``d(a)`` (``a`` in the axis frame, from
    the projected specimen centre) are fitted by a shift and a 2x2 map whose antisymmetric
    part is the in-plane rotation, averaged with the rotation the whole image tells
@@ -47,10 +55,16 @@ c - s)`` a thin specimen appears stretched along ``a_x`` by ``cos θ``.
    round on it is left out of the reconstructions (still aligned itself): on the benchmark
    series with 12 erased gold beads at SNR 1, seed 2, two flagged high tilts had pulled their
    neighbours' tilt angles up to 1.9° off (0.662 px RMS; left out 0.436 px).
+4. **Tilt axis again** (:func:`refine_axis_projection_matching`): after the rounds, the change
+   of every ZRot that best matches the tilts to their feature-masked references, scanned over
+   ±1°, then one more round. Common lines are limited by noise at SNR 0.1 (0.21° mean error
+   on the benchmark series, 6 of 10 seeds within 0.3°; at the true alignment too); the scan:
+   0.077° mean, all 10 within 0.23° (a second scan over ±0.5° and round: 0.074°, not kept).
 
 Gauge: a rigid motion of the specimen changes every tilt's parameters consistently and cannot
 be seen in the images; the reference tilt's shift starts at 0, and the mean changes of the
-tilt angles and (with the axis from common lines) of the in-plane rotations are removed. The
+tilt angles and (with the axis refined by steps 2 and 4) of the in-plane rotations are
+removed. The
 changes of the tilt angles in proportion to the angle (a scale of the tilt range) are removed
 too: the images hardly tell them (nearly a change of the specimen's thickness), and the
 reference at the ends of the range, built from lower tilts only, pulled them inwards by
@@ -82,6 +96,7 @@ __all__ = [
     "coarse_shifts",
     "projection_matching",
     "refine_axis_common_lines",
+    "refine_axis_projection_matching",
 ]
 
 log = logging.getLogger("subtomo")
@@ -90,6 +105,8 @@ NOISY_PEAK = 0.6  # coarse shifts: below this median peak of neighbours, pairs 2
 MAX_PAIR_DEG = 7.0  # coarse shifts: pairs beyond neighbours at most this far apart in tilt
 MAX_STEP_DEG = 1.0  # largest change of a tilt angle or ZRot in one round of projection matching
 ANGLE_STEP_DEG = 0.5  # projection matching: the change of the projection per tilt angle over ±this
+FEATURE_FRACTION = 0.02  # projection matching: the share of the volume kept in the references
+AXIS_SCAN_DEG = 1.0  # the tilt axis by projection matching: ± span of the scan
 
 
 @dataclass(frozen=True)
@@ -583,9 +600,42 @@ def _without_mean_and_scale(d_theta: torch.Tensor, y_tilt: torch.Tensor) -> torc
     return d_theta - centred * (d_theta * centred).sum() / centred.square().sum().clamp_min(1e-12)
 
 
+def _feature_mask(volume: torch.Tensor, fraction: float) -> torch.Tensor:
+    """A soft mask ``(d, h, w)`` of the ``fraction`` of ``volume`` with the highest local
+    energy (the squared density box-averaged twice over 5 voxels, about a Gaussian of σ 2
+    voxels), grown by 2 voxels and softened over 5: the strongest features (particles, dense
+    bodies), whatever their contrast's sign."""
+    energy = volume.square()[None, None]
+    for _ in range(2):
+        energy = F.avg_pool3d(energy, 5, stride=1, padding=2, count_include_pad=False)
+    sample = energy.flatten()[:: max(1, energy.numel() // 200_000)]  # quantile's size limit
+    binary = (energy > torch.quantile(sample, 1.0 - fraction)).float()
+    grown = F.max_pool3d(binary, 5, stride=1, padding=2)
+    return F.avg_pool3d(grown, 5, stride=1, padding=2)[0, 0]
+
+
 def _tilts_of(grid: TomogramGrid, rows: torch.Tensor) -> TomogramGrid:
     """The grid seen by the tilts ``rows`` only."""
     return replace(grid, uv=grid.uv[rows], depth=grid.depth[rows])
+
+
+def _grid_of(
+    alignment: TiltAlignment,
+    tomogram_size: tuple[int, int, int],
+    image_size: tuple[int, int],
+    binning: int,
+) -> TomogramGrid:
+    """The binned tomogram's grid under ``alignment`` (bin-1 ``image_size`` ``(w, h)``)."""
+    matrices = alignment.matrices(1.0, tomogram_size, image_size)
+    return tomogram_grid(matrices, tomogram_size, image_size, binning)
+
+
+def _tilts_reconstruction(
+    images: torch.Tensor, grid: TomogramGrid, left_out: torch.Tensor | None
+) -> torch.Tensor:
+    """WBP of every tilt but those ``left_out``."""
+    kept = torch.arange(len(images)) if left_out is None else torch.nonzero(~left_out).flatten()
+    return reconstruct_wbp(images[kept], _tilts_of(grid, kept))
 
 
 def projection_matching(
@@ -602,6 +652,8 @@ def projection_matching(
     axis_from_common_lines: bool = True,
     refine_tilt_angles: bool = True,
     left_out: torch.Tensor | None = None,
+    feature_fraction: float = FEATURE_FRACTION,
+    features: torch.Tensor | None = None,
 ) -> tuple[TiltAlignment, _PatchFit, torch.Tensor]:
     """One round: ``(updated alignment, patch fit, correlation (t,))``.
 
@@ -612,14 +664,15 @@ def projection_matching(
     ``axis_from_common_lines``: the in-plane rotations change by zero on average (their mean
     is left to :func:`refine_axis_common_lines`); ``refine_tilt_angles``: change the tilt
     angles too (else shifts and in-plane rotations only); ``left_out`` ``(t,)`` bool: tilts
-    kept out of every reconstruction (those that did not align), still compared and moved.
+    kept out of every reconstruction (those that did not align), still compared and moved;
+    ``feature_fraction`` > 0: the references keep only that share of the volume, its strongest
+    features (:func:`reference_features`), or ``features`` when given (a mask ``(d, h, w)``).
     """
     t, (hb, wb) = binned.shape[0], binned.shape[-2:]
     w, h = image_size
     b = int(binning)
     band = _bandpass(binned, 2.0 / min(hb, wb), lowpass)
-    matrices = alignment.matrices(1.0, tomogram_size, (w, h))
-    grid = tomogram_grid(matrices, tomogram_size, (w, h), b)
+    grid = _grid_of(alignment, tomogram_size, (w, h), b)
     depths = torch.zeros(1, dtype=torch.float64)
     projections = torch.zeros_like(binned)
     footprint = torch.zeros_like(binned)
@@ -627,14 +680,11 @@ def projection_matching(
     ones = torch.ones(grid.shape, dtype=torch.float32, device=binned.device)
     steps = (ANGLE_STEP_DEG, -ANGLE_STEP_DEG) if refine_tilt_angles else ()
     tilted = [
-        tomogram_grid(
-            replace(alignment, y_tilt=alignment.y_tilt + step).matrices(1.0, tomogram_size, (w, h)),
-            tomogram_size,
-            (w, h),
-            b,
-        )
+        _grid_of(replace(alignment, y_tilt=alignment.y_tilt + step), tomogram_size, (w, h), b)
         for step in steps
     ]
+    if features is None and feature_fraction > 0:
+        features = _feature_mask(_tilts_reconstruction(band, grid, left_out), feature_fraction)
     order = torch.argsort(alignment.y_tilt)
     n_groups = max(2, min(groups, t))
     for g in range(n_groups):
@@ -644,6 +694,8 @@ def projection_matching(
             unused |= set(torch.nonzero(left_out).flatten().tolist())
         rest = torch.tensor(sorted(set(range(t)) - unused), dtype=torch.long, device=order.device)
         volume = reconstruct_wbp(binned[rest], _tilts_of(grid, rest))
+        if features is not None:
+            volume = volume * features
         projections[held] = project(volume, _tilts_of(grid, held), depths)[:, 0]
         footprint[held] = project(ones, _tilts_of(grid, held), depths)[:, 0]
         if tilted:
@@ -703,6 +755,58 @@ def projection_matching(
         shifts=alignment.shifts + fit.shift,
     )
     return updated, fit, correlation.double()
+
+
+def refine_axis_projection_matching(
+    binned: torch.Tensor,
+    alignment: TiltAlignment,
+    tomogram_size: tuple[int, int, int],
+    image_size: tuple[int, int],
+    binning: int,
+    span_deg: float,
+    left_out: torch.Tensor | None = None,
+    lowpass: float = 0.25,
+) -> float:
+    """The change of every ZRot (deg, within ``±span_deg``) that best matches the tilts to
+    their references: the mean correlation of :func:`projection_matching` (the other
+    parameters held) at 5 changes across the span, the vertex of its least-squares parabola.
+    The references' features are masked once, from the given alignment: masked anew at each
+    change they follow it (on the benchmark series at SNR 0.1 the axis then ended 0.14° off
+    on average, -0.13° on average: biased).
+
+    With references kept to the strongest features, far tilts tell the axis (a wrong axis
+    shears a tilt against them by about ``δ (cos θ - mean cos θ)``); whole-slab references are
+    dominated by the neighbouring tilts, against which the shear is nil: at the true alignment
+    of the 256² benchmark series the correlation then changed by 0.1 % over ±1°, and the axis
+    from common lines stayed the estimate (SNR 0.1, seeds 1-10: 0.21° mean error, 6 within
+    0.3°; with the scan 0.077°, all within 0.23°)."""
+    offsets = torch.linspace(-span_deg, span_deg, 5, dtype=torch.float64)
+    grid = _grid_of(alignment, tomogram_size, image_size, binning)
+    band = _bandpass(binned, 2.0 / min(binned.shape[-2:]), lowpass)
+    features = _feature_mask(_tilts_reconstruction(band, grid, left_out), FEATURE_FRACTION)
+    scores = torch.tensor(
+        [
+            float(
+                projection_matching(
+                    binned,
+                    replace(alignment, z_rot=alignment.z_rot + o),
+                    tomogram_size,
+                    image_size,
+                    binning,
+                    refine_tilt_angles=False,
+                    left_out=left_out,
+                    lowpass=lowpass,
+                    features=features,
+                )[2].mean()
+            )
+            for o in offsets.tolist()
+        ],
+        dtype=torch.float64,
+    )
+    design = torch.stack([torch.ones_like(offsets), offsets, offsets.square()], 1)
+    _, slope, curve = torch.linalg.lstsq(design, scores[:, None]).solution[:, 0].tolist()
+    best = -slope / (2 * curve) if curve < 0 else float(offsets[scores.argmax()])
+    return min(span_deg, max(-span_deg, best))
 
 
 def _flags(residual: torch.Tensor, correlation: torch.Tensor) -> torch.Tensor:
@@ -778,7 +882,18 @@ def align_tilt_series(
         if refine_axis:
             alignment = axis(alignment, search, fixed)
     residual = correlation = torch.zeros(t, dtype=torch.float64)
-    for k in range(rounds):
+    # the rounds, then the axis scan and one more round at the axis it found (refining the
+    # tilt angles as the last round did)
+    scan = refine_axis and rounds > 0
+    for k in range(rounds + scan):
+        left_out = _flags(residual, correlation) if k > 0 else None
+        if k == rounds:
+            delta = refine_axis_projection_matching(
+                binned, alignment, tomogram_size, (w, h), b, AXIS_SCAN_DEG, left_out
+            )
+            axis_total += delta
+            log.info("tilt axis: ZRot %+.2f deg (projection matching)", delta)
+            alignment = replace(alignment, z_rot=alignment.z_rot + delta)
         alignment, fit, correlation = projection_matching(
             binned,
             alignment,
@@ -786,8 +901,8 @@ def align_tilt_series(
             (w, h),
             b,
             axis_from_common_lines=refine_axis,
-            refine_tilt_angles=refine_tilt_angles and k < tilt_angle_rounds,
-            left_out=_flags(residual, correlation) if k > 0 else None,
+            refine_tilt_angles=refine_tilt_angles and min(k, rounds - 1) < tilt_angle_rounds,
+            left_out=left_out,
         )
         residual = fit.rms
         log.info(
