@@ -55,7 +55,9 @@ class AlignTiltsParams:
         0, "--thickness", help="Specimen thickness; <= 0: rlnTomoSizeZ.", unit="px"
     )
     bin: int = option(0, "--bin", help="Binning of the images aligned; <= 0: <= 128 px.")
-    rounds: int = option(4, "--rounds", help="Rounds of projection matching.")
+    rounds: int = option(
+        4, "--rounds", help="Rounds of projection matching (one more after the tilt-axis scan)."
+    )
     max_shift: float = option(
         0.0, "--max_shift", help="Largest shift between neighbouring tilts; <= 0: width/4.",
         unit="px",

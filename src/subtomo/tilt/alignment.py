@@ -31,30 +31,29 @@ c - s)`` a thin specimen appears stretched along ``a_x`` by ``cos θ``.
 3. **Projection matching** (:func:`projection_matching`): the tilts are split into ``groups``
    interleaved sets; each set is compared with projections of a WBP reconstruction
    (:mod:`subtomo.tilt.tomogram`) from all other tilts, kept only in its strongest features
-   (``FEATURE_FRACTION`` of the volume with the most local energy, from a reconstruction of
-   all tilts: particles and dense bodies, like markers). A whole-slab reference projected at
-   a tilt is made mostly of the neighbouring tilts (at low resolution their central slices
-   overlap through the slab's thin Fourier extent), so errors smooth in tilt angle (shifts
-   across the axis, the axis itself) left it nearly unchanged; a compact feature's density is
-   told by far tilts too. On the benchmark series (SNR 0.1, seeds 1-10) the residual went
-   0.547 -> 0.283 px mean (fraction 0.15: 0.423, 0.08: 0.366, 0.04: 0.310, 0.01: 0.291).
-   Patches of image and projection are
-   cross-correlated; per tilt, the patch displacements ``d(a)`` (``a`` in the axis frame, from
-   the projected specimen centre) are fitted by a shift and a 2x2 map whose antisymmetric
-   part is the in-plane rotation, averaged with the rotation the whole image tells
-   (:func:`_in_plane_rotations`; the two are about as good, and the mean beat either on every
-   benchmark series: SNR 0.1 seeds 1-10 0.560 -> 0.547 px mean, SNR 1 and noise-free 0.348
-   -> 0.344). The tilt angle comes from the whole image: the projections
-   at ``θ ± ANGLE_STEP_DEG`` give the change of the projection with the tilt angle (the
-   foreshortening across the axis *and* the parallax of the specimen's depths, which a 2D
-   map of patch shifts cannot see at low tilt), and the image is fitted by the projection,
-   its two gradients (a shift) and that change, whose coefficient over the projection's is
-   the angle's error (:func:`_tilt_angle_changes`). The RMS of the patch residuals is the
-   tilt's residual; a tilt is *flagged* when its correlation with its projection is below
-   half the median or its residual above three times the median plus 1 px, and from the next
-   round on it is left out of the reconstructions (still aligned itself): on the benchmark
-   series with 12 erased gold beads at SNR 1, seed 2, two flagged high tilts had pulled their
-   neighbours' tilt angles up to 1.9° off (0.662 px RMS; left out 0.436 px).
+   (``FEATURE_FRACTION`` of the volume with the most local energy, from a reconstruction of all
+   tilts: particles and dense bodies, like markers). A whole-slab reference projected at a tilt
+   is made mostly of the neighbouring tilts (at low resolution their central slices overlap
+   through the slab's thin Fourier extent), so errors smooth in tilt angle (shifts across the
+   axis, the axis itself) left it nearly unchanged; a compact feature's density is told by far
+   tilts too. On the benchmark series (SNR 0.1, seeds 1-10) the residual went 0.547 -> 0.283 px
+   mean (fraction 0.15: 0.423, 0.08: 0.366, 0.04: 0.310, 0.01: 0.291). Patches of image and
+   projection are cross-correlated; per tilt, the patch displacements ``d(a)`` (``a`` in the
+   axis frame, from the projected specimen centre) are fitted by a shift and a 2x2 map whose
+   antisymmetric part is the in-plane rotation, averaged with the rotation the whole image
+   tells (:func:`_in_plane_rotations`; the two are about as good, and the mean beat either on
+   every benchmark series: SNR 0.1 seeds 1-10 0.560 -> 0.547 px mean, SNR 1 and noise-free
+   0.348 -> 0.344). The tilt angle comes from the whole image: the projections at
+   ``θ ± ANGLE_STEP_DEG`` give the change of the projection with the tilt angle (the foreshortening
+   across the axis *and* the parallax of the specimen's depths, which a 2D map of patch shifts
+   cannot see at low tilt), and the image is fitted by the projection, its two gradients (a
+   shift) and that change, whose coefficient over the projection's is the angle's error
+   (:func:`_tilt_angle_changes`). The RMS of the patch residuals is the tilt's residual; a tilt
+   is *flagged* when its correlation with its projection is below half the median or its
+   residual above three times the median plus 1 px, and from the next round on it is left out
+   of the reconstructions (still aligned itself): on the benchmark series with 12 erased gold
+   beads at SNR 1, seed 2, two flagged high tilts had pulled their neighbours' tilt angles up
+   to 1.9° off (0.662 px RMS; left out 0.436 px).
 4. **Tilt axis again** (:func:`refine_axis_projection_matching`): after the rounds, the change
    of every ZRot that best matches the tilts to their feature-masked references, scanned over
    ±1°, then one more round. Common lines are limited by noise at SNR 0.1 (0.21° mean error
@@ -62,13 +61,12 @@ c - s)`` a thin specimen appears stretched along ``a_x`` by ``cos θ``.
    0.077° mean, all 10 within 0.23° (a second scan over ±0.5° and round: 0.074°, not kept).
 
 Gauge: a rigid motion of the specimen changes every tilt's parameters consistently and cannot
-be seen in the images; the reference tilt's shift starts at 0, and the mean changes of the
-tilt angles and (with the axis refined by steps 2 and 4) of the in-plane rotations are
-removed. The
+be seen in the images; the reference tilt's shift starts at 0, and the mean changes of the tilt
+angles and (with the axis refined by steps 2 and 4) of the in-plane rotations are removed. The
 changes of the tilt angles in proportion to the angle (a scale of the tilt range) are removed
 too: the images hardly tell them (nearly a change of the specimen's thickness), and the
-reference at the ends of the range, built from lower tilts only, pulled them inwards by
-0.08° at 60° per round on the benchmark series at SNR 0.1 (the scale comes from the stage).
+reference at the ends of the range, built from lower tilts only, pulled them inwards by 0.08°
+at 60° per round on the benchmark series at SNR 0.1 (the scale comes from the stage).
 """
 
 from __future__ import annotations
@@ -630,12 +628,14 @@ def _grid_of(
     return tomogram_grid(matrices, tomogram_size, image_size, binning)
 
 
-def _tilts_reconstruction(
-    images: torch.Tensor, grid: TomogramGrid, left_out: torch.Tensor | None
+def _reference_features(
+    band: torch.Tensor, grid: TomogramGrid, left_out: torch.Tensor | None
 ) -> torch.Tensor:
-    """WBP of every tilt but those ``left_out``."""
-    kept = torch.arange(len(images)) if left_out is None else torch.nonzero(~left_out).flatten()
-    return reconstruct_wbp(images[kept], _tilts_of(grid, kept))
+    """The mask ``(d, h, w)`` of projection matching's references: :func:`_feature_mask`
+    (``FEATURE_FRACTION``) of the WBP of the band-passed images ``band`` of every tilt but
+    those ``left_out``."""
+    kept = torch.arange(len(band)) if left_out is None else torch.nonzero(~left_out).flatten()
+    return _feature_mask(reconstruct_wbp(band[kept], _tilts_of(grid, kept)), FEATURE_FRACTION)
 
 
 def projection_matching(
@@ -652,7 +652,6 @@ def projection_matching(
     axis_from_common_lines: bool = True,
     refine_tilt_angles: bool = True,
     left_out: torch.Tensor | None = None,
-    feature_fraction: float = FEATURE_FRACTION,
     features: torch.Tensor | None = None,
 ) -> tuple[TiltAlignment, _PatchFit, torch.Tensor]:
     """One round: ``(updated alignment, patch fit, correlation (t,))``.
@@ -662,11 +661,12 @@ def projection_matching(
     (binned px) bounds each patch's displacement; ``lowpass`` (cycles per binned
     px) the band-pass of images and projections. Groups of tilts interleave in tilt angle.
     ``axis_from_common_lines``: the in-plane rotations change by zero on average (their mean
-    is left to :func:`refine_axis_common_lines`); ``refine_tilt_angles``: change the tilt
+    is left to :func:`refine_axis_common_lines` and :func:`refine_axis_projection_matching`);
+    ``refine_tilt_angles``: change the tilt
     angles too (else shifts and in-plane rotations only); ``left_out`` ``(t,)`` bool: tilts
     kept out of every reconstruction (those that did not align), still compared and moved;
-    ``feature_fraction`` > 0: the references keep only that share of the volume, its strongest
-    features (:func:`reference_features`), or ``features`` when given (a mask ``(d, h, w)``).
+    the references keep only the volume's strongest features: ``features`` (a mask
+    ``(d, h, w)``), by default :func:`_reference_features` at this alignment.
     """
     t, (hb, wb) = binned.shape[0], binned.shape[-2:]
     w, h = image_size
@@ -683,8 +683,8 @@ def projection_matching(
         _grid_of(replace(alignment, y_tilt=alignment.y_tilt + step), tomogram_size, (w, h), b)
         for step in steps
     ]
-    if features is None and feature_fraction > 0:
-        features = _feature_mask(_tilts_reconstruction(band, grid, left_out), feature_fraction)
+    if features is None:
+        features = _reference_features(band, grid, left_out)
     order = torch.argsort(alignment.y_tilt)
     n_groups = max(2, min(groups, t))
     for g in range(n_groups):
@@ -693,9 +693,7 @@ def projection_matching(
         if left_out is not None:
             unused |= set(torch.nonzero(left_out).flatten().tolist())
         rest = torch.tensor(sorted(set(range(t)) - unused), dtype=torch.long, device=order.device)
-        volume = reconstruct_wbp(binned[rest], _tilts_of(grid, rest))
-        if features is not None:
-            volume = volume * features
+        volume = reconstruct_wbp(binned[rest], _tilts_of(grid, rest)) * features
         projections[held] = project(volume, _tilts_of(grid, held), depths)[:, 0]
         footprint[held] = project(ones, _tilts_of(grid, held), depths)[:, 0]
         if tilted:
@@ -771,8 +769,8 @@ def refine_axis_projection_matching(
     their references: the mean correlation of :func:`projection_matching` (the other
     parameters held) at 5 changes across the span, the vertex of its least-squares parabola.
     The references' features are masked once, from the given alignment: masked anew at each
-    change they follow it (on the benchmark series at SNR 0.1 the axis then ended 0.14° off
-    on average, -0.13° on average: biased).
+    change they follow it (on the benchmark series at SNR 0.1, seeds 1-10, the axis then ended
+    0.13° off on average, biased: mean -0.12°).
 
     With references kept to the strongest features, far tilts tell the axis (a wrong axis
     shears a tilt against them by about ``δ (cos θ - mean cos θ)``); whole-slab references are
@@ -783,7 +781,7 @@ def refine_axis_projection_matching(
     offsets = torch.linspace(-span_deg, span_deg, 5, dtype=torch.float64)
     grid = _grid_of(alignment, tomogram_size, image_size, binning)
     band = _bandpass(binned, 2.0 / min(binned.shape[-2:]), lowpass)
-    features = _feature_mask(_tilts_reconstruction(band, grid, left_out), FEATURE_FRACTION)
+    features = _reference_features(band, grid, left_out)
     scores = torch.tensor(
         [
             float(
